@@ -1,0 +1,314 @@
+"""Frozen dataclass configurations, saved into every checkpoint.
+
+A checkpoint holds ``Config.to_dict()``; ``Config.from_dict`` rebuilds the exact configuration, so a
+model can be rebuilt from the file alone. The command-line interfaces are generated from the
+fields below (``add_config_arguments``): every field is one ``--flag`` whose help text is the
+field's ``help`` metadata, so ``--help`` documents every option and nothing is declared twice.
+
+Defaults of the dataclasses are the paper's settings (ResNet-50, C = 256, 473 x 473, Nr = 4,
+Nt = 20, lambda = 0.4, alpha = 1). The CPU-friendly defaults of ``python -m mfnet.train`` are a
+named preset (``PRESETS["synthetic-cpu"]``) applied on top of them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+BACKBONES = ("small", "resnet50", "resnet101", "vgg16_bn")
+FUSIONS = ("add", "concat")
+PML_MODES = ("off", "random", "feature", "spatial")
+DATASETS = ("synthetic",)
+
+
+def _opt(default: Any, help: str, choices: tuple | None = None) -> Any:
+    """A dataclass field carrying its command-line help (and choices)."""
+    metadata = {"help": help, "choices": choices}
+    if isinstance(default, (list, dict)):
+        raise TypeError("mutable defaults are not allowed in frozen configs")
+    return field(default=default, metadata=metadata)
+
+
+def _check_choice(name: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not one of {', '.join(map(repr, choices))}")
+
+
+def _check_positive(name: str, value: float, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of MFNet (paper Sec. III-B/C). ``way`` is fixed by a trained checkpoint."""
+
+    backbone: str = _opt("resnet50", "feature extractor Phi", BACKBONES)
+    weights: str = _opt(
+        "auto",
+        "backbone weights: 'imagenet' (torchvision enum), a path to a local state-dict file, "
+        "'none' (random init, explicit), or 'auto' ('none' for the small trainable backbone, "
+        "'imagenet' for the torchvision backbones)",
+    )
+    channels: int = _opt(256, "feature channels C of the query-support embedding")
+    way: int = _opt(2, "N: number of classes per episode (fixed by the checkpoint)")
+    shot: int = _opt(1, "K: support shots per class used in training")
+    relation_heads: int = _opt(4, "Nr: relation heads of the support attention A_S")
+    pyramid: tuple[float, ...] = _opt(
+        (1.0, 0.5, 0.25, 0.125),
+        "query pyramid bins as fractions of the feature size (Z = 4: 60, 30, 15, 8 at 473 input)",
+    )
+    query_fusion: str = _opt("add", "fusion of class prototype and query feature ('A' in A+C)", FUSIONS)
+    class_fusion: str = _opt("concat", "fusion across the N class features ('C' in A+C)", FUSIONS)
+    support_attention: bool = _opt(True, "use A_S to modulate support shots (K > 1 only)")
+    scale_attention: bool = _opt(
+        True, "use the multi-scale query with A_M; off = single scale, no attention"
+    )
+    scale_attention_shared: bool = _opt(
+        False, "share A_M weights across the Z scales (default: one module per scale)"
+    )
+    dropout: float = _opt(0.5, "Dropout2d rate after the middle-level feature reduction")
+    image_size: int = _opt(473, "square network input size in pixels")
+    mean: tuple[float, ...] = _opt((0.485, 0.456, 0.406), "RGB normalisation mean (inputs in [0, 1])")
+    std: tuple[float, ...] = _opt((0.229, 0.224, 0.225), "RGB normalisation std")
+
+    def __post_init__(self) -> None:
+        _check_choice("backbone", self.backbone, BACKBONES)
+        _check_choice("query_fusion", self.query_fusion, FUSIONS)
+        _check_choice("class_fusion", self.class_fusion, FUSIONS)
+        for name in ("channels", "way", "shot", "relation_heads", "image_size"):
+            _check_positive(name, getattr(self, name))
+        if self.channels % self.relation_heads:
+            raise ValueError(
+                f"channels ({self.channels}) must be divisible by relation_heads "
+                f"({self.relation_heads}): each head gets C / Nr channels"
+            )
+        if not self.pyramid or any(not 0 < f <= 1 for f in self.pyramid):
+            raise ValueError(f"pyramid fractions must lie in (0, 1], got {self.pyramid}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must lie in [0, 1), got {self.dropout}")
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise ValueError("mean and std need three values (RGB), std > 0")
+
+    @property
+    def resolved_weights(self) -> str:
+        if self.weights != "auto":
+            return self.weights
+        return "none" if self.backbone == "small" else "imagenet"
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """L = L_SEG (weighted focal, Eq. 1) + lambda * L_PML (pixel triplet, Eq. 6)."""
+
+    focal_gamma: float = _opt(2.0, "focal exponent gamma of Eq. (1) (not given in the paper)")
+    pml_weight: float = _opt(0.4, "lambda: weight of the pixel-wise metric loss")
+    pml_margin: float = _opt(1.0, "alpha: triplet margin (embeddings are L2-normalised)")
+    pml_triplets: int = _opt(20, "Nt: anchor seeds per query image")
+    pml_mode: str = _opt(
+        "spatial",
+        "positive selection: spatial (paper), random, feature (hardest), or off",
+        PML_MODES,
+    )
+    pml_tau: float = _opt(
+        0.1, "spatial kernel: P(positive) ~ exp(-d / (tau * feature side))"
+    )
+    pml_start_epoch: int = _opt(5, "epoch (0-based) from which L_PML is switched on")
+
+    def __post_init__(self) -> None:
+        _check_choice("pml_mode", self.pml_mode, PML_MODES)
+        _check_positive("focal_gamma", self.focal_gamma, allow_zero=True)
+        _check_positive("pml_weight", self.pml_weight, allow_zero=True)
+        _check_positive("pml_triplets", self.pml_triplets)
+        _check_positive("pml_tau", self.pml_tau)
+        _check_positive("pml_start_epoch", self.pml_start_epoch, allow_zero=True)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which benchmark and fold; fold i tests on its novel classes, trains on the others."""
+
+    dataset: str = _opt("synthetic", "benchmark", DATASETS)
+    fold: int = _opt(0, "fold whose classes are held out as novel (0..3)")
+    data_seed: int = _opt(0, "seed of the training episodes")
+    max_distractors: int = _opt(2, "synthetic: most non-episode objects per image")
+
+    def __post_init__(self) -> None:
+        _check_choice("dataset", self.dataset, DATASETS)
+        if not 0 <= self.fold <= 3:
+            raise ValueError(f"fold must be 0..3, got {self.fold}")
+        _check_positive("max_distractors", self.max_distractors, allow_zero=True)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation: SGD, momentum 0.9, weight decay 1e-4, poly schedule (power 0.9)."""
+
+    epochs: int = _opt(200, "training epochs")
+    episodes_per_epoch: int = _opt(1000, "episodes drawn per epoch")
+    batch_size: int = _opt(4, "episodes per step")
+    lr: float = _opt(0.0025, "initial learning rate of the poly schedule")
+    momentum: float = _opt(0.9, "SGD momentum")
+    weight_decay: float = _opt(1e-4, "SGD weight decay")
+    poly_power: float = _opt(0.9, "poly schedule power: lr * (1 - step / steps) ** power")
+    workers: int = _opt(2, "data-loader worker processes (0 = in the main process)")
+    seed: int = _opt(0, "seed of model initialisation, dropout and triplet sampling")
+    device: str = _opt("auto", "'auto' (cuda if available), 'cpu', 'cuda' or 'cuda:N'")
+    out: str = _opt("runs/mfnet", "output directory for checkpoints and results")
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "episodes_per_epoch", "batch_size", "lr"):
+            _check_positive(name, getattr(self, name))
+        _check_positive("workers", self.workers, allow_zero=True)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """The evaluation protocol (paper Sec. IV-A/B): runs x episodes with fixed seeds."""
+
+    eval_runs: int = _opt(5, "independent runs; mean and std are reported over runs")
+    eval_episodes: int = _opt(1000, "episodes per run (PASCAL 1000, COCO 10000)")
+    eval_seed: int = _opt(1234, "run r uses seed eval_seed + r (PANet convention)")
+    eval_shot: int = _opt(0, "K at test time (0 = the training shot)")
+    eval_batch_size: int = _opt(8, "episodes per forward pass (metrics are per episode)")
+
+    def __post_init__(self) -> None:
+        for name in ("eval_runs", "eval_episodes", "eval_batch_size"):
+            _check_positive(name, getattr(self, name))
+        _check_positive("eval_shot", self.eval_shot, allow_zero=True)
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        """Plain nested dict of builtins (safe for ``torch.load(weights_only=True)``)."""
+        return {
+            section.name: {
+                f.name: _plain(getattr(getattr(self, section.name), f.name))
+                for f in dataclasses.fields(getattr(self, section.name))
+            }
+            for section in dataclasses.fields(self)
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, dict[str, Any]]) -> Config:
+        sections = {}
+        for section in dataclasses.fields(cls):
+            section_cls = section.default_factory  # type: ignore[misc]
+            values = dict(data.get(section.name, {}))
+            known = {f.name: f for f in dataclasses.fields(section_cls)}
+            unknown = set(values) - set(known)
+            if unknown:
+                raise ValueError(f"unknown {section.name} config keys: {sorted(unknown)}")
+            for name, value in values.items():
+                if isinstance(value, list):
+                    values[name] = tuple(value)
+            sections[section.name] = section_cls(**values)
+        return cls(**sections)
+
+    def replace(self, **overrides: Any) -> Config:
+        """Copy with flat field overrides (``fold=1, lr=0.01``), routed to their section."""
+        owner = _field_owners()
+        grouped: dict[str, dict[str, Any]] = {}
+        for name, value in overrides.items():
+            if name not in owner:
+                raise ValueError(f"unknown config field {name!r}")
+            grouped.setdefault(owner[name], {})[name] = value
+        return dataclasses.replace(
+            self,
+            **{
+                section: dataclasses.replace(getattr(self, section), **values)
+                for section, values in grouped.items()
+            },
+        )
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _field_owners() -> dict[str, str]:
+    """Field name -> section name; field names are unique across sections by design."""
+    owners: dict[str, str] = {}
+    for section in dataclasses.fields(Config):
+        for f in dataclasses.fields(section.default_factory):  # type: ignore[arg-type]
+            if f.name in owners:
+                raise AssertionError(f"config field {f.name!r} is declared twice")
+            owners[f.name] = section.name
+    return owners
+
+
+# Named configurations applied on top of the dataclass defaults. ``synthetic-cpu`` is the default
+# of ``python -m mfnet.train``: the small trainable backbone, 2-way 1-shot, sized to train and
+# evaluate in under ten minutes on two CPU cores.
+PRESETS: dict[str, dict[str, Any]] = {
+    "synthetic-cpu": dict(
+        backbone="small",
+        channels=64,
+        image_size=96,
+        dropout=0.1,
+        way=2,
+        shot=1,
+        epochs=8,
+        episodes_per_epoch=1750,
+        workers=1,
+        batch_size=8,
+        lr=0.02,
+        pml_start_epoch=2,
+        eval_runs=5,
+        eval_episodes=1000,
+        eval_batch_size=20,
+        out="runs/synthetic-cpu",
+    ),
+}
+
+
+def preset(name: str) -> Config:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return Config().replace(**PRESETS[name])
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, sections: tuple[str, ...]) -> None:
+    """Add one ``--flag`` per field of the named sections; defaults stay None (= not given)."""
+    for section in dataclasses.fields(Config):
+        if section.name not in sections:
+            continue
+        section_cls = section.default_factory  # type: ignore[misc]
+        group = parser.add_argument_group(f"{section.name} options", section_cls.__doc__)
+        hints = typing.get_type_hints(section_cls)
+        for f in dataclasses.fields(section_cls):
+            flag = "--" + f.name.replace("_", "-")
+            kind = hints[f.name]
+            help_text = f"{f.metadata['help']} (default: {_plain(f.default)})"
+            kwargs: dict[str, Any] = dict(default=None, help=help_text, dest=f.name)
+            if kind is bool:
+                kwargs["action"] = argparse.BooleanOptionalAction
+            elif typing.get_origin(kind) is tuple:
+                kwargs.update(nargs="+", type=typing.get_args(kind)[0], metavar="X")
+            else:
+                kwargs["type"] = kind if not isinstance(kind, types.UnionType) else str
+            if f.metadata.get("choices"):
+                kwargs["choices"] = f.metadata["choices"]
+            group.add_argument(flag, **kwargs)
+
+
+def overrides_from_args(args: argparse.Namespace, sections: tuple[str, ...]) -> dict[str, Any]:
+    """The config fields that were given on the command line."""
+    owners = _field_owners()
+    given = {}
+    for name, section in owners.items():
+        if section in sections and getattr(args, name, None) is not None:
+            value = getattr(args, name)
+            given[name] = tuple(value) if isinstance(value, list) else value
+    return given

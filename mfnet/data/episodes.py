@@ -1,0 +1,199 @@
+"""N-way K-shot episode sampling (the PANet multi-way protocol) over any ``SceneSource``.
+
+An episode picks ``way`` distinct classes from a class pool. Each class gets ``shot`` support
+images in which it is present (plus a few other pool classes as distractors, masked as
+background). The query holds 1..``way`` of the episode classes, plus distractors drawn from the
+pool classes *outside* the episode, which count as background. Episode ``index`` depends only on
+``np.random.default_rng([seed, index])``, so it is identical in any worker and any order.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from mfnet.data.synthetic import IGNORE_INDEX, SyntheticScenes, base_classes, novel_classes
+from mfnet.ops.masked_pooling import mask_area
+
+SPLITS = ("train", "test")
+MAX_SUPPORT_DRAWS = 50
+
+
+@runtime_checkable
+class SceneSource(Protocol):
+    """Anything that draws labelled images on demand (synthetic scenes, PASCAL-5i, COCO-20i)."""
+
+    def draw(
+        self, rng: np.random.Generator, present: Sequence[int], distractors: Sequence[int]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Return (image uint8 [H, W, 3] RGB, label uint8 [H, W]: 0 background, class ids, 255
+        ignore) in which every class of ``present`` is visible; ``distractors`` may appear.
+        Must be deterministic given the state of ``rng``. All images share one H, W."""
+        ...
+
+
+@dataclass(frozen=True)
+class EpisodeSpec:
+    """Shape of an episode: ``way`` classes from ``class_pool``, ``shot`` supports each, and at
+    most ``max_distractors`` extra objects per image. Validated on construction."""
+
+    way: int
+    shot: int
+    class_pool: tuple[int, ...]
+    max_distractors: int = 2
+    # Side of the network's feature maps: support shots whose object would vanish there (bilinear
+    # mask weights summing to less than one feature cell) are re-drawn. None = no check.
+    feature_size: int | None = None
+
+    def __post_init__(self) -> None:
+        pool = tuple(operator.index(c) for c in self.class_pool)
+        object.__setattr__(self, "class_pool", pool)  # accept any sequence, store a tuple
+        if len(set(pool)) != len(pool):
+            raise ValueError(f"class_pool has duplicate classes: {pool}")
+        # Labels are uint8 with 0 = background and 255 = ignore.
+        if any(not 1 <= c <= 254 for c in pool):
+            raise ValueError(f"class_pool ids must be in 1..254, got {pool}")
+        if self.way < 1:
+            raise ValueError(f"way must be >= 1, got {self.way}")
+        if self.shot < 1:
+            raise ValueError(f"shot must be >= 1, got {self.shot}")
+        if self.way > len(pool):
+            raise ValueError(f"way={self.way} exceeds the {len(pool)} classes of the pool {pool}")
+        if self.max_distractors < 0:
+            raise ValueError(f"max_distractors must be >= 0, got {self.max_distractors}")
+        if self.feature_size is not None and self.feature_size < 1:
+            raise ValueError(f"feature_size must be >= 1, got {self.feature_size}")
+
+
+def _to_float_chw(images: np.ndarray) -> torch.Tensor:
+    """uint8 [..., H, W, 3] RGB -> float32 [..., 3, H, W] in [0, 1] (the model normalises).
+
+    Converted in numpy: on a busy CPU, torch's intra-op thread pool made these small per-image
+    ops several times slower than the rendering itself.
+    """
+    out = np.moveaxis(images, -1, -3).astype(np.float32, order="C")
+    out *= 1.0 / 255.0
+    return torch.from_numpy(out)
+
+
+class EpisodeDataset(Dataset):
+    """``num_episodes`` seeded episodes; item ``index`` is a dict of tensors:
+
+    - ``support_images``: float32 [N, K, 3, H, W], RGB in [0, 1];
+    - ``support_masks``: uint8 [N, K, H, W]; 1 on the way-n class, 0 elsewhere, 255 ignore;
+    - ``query_image``: float32 [3, H, W], RGB in [0, 1];
+    - ``query_label``: int64 [H, W]; j + 1 on the j-th episode class (0-based), 0 on background
+      and on every other class, 255 ignore;
+    - ``episode_classes``: int64 [N], the original class ids in way order.
+
+    ``torch.utils.data.default_collate`` stacks items to a leading batch dimension B.
+    """
+
+    def __init__(self, source: SceneSource, spec: EpisodeSpec, num_episodes: int, seed: int):
+        if num_episodes < 0:
+            raise ValueError(f"num_episodes must be >= 0, got {num_episodes}")
+        if seed < 0:  # np.random.default_rng([seed, index]) takes non-negative entropy only
+            raise ValueError(f"seed must be >= 0, got {seed}")
+        self.source = source
+        self.spec = spec
+        self.num_episodes = int(num_episodes)
+        self.seed = int(seed)
+
+    def __len__(self) -> int:
+        return self.num_episodes
+
+    def _distractors(self, rng: np.random.Generator, candidates: list[int]) -> list[int]:
+        """0..max_distractors classes drawn without replacement from ``candidates``."""
+        most = min(self.spec.max_distractors, len(candidates))
+        count = int(rng.integers(0, most + 1))
+        return [int(c) for c in rng.choice(candidates, size=count, replace=False)] if count else []
+
+    def _draw_support(
+        self, rng: np.random.Generator, c: int, others: list[int]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """One support shot of class ``c``: image uint8 [H, W, 3], mask uint8 [H, W] in
+        {0, 1, 255}; re-drawn while its object would vanish at ``spec.feature_size``."""
+        for _ in range(MAX_SUPPORT_DRAWS):
+            image, label = self.source.draw(rng, [c], self._distractors(rng, others))
+            mask = (label == c).astype(np.uint8)
+            mask[label == IGNORE_INDEX] = IGNORE_INDEX
+            if self.spec.feature_size is None:
+                return image, mask
+            side = self.spec.feature_size
+            area = mask_area(torch.from_numpy(mask == 1)[None], (side, side))  # [1]
+            if float(area[0]) >= 1.0:
+                return image, mask
+        raise RuntimeError(
+            f"no support image of class {c} kept a visible object at feature size "
+            f"{self.spec.feature_size} in {MAX_SUPPORT_DRAWS} draws; use larger images"
+        )
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        """Episode ``index`` (negative counts from the end), drawn from
+        ``default_rng([seed, index])`` alone; see the class doc for the returned tensors."""
+        index = operator.index(index)
+        if index < 0:
+            index += self.num_episodes
+        if not 0 <= index < self.num_episodes:
+            raise IndexError(f"episode {index} out of range for {self.num_episodes} episodes")
+        spec = self.spec
+        rng = np.random.default_rng([self.seed, index])
+        pool = list(spec.class_pool)
+        classes = [int(c) for c in rng.choice(pool, size=spec.way, replace=False)]
+
+        support_images, support_masks = [], []
+        for c in classes:
+            others = [p for p in pool if p != c]
+            for _ in range(spec.shot):
+                image, mask = self._draw_support(rng, c, others)
+                support_images.append(image)
+                support_masks.append(mask)
+
+        m = int(rng.integers(1, spec.way + 1))
+        present = [classes[j] for j in sorted(rng.choice(spec.way, size=m, replace=False))]
+        outside = [p for p in pool if p not in classes]
+        image, label = self.source.draw(rng, present, self._distractors(rng, outside))
+        # Remap through a lookup table: episode class j -> j + 1, ignore stays, rest -> 0.
+        lut = np.zeros(256, np.int64)
+        lut[IGNORE_INDEX] = IGNORE_INDEX
+        lut[classes] = np.arange(1, spec.way + 1)
+
+        h, w = label.shape
+        return {
+            "support_images": _to_float_chw(
+                np.stack(support_images).reshape(spec.way, spec.shot, h, w, 3)
+            ),
+            "support_masks": torch.from_numpy(
+                np.stack(support_masks).reshape(spec.way, spec.shot, h, w)
+            ),
+            "query_image": _to_float_chw(image),
+            "query_label": torch.from_numpy(lut[label]),
+            "episode_classes": torch.tensor(classes, dtype=torch.int64),
+        }
+
+
+def synthetic_episodes(
+    fold: int,
+    split: str,
+    way: int,
+    shot: int,
+    num_episodes: int,
+    seed: int,
+    image_size: int = 128,
+    max_distractors: int = 2,
+    feature_size: int | None = None,
+) -> EpisodeDataset:
+    """Episodes of the synthetic benchmark: split "train" samples the 15 base classes of
+    ``fold``, "test" its 5 novel classes, so test classes never appear in training images."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    pool = base_classes(fold) if split == "train" else novel_classes(fold)
+    spec = EpisodeSpec(way=way, shot=shot, class_pool=pool, max_distractors=max_distractors,
+                       feature_size=feature_size)
+    return EpisodeDataset(SyntheticScenes(image_size), spec, num_episodes, seed)

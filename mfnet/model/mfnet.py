@@ -1,0 +1,227 @@
+"""MFNet: multi-way encoding and decoding (paper Sec. III, Fig. 2), composed from its parts.
+
+The model is split where deployment needs it: ``encode_support`` (run once per support set)
+returns an immutable ``SupportCache``; ``decode_query`` (run per frame) takes a query and a cache.
+``forward`` is exactly ``decode_query(query, encode_support(...))``.
+
+Images enter as float RGB in [0, 1], [.., 3, H, W]; normalisation happens inside the model.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from ..ops.masked_pooling import mask_area, masked_global_pool
+from .backbone import Backbone
+from .decoder import Decoder
+from .scale_attention import ScaleAttention
+from .support import RelationalSupportAttention, SupportCache
+
+
+@dataclass(frozen=True)
+class QueryOutput:
+    """Everything ``decode_query(..., return_aux=True)`` computes.
+
+    logits: [B, N+1, H, W] at input resolution; feature_logits: [B, N+1, h, w] before upsampling;
+    embedding: [B, C, h, w], the decoder's embedding used by the pixel-wise metric loss.
+    """
+
+    logits: torch.Tensor
+    feature_logits: torch.Tensor
+    embedding: torch.Tensor
+
+
+class MiddleLevelNeck(nn.Module):
+    """concat(levels) -> 1x1 conv (no bias) -> ReLU -> Dropout2d: [M, sum C_l, h, w] -> [M, C, h, w]."""
+
+    def __init__(self, in_channels: int, channels: int, dropout: float) -> None:
+        super().__init__()
+        self.reduce = nn.Conv2d(in_channels, channels, 1, bias=False)
+        self.dropout = nn.Dropout2d(dropout)
+
+    def forward(self, levels: list[torch.Tensor]) -> torch.Tensor:
+        return self.dropout(torch.relu(self.reduce(torch.cat(levels, dim=1))))
+
+
+class MFNet(nn.Module):
+    def __init__(
+        self,
+        config: ModelConfig,
+        backbone: Backbone,
+        neck: MiddleLevelNeck,
+        support_attention: RelationalSupportAttention | None,
+        scale_attention: ScaleAttention,
+        decoder: Decoder,
+        pool_impl: str = "auto",
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.backbone = backbone
+        self.neck = neck
+        self.support_attention = support_attention
+        self.scale_attention = scale_attention
+        self.decoder = decoder
+        self.pool_impl = pool_impl
+        self.register_buffer("mean", torch.tensor(config.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(config.std).view(1, 3, 1, 1), persistent=False)
+
+    @property
+    def way(self) -> int:
+        return self.config.way
+
+    def extract_features(self, images: torch.Tensor) -> torch.Tensor:
+        """images [M, 3, H, W] RGB in [0, 1] -> middle-level features [M, C, H/8, W/8]."""
+        normalised = (images - self.mean) / self.std
+        if self.backbone.frozen:
+            with torch.no_grad():
+                levels = self.backbone(normalised)
+        else:
+            levels = self.backbone(normalised)
+        return self.neck(levels)
+
+    # ----------------------------------------------------------------------------- support side
+    def encode_shots(self, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        """Masked global pooling of every shot.
+
+        Args:
+            images: [B, N, K, 3, H, W] (or [N, K, 3, H, W]) float RGB in [0, 1].
+            masks: [B, N, K, H, W] (or [N, K, H, W]); 1 = this class, 0 = other, 255 = ignore.
+        Returns:
+            [B, N, K, C] shot features F_nk.
+        """
+        images, masks = _check_support(images, masks)
+        B, N, K, _, H, W = images.shape
+        foreground = masks.reshape(B * N * K, H, W) == 1  # [BNK, H, W]
+        features = self.extract_features(images.reshape(B * N * K, 3, H, W))  # [BNK, C, h, w]
+        area = mask_area(foreground, tuple(features.shape[-2:]))  # [BNK]
+        if bool((area <= 0).any()):
+            empty = int(torch.nonzero(area <= 0)[0, 0])
+            raise ValueError(
+                f"the object of support class {empty // K % N}, shot {empty % K} (episode "
+                f"{empty // (N * K)}) vanishes at feature resolution {tuple(features.shape[-2:])}: "
+                "use a support image where the object is larger or cropped tighter"
+            )
+        pooled = masked_global_pool(features, foreground, impl=self.pool_impl)  # [BNK, C]
+        return pooled.view(B, N, K, -1)
+
+    def aggregate_prototypes(self, shot_features: torch.Tensor) -> torch.Tensor:
+        """[B, N, K, C] -> prototypes [B, N, C]: A_S modulation (K > 1), then the mean over shots."""
+        if self.support_attention is not None and shot_features.shape[2] > 1:
+            shot_features = self.support_attention(shot_features)
+        return shot_features.mean(dim=2)
+
+    def encode_support(self, images: torch.Tensor, masks: torch.Tensor) -> SupportCache:
+        """Support images + masks -> ``SupportCache`` (per-shot features and prototypes).
+
+        Args:
+            images: [B, N, K, 3, H, W] (or [N, K, 3, H, W] for one support set), RGB in [0, 1].
+            masks: [B, N, K, H, W] (or [N, K, H, W]): 1 = the shot's class, 0 = not, 255 = ignore.
+        """
+        shot_features = self.encode_shots(images, masks)
+        return SupportCache(shot_features, self.aggregate_prototypes(shot_features))
+
+    def cache_from_shots(self, shot_features: torch.Tensor) -> SupportCache:
+        """Rebuild a cache from (edited) per-shot features [B, N, K, C] without the backbone."""
+        return SupportCache(shot_features, self.aggregate_prototypes(shot_features))
+
+    # ------------------------------------------------------------------------------- query side
+    def pyramid_bins(self, feature_size: int) -> list[int]:
+        """Pooled sizes of the Z query scales: (60, 30, 15, 8) for 60 x 60 features."""
+        if not self.config.scale_attention:
+            return [feature_size]
+        return [max(1, math.ceil(feature_size * f)) for f in self.config.pyramid]
+
+    def decode_query(
+        self, query: torch.Tensor, cache: SupportCache, return_aux: bool = False
+    ) -> torch.Tensor | QueryOutput:
+        """Segment query images with cached class prototypes.
+
+        Args:
+            query: [B, 3, H, W] float RGB in [0, 1].
+            cache: from ``encode_support``; its batch is B (one support set per query) or 1
+                (the same support set for every query).
+            return_aux: also return the feature-resolution logits and the PML embedding.
+        Returns:
+            logits [B, N+1, H, W] (channel 0 = background, n = the n-th support class), or a
+            ``QueryOutput`` when ``return_aux``.
+        """
+        if query.dim() != 4 or query.shape[1] != 3:
+            raise ValueError(f"query must be [B, 3, H, W], got {tuple(query.shape)}")
+        if cache.way != self.way:
+            raise ValueError(
+                f"the support set has {cache.way} classes but this model is {self.way}-way; "
+                f"give exactly {self.way} classes (the number of classes is fixed by the checkpoint)"
+            )
+        B, _, H, W = query.shape
+        if cache.batch not in (1, B):
+            raise ValueError(f"support cache batch {cache.batch} does not fit query batch {B}")
+        N = self.way
+        prototypes = cache.prototypes.expand(B, -1, -1)  # [B, N, C]
+        features = self.extract_features(query)  # [B, C, h, w]
+        h, w = features.shape[-2:]
+        scales = []
+        for bins in self.pyramid_bins(max(h, w)):
+            pooled = features if bins >= max(h, w) else F.adaptive_avg_pool2d(features, bins)
+            scales.append(self._fuse_query_class(pooled, prototypes))  # [B*N, C', h_z, w_z]
+        per_class = self.scale_attention(scales, (h, w))  # [B*N, C, h, w]
+        per_class = per_class.view(B, N, -1, h, w)
+        if self.config.class_fusion == "concat":
+            embedding_in = per_class.flatten(1, 2)  # [B, N*C, h, w]
+        else:
+            embedding_in = per_class.sum(dim=1)  # [B, C, h, w]
+        feature_logits, embedding = self.decoder(embedding_in)  # [B, N+1, h, w], [B, C, h, w]
+        logits = F.interpolate(feature_logits, size=(H, W), mode="bilinear", align_corners=True)
+        if return_aux:
+            return QueryOutput(logits, feature_logits, embedding)
+        return logits
+
+    def _fuse_query_class(self, scale: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
+        """scale [B, C, h_z, w_z] + prototypes [B, N, C] -> X_n^z [B*N, C or 2C, h_z, w_z]."""
+        B, C, h, w = scale.shape
+        N = prototypes.shape[1]
+        query = scale.unsqueeze(1).expand(B, N, C, h, w)  # [B, N, C, h, w]
+        expanded = prototypes[..., None, None].expand(B, N, C, h, w)  # replicate F_n
+        if self.config.query_fusion == "add":
+            fused = query + expanded  # [B, N, C, h, w]
+        else:
+            fused = torch.cat([query, expanded], dim=2)  # [B, N, 2C, h, w]
+        return fused.flatten(0, 1)  # [B*N, C', h, w]
+
+    def forward(
+        self, support_images: torch.Tensor, support_masks: torch.Tensor, query: torch.Tensor
+    ) -> torch.Tensor:
+        """logits [B, N+1, H, W] = decode_query(query, encode_support(images, masks))."""
+        return self.decode_query(query, self.encode_support(support_images, support_masks))
+
+
+def _check_support(images: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validate and batch support inputs: -> images [B, N, K, 3, H, W], masks [B, N, K, H, W]."""
+    if images.dim() == 5:
+        images = images.unsqueeze(0)
+    if masks.dim() == 4:
+        masks = masks.unsqueeze(0)
+    if images.dim() != 6 or images.shape[3] != 3:
+        raise ValueError(
+            f"support images must be [B, N, K, 3, H, W] or [N, K, 3, H, W], got {tuple(images.shape)}"
+        )
+    if masks.dim() != 5:
+        raise ValueError(f"support masks must be [B, N, K, H, W] or [N, K, H, W], got {tuple(masks.shape)}")
+    if images.shape[:3] != masks.shape[:3] or images.shape[-2:] != masks.shape[-2:]:
+        raise ValueError(
+            f"support images {tuple(images.shape)} and masks {tuple(masks.shape)} do not match: "
+            "need one [H, W] mask per [3, H, W] image, same B, N, K, H and W"
+        )
+    foreground = (masks == 1).flatten(3).any(dim=3)  # [B, N, K]
+    if not bool(foreground.all()):
+        b, n, k = (int(i) for i in torch.nonzero(~foreground)[0])
+        raise ValueError(
+            f"support mask of class {n}, shot {k} (episode {b}) has no foreground pixel (value 1): "
+            "every support shot needs a non-empty mask of its class"
+        )
+    return images, masks
