@@ -22,6 +22,12 @@ setup(
         "pillow",
         "tqdm",
     ],
-    extras_require={"test": ["pytest"]},
+    extras_require={
+        # ONNX export and its verification with ONNX Runtime
+        "export": ["onnx", "onnxscript", "onnxruntime"],
+        # PASCAL-5i preparation from SBD .mat files; COCO-20i masks
+        "data": ["scipy", "pycocotools"],
+        "test": ["pytest", "onnx", "onnxscript", "onnxruntime", "scipy", "pycocotools"],
+    },
     license="MIT",
 )

@@ -21,8 +21,12 @@ from typing import Any
 
 BACKBONES = ("small", "resnet50", "resnet101", "vgg16_bn")
 FUSIONS = ("add", "concat")
+CLASS_FUSIONS = ("add", "concat", "binary")
 PML_MODES = ("off", "random", "feature", "spatial")
-DATASETS = ("synthetic",)
+DATASETS = ("synthetic", "pascal", "coco")
+PROTOCOLS = ("panet", "metaseg")
+EVAL_RESOLUTIONS = ("network", "original")
+TEST_RESIZES = ("pad", "stretch")
 
 
 def _opt(default: Any, help: str, choices: tuple | None = None) -> Any:
@@ -63,7 +67,12 @@ class ModelConfig:
         "query pyramid bins as fractions of the feature size (Z = 4: 60, 30, 15, 8 at 473 input)",
     )
     query_fusion: str = _opt("add", "fusion of class prototype and query feature ('A' in A+C)", FUSIONS)
-    class_fusion: str = _opt("concat", "fusion across the N class features ('C' in A+C)", FUSIONS)
+    class_fusion: str = _opt(
+        "concat",
+        "fusion across the N class features ('C' in A+C); 'binary' = the N-binary-branches "
+        "baseline of Table IV (one shared binary decoder per class, per-pixel maximum)",
+        CLASS_FUSIONS,
+    )
     support_attention: bool = _opt(True, "use A_S to modulate support shots (K > 1 only)")
     scale_attention: bool = _opt(
         True, "use the multi-scale query with A_M; off = single scale, no attention"
@@ -79,7 +88,7 @@ class ModelConfig:
     def __post_init__(self) -> None:
         _check_choice("backbone", self.backbone, BACKBONES)
         _check_choice("query_fusion", self.query_fusion, FUSIONS)
-        _check_choice("class_fusion", self.class_fusion, FUSIONS)
+        _check_choice("class_fusion", self.class_fusion, CLASS_FUSIONS)
         for name in ("channels", "way", "shot", "relation_heads", "image_size"):
             _check_positive(name, getattr(self, name))
         if self.channels % self.relation_heads:
@@ -130,18 +139,49 @@ class LossConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Which benchmark and fold; fold i tests on its novel classes, trains on the others."""
+    """Which benchmark and fold, and every protocol option that moves the numbers."""
 
-    dataset: str = _opt("synthetic", "benchmark", DATASETS)
+    dataset: str = _opt("synthetic", "benchmark: synthetic (embedded), pascal (PASCAL-5i), "
+                        "coco (COCO-20i)", DATASETS)
+    data_root: str = _opt("", "pascal: VOCdevkit/VOC2012 (prepared, see docs/pascal.md); "
+                          "coco: the folder holding train2014/, val2014/, annotations/")
     fold: int = _opt(0, "fold whose classes are held out as novel (0..3)")
+    fold_split: str = _opt("A", "coco: fold convention A (contiguous, the paper) or B "
+                           "(interleaved, FWB/PFENet/HSNet)", ("A", "B"))
+    test_source: str = _opt("val", "images of the test episodes: val (VOC val / COCO val2014, "
+                            "the standard) or train (PASCAL trainaug / COCO train2014, as PANet)",
+                            ("val", "train"))
+    min_object_pixels: int = _opt(0, "small-object filter: an image counts for a class only if "
+                                  "the class covers this many pixels (PFENet/OSLSM: 2048)")
+    drop_novel_images: bool = _opt(False, "drop training images that contain a novel class "
+                                   "(BAM) instead of labelling it background (PANet/PFENet)")
+    protocol: str = _opt("panet", "episodes: panet (query holds 1..N episode classes, the "
+                         "paper's default) or metaseg (query holds all N; person + a held-out "
+                         "class on PASCAL-5^2)", PROTOCOLS)
+    eval_resolution: str = _opt("network", "score at network resolution or at the original "
+                                "image size (PFENet)", EVAL_RESOLUTIONS)
+    test_resize: str = _opt("pad", "test images: pad (longer side to the input size, aspect "
+                            "kept, PFENet) or stretch (square resize, PANet)", TEST_RESIZES)
     data_seed: int = _opt(0, "seed of the training episodes")
     max_distractors: int = _opt(2, "synthetic: most non-episode objects per image")
 
     def __post_init__(self) -> None:
         _check_choice("dataset", self.dataset, DATASETS)
+        _check_choice("fold_split", self.fold_split, ("A", "B"))
+        _check_choice("test_source", self.test_source, ("val", "train"))
+        _check_choice("protocol", self.protocol, PROTOCOLS)
+        _check_choice("eval_resolution", self.eval_resolution, EVAL_RESOLUTIONS)
+        _check_choice("test_resize", self.test_resize, TEST_RESIZES)
         if not 0 <= self.fold <= 3:
             raise ValueError(f"fold must be 0..3, got {self.fold}")
         _check_positive("max_distractors", self.max_distractors, allow_zero=True)
+        _check_positive("min_object_pixels", self.min_object_pixels, allow_zero=True)
+        if self.dataset != "synthetic" and not self.data_root:
+            raise ValueError(f"dataset {self.dataset!r} needs --data-root (see docs/"
+                             f"{self.dataset}.md for the files and the preparation command)")
+        if self.dataset == "synthetic" and self.eval_resolution == "original":
+            raise ValueError("the synthetic benchmark is generated at network resolution: "
+                             "eval_resolution 'original' applies to pascal and coco")
 
 
 @dataclass(frozen=True)
@@ -260,7 +300,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         way=2,
         shot=1,
         epochs=8,
-        episodes_per_epoch=1750,
+        episodes_per_epoch=2000,
         workers=1,
         batch_size=8,
         lr=0.02,
@@ -273,10 +313,40 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def preset(name: str) -> Config:
+def _paper_presets() -> dict[str, dict[str, Any]]:
+    """The settings the paper reports (Sec. IV-B): ResNet-50, 473, SGD; PASCAL lr 0.0025,
+    batch 4, 200 epochs, PML after 5; COCO lr 0.005, batch 8, 50 epochs, PML after 1.
+
+    The paper does not define an epoch for episodic training: here an epoch is 5000 episodes on
+    PASCAL (about one pass over a fold's training list, 4.6k-5.9k images in PFENet's lists) and
+    20000 on COCO.
+    """
+    paper = dict(backbone="resnet50", weights="imagenet", channels=256, image_size=473,
+                 dropout=0.5, workers=4, eval_runs=5, eval_batch_size=8)
+    pascal = dict(paper, dataset="pascal", lr=0.0025, batch_size=4, epochs=200,
+                  episodes_per_epoch=5000, pml_start_epoch=5, eval_episodes=1000)
+    coco = dict(paper, dataset="coco", lr=0.005, batch_size=8, epochs=50,
+                episodes_per_epoch=20000, pml_start_epoch=1, eval_episodes=10000)
+    presets = {}
+    for way, shot in ((1, 1), (1, 5), (2, 1), (2, 5)):  # Tables I and III
+        presets[f"pascal-{way}way-{shot}shot"] = dict(pascal, way=way, shot=shot)
+    for way in (1, 2, 5):  # Tables X and XI
+        presets[f"coco-{way}way-1shot"] = dict(coco, way=way, shot=1)
+    # Table II: the setup of MetaSeg, 2-way 5-shot on PASCAL-5^2, every query holds person and
+    # the other held-out class.
+    presets["pascal-metaseg-2way-5shot"] = dict(pascal, way=2, shot=5, fold=2, protocol="metaseg")
+    return presets
+
+
+PRESETS.update(_paper_presets())
+
+
+def preset(name: str, **overrides: Any) -> Config:
+    """The named preset with ``overrides`` applied in the same construction (a real-dataset
+    preset is only valid together with its ``data_root``)."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
-    return Config().replace(**PRESETS[name])
+    return Config().replace(**{**PRESETS[name], **overrides})
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, sections: tuple[str, ...]) -> None:

@@ -1,13 +1,16 @@
 """``python -m mfnet.evaluate --checkpoint PATH``: the paper's evaluation protocol on novel classes.
 
 Prints the protocol options with mIoU*, mIoU and FB-IoU (mean +- std over runs) for MFNet and,
-on the same episodes, the training-free prototype baseline; optionally writes them as JSON.
+on the same episodes, the training-free prototype baseline. ``--folds 0,1,2,3`` evaluates one
+checkpoint per fold (``{fold}`` in the path is replaced) and prints a table laid out like the
+paper's (mIoU*/mIoU per fold and mean). ``--naive-way N`` runs a 1-way checkpoint N times per
+N-way episode (the naive transfer of Table V). Data-protocol options (test source, small-object
+filter, resolution, ...) can be changed at evaluation time; they are printed with the numbers.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -15,20 +18,29 @@ from pathlib import Path
 import torch
 
 from .config import Config, add_config_arguments, overrides_from_args
-from .evaluation import ProtocolResult, format_results, protocol_description, run_protocol
+from .evaluation import (
+    ProtocolResult, fold_table, format_results, protocol_description, run_protocol,
+)
 from .model.baseline import PrototypeBaseline
 from .model.mfnet import MFNet
+from .model.naive import NaiveMultiWay
 from .training.checkpoint import CheckpointError, model_from_checkpoint
 from .training.loop import resolve_device
+
+FIXED_BY_CHECKPOINT = ("dataset", "fold")
 
 
 def evaluate_model(
     model: MFNet, config: Config, device: torch.device, baseline: bool = True,
-    progress: bool = True,
+    progress: bool = True, naive: bool = False,
 ) -> dict[str, ProtocolResult]:
-    """Run the protocol for ``model`` (and the baseline on its features) on the same episodes."""
+    """Run the protocol for ``model`` (and the baseline on its features) on the same episodes.
+
+    With ``naive``, ``model`` is 1-way and runs once per class of the ``config.model.way``-way
+    episodes.
+    """
     model = model.to(device).eval()
-    predictors = {"MFNet": model}
+    predictors = {"MFNet 1-way x N" if naive else "MFNet": NaiveMultiWay(model) if naive else model}
     if baseline:
         predictors["baseline"] = PrototypeBaseline(model.extract_features)
     return run_protocol(predictors, config, device, progress=progress)
@@ -50,34 +62,83 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m mfnet.evaluate",
         description=__doc__,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--checkpoint", required=True, help="checkpoint written by mfnet.train")
+    parser.add_argument("--checkpoint", required=True,
+                        help="checkpoint written by mfnet.train; with --folds, a path containing "
+                             "{fold}, e.g. runs/pascal-2way-1shot/fold{fold}/last.pt")
+    parser.add_argument("--folds", default=None,
+                        help="comma-separated folds, one checkpoint each, e.g. 0,1,2,3")
+    parser.add_argument("--naive-way", type=int, default=None, metavar="N",
+                        help="evaluate a 1-way checkpoint on N-way episodes by running it N "
+                             "times (paper Table V)")
     parser.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda' or 'cuda:N'")
-    parser.add_argument("--workers", type=int, default=2, help="data-loader worker processes")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="data-loader worker processes (default: the checkpoint's setting)")
     parser.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
                         help="also score the training-free prototype baseline on the same episodes")
     parser.add_argument("--json", type=Path, default=None, help="write the results to this file")
+    parser.add_argument("--table", type=Path, default=None,
+                        help="with --folds: write the table to TABLE.md and TABLE.csv")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                         help="show progress bars")
-    add_config_arguments(parser, ("eval",))
+    add_config_arguments(parser, ("eval", "data"))
     return parser
+
+
+def _evaluate_checkpoint(path: str, args: argparse.Namespace, device: torch.device
+                         ) -> tuple[dict[str, ProtocolResult], Config]:
+    model, config = model_from_checkpoint(path, map_location=device)
+    overrides = overrides_from_args(args, ("eval", "data"))
+    if args.workers is not None:
+        overrides["workers"] = args.workers
+    if args.naive_way is not None:
+        overrides["way"] = args.naive_way
+    config = config.replace(**overrides)
+    results = evaluate_model(model, config, device, baseline=args.baseline,
+                             progress=args.progress, naive=args.naive_way is not None)
+    print(format_results(results, protocol_description(config)))
+    return results, config
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    fixed = [name for name in FIXED_BY_CHECKPOINT if getattr(args, name) is not None]
+    if fixed:
+        print(f"error: --{'/--'.join(fixed)} are fixed by the checkpoint; evaluate other folds "
+              "with --folds and one checkpoint per fold", file=sys.stderr)
+        return 2
     try:
         device = resolve_device(args.device)
-        model, config = model_from_checkpoint(args.checkpoint, map_location=device)
+        if args.folds is None:
+            results, config = _evaluate_checkpoint(args.checkpoint, args, device)
+            if args.json is not None:
+                write_results(args.json, results, config, {"checkpoint": str(args.checkpoint)})
+                print(f"results written to {args.json}")
+            return 0
+        folds = [int(f) for f in args.folds.split(",")]
+        if "{fold}" not in args.checkpoint and len(folds) > 1:
+            raise ValueError("with several --folds the checkpoint path needs a {fold} field")
+        per_fold = {}
+        for fold in folds:
+            path = args.checkpoint.replace("{fold}", str(fold))
+            per_fold[fold], config = _evaluate_checkpoint(path, args, device)
+            if config.data.fold != fold:
+                raise ValueError(f"{path} was trained on fold {config.data.fold}, not {fold}")
     except (CheckpointError, RuntimeError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    config = config.replace(**overrides_from_args(args, ("eval",)), workers=args.workers)
-    results = evaluate_model(model, config, device, baseline=args.baseline, progress=args.progress)
-    print(format_results(results, protocol_description(config)))
+    markdown, csv = fold_table(per_fold)
+    print(markdown)
+    if args.table is not None:
+        args.table.parent.mkdir(parents=True, exist_ok=True)
+        args.table.with_suffix(".md").write_text(markdown + "\n")
+        args.table.with_suffix(".csv").write_text(csv)
+        print(f"table written to {args.table.with_suffix('.md')} and .csv")
     if args.json is not None:
-        write_results(args.json, results, config, {"checkpoint": str(args.checkpoint)})
-        print(f"results written to {args.json}")
+        args.json.write_text(json.dumps(
+            {str(f): {n: r.summary() for n, r in res.items()} for f, res in per_fold.items()},
+            indent=2, default=str))
     return 0
 
 

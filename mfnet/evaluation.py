@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-from torch.utils.data import DataLoader
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, default_collate
 from tqdm import tqdm
 
 from .config import Config
@@ -78,6 +79,7 @@ def run_protocol(
             batch_size=ev.eval_batch_size,
             num_workers=config.train.workers,
             pin_memory=device.type == "cuda",
+            collate_fn=collate_episodes,
         )
         meters = {name: FewShotMeter(class_ids) for name in predictors}
         bar = tqdm(loader, desc=f"eval run {run + 1}/{ev.eval_runs}", unit="batch",
@@ -88,14 +90,40 @@ def run_protocol(
                 masks = batch["support_masks"].to(device)
                 query = batch["query_image"].to(device)
                 for name, predict in predictors.items():
-                    pred = predict(images, masks, query).argmax(dim=1).cpu()  # [B, H, W]
-                    for b in range(pred.shape[0]):  # the episode classes differ per episode
-                        meters[name].update(
-                            pred[b], batch["query_label"][b], batch["episode_classes"][b]
-                        )
+                    logits = predict(images, masks, query).float().cpu()  # [B, N+1, S, S]
+                    for b in range(logits.shape[0]):  # the episode classes differ per episode
+                        pred, target = score_maps(logits[b], batch, b)
+                        meters[name].update(pred, target, batch["episode_classes"][b])
         for name, meter in meters.items():
             results[name].append(meter.compute())
     return {name: ProtocolResult(tuple(runs)) for name, runs in results.items()}
+
+
+def collate_episodes(items: list[dict[str, torch.Tensor]]) -> dict:
+    """Default collate, except ``query_label_original`` (sizes differ), kept as a list."""
+    originals = [item.pop("query_label_original") for item in items
+                 if "query_label_original" in item]
+    batch = default_collate(items)
+    if originals:
+        batch["query_label_original"] = originals
+    return batch
+
+
+def score_maps(logits: torch.Tensor, batch: dict, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prediction and ground truth of episode ``b`` at the resolution the protocol scores.
+
+    logits [N+1, S, S]. At network resolution: argmax vs ``query_label``. At the original
+    resolution (PFENet): the region the image occupies in the input is cropped, upsampled
+    bilinearly (align_corners=True) to the image's own size, then argmax vs the original label.
+    """
+    if "query_label_original" not in batch:
+        return logits.argmax(dim=0), batch["query_label"][b]
+    target = batch["query_label_original"][b]  # [H0, W0]
+    h, w = (int(v) for v in batch["query_content"][b])
+    content = logits[None, :, :h, :w]  # [1, N+1, h, w]
+    resized = F.interpolate(content, size=tuple(target.shape), mode="bilinear",
+                            align_corners=True)
+    return resized[0].argmax(dim=0), target
 
 
 def format_results(results: dict[str, ProtocolResult], protocol_lines: list[str]) -> str:
@@ -126,3 +154,28 @@ def protocol_description(config: Config) -> list[str]:
         "classes (background excluded); mIoU* counts false positives of episode classes absent "
         "from the query, mIoU (PANet) does not; FB-IoU = mean(background IoU, foreground IoU)",
     ]
+
+
+def fold_table(per_fold: dict[int, dict[str, ProtocolResult]]) -> tuple[str, str]:
+    """Markdown and CSV laid out like the paper's Tables I, III, X, XI: a row per method,
+    mIoU*/mIoU per fold and their mean over folds (means over runs, in %)."""
+    folds = sorted(per_fold)
+    methods = list(per_fold[folds[0]])
+    header = "| Method | " + " | ".join(f"fold-{f}" for f in folds) + " | Mean |"
+    lines = [header, "|" + "---|" * (len(folds) + 2)]
+    csv = ["method,fold,miou_star_mean,miou_star_std,miou_mean,miou_std,fbiou_mean,fbiou_std"]
+    for method in methods:
+        cells = []
+        for fold in folds:
+            result = per_fold[fold][method]
+            cells.append(f"{100 * result.mean('miou_star'):.1f}/{100 * result.mean('miou'):.1f}")
+            csv.append(",".join([method, str(fold)] + [
+                f"{100 * getattr(result, stat)(m):.2f}" for m in METRICS for stat in ("mean", "std")
+            ]))
+        star = statistics.fmean(per_fold[f][method].mean("miou_star") for f in folds)
+        panet = statistics.fmean(per_fold[f][method].mean("miou") for f in folds)
+        cells.append(f"{100 * star:.1f}/{100 * panet:.1f}")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append("Cells: mIoU*/mIoU (%), each the mean over the runs of that fold.")
+    return "\n".join(lines), "\n".join(csv) + "\n"

@@ -45,7 +45,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     started = time.perf_counter()
     try:
-        config = preset(args.preset).replace(**overrides_from_args(args, SECTIONS))
+        overrides = overrides_from_args(args, SECTIONS)
+        if "out" not in overrides and args.preset != "synthetic-cpu":
+            fold = overrides.get("fold", PRESETS[args.preset].get("fold", 0))
+            overrides["out"] = f"runs/{args.preset}/fold{fold}"
+        config = preset(args.preset, **overrides)
         model, checkpoint = train(config, resume=args.resume, progress=args.progress)
     except (CheckpointError, ValueError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -31,7 +31,9 @@ def build_mfnet(config: ModelConfig, pool_impl: str = "auto") -> MFNet:
         attention=config.scale_attention,
     )
     decoder_in = channels * config.way if config.class_fusion == "concat" else channels
-    decoder = Decoder(decoder_in, channels, config.way + 1)
+    # The binary-branches baseline decodes background / foreground once per class.
+    outputs = 2 if config.class_fusion == "binary" else config.way + 1
+    decoder = Decoder(decoder_in, channels, outputs)
     return MFNet(config, backbone, neck, support_attention, scale_attention, decoder, pool_impl)
 
 

@@ -18,7 +18,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..ops.masked_pooling import mask_area, masked_global_pool
-from .backbone import Backbone
+from .backbone import Backbone, feature_size
 from .decoder import Decoder
 from .scale_attention import ScaleAttention
 from .support import RelationalSupportAttention, SupportCache
@@ -29,12 +29,14 @@ class QueryOutput:
     """Everything ``decode_query(..., return_aux=True)`` computes.
 
     logits: [B, N+1, H, W] at input resolution; feature_logits: [B, N+1, h, w] before upsampling;
-    embedding: [B, C, h, w], the decoder's embedding used by the pixel-wise metric loss.
+    embedding: [B, C, h, w], the decoder's embedding used by the pixel-wise metric loss
+    ([B*N, C, h, w] for the binary-branches baseline, which has no metric loss).
     """
 
     logits: torch.Tensor
     feature_logits: torch.Tensor
     embedding: torch.Tensor
+    branch_logits: torch.Tensor | None = None  # binary-branches baseline: [B, N, 2, H, W]
 
 
 class MiddleLevelNeck(nn.Module):
@@ -87,28 +89,43 @@ class MFNet(nn.Module):
 
     # ----------------------------------------------------------------------------- support side
     def encode_shots(self, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-        """Masked global pooling of every shot.
+        """Masked global pooling of every shot, with the input checks of the API boundary.
 
         Args:
             images: [B, N, K, 3, H, W] (or [N, K, 3, H, W]) float RGB in [0, 1].
             masks: [B, N, K, H, W] (or [N, K, H, W]); 1 = this class, 0 = other, 255 = ignore.
         Returns:
             [B, N, K, C] shot features F_nk.
+        Raises:
+            ValueError: mismatched shapes, a shot without foreground, or an object that
+                vanishes at feature resolution.
         """
         images, masks = _check_support(images, masks)
         B, N, K, _, H, W = images.shape
         foreground = masks.reshape(B * N * K, H, W) == 1  # [BNK, H, W]
-        features = self.extract_features(images.reshape(B * N * K, 3, H, W))  # [BNK, C, h, w]
-        area = mask_area(foreground, tuple(features.shape[-2:]))  # [BNK]
+        feature_side = self.feature_side(H, W)
+        area = mask_area(foreground, feature_side)  # [BNK]
         if bool((area <= 0).any()):
             empty = int(torch.nonzero(area <= 0)[0, 0])
             raise ValueError(
                 f"the object of support class {empty // K % N}, shot {empty % K} (episode "
-                f"{empty // (N * K)}) vanishes at feature resolution {tuple(features.shape[-2:])}: "
+                f"{empty // (N * K)}) vanishes at feature resolution {feature_side}: "
                 "use a support image where the object is larger or cropped tighter"
             )
-        pooled = masked_global_pool(features, foreground, impl=self.pool_impl)  # [BNK, C]
+        pooled = self.pool_shots(images.reshape(B * N * K, 3, H, W), foreground)  # [BNK, C]
         return pooled.view(B, N, K, -1)
+
+    def pool_shots(self, images: torch.Tensor, foreground: torch.Tensor) -> torch.Tensor:
+        """The tensor path of ``encode_shots`` without checks (what the export graph runs).
+
+        images [M, 3, H, W] RGB in [0, 1], foreground [M, H, W] (bool or {0, 1}) -> [M, C].
+        """
+        features = self.extract_features(images)  # [M, C, h, w]
+        return masked_global_pool(features, foreground, impl=self.pool_impl)  # [M, C]
+
+    def feature_side(self, height: int, width: int) -> tuple[int, int]:
+        """(h, w) of the feature maps for an H x W input."""
+        return (feature_size(self.config.backbone, height), feature_size(self.config.backbone, width))
 
     def aggregate_prototypes(self, shot_features: torch.Tensor) -> torch.Tensor:
         """[B, N, K, C] -> prototypes [B, N, C]: A_S modulation (K > 1), then the mean over shots."""
@@ -170,6 +187,8 @@ class MFNet(nn.Module):
             pooled = features if bins >= max(h, w) else F.adaptive_avg_pool2d(features, bins)
             scales.append(self._fuse_query_class(pooled, prototypes))  # [B*N, C', h_z, w_z]
         per_class = self.scale_attention(scales, (h, w))  # [B*N, C, h, w]
+        if self.config.class_fusion == "binary":
+            return self._decode_binary_branches(per_class, B, (H, W), return_aux)
         per_class = per_class.view(B, N, -1, h, w)
         if self.config.class_fusion == "concat":
             embedding_in = per_class.flatten(1, 2)  # [B, N*C, h, w]
@@ -180,6 +199,28 @@ class MFNet(nn.Module):
         if return_aux:
             return QueryOutput(logits, feature_logits, embedding)
         return logits
+
+    def _decode_binary_branches(
+        self, per_class: torch.Tensor, batch: int, size: tuple[int, int], return_aux: bool
+    ) -> torch.Tensor | QueryOutput:
+        """N binary branches (Table IV baseline): per class background / foreground, then per
+        pixel the label of highest probability over all branches (any background included).
+
+        per_class [B*N, C, h, w] -> log-scores [B, N+1, H, W]: channel 0 = log of the largest
+        background probability, channel n = log of class n's foreground probability.
+        """
+        branch, embedding = self.decoder(per_class)  # [B*N, 2, h, w]
+        branch = branch.view(batch, self.way, 2, *branch.shape[-2:])  # [B, N, 2, h, w]
+        log_probs = torch.log_softmax(branch, dim=2)
+        scores = torch.cat([log_probs[:, :, 0].amax(dim=1, keepdim=True), log_probs[:, :, 1]],
+                           dim=1)  # [B, N+1, h, w]
+        logits = F.interpolate(scores, size=size, mode="bilinear", align_corners=True)
+        if not return_aux:
+            return logits
+        upsampled = F.interpolate(branch.flatten(0, 1), size=size, mode="bilinear",
+                                  align_corners=True)  # [B*N, 2, H, W]
+        return QueryOutput(logits, scores, embedding,
+                           branch_logits=upsampled.view(batch, self.way, 2, *size))
 
     def _fuse_query_class(self, scale: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
         """scale [B, C, h_z, w_z] + prototypes [B, N, C] -> X_n^z [B*N, C or 2C, h_z, w_z]."""

@@ -9,13 +9,13 @@ is stored too, so a checkpoint never needs the ImageNet weights again.
 from __future__ import annotations
 
 import dataclasses
-import os
-import tempfile
+import io
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..atomic import atomic_write_bytes
 from ..config import Config
 from ..model.build import build_mfnet
 from ..model.mfnet import MFNet
@@ -33,18 +33,9 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
     The bytes go to a temporary file in the same directory, are flushed to disk, and replace the
     target with ``os.replace``, so an interrupted save never leaves a truncated checkpoint.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(descriptor, "wb") as handle:
-            torch.save({"format": FORMAT, **payload}, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    buffer = io.BytesIO()
+    torch.save({"format": FORMAT, **payload}, buffer)
+    atomic_write_bytes(path, buffer.getvalue(), durable=True)
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -49,6 +49,15 @@ def compute_losses(
     output = model.decode_query(batch["query_image"], cache, return_aux=True)
     assert isinstance(output, QueryOutput)
     label = batch["query_label"]  # [B, H, W]
+    if output.branch_logits is not None:  # binary branches: a binary loss per class, no PML
+        losses = [
+            weighted_focal_loss(output.branch_logits[:, n],
+                                torch.where(label == 255, label, (label == n + 1).long()),
+                                gamma=config.loss.focal_gamma)
+            for n in range(model.way)
+        ]
+        segmentation = torch.stack(losses).mean()
+        return StepLosses(segmentation, segmentation, None)
     segmentation = weighted_focal_loss(output.logits, label, gamma=config.loss.focal_gamma)
     if not use_metric_loss:
         return StepLosses(segmentation, segmentation, None)

@@ -1,0 +1,47 @@
+"""python export/to_trt.py --onnx-dir DIR [--fp16] [--max-batch B]
+
+Build TensorRT engines (support encoder, prototype aggregator(s), query decoder) from an ONNX
+export directory written by export/to_onnx.py, on the GPU they will run on. TensorRT 10 builds
+FP16 engines from the FP32 graphs with the FP16 builder flag; TensorRT 11 (strongly typed)
+builds them from the FP16 graphs. Engine files are named by GPU model, compute capability,
+TensorRT version, precision and shape range, and recorded in DIR/manifest.json; a persistent
+timing cache (DIR/timing_cache.trt<version>.bin) makes rebuilds fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a source checkout
+
+from mfnet.export.manifest import ManifestError  # noqa: E402
+from mfnet.export.tensorrt import TensorRTUnavailable, build_engines  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python export/to_trt.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--onnx-dir", required=True, type=Path, help="export directory")
+    parser.add_argument("--fp16", dest="precision", action="store_const", const="fp16",
+                        default="fp32", help="build FP16 engines (default: FP32)")
+    parser.add_argument("--precision", choices=["fp32", "fp16"], dest="precision",
+                        help="the same as --fp16 / its absence")
+    parser.add_argument("--max-batch", type=int, default=None,
+                        help="largest query batch of the decoder profile (default: the export's)")
+    parser.add_argument("--opt-batch", type=int, default=1,
+                        help="batch the decoder is tuned for (1 = per-frame video)")
+    parser.add_argument("--workspace-gb", type=float, default=4.0, help="builder workspace")
+    args = parser.parse_args(argv)
+    try:
+        build_engines(args.onnx_dir, args.precision, opt_batch=args.opt_batch,
+                      max_batch=args.max_batch, workspace_bytes=int(args.workspace_gb * (1 << 30)))
+    except (TensorRTUnavailable, ManifestError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,190 @@
+"""Checkpoint -> ONNX graphs + manifest, verified against PyTorch before the export is done.
+
+Graphs (``<precision>`` is ``fp32`` and, unless disabled, ``fp16`` with float32 I/O):
+
+- ``support_encoder.<p>.onnx``: support_images uint8 [S, H, W, 3] RGB + support_masks uint8
+  [S, H, W] (1 = class, 0 = other, 255 = ignore) -> shot_features float32 [S, C]; S dynamic.
+- ``prototype_aggregator.<p>.onnx``: shot_features [N, K, C] -> prototypes [N, C]; K dynamic
+  (K >= 2 when the model has A_S, whose K = 1 case is ``prototype_aggregator_single.<p>.onnx``,
+  traced from the same method, where A_S is skipped as in the paper).
+- ``query_decoder.<p>.onnx``: frames uint8 [B, H, W, 3] RGB + prototypes float32 [N, C] ->
+  labels uint8 [B, H, W], probabilities float32 [B, N+1, H, W]; B dynamic, H = W = input size.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.metadata
+import platform
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ..model.mfnet import MFNet
+from ..training.checkpoint import model_from_checkpoint
+from .manifest import (
+    MANIFEST_NAME, SCHEMA, GraphSpec, TensorSpec, graph_to_dict, sha256_of, write_json_atomic,
+)
+from .wrappers import PrototypeAggregator, QueryDecoder, SupportEncoder
+
+DEFAULT_OPSET = 18  # the dynamo exporter's native opset; TensorRT 10/11 parse opsets <= 20
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class ExportLimits:
+    """Ranges of the dynamic dimensions (TensorRT optimisation profiles reuse them)."""
+
+    max_batch: int = 16  # query frames per call
+    max_support: int = 64  # support images per encoder call
+    max_shots: int = 32  # shots per class in the aggregator
+
+
+class ExportError(RuntimeError):
+    """The export or its verification failed; the message carries the report."""
+
+
+def _versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for package in ("torch", "onnx", "onnxscript", "onnxruntime", "mfnet"):
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = "not installed"
+    return versions
+
+
+def _export_graph(module: torch.nn.Module, args: tuple, path: Path, input_names: list[str],
+                  output_names: list[str], dynamic_shapes: dict, opset: int) -> None:
+    """torch.onnx.export with the dynamo exporter, then the ONNX checker."""
+    import onnx
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the exporter's deprecation chatter, not our problem
+        program = torch.onnx.export(
+            module, args, dynamo=True, opset_version=opset, input_names=input_names,
+            output_names=output_names, dynamic_shapes=dynamic_shapes, verbose=False,
+        )
+    if program is None:
+        raise ExportError(f"torch.onnx.export returned nothing for {path.name}")
+    program.save(str(path))
+    onnx.checker.check_model(str(path), full_check=True)
+
+
+def graph_plan(model: MFNet, limits: ExportLimits) -> list[dict[str, Any]]:
+    """What to export: one entry per graph role, with example inputs and I/O specs."""
+    size, channels, way = model.config.image_size, model.config.channels, model.way
+    uint8_image = torch.zeros(2, size, size, 3, dtype=torch.uint8)
+    mask = torch.zeros(2, size, size, dtype=torch.uint8)
+    mask[:, size // 4: 3 * size // 4, size // 4: 3 * size // 4] = 1
+    has_attention = model.support_attention is not None
+    plan = [
+        dict(
+            role="support_encoder", wrapper=SupportEncoder, args=(uint8_image, mask),
+            inputs=[TensorSpec("support_images", ("S", size, size, 3), "uint8"),
+                    TensorSpec("support_masks", ("S", size, size), "uint8")],
+            outputs=[TensorSpec("shot_features", ("S", channels), "float32")],
+            dynamic={"support_images": {0: torch.export.Dim("S", min=1, max=limits.max_support)},
+                     "support_masks": {0: torch.export.Dim("S", min=1, max=limits.max_support)}},
+            details={"max_support": limits.max_support},
+        ),
+        dict(
+            role="prototype_aggregator", wrapper=PrototypeAggregator,
+            args=(torch.randn(way, 3, channels),),
+            inputs=[TensorSpec("shot_features", (way, "K", channels), "float32")],
+            outputs=[TensorSpec("prototypes", (way, channels), "float32")],
+            dynamic={"shot_features": {1: torch.export.Dim(
+                "K", min=2 if has_attention else 1, max=limits.max_shots)}},
+            details={"min_shots": 2 if has_attention else 1, "max_shots": limits.max_shots},
+        ),
+        dict(
+            role="query_decoder", wrapper=QueryDecoder,
+            args=(uint8_image, torch.randn(way, channels)),
+            inputs=[TensorSpec("frames", ("B", size, size, 3), "uint8"),
+                    TensorSpec("prototypes", (way, channels), "float32")],
+            outputs=[TensorSpec("labels", ("B", size, size), "uint8"),
+                     TensorSpec("probabilities", ("B", way + 1, size, size), "float32")],
+            dynamic={"frames": {0: torch.export.Dim("B", min=1, max=limits.max_batch)},
+                     "prototypes": None},
+            details={"max_batch": limits.max_batch},
+        ),
+    ]
+    if has_attention:  # K = 1 skips A_S (paper): a static graph of the same method
+        plan.insert(2, dict(
+            role="prototype_aggregator_single", wrapper=PrototypeAggregator,
+            args=(torch.randn(way, 1, channels),),
+            inputs=[TensorSpec("shot_features", (way, 1, channels), "float32")],
+            outputs=[TensorSpec("prototypes", (way, channels), "float32")],
+            dynamic=None, details={"min_shots": 1, "max_shots": 1},
+        ))
+    return plan
+
+
+def export_onnx(
+    checkpoint: str | Path,
+    out_dir: str | Path,
+    *,
+    precisions: tuple[str, ...] = ("fp32", "fp16"),
+    limits: ExportLimits = ExportLimits(),
+    opset: int = DEFAULT_OPSET,
+    verify: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Export every graph in every precision, verify them, and write ``manifest.json``.
+
+    Returns the manifest. Raises ``ExportError`` (with the parity report) when a verification
+    fails; the manifest is then not written, so a failed export never looks finished.
+    """
+    from .verify import verify_export  # verification needs onnxruntime; imported on use
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model, config = model_from_checkpoint(checkpoint, map_location="cpu")
+    for precision in precisions:
+        if precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {precision!r}; choose from {list(PRECISIONS)}")
+    graphs: list[GraphSpec] = []
+    for precision in precisions:
+        dtype = PRECISIONS[precision]
+        variant = model if dtype == torch.float32 else copy.deepcopy(model).to(dtype)
+        for entry in graph_plan(variant, limits):
+            file = f"{entry['role']}.{precision}.onnx"
+            log(f"exporting {file}")
+            _export_graph(entry["wrapper"](variant, dtype).eval(), entry["args"], out / file,
+                          [i.name for i in entry["inputs"]], [o.name for o in entry["outputs"]],
+                          entry["dynamic"], opset)
+            graphs.append(GraphSpec(
+                role=entry["role"], file=file, precision=precision,
+                inputs=tuple(entry["inputs"]), outputs=tuple(entry["outputs"]),
+                sha256=sha256_of(out / file), details=entry["details"],
+            ))
+    manifest: dict[str, Any] = {
+        "schema": SCHEMA,
+        "model": {
+            "way": model.way,
+            "train_shot": config.model.shot,
+            "channels": config.model.channels,
+            "input_size": config.model.image_size,
+            "backbone": config.model.backbone,
+            "mean": list(config.model.mean),
+            "std": list(config.model.std),
+            "color": "RGB",
+            "image_layout": "NHWC uint8, normalised inside the graphs",
+            "support_attention": model.support_attention is not None,
+        },
+        "graphs": [graph_to_dict(g) for g in graphs],
+        "opset": opset,
+        "versions": _versions(),
+        "checkpoint": {"file": Path(checkpoint).name, "sha256": sha256_of(checkpoint)},
+    }
+    if verify:
+        report = verify_export(out, manifest, model, log=log)
+        manifest["verification"] = report
+        if not report["passed"]:
+            raise ExportError("export verification failed:\n" + report["text"])
+    write_json_atomic(out / MANIFEST_NAME, manifest)
+    log(f"wrote {out / MANIFEST_NAME}")
+    return manifest

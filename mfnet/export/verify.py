@@ -1,0 +1,153 @@
+"""Parity of every exported graph with PyTorch: ONNX Runtime outputs vs the eager wrappers.
+
+Each graph runs on two input sets: fixed random inputs (seeded) and an episode of the synthetic
+benchmark (real images and masks, prototypes from real supports, so labels are meaningful).
+The reference is always the FP32 PyTorch model, so FP16 graphs are measured against the exact
+result. Tolerances (``TOLERANCES``): FP32 graphs must agree to float32 rounding; FP16 graphs
+within a half-precision budget. A graph passes when every float output satisfies
+``max(|ort - ref| - rtol * |ref|) <= atol`` and labels agree on at least ``label_agreement`` of
+the pixels (argmax ties can flip a pixel even at float32 rounding).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from ..data.episodes import synthetic_episodes
+from ..model.mfnet import MFNet
+from .wrappers import PrototypeAggregator, QueryDecoder, SupportEncoder
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    atol: float
+    rtol: float
+    label_agreement: float
+
+
+TOLERANCES = {
+    "fp32": Tolerance(atol=1e-4, rtol=1e-4, label_agreement=0.999),
+    "fp16": Tolerance(atol=3e-2, rtol=3e-2, label_agreement=0.99),
+}
+
+WRAPPERS = {
+    "support_encoder": SupportEncoder,
+    "prototype_aggregator": PrototypeAggregator,
+    "prototype_aggregator_single": PrototypeAggregator,
+    "query_decoder": QueryDecoder,
+}
+
+
+def _as_uint8(images: torch.Tensor) -> torch.Tensor:
+    """float [..., 3, H, W] in [0, 1] (exactly k / 255) -> uint8 [..., H, W, 3]."""
+    return (images * 255).round().to(torch.uint8).movedim(-3, -1)
+
+
+def verification_inputs(model: MFNet, seed: int = 0) -> dict[str, dict[str, list[torch.Tensor]]]:
+    """role -> input-set name -> the graph's inputs (as torch tensors)."""
+    generator = torch.Generator().manual_seed(seed)
+    size, channels, way = model.config.image_size, model.config.channels, model.way
+    shot = 3
+    episode = synthetic_episodes(fold=0, split="test", way=way, shot=shot, num_episodes=1,
+                                 seed=seed, image_size=size)[0]
+    support_images = _as_uint8(episode["support_images"]).flatten(0, 1)  # [N*K, H, W, 3]
+    support_masks = episode["support_masks"].flatten(0, 1)  # [N*K, H, W]
+    with torch.no_grad():
+        shots = SupportEncoder(model)(support_images, support_masks).view(way, shot, channels)
+        prototypes = PrototypeAggregator(model)(shots)
+    random_masks = torch.zeros(2, size, size, dtype=torch.uint8)
+    random_masks[:, size // 5: size // 2, size // 4: 3 * size // 4] = 1
+    random_masks[:, size // 5] = 255
+    random_frames = torch.randint(0, 256, (3, size, size, 3), generator=generator,
+                                  dtype=torch.uint8)
+    return {
+        "support_encoder": {
+            "random": [random_frames[:2], random_masks],
+            "synthetic": [support_images, support_masks],
+        },
+        "prototype_aggregator": {
+            "random": [torch.randn(way, 4, channels, generator=generator)],
+            "synthetic": [shots],
+        },
+        "prototype_aggregator_single": {
+            "random": [torch.randn(way, 1, channels, generator=generator)],
+            "synthetic": [shots[:, :1]],
+        },
+        "query_decoder": {
+            "random": [random_frames, torch.randn(way, channels, generator=generator)],
+            "synthetic": [_as_uint8(episode["query_image"])[None], prototypes],
+        },
+    }
+
+
+def _compare(name: str, ort_out: np.ndarray, ref: np.ndarray, tolerance: Tolerance) -> dict:
+    if ort_out.shape != ref.shape or ort_out.dtype != ref.dtype:
+        return {"output": name, "passed": False,
+                "problem": f"shape/dtype {ort_out.shape} {ort_out.dtype} != {ref.shape} {ref.dtype}"}
+    if ref.dtype == np.uint8:  # labels
+        agreement = float((ort_out == ref).mean())
+        return {"output": name, "label_agreement": agreement,
+                "passed": agreement >= tolerance.label_agreement}
+    difference = np.abs(ort_out.astype(np.float64) - ref)
+    excess = float((difference - tolerance.rtol * np.abs(ref)).max())
+    return {"output": name, "max_abs_diff": float(difference.max()), "excess_over_tolerance": excess,
+            "passed": bool(np.isfinite(ort_out).all()) and excess <= tolerance.atol}
+
+
+def verify_export(
+    directory: str | Path,
+    manifest: dict[str, Any],
+    model: MFNet,
+    providers: tuple[str, ...] = ("CPUExecutionProvider",),
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Run every ONNX graph of ``manifest`` with ONNX Runtime and compare with ``model``.
+
+    Returns ``{"passed": bool, "text": str, "graphs": [...], "tolerances": {...}}``.
+    """
+    import onnx
+    import onnxruntime as ort
+
+    model = model.float().eval()
+    inputs = verification_inputs(model)
+    results, lines = [], []
+    for graph in manifest["graphs"]:
+        if graph.get("format", "onnx") != "onnx":
+            continue
+        path = Path(directory) / graph["file"]
+        onnx.checker.check_model(str(path), full_check=True)
+        tolerance = TOLERANCES[graph["precision"]]
+        session = ort.InferenceSession(str(path), providers=list(providers))
+        reference = WRAPPERS[graph["role"]](model).eval()
+        for input_set, tensors in inputs[graph["role"]].items():
+            feed = {spec["name"]: t.numpy() for spec, t in zip(graph["inputs"], tensors)}
+            ort_outputs = session.run(None, feed)
+            with torch.no_grad():
+                ref_outputs = reference(*tensors)
+            if isinstance(ref_outputs, torch.Tensor):
+                ref_outputs = (ref_outputs,)
+            checks = [_compare(spec["name"], got, want.numpy(), tolerance)
+                      for spec, got, want in zip(graph["outputs"], ort_outputs, ref_outputs)]
+            passed = all(check["passed"] for check in checks)
+            results.append({"file": graph["file"], "inputs": input_set, "passed": passed,
+                            "providers": session.get_providers(), "checks": checks})
+            summary = ", ".join(
+                f"{c['output']}: " + (f"agreement {c['label_agreement']:.4f}"
+                                      if "label_agreement" in c else
+                                      f"max|diff| {c.get('max_abs_diff', float('nan')):.2e}")
+                for c in checks)
+            line = f"{'ok  ' if passed else 'FAIL'} {graph['file']} [{input_set}] {summary}"
+            lines.append(line)
+            log(line)
+    return {
+        "passed": all(result["passed"] for result in results) and bool(results),
+        "text": "\n".join(lines),
+        "graphs": results,
+        "tolerances": {k: vars(v) for k, v in TOLERANCES.items()},
+        "reference": "PyTorch FP32 eager wrappers (same model methods), CPU",
+    }

@@ -1,0 +1,69 @@
+"""Export modules: thin ``nn.Module`` wrappers that call the model's own methods.
+
+No model logic is written again here: each wrapper converts the deployment I/O convention
+(uint8 RGB frames in NHWC layout, as video decoders deliver them) to the model's (float RGB in
+[0, 1], NCHW), calls one method of ``MFNet``, and shapes the result. Normalisation, the final
+upsample and the argmax therefore live inside the exported graphs.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..model.mfnet import MFNet
+from ..model.support import SupportCache
+
+
+def _to_model_images(frames: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """uint8 [M, H, W, 3] RGB -> [M, 3, H, W] in [0, 1] of ``dtype``."""
+    return frames.permute(0, 3, 1, 2).to(dtype) / 255.0
+
+
+class SupportEncoder(nn.Module):
+    """support_images uint8 [S, H, W, 3] RGB, support_masks uint8 [S, H, W] (1 = the shot's
+    class, 0 = other, 255 = ignore) -> shot_features float32 [S, C] (masked pooled features)."""
+
+    def __init__(self, model: MFNet, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.model = model
+        self.dtype = dtype
+
+    def forward(self, support_images: torch.Tensor, support_masks: torch.Tensor) -> torch.Tensor:
+        images = _to_model_images(support_images, self.dtype)
+        return self.model.pool_shots(images, support_masks == 1).float()
+
+
+class PrototypeAggregator(nn.Module):
+    """shot_features float32 [N, K, C] -> prototypes float32 [N, C] (A_S for K > 1, then mean)."""
+
+    def __init__(self, model: MFNet, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.model = model
+        self.dtype = dtype
+
+    def forward(self, shot_features: torch.Tensor) -> torch.Tensor:
+        prototypes = self.model.aggregate_prototypes(shot_features.to(self.dtype).unsqueeze(0))
+        return prototypes[0].float()  # [N, C]
+
+
+class QueryDecoder(nn.Module):
+    """frames uint8 [B, H, W, 3] RGB + prototypes float32 [N, C] ->
+    labels uint8 [B, H, W] (0 = background, n = the n-th class) and
+    probabilities float32 [B, N+1, H, W] (softmax over background and the N classes)."""
+
+    def __init__(self, model: MFNet, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.model = model
+        self.dtype = dtype
+
+    def forward(
+        self, frames: torch.Tensor, prototypes: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        prototypes = prototypes.to(self.dtype)
+        # The decoder reads only the prototypes; the per-shot view is the K = 1 cache shape.
+        cache = SupportCache(prototypes[None, :, None, :], prototypes[None])
+        logits = self.model.decode_query(_to_model_images(frames, self.dtype), cache)
+        logits = logits.float()  # [B, N+1, H, W]
+        labels = logits.argmax(dim=1).to(torch.uint8)  # [B, H, W]
+        return labels, torch.softmax(logits, dim=1)

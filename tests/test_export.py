@@ -1,0 +1,195 @@
+"""ONNX export: every graph verified with ONNX Runtime (CPU) against PyTorch; the manifest."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+onnxruntime = pytest.importorskip("onnxruntime")
+
+from export import to_onnx as to_onnx_cli  # noqa: E402
+from export import verify as verify_cli  # noqa: E402
+from mfnet.config import preset  # noqa: E402
+from mfnet.export.manifest import (  # noqa: E402
+    ManifestError, read_manifest, sha256_of, verify_hashes,
+)
+from mfnet.export.onnx_export import ExportLimits, export_onnx  # noqa: E402
+from mfnet.export.wrappers import PrototypeAggregator, SupportEncoder  # noqa: E402
+from mfnet.model.build import build_mfnet  # noqa: E402
+from mfnet.training.checkpoint import save_checkpoint  # noqa: E402
+
+LIMITS = ExportLimits(max_batch=4, max_support=16, max_shots=8)
+
+
+def make_checkpoint(path, **overrides):
+    torch.manual_seed(0)
+    config = preset("synthetic-cpu").replace(image_size=48, channels=16, **overrides)
+    model = build_mfnet(config.model)
+    save_checkpoint(path, {"config": config.to_dict(), "model": model.state_dict()})
+    return path, model.eval()
+
+
+def session(directory, manifest, role, precision="fp32"):
+    graph = next(g for g in manifest["graphs"] if g["role"] == role and g["precision"] == precision)
+    return onnxruntime.InferenceSession(str(directory / graph["file"]),
+                                        providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize("way, shot", [(1, 1), (2, 5), (5, 1)])
+def test_export_verifies_every_graph(tmp_path, way, shot) -> None:
+    checkpoint, _ = make_checkpoint(tmp_path / "model.pt", way=way, shot=shot)
+    precisions = ("fp32", "fp16") if (way, shot) == (2, 5) else ("fp32",)
+    manifest = export_onnx(checkpoint, tmp_path / "out", precisions=precisions, limits=LIMITS,
+                           log=lambda _: None)
+    report = manifest["verification"]
+    assert report["passed"]
+    roles = {g["role"] for g in manifest["graphs"]}
+    expected = {"support_encoder", "prototype_aggregator", "query_decoder"}
+    assert roles == expected | ({"prototype_aggregator_single"} if shot > 1 else set())
+    # every graph, each precision, both input sets were compared
+    assert len(report["graphs"]) == 2 * len(manifest["graphs"])
+    for result in report["graphs"]:
+        for check in result["checks"]:
+            if "max_abs_diff" in check and result["file"].endswith("fp32.onnx"):
+                assert check["max_abs_diff"] < 1e-4, result
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text()) == json.loads(
+        json.dumps(manifest, default=str))
+    assert manifest["model"]["way"] == way and manifest["model"]["input_size"] == 48
+
+
+def test_query_decoder_dynamic_batch_and_five_shot_parity(tmp_path) -> None:
+    checkpoint, model = make_checkpoint(tmp_path / "model.pt", way=2, shot=5)
+    out = tmp_path / "out"
+    manifest = export_onnx(checkpoint, out, precisions=("fp32",), limits=LIMITS,
+                           log=lambda _: None)
+    generator = torch.Generator().manual_seed(1)
+    images = torch.randint(0, 256, (2, 5, 48, 48, 3), generator=generator, dtype=torch.uint8)
+    masks = torch.zeros(2, 5, 48, 48, dtype=torch.uint8)
+    masks[..., 8:40, 10:30] = 1
+    encoder = session(out, manifest, "support_encoder")
+    aggregator = session(out, manifest, "prototype_aggregator")
+    decoder = session(out, manifest, "query_decoder")
+    shots = encoder.run(None, {"support_images": images.flatten(0, 1).numpy(),
+                               "support_masks": masks.flatten(0, 1).numpy()})[0].reshape(2, 5, -1)
+    prototypes = aggregator.run(None, {"shot_features": shots})[0]
+    # the whole ONNX pipeline equals the PyTorch model's encode_support + decode_query
+    with torch.no_grad():
+        cache = model.encode_support(images.permute(0, 1, 4, 2, 3).float() / 255, masks)
+        frames = torch.randint(0, 256, (3, 48, 48, 3), generator=generator, dtype=torch.uint8)
+        logits = model.decode_query(frames.permute(0, 3, 1, 2).float() / 255, cache)
+    assert np.abs(prototypes - cache.prototypes[0].numpy()).max() < 1e-4
+    labels, probabilities = decoder.run(None, {"frames": frames.numpy(), "prototypes": prototypes})
+    assert labels.dtype == np.uint8 and labels.shape == (3, 48, 48)
+    assert (labels == logits.argmax(1).numpy()).mean() > 0.999
+    assert np.allclose(probabilities.sum(1), 1.0, atol=1e-5)
+    for batch in (1, 4):  # dynamic batch axis
+        assert decoder.run(None, {"frames": frames[:1].expand(batch, -1, -1, -1).numpy(),
+                                  "prototypes": prototypes})[0].shape == (batch, 48, 48)
+
+
+def test_adding_a_shot_equals_re_encoding(tmp_path) -> None:
+    checkpoint, _ = make_checkpoint(tmp_path / "model.pt", way=2, shot=5)
+    out = tmp_path / "out"
+    manifest = export_onnx(checkpoint, out, precisions=("fp32",), limits=LIMITS,
+                           log=lambda _: None)
+    encoder = session(out, manifest, "support_encoder")
+    aggregator = session(out, manifest, "prototype_aggregator")
+    generator = torch.Generator().manual_seed(2)
+    images = torch.randint(0, 256, (2, 4, 48, 48, 3), generator=generator, dtype=torch.uint8)
+    masks = torch.zeros(2, 4, 48, 48, dtype=torch.uint8)
+    masks[..., 12:36, 12:36] = 1
+
+    def encode(imgs, msks):
+        return encoder.run(None, {"support_images": imgs.numpy(), "support_masks": msks.numpy()})[0]
+
+    cached = encode(images[:, :3].flatten(0, 1), masks[:, :3].flatten(0, 1)).reshape(2, 3, -1)
+    new_shot = encode(images[1, 3:], masks[1, 3:])  # one more shot for class 1 only
+    grown = np.concatenate([cached[1], new_shot])[None]  # [1, 4, C]
+    everything = encode(images.flatten(0, 1), masks.flatten(0, 1)).reshape(2, 4, -1)
+    assert np.allclose(grown[0], everything[1], atol=1e-5)
+    # aggregate class 1 from the cache + new shot == from a full re-encoding
+    both = np.stack([everything[0], grown[0]])
+    assert np.allclose(aggregator.run(None, {"shot_features": both})[0],
+                       aggregator.run(None, {"shot_features": everything})[0], atol=1e-5)
+
+
+def test_manifest_hashes_and_tampering(tmp_path) -> None:
+    checkpoint, _ = make_checkpoint(tmp_path / "model.pt", way=2, shot=1)
+    out = tmp_path / "out"
+    export_onnx(checkpoint, out, precisions=("fp32",), limits=LIMITS, log=lambda _: None)
+    manifest = read_manifest(out)
+    assert manifest["checkpoint"]["sha256"] == sha256_of(checkpoint)
+    for graph in manifest["graphs"]:
+        assert graph["sha256"] == sha256_of(out / graph["file"])
+        for spec in graph["inputs"] + graph["outputs"]:
+            assert spec["name"] and spec["dtype"] in ("uint8", "float32")
+    verify_hashes(out, manifest)
+    target = out / manifest["graphs"][0]["file"]
+    target.write_bytes(target.read_bytes() + b"\0")
+    with pytest.raises(ManifestError, match="does not match its SHA-256"):
+        verify_hashes(out, manifest)
+    target.unlink()
+    with pytest.raises(ManifestError, match="is missing"):
+        verify_hashes(out, manifest)
+    with pytest.raises(ManifestError, match="not an MFNet export directory"):
+        read_manifest(tmp_path)
+
+
+def test_command_lines(tmp_path, capsys) -> None:
+    checkpoint, _ = make_checkpoint(tmp_path / "model.pt", way=2, shot=1)
+    out = tmp_path / "out"
+    assert to_onnx_cli.main(["--checkpoint", str(checkpoint), "--out", str(out),
+                             "--precisions", "fp32", "--max-batch", "2"]) == 0
+    assert verify_cli.main(["--dir", str(out), "--checkpoint", str(checkpoint)]) == 0
+    assert "PASSED" in capsys.readouterr().out
+    other, _ = make_checkpoint(tmp_path / "other.pt", way=2, shot=1, fold=1)
+    assert verify_cli.main(["--dir", str(out), "--checkpoint", str(other)]) == 2
+    assert "not the checkpoint" in capsys.readouterr().err
+    assert to_onnx_cli.main(["--checkpoint", str(tmp_path / "nope.pt"), "--out", str(out)]) == 2
+
+
+def test_a_failed_verification_fails_the_export(tmp_path, monkeypatch) -> None:
+    from mfnet.export import verify as verify_module
+
+    checkpoint, _ = make_checkpoint(tmp_path / "model.pt", way=2, shot=1)
+    strict = verify_module.Tolerance(atol=-1.0, rtol=0.0, label_agreement=1.01)  # unsatisfiable
+    monkeypatch.setitem(verify_module.TOLERANCES, "fp32", strict)
+    from mfnet.export.onnx_export import ExportError
+
+    with pytest.raises(ExportError, match="FAIL support_encoder.fp32.onnx"):
+        export_onnx(checkpoint, tmp_path / "out", precisions=("fp32",), limits=LIMITS,
+                    log=lambda _: None)
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+@pytest.mark.slow
+def test_resnet50_configuration_exports_and_verifies(tmp_path) -> None:
+    """The paper's configuration (random trunk weights: no download here), 473 x 473, FP32."""
+    torch.manual_seed(0)
+    config = preset("synthetic-cpu").replace(backbone="resnet50", weights="none", channels=256,
+                                             image_size=473, dropout=0.5)
+    model = build_mfnet(config.model)
+    save_checkpoint(tmp_path / "r50.pt", {"config": config.to_dict(), "model": model.state_dict()})
+    manifest = export_onnx(tmp_path / "r50.pt", tmp_path / "out", precisions=("fp32",),
+                           limits=ExportLimits(max_batch=2, max_support=4, max_shots=4),
+                           log=lambda _: None)
+    assert manifest["verification"]["passed"]
+    assert manifest["model"]["input_size"] == 473 and manifest["model"]["channels"] == 256
+
+
+def test_wrappers_call_the_model_methods() -> None:
+    """Export wrappers add only I/O conversion: they equal the model's own methods."""
+    torch.manual_seed(0)
+    config = preset("synthetic-cpu").replace(image_size=48, channels=16, shot=3)
+    model = build_mfnet(config.model).eval()
+    images = torch.randint(0, 256, (2, 3, 48, 48, 3), dtype=torch.uint8)
+    masks = torch.zeros(2, 3, 48, 48, dtype=torch.uint8)
+    masks[..., 10:30, 10:30] = 1
+    with torch.no_grad():
+        cache = model.encode_support(images.permute(0, 1, 4, 2, 3).float() / 255, masks)
+        shots = SupportEncoder(model)(images.flatten(0, 1), masks.flatten(0, 1)).view(2, 3, -1)
+        assert torch.allclose(shots, cache.shot_features[0], atol=1e-6)
+        assert torch.allclose(PrototypeAggregator(model)(shots), cache.prototypes[0], atol=1e-6)
