@@ -82,6 +82,58 @@ def _to_float_chw(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(out)
 
 
+def episode_rng(index: int, num_episodes: int, seed: int) -> np.random.Generator:
+    """The generator of episode ``index`` (negative counts from the end): a function of
+    (seed, index) alone, so an episode is the same in any worker and any order."""
+    index = operator.index(index)
+    if index < 0:
+        index += num_episodes
+    if not 0 <= index < num_episodes:
+        raise IndexError(f"episode {index} out of range for {num_episodes} episodes")
+    return np.random.default_rng([seed, index])
+
+
+def survives_pooling(mask: np.ndarray, feature_size: int | None) -> bool:
+    """Whether a support mask (uint8 [H, W], 1 = the class) keeps its object: any pixel, and with
+    ``feature_size`` at least one feature cell of bilinear weight (the model's masked pooling
+    would otherwise see nothing)."""
+    foreground = mask == 1
+    if not foreground.any():
+        return False
+    if feature_size is None:
+        return True
+    area = mask_area(torch.from_numpy(foreground)[None], (feature_size, feature_size))
+    return float(area[0]) >= 1.0
+
+
+def query_label_lut(classes: Sequence[int]) -> np.ndarray:
+    """int64 [256] lookup table: the j-th episode class -> j + 1, 255 stays, the rest -> 0."""
+    lut = np.zeros(256, np.int64)
+    lut[IGNORE_INDEX] = IGNORE_INDEX
+    lut[list(classes)] = np.arange(1, len(classes) + 1)
+    return lut
+
+
+def pack_episode(
+    classes: Sequence[int], shot: int, support_images: list[np.ndarray],
+    support_masks: list[np.ndarray], query_image: np.ndarray, query_raw: np.ndarray,
+) -> dict[str, torch.Tensor]:
+    """Numpy episode parts -> the tensors of the episode dict (see ``EpisodeDataset``).
+
+    support_images: N*K uint8 [H, W, 3] (way-major), support_masks: N*K uint8 [H, W] in
+    {0, 1, 255}, query_image uint8 [H, W, 3], query_raw uint8 [H, W] with raw class ids.
+    """
+    way = len(classes)
+    h, w = query_raw.shape
+    return {
+        "support_images": _to_float_chw(np.stack(support_images).reshape(way, shot, h, w, 3)),
+        "support_masks": torch.from_numpy(np.stack(support_masks).reshape(way, shot, h, w)),
+        "query_image": _to_float_chw(query_image),
+        "query_label": torch.from_numpy(query_label_lut(classes)[query_raw]),
+        "episode_classes": torch.tensor(list(classes), dtype=torch.int64),
+    }
+
+
 class EpisodeDataset(Dataset):
     """``num_episodes`` seeded episodes; item ``index`` is a dict of tensors:
 
@@ -123,11 +175,7 @@ class EpisodeDataset(Dataset):
             image, label = self.source.draw(rng, [c], self._distractors(rng, others))
             mask = (label == c).astype(np.uint8)
             mask[label == IGNORE_INDEX] = IGNORE_INDEX
-            if self.spec.feature_size is None:
-                return image, mask
-            side = self.spec.feature_size
-            area = mask_area(torch.from_numpy(mask == 1)[None], (side, side))  # [1]
-            if float(area[0]) >= 1.0:
+            if survives_pooling(mask, self.spec.feature_size):
                 return image, mask
         raise RuntimeError(
             f"no support image of class {c} kept a visible object at feature size "
@@ -137,13 +185,8 @@ class EpisodeDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         """Episode ``index`` (negative counts from the end), drawn from
         ``default_rng([seed, index])`` alone; see the class doc for the returned tensors."""
-        index = operator.index(index)
-        if index < 0:
-            index += self.num_episodes
-        if not 0 <= index < self.num_episodes:
-            raise IndexError(f"episode {index} out of range for {self.num_episodes} episodes")
         spec = self.spec
-        rng = np.random.default_rng([self.seed, index])
+        rng = episode_rng(index, self.num_episodes, self.seed)
         pool = list(spec.class_pool)
         classes = [int(c) for c in rng.choice(pool, size=spec.way, replace=False)]
 
@@ -159,23 +202,7 @@ class EpisodeDataset(Dataset):
         present = [classes[j] for j in sorted(rng.choice(spec.way, size=m, replace=False))]
         outside = [p for p in pool if p not in classes]
         image, label = self.source.draw(rng, present, self._distractors(rng, outside))
-        # Remap through a lookup table: episode class j -> j + 1, ignore stays, rest -> 0.
-        lut = np.zeros(256, np.int64)
-        lut[IGNORE_INDEX] = IGNORE_INDEX
-        lut[classes] = np.arange(1, spec.way + 1)
-
-        h, w = label.shape
-        return {
-            "support_images": _to_float_chw(
-                np.stack(support_images).reshape(spec.way, spec.shot, h, w, 3)
-            ),
-            "support_masks": torch.from_numpy(
-                np.stack(support_masks).reshape(spec.way, spec.shot, h, w)
-            ),
-            "query_image": _to_float_chw(image),
-            "query_label": torch.from_numpy(lut[label]),
-            "episode_classes": torch.tensor(classes, dtype=torch.int64),
-        }
+        return pack_episode(classes, spec.shot, support_images, support_masks, image, label)
 
 
 def synthetic_episodes(

@@ -26,9 +26,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from mfnet.data.episodes import _to_float_chw
+from mfnet.data.episodes import episode_rng, pack_episode, query_label_lut, survives_pooling
 from mfnet.data.transforms import IGNORE_INDEX
-from mfnet.ops.masked_pooling import mask_area
 
 PROTOCOLS = ("panet", "metaseg")
 MAX_DRAWS = 30  # re-draws of one support shot or of the query before giving up
@@ -246,7 +245,7 @@ class ImageEpisodes(Dataset):
                 image, label = self._transformed(image_id, rng)
                 mask = (label == c).astype(np.uint8)
                 mask[label == IGNORE_INDEX] = IGNORE_INDEX
-                if self._visible(mask):
+                if survives_pooling(mask, self.feature_size):
                     break
             else:
                 raise RuntimeError(
@@ -259,26 +258,10 @@ class ImageEpisodes(Dataset):
             masks.append(mask)
         return images, masks
 
-    def _visible(self, mask: np.ndarray) -> bool:
-        """Whether the class (mask == 1) survives: any pixel, and at least one feature cell
-        worth of bilinear mask weight when ``feature_size`` is set."""
-        fg = mask == 1
-        if not fg.any():
-            return False
-        if self.feature_size is None:
-            return True
-        side = self.feature_size
-        return float(mask_area(torch.from_numpy(fg)[None], (side, side))[0]) >= 1.0
-
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         """Episode ``index`` (negative counts from the end), drawn from
         ``default_rng([seed, index])`` alone; see the class doc for the returned tensors."""
-        index = operator.index(index)
-        if index < 0:
-            index += self.num_episodes
-        if not 0 <= index < self.num_episodes:
-            raise IndexError(f"episode {index} out of range for {self.num_episodes} episodes")
-        rng = np.random.default_rng([self.seed, index])
+        rng = episode_rng(index, self.num_episodes, self.seed)
         classes = self._sample_classes(rng)
         query_id, query_image, query_raw = self._draw_query(rng, classes)
         support_images, support_masks = [], []
@@ -290,24 +273,11 @@ class ImageEpisodes(Dataset):
         shapes = {m.shape for m in support_masks} | {query_raw.shape}
         if len(shapes) != 1:
             raise ValueError(f"transform returned several sizes {sorted(shapes)}; need one S")
-        side = query_raw.shape[0]
-        # Remap through a lookup table: episode class j -> j + 1, ignore stays, rest -> 0.
-        lut = np.zeros(256, np.int64)
-        lut[IGNORE_INDEX] = IGNORE_INDEX
-        lut[classes] = np.arange(1, self.way + 1)
-        episode = {
-            "support_images": _to_float_chw(
-                np.stack(support_images).reshape(self.way, self.shot, side, side, 3)
-            ),
-            "support_masks": torch.from_numpy(
-                np.stack(support_masks).reshape(self.way, self.shot, side, side)
-            ),
-            "query_image": _to_float_chw(query_image),
-            "query_label": torch.from_numpy(lut[query_raw]),
-            "episode_classes": torch.tensor(classes, dtype=torch.int64),
-        }
+        episode = pack_episode(classes, self.shot, support_images, support_masks, query_image,
+                               query_raw)
         if self.keep_original_label:  # evaluation at the original resolution (PFENet)
             _, original = self.images.load(query_id)
+            lut = query_label_lut(classes)
             episode["query_label_original"] = torch.from_numpy(lut[original])  # [H0, W0]
             content = self.transform.resized_shape(*original.shape)  # (h, w) inside [S, S]
             episode["query_content"] = torch.tensor(content, dtype=torch.int64)
