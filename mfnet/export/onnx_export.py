@@ -172,6 +172,9 @@ def export_onnx(
             "mean": list(config.model.mean),
             "std": list(config.model.std),
             "color": "RGB",
+            # How frames of another size are fitted to input_size (as in evaluation): "pad" =
+            # longer side to input_size, aspect kept, bottom/right padding; "stretch" = square.
+            "resize": config.data.test_resize,
             "image_layout": "NHWC uint8, normalised inside the graphs",
             "support_attention": model.support_attention is not None,
         },
