@@ -349,8 +349,10 @@ def preset(name: str, **overrides: Any) -> Config:
     return Config().replace(**{**PRESETS[name], **overrides})
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, sections: tuple[str, ...]) -> None:
-    """Add one ``--flag`` per field of the named sections; defaults stay None (= not given)."""
+def add_config_arguments(parser: argparse.ArgumentParser, sections: tuple[str, ...],
+                         exclude: tuple[str, ...] = ()) -> None:
+    """Add one ``--flag`` per field of the named sections (but ``exclude``); defaults stay None
+    (= not given)."""
     for section in dataclasses.fields(Config):
         if section.name not in sections:
             continue
@@ -358,6 +360,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, sections: tuple[str, .
         group = parser.add_argument_group(f"{section.name} options", section_cls.__doc__)
         hints = typing.get_type_hints(section_cls)
         for f in dataclasses.fields(section_cls):
+            if f.name in exclude:
+                continue
             flag = "--" + f.name.replace("_", "-")
             kind = hints[f.name]
             help_text = f"{f.metadata['help']} (default: {_plain(f.default)})"

@@ -27,6 +27,7 @@ from .model.naive import NaiveMultiWay
 from .training.checkpoint import CheckpointError, model_from_checkpoint
 from .training.loop import resolve_device
 
+# The benchmark and fold are the checkpoint's: other folds are evaluated with --folds.
 FIXED_BY_CHECKPOINT = ("dataset", "fold")
 
 
@@ -82,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="with --folds: write the table to TABLE.md and TABLE.csv")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                         help="show progress bars")
-    add_config_arguments(parser, ("eval", "data"))
+    add_config_arguments(parser, ("eval", "data"), exclude=FIXED_BY_CHECKPOINT)
     return parser
 
 
@@ -103,11 +104,6 @@ def _evaluate_checkpoint(path: str, args: argparse.Namespace, device: torch.devi
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    fixed = [name for name in FIXED_BY_CHECKPOINT if getattr(args, name) is not None]
-    if fixed:
-        print(f"error: --{'/--'.join(fixed)} are fixed by the checkpoint; evaluate other folds "
-              "with --folds and one checkpoint per fold", file=sys.stderr)
-        return 2
     try:
         device = resolve_device(args.device)
         if args.folds is None:

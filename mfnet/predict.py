@@ -1,0 +1,171 @@
+"""``python -m mfnet.predict --checkpoint CKPT --support SPEC --input SRC --output DST``.
+
+Segment your own images, image folders, videos or camera frames with a training checkpoint
+(PyTorch), the twin of ``python -m mfnet_runtime segment`` for exported engines. The support set
+is the same SPEC (``docs/support_spec.md``), read by the runtime package's loader, and the
+sources, outputs, progress bar and report are the runtime's too; only the model runs here, in
+PyTorch. Frames and support images are fitted to the checkpoint's input size as in evaluation
+(``TestResize``: longer side to the input size, aspect kept, bottom/right padded; masks nearest)
+and the labels are mapped back to each frame's own size.
+
+Needs the runtime package: ``pip install -e ./runtime`` (and its ``[video]`` extra for videos).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .data.transforms import TestResize
+from .model.mfnet import MFNet
+from .model.support import SupportCache
+from .training.checkpoint import CheckpointError, model_from_checkpoint
+from .training.loop import resolve_device
+
+RUNTIME_HINT = "pip install -e ./runtime"
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """How a frame was fitted: content (height, width) inside the padded input, original size."""
+
+    height: int
+    width: int
+    original_height: int
+    original_width: int
+
+
+@dataclass(frozen=True)
+class TorchSupport:
+    """An encoded support set: class names in label order and the model's ``SupportCache``."""
+
+    class_names: tuple[str, ...]
+    cache: SupportCache
+
+
+class TorchSegmenter:
+    """The runtime's segmenter interface (``prepare_frames``, ``decode_prepared``,
+    ``restore_labels``) over a PyTorch ``MFNet``, so the runtime's video pipeline drives it."""
+
+    def __init__(self, model: MFNet, resize_mode: str, device: torch.device) -> None:
+        self.model = model.to(device).eval()
+        self.device = device
+        self.way = model.way
+        self.input_size = model.config.image_size
+        self.resize = TestResize(self.input_size, resize_mode)
+
+    def _fit(self, image: np.ndarray, label: np.ndarray | None = None
+             ) -> tuple[np.ndarray, np.ndarray]:
+        """image uint8 [H, W, 3] RGB (+ label uint8 [H, W]) -> [S, S, 3] (+ [S, S], pad 255)."""
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+            raise ValueError(f"images must be uint8 [H, W, 3], got {image.dtype} {image.shape}")
+        if label is None:
+            label = np.zeros(image.shape[:2], np.uint8)
+        return self.resize(np.ascontiguousarray(image), np.ascontiguousarray(label))
+
+    def encode_support(self, classes: Mapping[str, Sequence[tuple[np.ndarray, np.ndarray]]]
+                       ) -> TorchSupport:
+        """``{name: [(image uint8 [H, W, 3] RGB, mask uint8 [H, W] 1/0/255), ...]}`` in class
+        order -> prototypes. Classes may have different shot counts: each class is pooled and
+        aggregated on its own (A_S relates the shots of one class only)."""
+        if len(classes) != self.way:
+            raise ValueError(f"the checkpoint is {self.way}-way but the support set has "
+                             f"{len(classes)} classes ({', '.join(classes)}); give exactly "
+                             f"{self.way}")
+        prototypes = []
+        with torch.inference_mode():
+            for name, shots in classes.items():
+                fitted = [self._fit(image, np.asarray(mask, np.uint8)) for image, mask in shots]
+                images = torch.from_numpy(np.stack([f[0] for f in fitted])).to(self.device)
+                masks = torch.from_numpy(np.stack([f[1] for f in fitted])).to(self.device)
+                images = images.permute(0, 3, 1, 2).float().div(255.0)  # [K, 3, S, S]
+                try:
+                    shot_features = self.model.encode_shots(images[None, None], masks[None, None])
+                except ValueError as error:
+                    raise ValueError(f"support class {name!r}: {error}") from error
+                prototypes.append(self.model.aggregate_prototypes(shot_features))  # [1, 1, C]
+        stacked = torch.cat(prototypes, dim=1)  # [1, N, C]
+        # The decoder reads only the prototypes: the K = 1 view of them is a complete cache.
+        return TorchSupport(tuple(classes), SupportCache(stacked[:, :, None, :], stacked))
+
+    def prepare_frames(self, frames: Sequence[np.ndarray], color: str = "rgb"
+                       ) -> tuple[np.ndarray, list[Geometry]]:
+        """frames uint8 [H, W, 3] in ``color`` order -> (uint8 [B, S, S, 3] RGB, geometries)."""
+        batch, geometry = [], []
+        for frame in frames:
+            frame = frame[..., ::-1] if color == "bgr" else frame
+            fitted, _ = self._fit(frame)
+            height, width = self.resize.resized_shape(*frame.shape[:2])
+            batch.append(fitted)
+            geometry.append(Geometry(height, width, frame.shape[0], frame.shape[1]))
+        return np.stack(batch), geometry
+
+    def decode_prepared(self, batch: np.ndarray, support: TorchSupport) -> np.ndarray:
+        """uint8 [B, S, S, 3] RGB -> labels uint8 [B, S, S] (0 = background)."""
+        with torch.inference_mode():
+            query = torch.from_numpy(batch).to(self.device).permute(0, 3, 1, 2).float() / 255.0
+            logits = self.model.decode_query(query, support.cache)  # [B, N+1, S, S]
+            return logits.argmax(dim=1).to(torch.uint8).cpu().numpy()
+
+    def restore_labels(self, labels: np.ndarray, geometry: Geometry) -> np.ndarray:
+        """labels uint8 [S, S] -> uint8 [H, W] at the frame's size (crop the padding, nearest)."""
+        content = np.ascontiguousarray(labels[:geometry.height, :geometry.width])
+        size = (geometry.original_width, geometry.original_height)
+        if content.shape[::-1] == size:
+            return content
+        return np.asarray(Image.fromarray(content).resize(size, Image.Resampling.NEAREST))
+
+
+def _runtime_modules():
+    """The runtime package's SPEC loader and command-line helpers (one definition of each)."""
+    try:
+        from mfnet_runtime import cli, spec
+    except ImportError as error:
+        raise SystemExit(f"error: python -m mfnet.predict needs the runtime package for the "
+                         f"support SPEC and the video pipeline: {RUNTIME_HINT} ({error})")
+    return cli, spec
+
+
+def build_parser(cli) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m mfnet.predict", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="checkpoint written by mfnet.train")
+    parser.add_argument("--support", required=True, metavar="SPEC",
+                        help="support set: a folder with one sub-folder of images and "
+                             "<image>.mask.png masks per class, or a JSON file "
+                             "(docs/support_spec.md); as many classes as the checkpoint's way")
+    cli.add_io_arguments(parser)
+    parser.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda' or 'cuda:N'")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    cli, spec = _runtime_modules()
+    args = build_parser(cli).parse_args(argv)
+    try:
+        try:
+            device = resolve_device(args.device)
+        except RuntimeError as error:  # CUDA asked for but absent
+            raise ValueError(str(error)) from error
+        model, config = model_from_checkpoint(args.checkpoint, map_location=device)
+        segmenter = TorchSegmenter(model, config.data.test_resize, device)
+        support = segmenter.encode_support(spec.load_support_spec(args.support))
+        print(f"support: {len(support.class_names)} classes ({', '.join(support.class_names)}) "
+              f"from {args.support}")
+        return cli.run_and_report(segmenter, support, args, f"pytorch ({device})")
+    except (CheckpointError, ValueError, OSError) as error:
+        # ValueError: the model's input checks and the runtime's RuntimeInputError (a subclass)
+        print(cli.error_line(error), file=sys.stderr)
+        return cli.EXIT_INPUT_ERROR
+    except KeyboardInterrupt:
+        return cli.EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,229 @@
+"""``python -m mfnet_runtime segment``: segment a video, camera, image folder or image with
+exported engines and a support set given as a SPEC (``docs/support_spec.md``).
+
+Bad inputs (a malformed SPEC, an unreadable video, a camera that does not open, engines that do
+not match) end with exit code 2 and one ``error: ...`` line on stderr. ``mfnet.predict`` (the
+PyTorch twin) reuses the input/output options, the progress bar and the report defined here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, TextIO
+
+from .errors import EngineError, RuntimeInputError
+from .spec import load_support_spec
+from .video import DEFAULT_FPS, VIDEO_OUTPUT_EXTENSIONS, open_source, segment_video
+
+EXIT_INPUT_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+class Progress:
+    """A frame counter on stderr: tqdm's bar when tqdm is installed, else a plain line
+    rewritten at most twice a second. ``total`` is None for endless sources (cameras)."""
+
+    def __init__(self, total: int | None, description: str, enabled: bool = True,
+                 stream: TextIO | None = None) -> None:
+        self.total, self.description, self.enabled = total, description, enabled
+        self.stream = stream or sys.stderr
+        self.count, self._last_draw = 0, 0.0
+        self._bar: Any = None
+        if enabled:
+            try:
+                from tqdm import tqdm
+            except ImportError:
+                tqdm = None
+            if tqdm is not None:
+                self._bar = tqdm(total=total, desc=description, unit="frame", file=self.stream,
+                                 dynamic_ncols=True)
+
+    def update(self, frames: int = 1) -> None:
+        self.count += frames
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.update(frames)
+            return
+        now = time.monotonic()
+        if now - self._last_draw >= 0.5 or self.count == self.total:
+            self._last_draw = now
+            of = f"/{self.total}" if self.total else ""
+            self.stream.write(f"\r{self.description}: {self.count}{of} frames")
+            self.stream.flush()
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.close()
+        elif self.count:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+@dataclass(frozen=True)
+class Report:
+    """Frames segmented and the wall time of the frame loop (decode, engine, writing)."""
+
+    frames: int
+    seconds: float
+    backend: str
+
+    @property
+    def fps(self) -> float:
+        return self.frames / self.seconds if self.seconds > 0 else 0.0
+
+    def line(self) -> str:
+        return (f"frames: {self.frames}  seconds: {self.seconds:.2f}  "
+                f"frames per second: {self.fps:.1f}  backend: {self.backend}")
+
+
+def add_io_arguments(parser: argparse.ArgumentParser) -> None:
+    """The source, output and pipeline options shared with ``python -m mfnet.predict``."""
+    parser.add_argument(
+        "--input", required=True, metavar="SRC",
+        help="what to segment: a video file, a folder of images (sorted by name), one image "
+             "file, or a camera index such as 0")
+    parser.add_argument(
+        "--output", default=None, metavar="DST",
+        help=f"where to write: a video file ({', '.join(VIDEO_OUTPUT_EXTENSIONS)}; the overlay, "
+             "same size and frame rate as the input) or a folder (per frame, numbered from "
+             "000000: NNNNNN.png, the labels as an 8-bit PNG with 0 = background and i = the "
+             "i-th class, and NNNNNN_overlay.png); omit it to only measure the speed")
+    parser.add_argument("--batch-size", type=int, default=1, metavar="B",
+                        help="frames per engine call (default 1; larger helps GPUs)")
+    parser.add_argument("--max-frames", type=int, default=None, metavar="N",
+                        help="stop after N frames (cameras run until Ctrl-C otherwise)")
+    parser.add_argument("--fps", type=float, default=None,
+                        help="frame rate of the output video when the input has none (image "
+                             f"folders, images; default {DEFAULT_FPS:g})")
+    parser.add_argument("--alpha", type=float, default=0.5,
+                        help="opacity of the class colours in the overlays (0..1, default 0.5)")
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                        help="show a progress bar on stderr")
+
+
+def run_and_report(segmenter: Any, support: Any, args: argparse.Namespace, backend: str,
+                   out: TextIO | None = None) -> int:
+    """Run ``segment_video`` with the options of ``add_io_arguments``; print the report.
+
+    Returns the exit code (0, or 130 after Ctrl-C, with the report of the frames done).
+    """
+    out = out or sys.stdout
+    if args.batch_size < 1:
+        raise RuntimeInputError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.max_frames is not None and args.max_frames < 1:
+        raise RuntimeInputError(f"--max-frames must be >= 1, got {args.max_frames}")
+    if not 0.0 <= args.alpha <= 1.0:
+        raise RuntimeInputError(f"--alpha must be in [0, 1], got {args.alpha}")
+    source = open_source(args.input)
+    total = source.count if args.max_frames is None else min(
+        args.max_frames, source.count or args.max_frames)
+    results = segment_video(segmenter, source, support, args.output,
+                            batch_size=args.batch_size, max_frames=args.max_frames,
+                            fps=args.fps, alpha=args.alpha)
+    progress = Progress(total, "segmenting", args.progress)
+    start = time.perf_counter()
+    code = 0
+    try:
+        code = _consume(results, progress)
+    finally:
+        progress.close()
+        results.close()
+    report = Report(progress.count, time.perf_counter() - start, backend)
+    print(f"{source.name}: {report.line()}", file=out)
+    if code == 0 and args.max_frames is None and source.count and progress.count < source.count:
+        print(f"note: {source.name} announces {source.count} frames but {progress.count} could "
+              "be decoded (truncated or corrupt?)", file=out)
+    if args.output is not None and progress.count:
+        print(f"wrote {args.output}", file=out)
+    return code
+
+
+def _consume(results: Iterable[Any], progress: Progress) -> int:
+    try:
+        for _ in results:
+            progress.update()
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m mfnet_runtime", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    segment = commands.add_parser(
+        "segment", help="segment a video, camera, image folder or image",
+        description="Segment every frame of SRC into the support set's classes and write "
+                    "label maps and overlays. Prints frames, seconds, frames per second and "
+                    "the backend at the end.")
+    segment.add_argument("--engines", required=True, metavar="DIR",
+                         help="folder of exported engines with their manifest.json "
+                              "(export/to_onnx.py, export/to_trt.py)")
+    support = segment.add_mutually_exclusive_group(required=True)
+    support.add_argument("--support", metavar="SPEC",
+                         help="support set: a folder with one sub-folder of images and "
+                              "<image>.mask.png masks per class, or a JSON file "
+                              "(docs/support_spec.md); as many classes as the engines' way")
+    support.add_argument("--load-support", metavar="FILE",
+                         help="an encoded support set written earlier with --save-support "
+                              "(skips encoding; must come from the same engines)")
+    segment.add_argument("--save-support", metavar="FILE",
+                         help="also save the encoded support set to FILE for --load-support")
+    add_io_arguments(segment)
+    segment.add_argument("--backend", choices=("auto", "onnxruntime", "tensorrt"),
+                         default="auto",
+                         help="inference backend; auto = TensorRT engines if present and "
+                              "usable, else ONNX Runtime (default auto)")
+    segment.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                         help="auto = CUDA when available, else CPU (default auto)")
+    segment.add_argument("--precision", choices=("auto", "fp32", "fp16"), default="auto",
+                         help="engine precision; auto = fp16 on CUDA when exported, else fp32 "
+                              "(default auto)")
+    return parser
+
+
+def segment_command(args: argparse.Namespace) -> int:
+    """The ``segment`` command; raises ``RuntimeInputError`` / ``EngineError`` on bad inputs."""
+    from .segmenter import Segmenter
+    from .support import SupportSet
+
+    segmenter = Segmenter.load(args.engines, backend=args.backend, device=args.device,
+                               precision=args.precision)
+    started = time.perf_counter()
+    if args.load_support is not None:
+        support = SupportSet.load(args.load_support, segmenter=segmenter)
+        how = f"loaded from {args.load_support}"
+    else:
+        support = segmenter.encode_support(load_support_spec(args.support), color="rgb")
+        how = f"encoded from {args.support}"
+    print(f"support: {len(support.class_names)} classes ({', '.join(support.class_names)}) "
+          f"{how} in {time.perf_counter() - started:.2f} s")
+    if args.save_support is not None:
+        support.save(args.save_support)
+        print(f"saved the support set to {args.save_support}")
+    return run_and_report(segmenter, support, args,
+                          f"{segmenter.backend_name} ({segmenter.precision})")
+
+
+def error_line(error: BaseException) -> str:
+    """``error: <message>`` on one line."""
+    return "error: " + " ".join(str(error).split())
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return segment_command(args)
+    except (RuntimeInputError, EngineError, OSError) as error:
+        print(error_line(error), file=sys.stderr)
+        return EXIT_INPUT_ERROR
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED

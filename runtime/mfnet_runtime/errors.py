@@ -1,0 +1,31 @@
+"""The two exceptions of the runtime: bad inputs from the caller, and unusable engines.
+
+``RuntimeInputError`` is a ``ValueError``: something the caller passed (an image, a mask, a
+support set, an option) cannot be used; the message says which and how to fix it.
+``EngineError`` is a ``RuntimeError``: the export directory, an engine file or the inference
+backend cannot be used here; the message names the file and the command that recreates it.
+"""
+
+from __future__ import annotations
+
+
+class RuntimeInputError(ValueError):
+    """An input (image, mask, support set, option) that the runtime cannot use."""
+
+
+class EngineError(RuntimeError):
+    """Missing, tampered or incompatible engine files, or a backend unavailable here."""
+
+
+REEXPORT_COMMAND = "python export/to_onnx.py --checkpoint CHECKPOINT --out {directory}"
+REBUILD_COMMAND = "python export/to_trt.py --onnx-dir {directory} --precision {precision}"
+
+
+def reexport_hint(directory: object) -> str:
+    """The command that recreates an ONNX export directory (from its training checkpoint)."""
+    return REEXPORT_COMMAND.format(directory=directory)
+
+
+def rebuild_hint(directory: object, precision: str) -> str:
+    """The command that rebuilds TensorRT engines of ``precision`` for this GPU and TensorRT."""
+    return REBUILD_COMMAND.format(directory=directory, precision=precision)

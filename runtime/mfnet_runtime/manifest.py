@@ -1,0 +1,223 @@
+"""Reading and checking ``manifest.json``, the self-description of an export directory.
+
+Standard library only (json, hashlib): the runtime never imports the training package. The
+manifest is written by ``export/to_onnx.py`` (schema ``mfnet-export-v1``) and extended by
+``export/to_trt.py`` with TensorRT engine entries. Every problem is an ``EngineError`` that names
+the file and the command that recreates it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import EngineError, rebuild_hint, reexport_hint
+
+SCHEMA = "mfnet-export-v1"
+MANIFEST_NAME = "manifest.json"
+PRECISIONS = ("fp32", "fp16")
+FORMATS = ("onnx", "tensorrt")
+RESIZE_MODES = ("pad", "stretch")
+# The I/O contract the runtime feeds, per graph role: (input names, output names).
+ROLE_IO: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "support_encoder": (("support_images", "support_masks"), ("shot_features",)),
+    "prototype_aggregator": (("shot_features",), ("prototypes",)),
+    "prototype_aggregator_single": (("shot_features",), ("prototypes",)),
+    "query_decoder": (("frames", "prototypes"), ("labels", "probabilities")),
+}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    shape: tuple[int | str, ...]  # ints are static; "B", "S", "K" name dynamic dimensions
+    dtype: str  # numpy dtype name
+
+
+@dataclass(frozen=True)
+class GraphInfo:
+    """One artifact (ONNX graph or TensorRT engine) listed in the manifest."""
+
+    role: str
+    file: str  # relative to the export directory
+    precision: str  # "fp32" | "fp16"
+    format: str  # "onnx" | "tensorrt"
+    sha256: str
+    inputs: tuple[TensorInfo, ...]
+    outputs: tuple[TensorInfo, ...]
+    details: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """The model contract: inputs are uint8 RGB NHWC at ``input_size`` (normalised in-graph)."""
+
+    way: int
+    train_shot: int
+    channels: int
+    input_size: int
+    backbone: str
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    color: str
+    resize: str  # "pad" | "stretch"
+    support_attention: bool
+
+
+@dataclass(frozen=True)
+class Manifest:
+    directory: Path
+    model: ModelInfo
+    graphs: tuple[GraphInfo, ...]
+
+    @property
+    def required_roles(self) -> tuple[str, ...]:
+        """Roles a complete set of graphs has (the K = 1 aggregator only for models with A_S)."""
+        roles = ("support_encoder", "prototype_aggregator", "query_decoder")
+        if self.model.support_attention:
+            roles += ("prototype_aggregator_single",)
+        return roles
+
+    def graph_set(self, precision: str, fmt: str = "onnx") -> dict[str, GraphInfo] | None:
+        """role -> graph for one precision and format, or None when a role is missing."""
+        found = {g.role: g for g in self.graphs if g.precision == precision and g.format == fmt}
+        if any(role not in found for role in self.required_roles):
+            return None
+        return {role: found[role] for role in self.required_roles}
+
+    def available_precisions(self, fmt: str = "onnx") -> list[str]:
+        return [p for p in PRECISIONS if self.graph_set(p, fmt) is not None]
+
+    @property
+    def engine_id(self) -> str:
+        """SHA-256 over the ONNX graphs' hashes: which weights a support set was encoded with.
+
+        TensorRT engines are built from these graphs, so adding engines with ``to_trt.py`` keeps
+        the id (and the saved support sets) valid; a re-export with other weights changes it.
+        """
+        sources = [g for g in self.graphs if g.format == "onnx"] or list(self.graphs)
+        lines = sorted(f"{g.role}:{g.precision}:{g.sha256}" for g in sources)
+        return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
+def sha256_of(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fail(path: Path, problem: str) -> EngineError:
+    return EngineError(
+        f"{path}: {problem}. Re-export the directory with: {reexport_hint(path.parent)}"
+    )
+
+
+def _tensors(path: Path, items: Any, where: str) -> tuple[TensorInfo, ...]:
+    if not isinstance(items, list):
+        raise _fail(path, f"{where} is not a list")
+    try:
+        return tuple(TensorInfo(str(i["name"]), tuple(i["shape"]), str(i["dtype"]))
+                     for i in items)
+    except (KeyError, TypeError) as error:
+        raise _fail(path, f"{where} has a malformed tensor entry ({error!r})") from error
+
+
+def _graph(path: Path, data: Any, index: int) -> GraphInfo:
+    if not isinstance(data, dict):
+        raise _fail(path, f"graphs[{index}] is not an object")
+    try:
+        graph = GraphInfo(
+            role=str(data["role"]), file=str(data["file"]), precision=str(data["precision"]),
+            format=str(data.get("format", "onnx")), sha256=str(data.get("sha256", "")),
+            inputs=_tensors(path, data["inputs"], f"graphs[{index}].inputs"),
+            outputs=_tensors(path, data["outputs"], f"graphs[{index}].outputs"),
+            details=dict(data.get("details", {})),
+        )
+    except KeyError as error:
+        raise _fail(path, f"graphs[{index}] lacks the key {error}") from error
+    if graph.role not in ROLE_IO:
+        return graph  # a role this runtime does not use: ignored, not an error
+    inputs, outputs = ROLE_IO[graph.role]
+    names = (tuple(t.name for t in graph.inputs), tuple(t.name for t in graph.outputs))
+    if names != (inputs, outputs):
+        raise _fail(path, f"{graph.file} has inputs {names[0]} and outputs {names[1]}, this "
+                          f"runtime expects {inputs} and {outputs} for the {graph.role} role")
+    if graph.precision not in PRECISIONS or graph.format not in FORMATS:
+        raise _fail(path, f"{graph.file} has precision {graph.precision!r} / format "
+                          f"{graph.format!r}; expected one of {PRECISIONS} / {FORMATS}")
+    if Path(graph.file).is_absolute() or ".." in Path(graph.file).parts:
+        raise _fail(path, f"graph file {graph.file!r} is not inside the export directory")
+    return graph
+
+
+def _model(path: Path, data: Any) -> ModelInfo:
+    if not isinstance(data, dict):
+        raise _fail(path, "the 'model' entry is missing")
+    try:
+        model = ModelInfo(
+            way=int(data["way"]), train_shot=int(data["train_shot"]),
+            channels=int(data["channels"]), input_size=int(data["input_size"]),
+            backbone=str(data.get("backbone", "")), mean=tuple(map(float, data["mean"])),
+            std=tuple(map(float, data["std"])), color=str(data["color"]),
+            resize=str(data.get("resize", "pad")),
+            support_attention=bool(data["support_attention"]),
+        )
+    except (KeyError, TypeError, ValueError) as error:
+        raise _fail(path, f"the 'model' entry is incomplete ({error!r})") from error
+    if model.way < 1 or model.input_size < 1 or model.channels < 1:
+        raise _fail(path, f"impossible model sizes {model}")
+    if model.color.upper() != "RGB":
+        raise _fail(path, f"graphs expect colour order {model.color!r}; this runtime feeds RGB")
+    if model.resize not in RESIZE_MODES:
+        raise _fail(path, f"unknown resize mode {model.resize!r}; expected one of {RESIZE_MODES}")
+    return model
+
+
+def read_manifest(directory: str | Path) -> Manifest:
+    """Parse and validate ``directory/manifest.json`` (no file hashes: see ``verify_files``)."""
+    directory = Path(directory)
+    path = directory / MANIFEST_NAME
+    if not directory.is_dir():
+        raise EngineError(f"engine directory {directory} does not exist; create it with: "
+                          f"{reexport_hint(directory)}")
+    if not path.is_file():
+        raise EngineError(f"{path} not found: {directory} is not an MFNet export directory; "
+                          f"create one with: {reexport_hint(directory)}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise _fail(path, f"not valid JSON ({error})") from error
+    if not isinstance(data, dict) or data.get("schema") != SCHEMA:
+        found = data.get("schema") if isinstance(data, dict) else type(data).__name__
+        raise _fail(path, f"schema {found!r}, this runtime reads {SCHEMA!r}")
+    if not isinstance(data.get("graphs"), list):
+        raise _fail(path, "the 'graphs' list is missing")
+    graphs = tuple(_graph(path, g, i) for i, g in enumerate(data["graphs"]))
+    return Manifest(directory, _model(path, data.get("model")), graphs)
+
+
+def verify_files(manifest: Manifest, graphs: list[GraphInfo], check_hashes: bool = True) -> None:
+    """Raise ``EngineError`` naming every listed file that is missing or whose SHA-256 changed."""
+    problems, engines = [], False
+    for graph in graphs:
+        path = manifest.directory / graph.file
+        if not path.is_file():
+            problems.append(f"{graph.file} is missing")
+        elif check_hashes and sha256_of(path) != graph.sha256:
+            problems.append(f"{graph.file} does not match its SHA-256 in the manifest "
+                            "(modified, truncated or replaced)")
+        else:
+            continue
+        engines = engines or graph.format == "tensorrt"
+    if problems:
+        precision = graphs[0].precision if graphs else "fp16"
+        fix = (rebuild_hint(manifest.directory, precision) if engines
+               else reexport_hint(manifest.directory))
+        raise EngineError(f"export directory {manifest.directory} is not what its manifest "
+                          f"describes: {'; '.join(problems)}. Recreate it with: {fix}")

@@ -1,0 +1,259 @@
+"""``Segmenter``: exported engines + a cached support set -> label maps, without torch.
+
+Typical use::
+
+    segmenter = Segmenter.load("engines/synthetic")            # fastest backend available
+    support = segmenter.encode_support({"cat": [(image, mask)], "dog": [(image2, mask2)]})
+    labels = segmenter.segment(frame, support)                # uint8 [H, W]: 0 = background,
+                                                               # 1 = cat, 2 = dog
+The support set is encoded once and reused for every frame; only the query decoder runs per
+frame. Frames are fitted to the network's S x S input as the manifest says (``resize``), the
+decoder returns labels at S x S, and ``restore_labels`` maps them back to the frame's size.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .backends import Backend, open_backend
+from .errors import RuntimeInputError
+from .images import (
+    Geometry,
+    ImageInput,
+    check_color,
+    prepare_image,
+    restore_labels,
+    restore_probabilities,
+)
+from .manifest import Manifest, read_manifest
+from .support import SupportSet, aggregate_prototypes, prepare_shot
+
+logger = logging.getLogger("mfnet_runtime")
+
+
+class Segmenter:
+    """Runs an export directory's graphs on one backend. Create it with ``Segmenter.load``.
+
+    Attributes: backend_name ("onnxruntime-cpu" | "onnxruntime-cuda" | "tensorrt"), precision
+    ("fp32" | "fp16"), way (N, fixed at training), input_size (S), resize ("pad" | "stretch"),
+    max_batch (frames per decoder call), engine_id (SHA-256 identifying the exported weights).
+    """
+
+    def __init__(self, manifest: Manifest, backend: Backend) -> None:
+        self._manifest = manifest
+        self._backend = backend
+        model = manifest.model
+        self.backend_name: str = backend.name
+        self.precision: str = backend.precision
+        self.way: int = model.way
+        self.input_size: int = model.input_size
+        self.channels: int = model.channels
+        self.resize: str = model.resize
+        self.max_batch: int = backend.max_batch
+        self.engine_id: str = manifest.engine_id
+        self.engine_dir: Path = manifest.directory
+        # K = 1 needs the single-shot aggregator when the general one starts at 2 (A_S models).
+        aggregators = [g for g in manifest.graphs if g.role == "prototype_aggregator"]
+        default = 2 if model.support_attention else 1
+        self._min_shots = int(aggregators[0].details.get("min_shots", default)
+                              if aggregators else default)
+
+    @classmethod
+    def load(cls, engine_dir: str | Path, backend: str = "auto", device: str = "auto",
+             precision: str = "auto", verify_hashes: bool = True, *,
+             cuda_graph_batch: int = 0, device_id: int = 0) -> Segmenter:
+        """Open an export directory (``manifest.json`` + graphs / engines).
+
+        backend: "auto" | "onnxruntime" | "tensorrt"; device: "auto" | "cuda" | "cpu";
+        precision: "auto" | "fp32" | "fp16". "auto" picks the fastest that works here: TensorRT
+        engines built for this GPU and TensorRT, else ONNX Runtime on CUDA (FP16 graphs when
+        exported), else ONNX Runtime on the CPU (FP32). verify_hashes: check the SHA-256 of
+        every file used against the manifest. cuda_graph_batch: on CUDA, capture the decoder
+        as a CUDA graph for calls of exactly this many frames (0 = off; untested, see README).
+        """
+        manifest = read_manifest(engine_dir)
+        opened = open_backend(manifest, backend, device, precision, verify_hashes,
+                              cuda_graph_batch, device_id)
+        logger.info("%s backend, %s graphs, %d-way, %dx%d input, from %s",
+                    opened.name, opened.precision, manifest.model.way,
+                    manifest.model.input_size, manifest.model.input_size, manifest.directory)
+        return cls(manifest, opened)
+
+    def __repr__(self) -> str:
+        return (f"Segmenter({str(self.engine_dir)!r}, backend={self.backend_name!r}, "
+                f"precision={self.precision!r}, way={self.way}, input_size={self.input_size})")
+
+    def close(self) -> None:
+        """Release the backend's sessions / engines and device memory."""
+        self._backend.close()
+
+    def __enter__(self) -> Segmenter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---------------------------------------------------------------------------- support side
+    def encode_support(self, classes: Mapping[str, Sequence[tuple[ImageInput, Any]]],
+                       color: str = "rgb") -> SupportSet:
+        """Encode a support set: {class name: [(image, mask), ...]} in label order.
+
+        Dict order is class order: label n + 1 is the n-th class. Exactly ``way`` classes, each
+        with at least one shot. image: uint8 [H, W, 3] RGB (``color="bgr"`` for OpenCV) or a
+        file path; mask: [H, W] bool / {0, 1} / {0, 255} / {0, 1, 255} (255 = ignore) or a path.
+        """
+        if not isinstance(classes, Mapping):
+            raise RuntimeInputError("classes must be a dict {class name: [(image, mask), ...]}, "
+                                    f"got {type(classes).__name__}")
+        self._check_way(len(classes), list(classes))
+        shots, names, counts = [], [], []
+        for name, pairs in classes.items():
+            if not isinstance(name, str) or not name:
+                raise RuntimeInputError(f"class names must be non-empty strings, got {name!r}")
+            if isinstance(pairs, tuple) and len(pairs) == 2 and not isinstance(pairs[0], tuple):
+                raise RuntimeInputError(f"class {name!r}: give a list of (image, mask) pairs, "
+                                        "e.g. [(image, mask)]")
+            if len(pairs) == 0:
+                raise RuntimeInputError(f"class {name!r} has no support shot")
+            for k, pair in enumerate(pairs):
+                if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+                    raise RuntimeInputError(f"class {name!r}, shot {k}: expected an (image, "
+                                            f"mask) pair, got {type(pair).__name__}")
+                shots.append((name, k, pair[0], pair[1]))
+            names.append(name)
+            counts.append(len(pairs))
+        features = self.encode_shots(shots, color)
+        per_class = np.split(features, np.cumsum(counts)[:-1])
+        return SupportSet(tuple(names), tuple(per_class), self.aggregate(per_class, names),
+                          self.engine_id, self)
+
+    def encode_shots(self, shots: Sequence[tuple[str, int, ImageInput, Any]],
+                     color: str = "rgb") -> np.ndarray:
+        """(class name, shot index, image, mask) shots -> float32 [len(shots), C] features.
+
+        Every shot is checked before any is encoded; the encoder runs in chunks of its limit.
+        """
+        size, mode = self.input_size, self.resize
+        backbone = self._manifest.model.backbone
+        prepared = [prepare_shot(image, mask, size, mode, backbone, color,
+                                 f"class {name!r}, shot {k}")
+                    for name, k, image, mask in shots]
+        chunks = []
+        step = self._backend.max_support
+        for start in range(0, len(prepared), step):
+            part = prepared[start:start + step]
+            images = np.stack([image for image, _ in part])  # [S, H, W, 3] uint8 RGB
+            masks = np.stack([mask for _, mask in part])  # [S, H, W] uint8 0 / 1 / 255
+            chunks.append(self._backend.run_support_encoder(images, masks))
+        if not chunks:
+            return np.zeros((0, self.channels), np.float32)
+        return np.concatenate(chunks).astype(np.float32, copy=False)
+
+    def aggregate(self, features: Sequence[np.ndarray], names: Sequence[str] | None = None
+                  ) -> np.ndarray:
+        """Per-class shot features [K_n, C] -> prototypes float32 [len(features), C]."""
+        labels = list(names) if names is not None else [f"#{i}" for i in range(len(features))]
+        return aggregate_prototypes(self._backend.run_aggregator, list(features), self.way,
+                                    self._min_shots, self._backend.max_shots, labels)
+
+    def check_engine(self, support: SupportSet, source: str = "this support set") -> None:
+        """Refuse a support set encoded by other engines (other weights)."""
+        if not isinstance(support, SupportSet):
+            raise RuntimeInputError(f"expected a SupportSet, got {type(support).__name__}; "
+                                    "make one with Segmenter.encode_support")
+        if support.engine_id != self.engine_id:
+            raise RuntimeInputError(
+                f"{source} was encoded by other engines (engine id {support.engine_id[:12]}..., "
+                f"these are {self.engine_id[:12]}... from {self.engine_dir}): its features mean "
+                "nothing to this decoder; encode the support images again with this segmenter")
+
+    def _check_way(self, count: int, names: Sequence[str]) -> None:
+        if count != self.way:
+            raise RuntimeInputError(
+                f"{count} support classes given ({', '.join(map(repr, names)) or 'none'}) but "
+                f"the engines are {self.way}-way: the number of classes is fixed at training, "
+                f"so give exactly {self.way} (or use a model trained for {count} ways)")
+
+    # ------------------------------------------------------------------------------ query side
+    def prepare_frames(self, frames: Sequence[ImageInput] | np.ndarray, color: str = "rgb"
+                       ) -> tuple[np.ndarray, list[Geometry]]:
+        """Frames -> (uint8 [B, S, S, 3] RGB network input, per-frame geometry).
+
+        Geometry is (orig_h, orig_w, content_h, content_w). Safe to call from another thread
+        (e.g. a video decode thread): it only uses numpy and PIL.
+        """
+        check_color(color)
+        if isinstance(frames, np.ndarray) and frames.ndim == 4:
+            frames = list(frames)
+        if isinstance(frames, (np.ndarray, str, Path)):
+            raise RuntimeInputError("prepare_frames takes a list of frames; wrap a single "
+                                    "frame in a list")
+        size = self.input_size
+        batch = np.empty((len(frames), size, size, 3), np.uint8)
+        geometry = []
+        for i, frame in enumerate(frames):
+            batch[i], shape = prepare_image(frame, size, self.resize, color, what=f"frame {i}")
+            geometry.append(shape)
+        return batch, geometry
+
+    def _decode(self, batch: np.ndarray, support: SupportSet, with_probabilities: bool
+                ) -> tuple[np.ndarray, np.ndarray | None]:
+        size = self.input_size
+        if (not isinstance(batch, np.ndarray) or batch.dtype != np.uint8
+                or batch.shape[1:] != (size, size, 3) or batch.ndim != 4):
+            got = f"{batch.dtype} {batch.shape}" if isinstance(batch, np.ndarray) else type(batch)
+            raise RuntimeInputError(f"prepared frames must be uint8 [B, {size}, {size}, 3] (from "
+                                    f"prepare_frames), got {got}")
+        self.check_engine(support)
+        self._check_way(len(support.class_names), support.class_names)
+        prototypes = np.ascontiguousarray(support.prototypes, dtype=np.float32)
+        labels, probabilities = [], []
+        for start in range(0, batch.shape[0], self.max_batch):
+            part = np.ascontiguousarray(batch[start:start + self.max_batch])
+            out_labels, out_probabilities = self._backend.run_decoder(part, prototypes,
+                                                                      with_probabilities)
+            labels.append(out_labels)
+            probabilities.append(out_probabilities)
+        if not labels:
+            return np.zeros((0, size, size), np.uint8), None
+        stacked = np.concatenate(probabilities) if with_probabilities else None
+        return np.concatenate(labels), stacked
+
+    def decode_prepared(self, batch: np.ndarray, support: SupportSet) -> np.ndarray:
+        """uint8 [B, S, S, 3] prepared frames -> labels uint8 [B, S, S] (0 = background,
+        n = ``support.class_names[n - 1]``); batches larger than ``max_batch`` are split."""
+        return self._decode(batch, support, False)[0]
+
+    def restore_labels(self, labels_s: np.ndarray, geometry: Geometry) -> np.ndarray:
+        """uint8 [S, S] labels -> uint8 [orig_h, orig_w] (crop the content, nearest resize)."""
+        size = self.input_size
+        if not isinstance(labels_s, np.ndarray) or labels_s.shape != (size, size):
+            got = labels_s.shape if isinstance(labels_s, np.ndarray) else type(labels_s)
+            raise RuntimeInputError(f"labels must be [{size}, {size}], got {got}")
+        return restore_labels(labels_s, geometry)
+
+    def segment(self, frame: ImageInput, support: SupportSet, color: str = "rgb") -> np.ndarray:
+        """One frame (uint8 [H, W, 3] RGB, or BGR with ``color="bgr"``, or a file path) ->
+        labels uint8 [H, W] at the frame's own size."""
+        batch, geometry = self.prepare_frames([frame], color)
+        return self.restore_labels(self.decode_prepared(batch, support)[0], geometry[0])
+
+    def segment_batch(self, frames: Sequence[ImageInput], support: SupportSet,
+                      color: str = "rgb") -> list[np.ndarray]:
+        """Several frames (any sizes) -> one uint8 [H_i, W_i] label map each; the decoder runs
+        on batches of up to ``max_batch`` frames."""
+        batch, geometry = self.prepare_frames(frames, color)
+        labels = self.decode_prepared(batch, support)
+        return [self.restore_labels(one, shape) for one, shape in zip(labels, geometry)]
+
+    def probabilities(self, frame: ImageInput, support: SupportSet, color: str = "rgb"
+                      ) -> np.ndarray:
+        """One frame -> float32 [N+1, H, W] softmax (channel 0 = background) at its size."""
+        batch, geometry = self.prepare_frames([frame], color)
+        _, probabilities = self._decode(batch, support, True)
+        return restore_probabilities(probabilities[0], geometry[0])

@@ -1,0 +1,363 @@
+"""Frame sources (video file, image folder, image, camera, arrays), a threaded segmentation
+pipeline, and the writers of its results (overlay video, or label and overlay PNGs).
+
+Decoding and ``prepare_frames`` (resize and pad to the engine's input) run in a background
+thread that feeds a bounded queue, so the accelerator is not kept waiting on the decoder and
+memory stays flat however long the video: at most ``queue_size`` prepared batches are in flight.
+
+OpenCV is needed only for video files, cameras and video output (``pip install
+'mfnet-runtime[video]'``); image folders and PNG output work without it. Every frame leaving
+this module is uint8 [H, W, 3] RGB.
+"""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import threading
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from .errors import RuntimeInputError
+from .overlay import overlay
+from .images import read_image_file
+from .spec import IMAGE_EXTENSIONS, is_image_file
+
+VIDEO_OUTPUT_EXTENSIONS = (".mp4", ".avi")
+# Containers refused as output (rather than becoming a folder named "out.mkv")
+OTHER_VIDEO_EXTENSIONS = (".mkv", ".mov", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv")
+DEFAULT_FPS = 25.0  # output video rate when the source has none (image folders, arrays)
+INSTALL_HINT = "pip install 'mfnet-runtime[video]'"
+
+
+def require_cv2() -> Any:
+    """Import OpenCV, or raise ``RuntimeInputError`` saying how to install it."""
+    try:
+        import cv2
+    except ImportError as error:
+        raise RuntimeInputError(
+            f"video files, cameras and video output need OpenCV: {INSTALL_HINT} "
+            f"(import failed: {error})") from error
+    return cv2
+
+
+@dataclass(frozen=True)
+class FrameResult:
+    """One segmented frame: ``frame`` uint8 [H, W, 3] RGB, ``labels`` uint8 [H, W]
+    (0 = background, i = the i-th support class), ``index`` counting from 0."""
+
+    index: int
+    frame: np.ndarray
+    labels: np.ndarray
+
+
+class FrameSource:
+    """Frames in order. ``frames()`` yields uint8 [H, W, 3] RGB; ``fps`` and ``count`` are None
+    when unknown (cameras, arrays). Iterate once; ``close()`` releases the device or file."""
+
+    name: str = "frames"
+    fps: float | None = None
+    count: int | None = None
+
+    def frames(self) -> Iterator[np.ndarray]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release what the source holds (idempotent)."""
+
+
+class ImageFilesSource(FrameSource):
+    """Image files (read with PIL, EXIF orientation applied), in the given order."""
+
+    def __init__(self, paths: list[Path], name: str) -> None:
+        self.paths, self.name, self.count = list(paths), name, len(paths)
+
+    def frames(self) -> Iterator[np.ndarray]:
+        for path in self.paths:
+            yield read_image_file(path)
+
+
+class CaptureSource(FrameSource):
+    """An OpenCV ``VideoCapture`` (a video file or a camera). The first frame is read on
+    opening so that an unreadable file or camera fails at once, with its name."""
+
+    def __init__(self, target: str | int, name: str) -> None:
+        cv2 = require_cv2()
+        self._cv2, self.name = cv2, name
+        self._capture = cv2.VideoCapture(target)
+        if not self._capture.isOpened():
+            self._capture.release()
+            why = ("no such device, no permission, or in use by another program"
+                   if isinstance(target, int) else "corrupt, or a format OpenCV cannot decode")
+            raise RuntimeInputError(f"{name} could not be opened ({why})")
+        ok, first = self._capture.read()
+        if not ok or first is None:
+            self._capture.release()
+            raise RuntimeInputError(f"{name} delivered no frame (corrupt, empty or busy)")
+        self._first: np.ndarray | None = first
+        fps = float(self._capture.get(cv2.CAP_PROP_FPS) or 0.0)
+        self.fps = fps if np.isfinite(fps) and 0.0 < fps < 1000.0 else None
+        if isinstance(target, str):
+            count = int(self._capture.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
+            self.count = count if count > 0 else None
+
+    def frames(self) -> Iterator[np.ndarray]:
+        cv2 = self._cv2
+        frame, self._first = self._first, None
+        while frame is not None:
+            yield cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
+            ok, frame = self._capture.read()
+            if not ok:
+                return
+
+    def close(self) -> None:
+        self._capture.release()
+
+
+class ArraySource(FrameSource):
+    """Any iterable of uint8 [H, W, 3] arrays; ``color`` is their channel order ("rgb"/"bgr")."""
+
+    def __init__(self, frames: Iterable[np.ndarray], color: str = "rgb",
+                 name: str = "frames") -> None:
+        if color not in ("rgb", "bgr"):
+            raise RuntimeInputError(f"color must be 'rgb' or 'bgr', got {color!r}")
+        self._frames, self._color, self.name = frames, color, name
+        self.count = len(frames) if isinstance(frames, (list, tuple)) else None
+
+    def frames(self) -> Iterator[np.ndarray]:
+        for frame in self._frames:
+            yield np.ascontiguousarray(frame[..., ::-1]) if self._color == "bgr" else frame
+
+
+def open_source(source: Any, color: str = "rgb") -> FrameSource:
+    """Open what ``source`` names: a ``FrameSource``; an int (or a string of digits that is not
+    an existing path) = camera index; an image folder (sorted by file name); an image file; a
+    video file; or an iterable of arrays in ``color`` order. Raises ``RuntimeInputError``."""
+    if isinstance(source, FrameSource):
+        return source
+    if isinstance(source, str) and source.isdigit() and not Path(source).exists():
+        source = int(source)
+    if isinstance(source, (int, np.integer)) and not isinstance(source, bool):
+        return CaptureSource(int(source), f"camera {int(source)}")
+    if not isinstance(source, (str, Path)):
+        return ArraySource(source, color)
+    path = Path(source)
+    if not path.exists():
+        raise RuntimeInputError(f"input {path} does not exist")
+    if path.is_dir():
+        images = sorted(p for p in path.iterdir() if is_image_file(p))
+        if not images:
+            raise RuntimeInputError(
+                f"input folder {path} holds no image ({', '.join(IMAGE_EXTENSIONS)})")
+        return ImageFilesSource(images, f"folder {path}")
+    if path.suffix.lower() in IMAGE_EXTENSIONS:
+        return ImageFilesSource([path], f"image {path}")
+    return CaptureSource(str(path), f"video {path}")
+
+
+class FolderWriter:
+    """Writes ``<index>.png`` (mode L, label values 0..N) and ``<index>_overlay.png`` (RGB) per
+    frame, the index zero-padded to 6 digits so that file order is frame order."""
+
+    def __init__(self, folder: Path, class_names: tuple[str, ...], alpha: float) -> None:
+        if folder.exists() and not folder.is_dir():
+            raise RuntimeInputError(f"output {folder} exists and is not a folder")
+        folder.mkdir(parents=True, exist_ok=True)
+        self.folder, self.class_names, self.alpha = folder, class_names, alpha
+
+    def write(self, result: FrameResult) -> None:
+        stem = self.folder / f"{result.index:06d}"
+        # uint8 [H, W] is saved as an 8-bit greyscale (mode L) PNG holding the label values
+        Image.fromarray(np.asarray(result.labels, np.uint8)).save(stem.with_suffix(".png"))
+        drawn = overlay(result.frame, result.labels, self.class_names, self.alpha)
+        Image.fromarray(drawn).save(stem.with_name(stem.name + "_overlay.png"))
+
+    def close(self) -> None:
+        """Nothing is held open between frames."""
+
+
+class VideoWriter:
+    """Writes overlays to a video (mp4v fourcc) at the size of the first frame; later frames of
+    another size (image folders) are resized to it."""
+
+    def __init__(self, path: Path, class_names: tuple[str, ...], alpha: float,
+                 fps: float) -> None:
+        self._cv2 = require_cv2()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path, self.class_names, self.alpha, self.fps = path, class_names, alpha, fps
+        self._writer: Any = None
+        self._size: tuple[int, int] | None = None
+
+    def write(self, result: FrameResult) -> None:
+        cv2 = self._cv2
+        drawn = overlay(result.frame, result.labels, self.class_names, self.alpha)
+        height, width = drawn.shape[:2]
+        if self._writer is None:
+            self._size = (width, height)
+            self._writer = cv2.VideoWriter(str(self.path), cv2.VideoWriter_fourcc(*"mp4v"),
+                                           self.fps, self._size)
+            if not self._writer.isOpened():
+                raise RuntimeInputError(f"cannot write video {self.path} (mp4v codec, "
+                                        f"{width}x{height} at {self.fps:g} fps)")
+        if (width, height) != self._size:
+            drawn = cv2.resize(drawn, self._size, interpolation=cv2.INTER_AREA)
+        self._writer.write(cv2.cvtColor(drawn, cv2.COLOR_RGB2BGR))
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.release()
+            self._writer = None
+
+
+def open_writer(output: str | Path | None, class_names: tuple[str, ...], fps: float | None,
+                alpha: float = 0.5) -> FolderWriter | VideoWriter | None:
+    """A video writer when ``output`` ends in .mp4/.avi, else a folder writer (None: no output)."""
+    if output is None:
+        return None
+    path = Path(output)
+    suffix = path.suffix.lower()
+    if suffix in VIDEO_OUTPUT_EXTENSIONS:
+        return VideoWriter(path, class_names, alpha, fps or DEFAULT_FPS)
+    if suffix in OTHER_VIDEO_EXTENSIONS:
+        raise RuntimeInputError(f"output {path}: videos are written as "
+                                f"{' or '.join(VIDEO_OUTPUT_EXTENSIONS)} (mp4v codec)")
+    if suffix in IMAGE_EXTENSIONS:
+        raise RuntimeInputError(
+            f"output {path} looks like an image file; give a folder (label and overlay PNGs "
+            f"are written into it) or a video file ({', '.join(VIDEO_OUTPUT_EXTENSIONS)})")
+    return FolderWriter(path, class_names, alpha)
+
+
+@dataclass(frozen=True)
+class _Batch:
+    start: int
+    frames: list[np.ndarray]
+    prepared: np.ndarray
+    geometry: list[Any]
+
+
+@dataclass(frozen=True)
+class _Failure:
+    error: BaseException
+
+
+_END = object()
+
+
+def _put(items: queue.Queue, item: object, stop: threading.Event) -> bool:
+    """Put unless asked to stop; False when stopped (the consumer has gone)."""
+    while not stop.is_set():
+        try:
+            items.put(item, timeout=0.05)
+            return True
+        except queue.Full:
+            continue
+    return False
+
+
+def _produce(source: FrameSource, segmenter: Any, batch_size: int, max_frames: int | None,
+             items: queue.Queue, stop: threading.Event) -> None:
+    """Decode thread: read frames, prepare them batch by batch, feed the queue; owns ``source``."""
+    try:
+        start, batch = 0, []
+        for frame in itertools.islice(source.frames(), max_frames):
+            if stop.is_set():
+                break
+            batch.append(frame)
+            if len(batch) == batch_size:
+                prepared, geometry = segmenter.prepare_frames(batch, color="rgb")
+                if not _put(items, _Batch(start, batch, prepared, list(geometry)), stop):
+                    return
+                start, batch = start + len(batch), []
+        if batch and not stop.is_set():
+            prepared, geometry = segmenter.prepare_frames(batch, color="rgb")
+            if not _put(items, _Batch(start, batch, prepared, list(geometry)), stop):
+                return
+        _put(items, _END, stop)
+    except BaseException as error:  # noqa: BLE001 - handed to the consumer, re-raised there
+        _put(items, _Failure(error), stop)
+    finally:
+        source.close()
+
+
+def segment_video(
+    segmenter: Any,
+    source: Any,
+    support: Any,
+    output: str | Path | None = None,
+    *,
+    batch_size: int = 1,
+    color: str = "rgb",
+    max_frames: int | None = None,
+    fps: float | None = None,
+    alpha: float = 0.5,
+    queue_size: int = 4,
+) -> Iterator[FrameResult]:
+    """Segment every frame of ``source`` with ``support``; yield ``FrameResult`` s in order.
+
+    Args:
+        segmenter: a ``Segmenter`` (anything with ``prepare_frames``, ``decode_prepared`` and
+            ``restore_labels``, e.g. ``mfnet.predict``'s PyTorch twin).
+        source: see ``open_source``: video path, image folder, image path, camera index,
+            iterable of uint8 [H, W, 3] arrays (in ``color`` order), or a ``FrameSource``.
+        support: the encoded support set (its ``class_names`` label the legend).
+        output: None; a .mp4/.avi path (overlay video, the source's fps, else ``fps``, else 25);
+            or a folder (``<index>.png`` labels and ``<index>_overlay.png`` overlays).
+        batch_size: frames per ``decode_prepared`` call.
+        max_frames: stop after this many frames (cameras never end on their own).
+        alpha: overlay colour weight.
+        queue_size: prepared batches buffered between the decode thread and the engine.
+
+    The source and the output are opened before this returns, so bad inputs raise
+    ``RuntimeInputError`` here; errors while decoding are re-raised from the iteration.
+    Stopping the iteration early (``break``, ``close()``) stops the decode thread.
+    """
+    if batch_size < 1 or queue_size < 1:
+        raise RuntimeInputError(f"batch_size and queue_size must be >= 1, got {batch_size}, "
+                                f"{queue_size}")
+    frames = open_source(source, color)
+    try:
+        writer = open_writer(output, tuple(support.class_names), frames.fps or fps, alpha)
+    except BaseException:
+        frames.close()
+        raise
+    return _run(segmenter, frames, support, writer, batch_size, max_frames, queue_size)
+
+
+def _run(segmenter: Any, source: FrameSource, support: Any,
+         writer: FolderWriter | VideoWriter | None, batch_size: int, max_frames: int | None,
+         queue_size: int) -> Iterator[FrameResult]:
+    items: queue.Queue = queue.Queue(maxsize=queue_size)
+    stop = threading.Event()
+    thread = threading.Thread(target=_produce, name="mfnet-decode", daemon=True,
+                              args=(source, segmenter, batch_size, max_frames, items, stop))
+    thread.start()
+    try:
+        while True:
+            item = items.get()
+            if item is _END:
+                return
+            if isinstance(item, _Failure):
+                raise item.error
+            labels = segmenter.decode_prepared(item.prepared, support)  # [B, S, S]
+            for offset, frame in enumerate(item.frames):
+                restored = segmenter.restore_labels(labels[offset], item.geometry[offset])
+                result = FrameResult(item.start + offset, frame, restored)
+                if writer is not None:
+                    writer.write(result)
+                yield result
+    finally:
+        stop.set()
+        while not items.empty():  # free buffered batches now, not when the generator dies
+            try:
+                items.get_nowait()
+            except queue.Empty:
+                break
+        thread.join(timeout=10.0)
+        if writer is not None:
+            writer.close()
