@@ -21,6 +21,8 @@ setup(
         "numpy",
         "pillow",
         "tqdm",
+        "tensorboard",
+        "matplotlib",
     ],
     extras_require={
         # ONNX export and its verification with ONNX Runtime

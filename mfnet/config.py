@@ -27,6 +27,7 @@ DATASETS = ("synthetic", "pascal", "coco")
 PROTOCOLS = ("panet", "metaseg")
 EVAL_RESOLUTIONS = ("network", "original")
 TEST_RESIZES = ("pad", "stretch")
+AMP_MODES = ("off", "bf16", "fp16")
 
 
 def _opt(default: Any, help: str, choices: tuple | None = None) -> Any:
@@ -199,11 +200,24 @@ class TrainConfig:
     seed: int = _opt(0, "seed of model initialisation, dropout and triplet sampling")
     device: str = _opt("auto", "'auto' (cuda if available), 'cpu', 'cuda' or 'cuda:N'")
     out: str = _opt("runs/mfnet", "output directory for checkpoints and results")
+    save_every_steps: int = _opt(
+        0, "also write last.pt every N optimiser steps (0 = only at the end of each epoch)"
+    )
+    amp: str = _opt(
+        "off", "mixed precision: off, bf16 (CPU or CUDA autocast) or fp16 (CUDA only, with a "
+        "GradScaler); the losses are computed in float32", AMP_MODES,
+    )
+    visuals: int = _opt(
+        4, "episodes drawn as a qualitative grid in <out>/visuals/ at each evaluation (0 = none)"
+    )
 
     def __post_init__(self) -> None:
         for name in ("epochs", "episodes_per_epoch", "batch_size", "lr"):
             _check_positive(name, getattr(self, name))
         _check_positive("workers", self.workers, allow_zero=True)
+        _check_positive("save_every_steps", self.save_every_steps, allow_zero=True)
+        _check_positive("visuals", self.visuals, allow_zero=True)
+        _check_choice("amp", self.amp, AMP_MODES)
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ from .model.baseline import PrototypeBaseline
 from .model.mfnet import MFNet
 from .model.naive import NaiveMultiWay
 from .training.checkpoint import CheckpointError, model_from_checkpoint
+from .training.distributed import DistContext
 from .training.loop import resolve_device
 
 # The benchmark and fold are the checkpoint's: other folds are evaluated with --folds.
@@ -33,18 +34,19 @@ FIXED_BY_CHECKPOINT = ("dataset", "fold")
 
 def evaluate_model(
     model: MFNet, config: Config, device: torch.device, baseline: bool = True,
-    progress: bool = True, naive: bool = False,
+    progress: bool = True, naive: bool = False, context: DistContext | None = None,
 ) -> dict[str, ProtocolResult]:
     """Run the protocol for ``model`` (and the baseline on its features) on the same episodes.
 
     With ``naive``, ``model`` is 1-way and runs once per class of the ``config.model.way``-way
-    episodes.
+    episodes. With a data-parallel ``context`` the episodes are sharded over the ranks and the
+    counts summed (every rank must call this; all get the same results).
     """
     model = model.to(device).eval()
     predictors = {"MFNet 1-way x N" if naive else "MFNet": NaiveMultiWay(model) if naive else model}
     if baseline:
         predictors["baseline"] = PrototypeBaseline(model.extract_features)
-    return run_protocol(predictors, config, device, progress=progress)
+    return run_protocol(predictors, config, device, progress=progress, context=context)
 
 
 def write_results(path: Path, results: dict[str, ProtocolResult], config: Config,
@@ -83,6 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="with --folds: write the table to TABLE.md and TABLE.csv")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                         help="show progress bars")
+    parser.add_argument("--save-visuals", type=Path, default=None, metavar="DIR",
+                        help="also draw the first --num-visuals episodes of run 0 (supports, "
+                             "query, ground truth, prediction) to DIR/fold{fold}.png")
+    parser.add_argument("--num-visuals", type=int, default=4, help="episodes drawn (default 4)")
     add_config_arguments(parser, ("eval", "data"), exclude=FIXED_BY_CHECKPOINT)
     return parser
 
@@ -99,6 +105,11 @@ def _evaluate_checkpoint(path: str, args: argparse.Namespace, device: torch.devi
     results = evaluate_model(model, config, device, baseline=args.baseline,
                              progress=args.progress, naive=args.naive_way is not None)
     print(format_results(results, protocol_description(config)))
+    if args.save_visuals is not None and args.naive_way is None:
+        from .visualize import save_visuals
+        paths = save_visuals(model, config, device, args.save_visuals, args.num_visuals,
+                             name=f"fold{config.data.fold}")
+        print(f"qualitative results: {', '.join(map(str, paths))}")
     return results, config
 
 

@@ -13,12 +13,13 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, default_collate
+from torch.utils.data import DataLoader, Subset, default_collate
 from tqdm import tqdm
 
 from .config import Config
 from .data.benchmarks import build_episodes, describe, novel_class_ids
 from .metrics import FewShotMeter
+from .training.distributed import DistContext, all_reduce_sum, shard_indices
 
 # (support_images [B,N,K,3,H,W], support_masks [B,N,K,H,W], query [B,3,H,W]) -> logits [B,N+1,H,W]
 Predictor = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -62,18 +63,26 @@ def run_protocol(
     config: Config,
     device: torch.device,
     progress: bool = True,
+    context: DistContext | None = None,
 ) -> dict[str, ProtocolResult]:
     """Score every predictor on ``eval_runs`` x ``eval_episodes`` test episodes of the fold.
 
     Run r draws its episodes with seed ``eval_seed + r``. Per-class TP/FP/FN accumulate over the
-    episodes of a run (``FewShotMeter``); mean and std are taken over runs.
+    episodes of a run (``FewShotMeter``); mean and std are taken over runs. Under data
+    parallelism (``context`` with world size W > 1) rank r scores episodes r, r + W, ... and the
+    raw counts are summed over ranks before the metrics are computed: the numbers are those of
+    a single process scoring every episode. Every rank must call this.
     """
+    context = context or DistContext()
     ev = config.eval
     shot = ev.eval_shot or config.model.shot
     class_ids = novel_class_ids(config)
     results: dict[str, list[dict]] = {name: [] for name in predictors}
     for run in range(ev.eval_runs):
         episodes = build_episodes(config, "test", shot, ev.eval_episodes, ev.eval_seed + run)
+        if context.enabled:
+            episodes = Subset(episodes, shard_indices(len(episodes), context.rank,
+                                                      context.world_size))
         loader = DataLoader(
             episodes,
             batch_size=ev.eval_batch_size,
@@ -83,7 +92,7 @@ def run_protocol(
         )
         meters = {name: FewShotMeter(class_ids) for name in predictors}
         bar = tqdm(loader, desc=f"eval run {run + 1}/{ev.eval_runs}", unit="batch",
-                   disable=not progress, leave=False)
+                   disable=not (progress and context.is_main), leave=False)
         with torch.no_grad():
             for batch in bar:
                 images = batch["support_images"].to(device)
@@ -95,8 +104,17 @@ def run_protocol(
                         pred, target = score_maps(logits[b], batch, b)
                         meters[name].update(pred, target, batch["episode_classes"][b])
         for name, meter in meters.items():
+            if context.enabled:
+                total = FewShotMeter(class_ids)
+                total.merge(all_reduce_sum(meter.state(), _reduce_device(device)))
+                meter = total
             results[name].append(meter.compute())
     return {name: ProtocolResult(tuple(runs)) for name, runs in results.items()}
+
+
+def _reduce_device(device: torch.device) -> torch.device:
+    """nccl reduces CUDA tensors only; gloo reduces CPU tensors."""
+    return device if device.type == "cuda" else torch.device("cpu")
 
 
 def collate_episodes(items: list[dict[str, torch.Tensor]]) -> dict:

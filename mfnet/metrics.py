@@ -119,6 +119,23 @@ class FewShotMeter:
             [torch.stack([bg_tp, fg_tp]), torch.stack([bg_fp, bg_fn]), torch.stack([bg_fn, bg_fp])]
         )  # [3, 2]: foreground FP = background FN and vice versa
 
+    def state(self) -> dict[str, torch.Tensor]:
+        """The raw counts (int64 copies): ``star``, ``panet`` [3, K] and ``fb`` [3, 2], rows
+        TP, FP, FN. Counts add over episodes, so the sum of several meters' states is the state
+        of one meter that saw all their episodes (used to reduce a sharded evaluation)."""
+        return {"star": self._counts_star.clone(), "panet": self._counts_panet.clone(),
+                "fb": self._counts_fb.clone()}
+
+    def merge(self, counts: dict[str, torch.Tensor]) -> None:
+        """Add raw counts exported by ``state()`` of a meter over the same ``class_ids``."""
+        for name, mine in (("star", self._counts_star), ("panet", self._counts_panet),
+                           ("fb", self._counts_fb)):
+            other = counts[name]
+            if tuple(other.shape) != tuple(mine.shape):
+                raise ValueError(f"{name} counts have shape {tuple(other.shape)}, "
+                                 f"expected {tuple(mine.shape)}")
+            mine += other.to("cpu", torch.int64)
+
     def compute(self) -> dict:
         """Return the metrics of everything accumulated since the last ``reset``.
 

@@ -5,19 +5,30 @@ download), the small trainable backbone, 2-way 1-shot on fold 0, about ten minut
 cores. After training it evaluates the checkpoint on the fold's novel classes with the paper's
 protocol and prints mIoU*, mIoU and FB-IoU next to the training-free prototype baseline.
 Any option below overrides the preset.
+
+Data parallel: ``torchrun --nproc_per_node=G -m mfnet.train ...`` (``--batch-size`` is per
+process). SIGTERM / SIGINT stop after the current step with a checkpoint (exit code 0 for
+SIGTERM, 130 for SIGINT); ``--resume`` continues it exactly.
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import time
+from pathlib import Path
 
-from .config import PRESETS, add_config_arguments, overrides_from_args, preset
+import torch
+import torch.distributed as dist
+
+from .config import PRESETS, Config, add_config_arguments, overrides_from_args, preset
 from .evaluate import evaluate_model, write_results
 from .evaluation import format_results, protocol_description
 from .training.checkpoint import CheckpointError
-from .training.loop import resolve_device, train
+from .training.distributed import DistContext, init_distributed
+from .training.logs import write_eval_scalars
+from .training.loop import TrainingInterrupted, resolve_device, train
 
 SECTIONS = ("model", "loss", "data", "train", "eval")
 
@@ -44,27 +55,56 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     started = time.perf_counter()
+    context = DistContext()
     try:
         overrides = overrides_from_args(args, SECTIONS)
         if "out" not in overrides and args.preset != "synthetic-cpu":
             fold = overrides.get("fold", PRESETS[args.preset].get("fold", 0))
             overrides["out"] = f"runs/{args.preset}/fold{fold}"
         config = preset(args.preset, **overrides)
-        model, checkpoint = train(config, resume=args.resume, progress=args.progress)
-    except (CheckpointError, ValueError, RuntimeError) as error:
+        context = init_distributed(config.train.device)
+        return _run(args, config, context, started)
+    except TrainingInterrupted as stop:
+        if context.is_main:
+            print(f"stopped: {stop}", file=sys.stderr)
+        return 0 if stop.signal_number == signal.SIGTERM else 130
+    except (CheckpointError, ValueError, RuntimeError, FloatingPointError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(f"checkpoint: {checkpoint}")
+    finally:
+        if context.enabled:
+            dist.destroy_process_group()
+
+
+def _run(args: argparse.Namespace, config: Config, context: DistContext, started: float) -> int:
+    model, checkpoint = train(config, resume=args.resume, progress=args.progress,
+                              context=context)
+    if context.is_main:
+        print(f"checkpoint: {checkpoint}")
     if args.evaluate:
         device = resolve_device(config.train.device)
-        results = evaluate_model(model, config, device, progress=args.progress)
-        print(format_results(results, protocol_description(config)))
-        wall = time.perf_counter() - started
-        results_path = checkpoint.parent / "results.json"
-        write_results(results_path, results, config,
-                      {"checkpoint": str(checkpoint), "wall_time_s": wall})
-        print(f"results written to {results_path}")
-    print(f"wall time: {time.perf_counter() - started:.0f} s")
+        if context.enabled and device.type == "cuda":
+            device = torch.device("cuda", context.local_rank)
+        results = evaluate_model(model, config, device, progress=args.progress, context=context)
+        if context.is_main:
+            print(format_results(results, protocol_description(config)))
+            out = Path(config.train.out)
+            steps = config.train.epochs * (config.train.episodes_per_epoch
+                                           // (config.train.batch_size * context.world_size))
+            write_eval_scalars(out, steps, results)
+            if config.train.visuals:
+                from .visualize import save_visuals
+                paths = save_visuals(model, config, device, out / "visuals",
+                                     config.train.visuals, name=f"step{steps}")
+                print(f"qualitative results: {', '.join(map(str, paths))}")
+            wall = time.perf_counter() - started
+            results_path = checkpoint.parent / "results.json"
+            write_results(results_path, results, config,
+                          {"checkpoint": str(checkpoint), "wall_time_s": wall,
+                           "world_size": context.world_size})
+            print(f"results written to {results_path}")
+    if context.is_main:
+        print(f"wall time: {time.perf_counter() - started:.0f} s")
     return 0
 
 

@@ -479,4 +479,7 @@ def test_memory_stays_flat_over_many_calls(segmenter2) -> None:
     before = _rss_bytes()
     for i in range(3000):
         segmenter2.segment(frames[i % 2], support)
-    assert _rss_bytes() - before < 4 * 1024 * 1024
+    # Leaking even the smallest per-call buffer (the 48 x 48 x 3 uint8 frame, 6.9 KB) would add
+    # 20 MB over 3000 calls; 10 MB leaves room for allocator arenas after a long test session
+    # (a 4 MB bound failed once in a full run from arena growth alone).
+    assert _rss_bytes() - before < 10 * 1024 * 1024

@@ -3,7 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +22,7 @@ from mfnet.training.checkpoint import (
     CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint,
 )
 from mfnet.training import loop
+from mfnet.training.logs import read_log
 from mfnet.training.loop import compute_losses, train
 from mfnet.training.schedule import poly_lr
 
@@ -107,3 +115,101 @@ def test_checkpoint_with_an_arbitrary_object_is_refused(tmp_path) -> None:
                path)
     with pytest.raises(CheckpointError, match="could not be read"):
         load_checkpoint(path)
+
+
+def _train_command(out, *extra: str) -> list[str]:
+    """``python -m mfnet.train`` on a tiny config: 3 epochs x 8 steps, dropout and PML on."""
+    return [sys.executable, "-m", "mfnet.train", "--image-size", "48", "--channels", "16",
+            "--epochs", "3", "--episodes-per-epoch", "32", "--batch-size", "4", "--workers", "0",
+            "--pml-start-epoch", "1", "--dropout", "0.3", "--no-evaluate", "--no-progress",
+            "--out", str(out), *extra]
+
+
+def _losses(out) -> list[tuple[str, ...]]:
+    return [tuple(row[k] for k in ("step", "epoch", "loss", "seg", "pml", "lr"))
+            for row in read_log(out / "log.csv")]
+
+
+def test_sigterm_then_resume_repeats_the_per_step_losses_exactly(tmp_path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    straight = tmp_path / "straight"
+    subprocess.run(_train_command(straight), check=True, env=env, capture_output=True)
+    expected = _losses(straight)
+    assert len(expected) == 24
+
+    out = tmp_path / "interrupted"
+    process = subprocess.Popen(_train_command(out), env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        if (out / "log.csv").is_file() and len(read_log(out / "log.csv")) >= 3:
+            break
+        time.sleep(0.02)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr
+    assert "SIGTERM" in stderr and str(out / "last.pt") in stderr
+    payload = load_checkpoint(out / "last.pt")
+    done = payload["step"]
+    assert 3 <= done < 24, "the run must be stopped part-way"
+    assert len(_losses(out)) == done
+    assert set(payload["rng"][0]) >= {"python", "numpy", "torch", "generator"}
+
+    subprocess.run(_train_command(out, "--resume", str(out / "last.pt")), check=True, env=env,
+                   capture_output=True)
+    assert _losses(out) == expected  # bit-exact per-step loss sequence, mid-epoch resume included
+    assert (out / "curves.png").stat().st_size > 0
+    assert any((out / "tensorboard").iterdir())
+
+
+def test_save_every_steps_and_nan_loss_keeps_the_last_good_checkpoint(tiny_config,
+                                                                      monkeypatch) -> None:
+    config = tiny_config.replace(epochs=2, save_every_steps=3)
+    calls = []
+    real = loop.compute_losses
+
+    def poisoned(*args, **kwargs):
+        losses = real(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 5:  # step 5 (epoch 2, step 1): NaN
+            return loop.StepLosses(losses.total * math.nan, losses.segmentation, losses.metric)
+        return losses
+
+    monkeypatch.setattr(loop, "compute_losses", poisoned)
+    with pytest.raises(FloatingPointError, match="loss became nan at step 5.*untouched"):
+        train(config, progress=False, log=lambda _: None)
+    payload = load_checkpoint(Path(config.train.out) / "last.pt")
+    assert payload["step"] == 4 and payload["epoch"] == 1 and payload["epoch_step"] == 0
+    assert all(torch.isfinite(v).all() for v in payload["model"].values()
+               if v.is_floating_point())
+
+    calls.clear()
+    monkeypatch.setattr(loop, "compute_losses", real)
+    saved = []
+    monkeypatch.setattr(loop, "save_checkpoint",
+                        lambda path, payload: saved.append((payload["step"],
+                                                            payload["epoch_step"])))
+    train(config, progress=False, log=lambda _: None)
+    assert saved == [(3, 3), (4, 0), (6, 2), (8, 0)]
+
+
+def test_bf16_autocast_trains_on_cpu_and_fp16_needs_cuda(tiny_config) -> None:
+    torch.manual_seed(0)
+    config = tiny_config.replace(dropout=0.0, amp="bf16")
+    model = build_mfnet(config.model).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
+    batch = next(iter(DataLoader(build_episodes(config, "train", 1, 4, seed=0), batch_size=4)))
+    generator = torch.Generator().manual_seed(0)
+    losses = []
+    for _ in range(12):
+        step = compute_losses(model, batch, config, True, generator, amp="bf16")
+        assert step.total.dtype == torch.float32 and torch.isfinite(step.total)
+        optimizer.zero_grad()
+        step.total.backward()
+        optimizer.step()
+        losses.append(step.segmentation.item())
+    assert sum(losses[-3:]) < sum(losses[:3]), losses
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="fp16 needs a CUDA device"):
+            train(tiny_config.replace(amp="fp16", device="cpu"), progress=False,
+                  log=lambda _: None)

@@ -2,17 +2,21 @@
 
 A checkpoint is a dict of builtins and tensors: ``format`` (version tag), ``config``
 (``Config.to_dict()``), ``model`` (state dict of the learnable parts and buffers), and for
-resuming ``optimizer``, ``epoch`` (epochs completed) and ``step``. The frozen torchvision trunk
-is stored too, so a checkpoint never needs the ImageNet weights again.
+resuming ``optimizer``, ``epoch`` (epochs completed), ``step`` (optimiser steps done),
+``epoch_step`` (steps done in the unfinished epoch ``epoch``; 0 at an epoch end), ``world_size``,
+``rng`` (``capture_rng_state``) and, with fp16, ``scaler``. The frozen torchvision trunk is
+stored too, so a checkpoint never needs the ImageNet weights again.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import io
+import random
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..atomic import atomic_write_bytes
@@ -75,3 +79,36 @@ def model_from_checkpoint(
     except RuntimeError as error:
         raise CheckpointError(f"checkpoint {path} does not match its own config: {error}") from error
     return model.to(map_location).eval(), config
+
+
+def capture_rng_state(generator: torch.Generator | None = None) -> dict[str, Any]:
+    """Every random state a training step reads: python ``random``, numpy's global generator,
+    torch's CPU generator, the CUDA generators (when CUDA is available) and ``generator`` (the
+    triplet sampler's). Plain data and tensors only (``weights_only`` loading)."""
+    version, internal, gauss = random.getstate()
+    name, keys, position, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": [version, list(internal), gauss],
+        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)),
+                  "position": int(position), "has_gauss": int(has_gauss), "cached": float(cached)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    if generator is not None:
+        state["generator"] = generator.get_state()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any], generator: torch.Generator | None = None) -> None:
+    """Inverse of ``capture_rng_state``."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    saved = state["numpy"]
+    np.random.set_state((saved["name"], saved["keys"].numpy().astype(np.uint32),
+                         saved["position"], saved["has_gauss"], saved["cached"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if generator is not None and "generator" in state:
+        generator.set_state(state["generator"])
