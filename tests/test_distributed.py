@@ -20,7 +20,6 @@ from mfnet.training.distributed import DistContext, init_distributed, shard_indi
 def test_shard_indices_partition_the_episodes() -> None:
     shards = [shard_indices(10, r, 3) for r in range(3)]
     assert shards == [[0, 3, 6, 9], [1, 4, 7], [2, 5, 8]]
-    assert shard_indices(10, 1, 3, skip=1) == [4, 7]
     assert sorted(sum(shards, [])) == list(range(10))
 
 
@@ -55,8 +54,8 @@ def _worker(rank: int, world: int, port: int, config, out_dir: str) -> None:
     seen: list[int] = []
     real = loop.shard_indices
 
-    def recording(num_items: int, rank: int, world_size: int, skip: int = 0) -> list[int]:
-        indices = real(num_items, rank, world_size, skip)
+    def recording(num_items: int, rank: int, world_size: int) -> list[int]:
+        indices = real(num_items, rank, world_size)
         seen.extend(indices)  # the episodes of the epoch this rank trains on
         return indices
 

@@ -47,10 +47,9 @@ def init_distributed(device_name: str) -> DistContext:
     return DistContext(rank=rank, world_size=world_size, local_rank=local_rank)
 
 
-def shard_indices(num_items: int, rank: int, world_size: int, skip: int = 0) -> list[int]:
-    """Indices of ``num_items`` that ``rank`` handles: r, r + W, ...; the first ``skip`` of them
-    (already consumed before a resume) are left out."""
-    return list(range(rank, num_items, world_size))[skip:]
+def shard_indices(num_items: int, rank: int, world_size: int) -> list[int]:
+    """Indices of ``num_items`` that ``rank`` handles: r, r + W, ..."""
+    return list(range(rank, num_items, world_size))
 
 
 def all_reduce_sum(tensors: dict[str, torch.Tensor],
