@@ -15,53 +15,20 @@ call); the JSON under benchmarks/results/ records median, p10, p90, device and v
 from __future__ import annotations
 
 import argparse
-import json
 import platform
-import statistics
-import time
-from datetime import datetime, timezone
-from importlib.metadata import PackageNotFoundError, version
+import sys
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 
-from mfnet.training.checkpoint import model_from_checkpoint
-from mfnet_runtime import Segmenter
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import now_utc, time_calls, versions, write_json  # noqa: E402
+
+from mfnet.training.checkpoint import model_from_checkpoint  # noqa: E402
+from mfnet_runtime import Segmenter  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def time_calls(call: Callable[[], object], warmup: int, iterations: int, cuda: bool) -> dict:
-    for _ in range(warmup):
-        call()
-    samples = []
-    for _ in range(iterations):
-        if cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        call()
-        if cuda:
-            torch.cuda.synchronize()
-        samples.append((time.perf_counter() - start) * 1e3)
-    ordered = sorted(samples)
-    return {
-        "median_ms": statistics.median(samples),
-        "p10_ms": ordered[int(0.1 * (len(ordered) - 1))],
-        "p90_ms": ordered[int(0.9 * (len(ordered) - 1))],
-        "iterations": iterations,
-    }
-
-
-def versions() -> dict:
-    found = {"python": platform.python_version()}
-    for package in ("torch", "onnxruntime", "onnxruntime-gpu", "numpy", "mfnet-runtime"):
-        try:
-            found[package] = version(package)
-        except PackageNotFoundError:
-            pass
-    return found
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -116,14 +83,17 @@ def main(argv: list[str] | None = None) -> int:
         "runtime_segment": lambda: segmenter.segment(frame, support),
         "runtime_decoder": lambda: segmenter.decode_prepared(batch, support),
     }
-    results = {name: time_calls(call, args.warmup, args.iterations, cuda)
-               for name, call in variants.items()}
+    results = {}
+    for name, call in variants.items():
+        stats = time_calls(call, args.warmup, args.iterations, cuda)
+        stats["iterations"] = stats["n"]
+        results[name] = stats
     base = results["torch_full"]["median_ms"]
     ratios = {f"torch_full / {name}": base / r["median_ms"] for name, r in results.items()}
     device_name = torch.cuda.get_device_name() if cuda else (platform.processor() or "cpu")
     payload = {
         "benchmark": "bench_runtime",
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date": now_utc(),
         "device": device_name,
         "cpu_count": torch.get_num_threads(),
         "runtime_backend": f"{segmenter.backend_name} ({segmenter.precision})",
@@ -137,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     RESULTS.mkdir(parents=True, exist_ok=True)
     name = args.name or f"runtime_{config.model.backbone}_{size}_{args.device}"
     out = RESULTS / f"{name}.json"
-    out.write_text(json.dumps(payload, indent=2))
+    write_json(out, payload)
     for variant, r in results.items():
         print(f"{variant:<16} median {r['median_ms']:8.2f} ms  p10 {r['p10_ms']:8.2f}  "
               f"p90 {r['p90_ms']:8.2f}  ({base / r['median_ms']:.2f}x torch_full)")

@@ -34,6 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset")
     parser.add_argument("--no-verify", dest="verify", action="store_false",
                         help="skip the ONNX Runtime parity check (not recommended)")
+    parser.add_argument("--no-optimize", dest="optimize", action="store_false",
+                        help="export the query decoder in its plain form (decode_query as it is) "
+                             "instead of the exact optimised rewrite (static pooling, prototype "
+                             "folding; see benchmarks/OPTIMISATION.md), for comparison")
     return parser
 
 
@@ -42,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     limits = ExportLimits(args.max_batch, args.max_support, args.max_shots)
     try:
         export_onnx(args.checkpoint, args.out, precisions=tuple(args.precisions), limits=limits,
-                    opset=args.opset, verify=args.verify)
+                    opset=args.opset, verify=args.verify, optimize=args.optimize)
     except (CheckpointError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -28,6 +28,7 @@ PROTOCOLS = ("panet", "metaseg")
 EVAL_RESOLUTIONS = ("network", "original")
 TEST_RESIZES = ("pad", "stretch")
 AMP_MODES = ("off", "bf16", "fp16")
+OPS_IMPLS = ("auto", "reference", "cuda")  # mfnet.ops.extension.IMPLS
 
 
 def _opt(default: Any, help: str, choices: tuple | None = None) -> Any:
@@ -210,6 +211,14 @@ class TrainConfig:
     visuals: int = _opt(
         4, "episodes drawn as a qualitative grid in <out>/visuals/ at each evaluation (0 = none)"
     )
+    ops: str = _opt(
+        "auto",
+        "which implementation of the custom ops (masked pooling, triplet sampling) training uses: "
+        "auto = the CUDA extension mfnet_ext on a GPU when it builds, else the PyTorch reference; "
+        "reference = always the PyTorch reference; cuda = the extension, or an error if it cannot "
+        "be built (see docs/cuda_ext.md)",
+        OPS_IMPLS,
+    )
 
     def __post_init__(self) -> None:
         for name in ("epochs", "episodes_per_epoch", "batch_size", "lr"):
@@ -218,6 +227,7 @@ class TrainConfig:
         _check_positive("save_every_steps", self.save_every_steps, allow_zero=True)
         _check_positive("visuals", self.visuals, allow_zero=True)
         _check_choice("amp", self.amp, AMP_MODES)
+        _check_choice("ops", self.ops, OPS_IMPLS)
 
 
 @dataclass(frozen=True)

@@ -1,11 +1,21 @@
-"""Shared fixtures: a tiny CPU configuration of the default preset."""
+"""Shared fixtures: a tiny CPU configuration of the default preset; the compiled extension."""
 
 from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from mfnet.config import Config, preset
+
+ROOT = Path(__file__).resolve().parents[1]
+try:  # installed with mfnet (`pip install -e .`); from a bare checkout, take it from cuda_ext/
+    import mfnet_ext  # noqa: F401
+except ImportError:
+    sys.path.insert(0, str(ROOT / "cuda_ext"))
 
 
 @pytest.fixture(autouse=True)
@@ -21,3 +31,27 @@ def tiny_config(tmp_path) -> Config:
         pml_start_epoch=0, eval_runs=2, eval_episodes=6, eval_batch_size=3,
         out=str(tmp_path / "run"),
     )
+
+
+@pytest.fixture(scope="session")
+def cuda_ext():
+    """The compiled ``mfnet_ext`` library (``mfnet_ext.Extension``), built once into
+    ``<repo>/build/cuda_ext_test`` (kept between runs, keyed by the sources' digest).
+
+    Without a CUDA toolkit (nvcc) or a CUDA build of torch the tests that need it are skipped,
+    unless MFNET_REQUIRE_CUDA_EXT=1 (CI), where that is a failure. A compile error always fails.
+    """
+    import mfnet_ext
+
+    required = os.environ.get("MFNET_REQUIRE_CUDA_EXT") == "1"
+    home = mfnet_ext.cuda_home()
+    missing = None
+    if not torch.version.cuda:
+        missing = f"torch {torch.__version__} is not a CUDA build"
+    elif home is None or not Path(home, "bin", "nvcc").is_file():
+        missing = f"no CUDA toolkit (CUDA_HOME={home!r} has no bin/nvcc)"
+    if missing is not None:
+        if required:
+            pytest.fail(f"MFNET_REQUIRE_CUDA_EXT=1 but the extension cannot be built: {missing}")
+        pytest.skip(f"the mfnet_ext extension cannot be built here: {missing}")
+    return mfnet_ext.load(compile=True, build_root=ROOT / "build" / "cuda_ext_test")

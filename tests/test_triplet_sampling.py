@@ -208,21 +208,24 @@ def test_feature_mode_picks_farthest_positive_and_closest_negative() -> None:
         sample_triplets_reference(pred, target, 1, positive_mode="feature")
 
 
-@pytest.mark.parametrize(
-    ("kwargs", "message"),
-    [
-        ({"positive_mode": "nearest"}, "positive_mode"),
-        ({"num_classes": 0}, "num_classes"),
-        ({"num_triplets": 0}, "num_triplets"),
-        ({"tau": 0.0}, "tau"),
-        ({"pred": torch.zeros(1, 3, 3)}, "int64"),
-        ({"target": torch.zeros(1, 3, 4, dtype=torch.int64)}, "shapes differ"),
-        ({"pred": torch.zeros(3, 3, dtype=torch.int64)}, r"\[B, h, w\]"),
-        ({"pred": torch.full((1, 3, 3), 3, dtype=torch.int64)}, "pred values"),
-        ({"target": torch.full((1, 3, 3), 7, dtype=torch.int64)}, "target values"),
-        ({"embedding": torch.zeros(1, 4, 3, 2)}, "embedding must be"),
-    ],
-)
+# (bad arguments, expected message): shared with the fused sampler's tests
+BAD_INPUTS = [
+    ({"positive_mode": "nearest"}, "positive_mode"),
+    ({"num_classes": 0}, "num_classes"),
+    ({"num_triplets": 0}, "num_triplets"),
+    ({"tau": 0.0}, "tau"),
+    ({"pred": torch.zeros(1, 3, 3)}, "int64"),
+    ({"target": torch.zeros(1, 3, 4, dtype=torch.int64)}, "shapes differ"),
+    ({"pred": torch.zeros(3, 3, dtype=torch.int64)}, r"\[B, h, w\]"),
+    ({"pred": torch.full((1, 3, 3), 3, dtype=torch.int64)}, "pred values"),
+    ({"target": torch.full((1, 3, 3), 7, dtype=torch.int64)}, "target values"),
+    ({"pred": torch.zeros(0, 3, 3, dtype=torch.int64),
+      "target": torch.zeros(0, 3, 3, dtype=torch.int64)}, "empty"),
+    ({"embedding": torch.zeros(1, 4, 3, 2)}, "embedding must be"),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "message"), BAD_INPUTS)
 def test_bad_inputs_raise(kwargs: dict, message: str) -> None:
     args = {
         "pred": torch.zeros(1, 3, 3, dtype=torch.int64),

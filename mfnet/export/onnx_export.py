@@ -9,6 +9,10 @@ Graphs (``<precision>`` is ``fp32`` and, unless disabled, ``fp16`` with float32 
   traced from the same method, where A_S is skipped as in the paper).
 - ``query_decoder.<p>.onnx``: frames uint8 [B, H, W, 3] RGB + prototypes float32 [N, C] ->
   labels uint8 [B, H, W], probabilities float32 [B, N+1, H, W]; B dynamic, H = W = input size.
+  By default (``optimize=True``) it is traced from ``FastQueryDecoder`` (static adaptive pooling
+  as MatMuls, prototype folding of the first A_M convs: ``mfnet/model/inference.py``), an exact
+  rewrite of ``decode_query``; the verification compares it with the plain eager
+  ``decode_query``. The form is recorded in the graph's ``details["decoder_form"]``.
 """
 
 from __future__ import annotations
@@ -74,8 +78,11 @@ def _export_graph(module: torch.nn.Module, args: tuple, path: Path, input_names:
     onnx.checker.check_model(str(path), full_check=True)
 
 
-def graph_plan(model: MFNet, limits: ExportLimits) -> list[dict[str, Any]]:
-    """What to export: one entry per graph role, with example inputs and I/O specs."""
+def graph_plan(model: MFNet, limits: ExportLimits, optimize: bool = True) -> list[dict[str, Any]]:
+    """What to export: one entry per graph role, with example inputs and I/O specs.
+
+    ``options`` are keyword arguments of the wrapper (the query decoder's ``optimized``).
+    """
     size, channels, way = model.config.image_size, model.config.channels, model.way
     uint8_image = torch.zeros(2, size, size, 3, dtype=torch.uint8)
     mask = torch.zeros(2, size, size, dtype=torch.uint8)
@@ -109,7 +116,7 @@ def graph_plan(model: MFNet, limits: ExportLimits) -> list[dict[str, Any]]:
                      TensorSpec("probabilities", ("B", way + 1, size, size), "float32")],
             dynamic={"frames": {0: torch.export.Dim("B", min=1, max=limits.max_batch)},
                      "prototypes": None},
-            details={"max_batch": limits.max_batch},
+            details={"max_batch": limits.max_batch}, options={"optimized": optimize},
         ),
     ]
     if has_attention:  # K = 1 skips A_S (paper): a static graph of the same method
@@ -131,9 +138,13 @@ def export_onnx(
     limits: ExportLimits = ExportLimits(),
     opset: int = DEFAULT_OPSET,
     verify: bool = True,
+    optimize: bool = True,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Export every graph in every precision, verify them, and write ``manifest.json``.
+
+    ``optimize=False`` exports the query decoder in its plain form (``decode_query`` as it is),
+    for comparison with the default optimised form.
 
     Returns the manifest. Raises ``ExportError`` (with the parity report) when a verification
     fails; the manifest is then not written, so a failed export never looks finished.
@@ -150,16 +161,20 @@ def export_onnx(
     for precision in precisions:
         dtype = PRECISIONS[precision]
         variant = model if dtype == torch.float32 else copy.deepcopy(model).to(dtype)
-        for entry in graph_plan(variant, limits):
+        for entry in graph_plan(variant, limits, optimize):
             file = f"{entry['role']}.{precision}.onnx"
             log(f"exporting {file}")
-            _export_graph(entry["wrapper"](variant, dtype).eval(), entry["args"], out / file,
+            module = entry["wrapper"](variant, dtype, **entry.get("options", {})).eval()
+            details = dict(entry["details"])
+            if hasattr(module, "form"):  # which decoder form the graph was traced from
+                details["decoder_form"] = module.form
+            _export_graph(module, entry["args"], out / file,
                           [i.name for i in entry["inputs"]], [o.name for o in entry["outputs"]],
                           entry["dynamic"], opset)
             graphs.append(GraphSpec(
                 role=entry["role"], file=file, precision=precision,
                 inputs=tuple(entry["inputs"]), outputs=tuple(entry["outputs"]),
-                sha256=sha256_of(out / file), details=entry["details"],
+                sha256=sha256_of(out / file), details=details,
             ))
     manifest: dict[str, Any] = {
         "schema": SCHEMA,

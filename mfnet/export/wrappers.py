@@ -2,8 +2,9 @@
 
 No model logic is written again here: each wrapper converts the deployment I/O convention
 (uint8 RGB frames in NHWC layout, as video decoders deliver them) to the model's (float RGB in
-[0, 1], NCHW), calls one method of ``MFNet``, and shapes the result. Normalisation, the final
-upsample and the argmax therefore live inside the exported graphs.
+[0, 1], NCHW), calls one method of ``MFNet`` (or, for the query decoder by default, the exact
+inference rewrite ``FastQueryDecoder`` of ``MFNet.decode_query``), and shapes the result.
+Normalisation, the final upsample and the argmax therefore live inside the exported graphs.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..model.inference import FastQueryDecoder
 from ..model.mfnet import MFNet
 from ..model.support import SupportCache
 
@@ -50,20 +52,41 @@ class PrototypeAggregator(nn.Module):
 class QueryDecoder(nn.Module):
     """frames uint8 [B, H, W, 3] RGB + prototypes float32 [N, C] ->
     labels uint8 [B, H, W] (0 = background, n = the n-th class) and
-    probabilities float32 [B, N+1, H, W] (softmax over background and the N classes)."""
+    probabilities float32 [B, N+1, H, W] (softmax over background and the N classes).
 
-    def __init__(self, model: MFNet, dtype: torch.dtype = torch.float32) -> None:
+    ``optimized=True`` (the default, what is exported) decodes with ``FastQueryDecoder``: static
+    adaptive pooling (MatMuls instead of the exporter's gather decomposition) and prototype
+    folding of the first A_M convs; the prototype terms are computed inside the graph from the
+    [N, C] input, so the runtime contract is the same. ``optimized=False`` calls
+    ``MFNet.decode_query`` (the plain form, the reference of the export verification);
+    ``fold_prototypes=False`` keeps static pooling only (for A/B timing of the two rewrites).
+    """
+
+    def __init__(self, model: MFNet, dtype: torch.dtype = torch.float32,
+                 optimized: bool = True, fold_prototypes: bool = True) -> None:
         super().__init__()
         self.model = model
         self.dtype = dtype
+        self.optimized = optimized
+        self.fast = (FastQueryDecoder(model, static_pooling=True, fold_prototypes=fold_prototypes)
+                     if optimized else None)
+
+    @property
+    def form(self) -> str:
+        """What the graph computes the logits with: "plain" (decode_query) or the fast form."""
+        return self.fast.form if self.fast is not None else "plain"
 
     def forward(
         self, frames: torch.Tensor, prototypes: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         prototypes = prototypes.to(self.dtype)
-        # The decoder reads only the prototypes; the per-shot view is the K = 1 cache shape.
-        cache = SupportCache(prototypes[None, :, None, :], prototypes[None])
-        logits = self.model.decode_query(_to_model_images(frames, self.dtype), cache)
+        images = _to_model_images(frames, self.dtype)
+        if self.fast is not None:
+            logits = self.fast(images, prototypes[None])  # [B, N+1, H, W]
+        else:
+            # The decoder reads only the prototypes; the per-shot view is the K = 1 cache shape.
+            cache = SupportCache(prototypes[None, :, None, :], prototypes[None])
+            logits = self.model.decode_query(images, cache)
         logits = logits.float()  # [B, N+1, H, W]
         labels = logits.argmax(dim=1).to(torch.uint8)  # [B, H, W]
         return labels, torch.softmax(logits, dim=1)

@@ -178,7 +178,6 @@ class MFNet(nn.Module):
         B, _, H, W = query.shape
         if cache.batch not in (1, B):
             raise ValueError(f"support cache batch {cache.batch} does not fit query batch {B}")
-        N = self.way
         prototypes = cache.prototypes.expand(B, -1, -1)  # [B, N, C]
         features = self.extract_features(query)  # [B, C, h, w]
         h, w = features.shape[-2:]
@@ -187,15 +186,26 @@ class MFNet(nn.Module):
             pooled = features if bins >= max(h, w) else F.adaptive_avg_pool2d(features, bins)
             scales.append(self._fuse_query_class(pooled, prototypes))  # [B*N, C', h_z, w_z]
         per_class = self.scale_attention(scales, (h, w))  # [B*N, C, h, w]
+        return self.decode_classes(per_class, B, (H, W), return_aux)
+
+    def decode_classes(
+        self, per_class: torch.Tensor, batch: int, size: tuple[int, int], return_aux: bool = False
+    ) -> torch.Tensor | QueryOutput:
+        """The tail of ``decode_query``: class fusion, decoder, upsampling to ``size``.
+
+        per_class [B*N, C, h, w] (the S_n of every class) -> logits [B, N+1, H, W] (or a
+        ``QueryOutput`` when ``return_aux``). Shared with ``inference.FastQueryDecoder``.
+        """
         if self.config.class_fusion == "binary":
-            return self._decode_binary_branches(per_class, B, (H, W), return_aux)
-        per_class = per_class.view(B, N, -1, h, w)
+            return self._decode_binary_branches(per_class, batch, size, return_aux)
+        h, w = per_class.shape[-2:]
+        per_class = per_class.view(batch, self.way, -1, h, w)  # [B, N, C, h, w]
         if self.config.class_fusion == "concat":
             embedding_in = per_class.flatten(1, 2)  # [B, N*C, h, w]
         else:
             embedding_in = per_class.sum(dim=1)  # [B, C, h, w]
         feature_logits, embedding = self.decoder(embedding_in)  # [B, N+1, h, w], [B, C, h, w]
-        logits = F.interpolate(feature_logits, size=(H, W), mode="bilinear", align_corners=True)
+        logits = F.interpolate(feature_logits, size=size, mode="bilinear", align_corners=True)
         if return_aux:
             return QueryOutput(logits, feature_logits, embedding)
         return logits

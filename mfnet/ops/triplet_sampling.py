@@ -39,13 +39,24 @@ fixed order, three [B, T, h*w] uniform tensors (anchors, positives, negatives), 
 (``"feature"`` ignores the last two), so one generator state fixes the result and the anchors of
 the three modes coincide for one seed. Computation stays on the device of the inputs; the
 generator, if given, must live on that device (as ``torch.rand`` requires).
+
+``sample_triplets`` is the dispatching front (``impl`` = "auto" | "reference" | "cuda", see
+``mfnet.ops.extension``): it validates like the reference and runs either the reference or the
+fused ``mfnet_ext`` sampler (one CUDA block per triplet; a bit-identical C++ twin on CPU tensors).
+The fused sampler draws from the same distribution with its own counter-based random numbers
+(Philox4x32-10 keyed by a (seed, offset) taken from the generator), so for one generator state
+the two implementations give different, equally distributed triplets; a fused result is fixed by
+the generator state and identical on CPU and CUDA. ``"feature"`` mode is not fused.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from importlib import import_module
 
 import torch
+
+from .extension import check_impl, extension_for
 
 IGNORE_INDEX = 255
 POSITIVE_MODES = ("spatial", "random", "feature")
@@ -141,6 +152,78 @@ def sample_triplets_reference(
     )
 
 
+def sample_triplets(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    num_classes: int,
+    num_triplets: int = 20,
+    positive_mode: str = "spatial",
+    tau: float = 0.1,
+    generator: torch.Generator | None = None,
+    embedding: torch.Tensor | None = None,
+    impl: str = "auto",
+    *,
+    check_labels: bool = True,
+) -> TripletSample:
+    """Dispatching front of the sampler: same arguments, checks and distribution as
+    ``sample_triplets_reference``, plus ``impl``.
+
+    * ``"reference"``: ``sample_triplets_reference``.
+    * ``"cuda"``: the fused ``mfnet_ext`` sampler (built on first use): the CUDA kernel for CUDA
+      tensors, its bit-identical C++ twin for CPU tensors. Fails loudly, naming the build
+      command, when the extension cannot be had, and with ``positive_mode="feature"`` (the
+      PML-feature ablation has no fused kernel).
+    * ``"auto"``: the fused sampler for CUDA tensors in ``"spatial"`` / ``"random"`` mode when the
+      extension loads; the reference otherwise (so on the CPU exactly the reference).
+
+    Random numbers of the fused sampler: one (seed, offset) per call from ``generator`` (None:
+    the default generator of the labels' device, i.e. torch's global RNG):
+    ``mfnet_ext.triplet_sampling.seed_and_offset`` (a CUDA generator's own Philox (seed, offset),
+    advanced by 4, without a device synchronisation; a CPU generator: one int64 draw). A
+    generator state therefore fixes the result, on CPU and CUDA alike; it differs from the
+    reference's draw for the same state (another random stream, the same distribution).
+
+    Args:
+        pred, target, num_classes, num_triplets, positive_mode, tau, generator, embedding: as in
+            ``sample_triplets_reference``.
+        impl: ``"auto"``, ``"reference"`` or ``"cuda"``.
+        check_labels: keyword-only. False skips the checks of the label VALUES in the fused path
+            (pred in 0..N, target in 0..N or 255), which read the tensors and so synchronise
+            with the GPU; shapes, dtypes, devices and arguments are always checked. The fused
+            sampler is memory-safe on any values (labels are compared, never used as addresses);
+            for labels made by the training loop (an argmax, a dataset) the checks cannot fail.
+            The reference always checks.
+    Returns:
+        TripletSample with int64 [B, T] indices into h * w and a bool [B, T] validity mask.
+    """
+    check_impl(impl)
+    if impl == "cuda" and positive_mode == "feature":
+        raise ValueError(
+            'positive_mode="feature" (the PML-feature ablation) has no fused kernel: use '
+            'impl="auto", which runs the reference for it, or impl="reference"'
+        )
+    if impl == "reference" or positive_mode == "feature":
+        return sample_triplets_reference(
+            pred, target, num_classes, num_triplets, positive_mode, tau, generator, embedding
+        )
+    device = pred.device if isinstance(pred, torch.Tensor) else torch.device("cpu")
+    extension = extension_for(impl, device)
+    if extension is None:
+        return sample_triplets_reference(
+            pred, target, num_classes, num_triplets, positive_mode, tau, generator, embedding
+        )
+    _check_inputs(pred, target, num_classes, num_triplets, positive_mode, tau, embedding,
+                  check_values=check_labels)
+    fused = import_module("mfnet_ext.triplet_sampling")
+    seed, offset = fused.seed_and_offset(generator, pred.device)
+    spatial = positive_mode == "spatial"
+    anchor, positive, negative, valid = fused.sample_triplets(
+        pred, target, num_classes, num_triplets, float(tau) if spatial else 0.0, spatial, seed,
+        offset,
+    )
+    return TripletSample(anchor=anchor, positive=positive, negative=negative, valid=valid)
+
+
 def _gumbel(
     shape: tuple[int, int, int], generator: torch.Generator | None, device: torch.device
 ) -> torch.Tensor:
@@ -178,7 +261,11 @@ def _check_inputs(
     positive_mode: str,
     tau: float,
     embedding: torch.Tensor | None,
+    check_values: bool = True,
 ) -> None:
+    """Raise ValueError on bad arguments. ``check_values=False`` skips the two checks that read
+    the label values (a device synchronisation on CUDA); everything else is checked on the host.
+    """
     if positive_mode not in POSITIVE_MODES:
         raise ValueError(f"positive_mode must be one of {POSITIVE_MODES}, got {positive_mode!r}")
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
@@ -201,11 +288,12 @@ def _check_inputs(
         raise ValueError(f"pred and target devices differ: {pred.device} vs {target.device}")
     if pred.numel() == 0:
         raise ValueError(f"pred/target must not be empty, got shape {tuple(pred.shape)}")
-    if int(pred.min()) < 0 or int(pred.max()) > num_classes:
+    if check_values and (int(pred.min()) < 0 or int(pred.max()) > num_classes):
         raise ValueError(f"pred values must lie in 0..{num_classes}")
-    bad_target = (target != IGNORE_INDEX) & ((target < 0) | (target > num_classes))
-    if bool(bad_target.any()):
-        raise ValueError(f"target values must lie in 0..{num_classes} or be {IGNORE_INDEX}")
+    if check_values:
+        bad_target = (target != IGNORE_INDEX) & ((target < 0) | (target > num_classes))
+        if bool(bad_target.any()):
+            raise ValueError(f"target values must lie in 0..{num_classes} or be {IGNORE_INDEX}")
     if positive_mode == "feature" and embedding is None:
         raise ValueError('positive_mode="feature" needs the embedding [B, C, h, w]')
     if embedding is not None:

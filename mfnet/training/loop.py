@@ -8,6 +8,7 @@ checkpoint from which ``resume`` continues exactly, mid-epoch included.
 from __future__ import annotations
 
 import contextlib
+import functools
 import signal
 import threading
 import time
@@ -27,6 +28,7 @@ from ..data.benchmarks import build_episodes
 from ..losses import pixel_triplet_loss, weighted_focal_loss
 from ..model.build import build_mfnet
 from ..model.mfnet import MFNet, QueryOutput
+from ..ops.triplet_sampling import sample_triplets
 from .checkpoint import (
     CheckpointError, capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint,
 )
@@ -125,6 +127,8 @@ def _losses(model: MFNet, output: QueryOutput, label: torch.Tensor, config: Conf
         positive_mode=config.loss.pml_mode,
         tau=config.loss.pml_tau,
         generator=generator,
+        # config.train.ops: "auto" = the fused sampler on a GPU, the reference on the CPU
+        sampler=functools.partial(sample_triplets, impl=config.train.ops),
     )
     return StepLosses(segmentation + config.loss.pml_weight * metric, segmentation, metric)
 
@@ -192,7 +196,7 @@ def train(
     amp = config.train.amp
     autocast_context(amp, device)  # a clear error for fp16 on the CPU, before any work
     torch.manual_seed(config.train.seed)
-    model = build_mfnet(config.model).to(device)
+    model = build_mfnet(config.model, pool_impl=config.train.ops).to(device)
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(
         parameters,

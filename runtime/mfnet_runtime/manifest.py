@@ -51,6 +51,16 @@ class GraphInfo:
     outputs: tuple[TensorInfo, ...]
     details: Mapping[str, Any] = field(default_factory=dict)
 
+    @property
+    def decoder_form(self) -> str | None:
+        """How a query decoder graph computes its logits: ``details["decoder_form"]``, e.g.
+        "static_pooling+prototype_folding" (the exact optimised rewrite, the default export) or
+        "plain" (``decode_query`` as it is; also every export written before the field
+        existed). None for the other roles. Informational: the I/O contract is the same."""
+        if self.role != "query_decoder":
+            return None
+        return str(self.details.get("decoder_form", "plain"))
+
 
 @dataclass(frozen=True)
 class ModelInfo:
