@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .extension import IMPLS, check_impl, extension_for
+from .extension import IMPLS, extension_for
 
 # Denominator floor: a mask that vanishes at feature resolution pools to the zero vector instead
 # of dividing by zero. Callers that must not see such a prototype check ``mask_area`` first.
@@ -75,9 +75,8 @@ def masked_global_pool(
     Returns:
         [B, C] in the dtype of ``features``.
     """
-    check_impl(impl)
     _check_shapes(features, masks)
-    extension = extension_for(impl, features.device)
+    extension = extension_for(impl, features.device)  # also rejects an unknown impl
     if extension is None:
         return masked_global_pool_reference(features, masks)
     return extension.ops.masked_global_pool(features, masks)

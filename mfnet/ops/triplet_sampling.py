@@ -202,12 +202,9 @@ def sample_triplets(
             'positive_mode="feature" (the PML-feature ablation) has no fused kernel: use '
             'impl="auto", which runs the reference for it, or impl="reference"'
         )
-    if impl == "reference" or positive_mode == "feature":
-        return sample_triplets_reference(
-            pred, target, num_classes, num_triplets, positive_mode, tau, generator, embedding
-        )
     device = pred.device if isinstance(pred, torch.Tensor) else torch.device("cpu")
-    extension = extension_for(impl, device)
+    # None for "reference", for feature mode (no fused kernel) and where "auto" falls back
+    extension = None if positive_mode == "feature" else extension_for(impl, device)
     if extension is None:
         return sample_triplets_reference(
             pred, target, num_classes, num_triplets, positive_mode, tau, generator, embedding
