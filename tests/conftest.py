@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny CPU configuration of the default preset; the compiled extension."""
+"""Shared fixtures: a tiny CPU configuration of the default preset; exports of tiny models whose
+labels vary (once per session); the compiled extension."""
 
 from __future__ import annotations
 
@@ -25,12 +26,32 @@ def _two_threads() -> None:
 
 @pytest.fixture
 def tiny_config(tmp_path) -> Config:
-    """The synthetic-cpu preset shrunk to run in about a second (PML on from the first epoch)."""
+    """The synthetic-cpu preset shrunk to run in about a second (PML on from the first epoch), on
+    the CPU even where a GPU exists."""
     return preset("synthetic-cpu").replace(
-        image_size=48, channels=16, epochs=1, episodes_per_epoch=16, batch_size=4, workers=0,
+        device="cpu", image_size=48, channels=16, epochs=1, episodes_per_epoch=16, batch_size=4, workers=0,
         pml_start_epoch=0, eval_runs=2, eval_episodes=6, eval_batch_size=3,
         out=str(tmp_path / "run"),
     )
+
+
+@pytest.fixture(scope="session")
+def varied_export(tmp_path_factory):
+    """``get(way, shot=1, size=48, precisions=("fp32",))`` -> (engine_dir, checkpoint, manifest):
+    the verified ONNX export of ``runtime_fixtures.varied_model`` (labels vary: every label on
+    every checked query, no two maps alike), exported once per session and configuration."""
+    from runtime_fixtures import export_varied
+
+    cache: dict[tuple, tuple] = {}
+
+    def get(way: int, shot: int = 1, size: int = 48, precisions: tuple[str, ...] = ("fp32",)):
+        key = (way, shot, size, tuple(precisions))
+        if key not in cache:
+            directory = tmp_path_factory.mktemp(f"varied-w{way}s{shot}-{size}")
+            cache[key] = export_varied(directory, way, shot, size, tuple(precisions))
+        return cache[key]
+
+    return get
 
 
 @pytest.fixture(scope="session")
