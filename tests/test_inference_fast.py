@@ -247,13 +247,14 @@ def test_exported_optimised_decoder_equals_eager(tmp_path, precision) -> None:
     from mfnet.export.onnx_export import _export_graph
     from mfnet.export.wrappers import QueryDecoder
 
-    model = tiny_model(72, way=2)
+    from mfnet.export.verify import verification_inputs
+    from runtime_fixtures import assert_labels_vary, varied_model
+
+    model, _ = varied_model(way=2, shot=1, size=72)  # calibrated: its labels vary
     dtype = torch.float32 if precision == "fp32" else torch.float16
     variant = model if precision == "fp32" else copy.deepcopy(model).to(dtype)
     path = tmp_path / f"query_decoder.{precision}.onnx"
-    frames = torch.randint(0, 256, (2, 72, 72, 3), dtype=torch.uint8,
-                           generator=torch.Generator().manual_seed(0))
-    prototypes = torch.randn(2, 16, generator=torch.Generator().manual_seed(1))
+    frames, prototypes = verification_inputs(model)["query_decoder"]["synthetic"]  # 3 queries
     wrapper = QueryDecoder(variant, dtype).eval()
     assert wrapper.form == "static_pooling+prototype_folding"
     _export_graph(wrapper, (frames, prototypes), path, ["frames", "prototypes"],
@@ -267,13 +268,20 @@ def test_exported_optimised_decoder_equals_eager(tmp_path, precision) -> None:
                                                "prototypes": prototypes.numpy()})
     with torch.no_grad():  # the reference: FP32 plain decode_query
         ref_labels, ref_probabilities = QueryDecoder(model, optimized=False)(frames, prototypes)
+    assert_labels_vary(list(ref_labels.numpy()), list(frames.numpy()))
     assert np.isfinite(probabilities).all()
+    difference = np.abs(probabilities - ref_probabilities.numpy()).max()
     if precision == "fp32":
-        assert np.abs(probabilities - ref_probabilities.numpy()).max() < 1e-5
-        assert (labels == ref_labels.numpy()).mean() > 0.999
-    else:
-        assert np.abs(probabilities - ref_probabilities.numpy()).max() < 3e-2
-        assert (labels == ref_labels.numpy()).mean() > 0.99
+        np.testing.assert_array_equal(labels, ref_labels.numpy())
+        assert difference <= 1e-5
+    else:  # probabilities within 1e-2, so a label may flip only where the top two are closer
+        # than 2e-2; this 72 px model has more such near-ties (0.6 % of pixels) than the 48 px
+        # export fixture (test_export: >= 99.5 % of all labels)
+        assert difference <= 1e-2
+        top2 = np.sort(ref_probabilities.numpy(), axis=1)[:, -2:]  # [B, 2, H, W]
+        clear = top2[:, 1] - top2[:, 0] > 2e-2
+        np.testing.assert_array_equal(labels[clear], ref_labels.numpy()[clear])
+        assert (labels == ref_labels.numpy()).mean() >= 0.99
 
 
 def test_manifest_records_the_decoder_form(tmp_path) -> None:

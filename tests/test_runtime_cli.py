@@ -1,8 +1,11 @@
 """The runtime's video/CLI layer: support SPECs, frame sources, the threaded pipeline, outputs,
 ``python -m mfnet_runtime segment`` and its PyTorch twin ``python -m mfnet.predict``.
 
-Engines are the tiny untrained export of ``tests/runtime_fixtures.py`` (48 px): the tests check
-plumbing (frame counts, sizes, orders, errors, memory) and PyTorch/runtime agreement, not accuracy.
+Engines are the tiny calibrated export of ``tests/runtime_fixtures.py`` (48 px, untrained, its
+labels vary): the tests check plumbing (frame counts, sizes, orders, errors, memory) and
+PyTorch/runtime agreement, not accuracy. Each label comparison first checks that the compared
+maps hold several labels and differ from each other, so a swapped class or a reordered frame
+would fail it.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from mfnet_runtime.errors import RuntimeInputError  # noqa: E402
 from mfnet_runtime.overlay import PALETTE, overlay  # noqa: E402
 from mfnet_runtime.spec import SupportSpecError, load_support_spec  # noqa: E402
 from mfnet_runtime.video import open_source, segment_video  # noqa: E402
-from tests.runtime_fixtures import export_tiny  # noqa: E402
+from tests.runtime_fixtures import assert_labels_vary  # noqa: E402
 
 WIDTH, HEIGHT, FRAMES, FPS = 64, 48, 30, 12.0
 RED, GREEN = (220, 30, 30), (30, 200, 40)
@@ -47,9 +50,9 @@ def square_mask(frame: np.ndarray, colour: tuple[int, int, int]) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def engines(tmp_path_factory) -> tuple[Path, Path]:
-    """(engine_dir, checkpoint) of the tiny 2-way 1-shot model."""
-    return export_tiny(tmp_path_factory.mktemp("tiny"), way=2, shot=1, size=48)
+def engines(varied_export) -> tuple[Path, Path]:
+    """(engine_dir, checkpoint) of the tiny 2-way 1-shot model (session export)."""
+    return varied_export(2, 1)[:2]
 
 
 @pytest.fixture(scope="module")
@@ -264,14 +267,17 @@ def test_cli_video_to_folder_matches_segment(engines, segmenter, spec_dir, video
     assert len(list(out.glob("*_overlay.png"))) == FRAMES
     decoded, _ = read_video(video_file)
     support = segmenter.encode_support(load_support_spec(spec_dir))
+    checked = (0, 13, FRAMES - 1)
+    rgb = {i: cv2.cvtColor(decoded[i], cv2.COLOR_BGR2RGB) for i in checked}
+    expected = {i: segmenter.segment(rgb[i], support) for i in checked}
+    assert_labels_vary(list(expected.values()), list(rgb.values()), min_labels=3)
     for index, path in enumerate(label_files):
         image = Image.open(path)
         assert image.mode == "L" and image.size == (WIDTH, HEIGHT)
         labels = np.asarray(image)
         assert labels.max() <= 2
-        if index in (0, 13, FRAMES - 1):  # frame order and batching preserved
-            rgb = cv2.cvtColor(decoded[index], cv2.COLOR_BGR2RGB)
-            np.testing.assert_array_equal(labels, segmenter.segment(rgb, support))
+        if index in checked:  # frame order and batching preserved
+            np.testing.assert_array_equal(labels, expected[index])
 
 
 def test_cli_image_folder_and_single_image(engines, segmenter, spec_dir, tmp_path) -> None:
@@ -282,15 +288,19 @@ def test_cli_image_folder_and_single_image(engines, segmenter, spec_dir, tmp_pat
         Image.fromarray(scene(5 * i, w, h)).save(folder / f"img{i}.png")
     (folder / "notes.txt").write_text("not an image")
     assert run_cli(engines, spec_dir, folder, tmp_path / "out") == 0
-    for i, size in enumerate(sizes):
-        assert Image.open(tmp_path / "out" / f"{i:06d}.png").size == size
+    support = segmenter.encode_support(load_support_spec(spec_dir))
+    images = [np.asarray(Image.open(folder / f"img{i}.png")) for i in range(len(sizes))]
+    expected = [segmenter.segment(image, support) for image in images]
+    assert_labels_vary(expected, images, min_labels=3)
+    for i, size in enumerate(sizes):  # written in file-name order, each at its own size
+        written = Image.open(tmp_path / "out" / f"{i:06d}.png")
+        assert written.size == size
+        np.testing.assert_array_equal(np.asarray(written), expected[i])
     assert run_cli(engines, spec_dir, folder / "img2.png", tmp_path / "one") == 0
     written = sorted(p.name for p in (tmp_path / "one").iterdir())
     assert written == ["000000.png", "000000_overlay.png"]
-    support = segmenter.encode_support(load_support_spec(spec_dir))
-    expected = segmenter.segment(np.asarray(Image.open(folder / "img2.png")), support)
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "one" / "000000.png")),
-                                  expected)
+                                  expected[2])
 
 
 def test_cli_saved_support_gives_the_same_labels(engines, spec_dir, video_file, tmp_path) -> None:
@@ -303,6 +313,8 @@ def test_cli_saved_support_gives_the_same_labels(engines, spec_dir, video_file, 
     assert cli.main(args) == 0
     names = sorted(p.name for p in (tmp_path / "a").iterdir())
     assert names == sorted(p.name for p in (tmp_path / "b").iterdir()) and len(names) == 10
+    assert_labels_vary([np.asarray(Image.open(tmp_path / "a" / f"{i:06d}.png")) for i in range(5)],
+                       min_labels=3)
     for name in names:
         np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "a" / name)),
                                       np.asarray(Image.open(tmp_path / "b" / name)))
@@ -406,6 +418,8 @@ def test_predict_matches_the_runtime(engines, spec_dir, tmp_path, capsys) -> Non
     assert predict.main(args) == 0
     assert "frames: 4 " in capsys.readouterr().out
     assert run_cli(engines, spec_dir, folder, tmp_path / "onnx") == 0
+    assert_labels_vary([np.asarray(Image.open(tmp_path / "torch" / f"{i:06d}.png"))
+                        for i in range(4)], min_labels=3)
     for i in range(4):
         torch_labels = np.asarray(Image.open(tmp_path / "torch" / f"{i:06d}.png"))
         onnx_labels = np.asarray(Image.open(tmp_path / "onnx" / f"{i:06d}.png"))
@@ -415,8 +429,8 @@ def test_predict_matches_the_runtime(engines, spec_dir, tmp_path, capsys) -> Non
 
 def test_predict_twin_agrees_with_the_runtime_before_the_argmax(engines, segmenter,
                                                                 spec_dir) -> None:
-    """The untrained tiny model labels almost every pixel alike, so equal label maps alone prove
-    little: compare the fitted inputs exactly and the prototypes and probabilities as floats."""
+    """Beyond equal label maps: the fitted inputs exactly, the prototypes and probabilities as
+    floats."""
     torch = pytest.importorskip("torch")
     from mfnet.training.checkpoint import model_from_checkpoint
     from mfnet_runtime.images import restore_probabilities
