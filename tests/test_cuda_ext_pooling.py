@@ -427,10 +427,27 @@ def _train_losses(config) -> list[float]:
     return [float(row["loss"]) for row in read_log(checkpoint.parent / "log.csv")]
 
 
-def test_cpu_training_with_ops_auto_is_bitwise_the_reference(tiny_config, tmp_path):
-    auto = tiny_config.replace(device="cpu", ops="auto", out=str(tmp_path / "auto"))
-    reference = tiny_config.replace(device="cpu", ops="reference", out=str(tmp_path / "ref"))
-    assert _train_losses(auto) == _train_losses(reference)
+def test_cpu_training_runs_the_cpp_kernels_only_when_selected(cuda_ext, tiny_config, tmp_path,
+                                                             monkeypatch):
+    """ops="cuda" on the CPU trains through the extension's C++ CPU pooling kernel (its calls are
+    counted) and matches the reference run; ops="auto" on the CPU never calls it."""
+    import mfnet_ext
+
+    calls = []
+    kernel = mfnet_ext.ops.masked_global_pool
+    monkeypatch.setattr(mfnet_ext.ops, "masked_global_pool",
+                        lambda *args: calls.append(args[0].device.type) or kernel(*args))
+    base = tiny_config.replace(device="cpu", pml_mode="off", dropout=0.0)
+    selected = _train_losses(base.replace(ops="cuda", out=str(tmp_path / "cuda")))
+    assert calls and set(calls) == {"cpu"}  # the C++ CPU kernel ran on every pooling call
+    calls.clear()
+    reference = _train_losses(base.replace(ops="reference", out=str(tmp_path / "ref")))
+    auto = _train_losses(base.replace(ops="auto", out=str(tmp_path / "auto")))
+    assert not calls
+    assert len(selected) == len(reference) == 4 and selected != [selected[0]] * 4
+    torch.testing.assert_close(torch.tensor(selected), torch.tensor(reference), rtol=1e-4,
+                               atol=1e-6)
+    assert auto == reference  # "auto" on the CPU is the reference, bit for bit
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -6,10 +6,8 @@ import argparse
 import math
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -130,6 +128,33 @@ def _losses(out) -> list[tuple[str, ...]]:
             for row in read_log(out / "log.csv")]
 
 
+# The child sends itself the signal while computing the loss of step N (a deterministic point,
+# unlike a parent that sleeps and polls): the run must finish that step, save, and stop.
+_SIGNAL_AT_STEP = """
+import os, signal, sys
+from mfnet import train
+from mfnet.training import loop
+
+at_step, number = int(sys.argv[1]), getattr(signal, sys.argv[2])
+real, calls = loop.compute_losses, [0]
+
+def signalling(*args, **kwargs):
+    calls[0] += 1
+    if calls[0] == at_step:
+        os.kill(os.getpid(), number)
+    return real(*args, **kwargs)
+
+loop.compute_losses = signalling
+sys.exit(train.main(sys.argv[3:]))
+"""
+
+
+def _train_signalled(out, at_step: int, name: str, env) -> subprocess.CompletedProcess:
+    args = _train_command(out)[3:]  # the options after "python -m mfnet.train"
+    return subprocess.run([sys.executable, "-c", _SIGNAL_AT_STEP, str(at_step), name, *args],
+                          env=env, capture_output=True, text=True, timeout=300)
+
+
 def test_sigterm_then_resume_repeats_the_per_step_losses_exactly(tmp_path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
     straight = tmp_path / "straight"
@@ -138,21 +163,12 @@ def test_sigterm_then_resume_repeats_the_per_step_losses_exactly(tmp_path) -> No
     assert len(expected) == 24
 
     out = tmp_path / "interrupted"
-    process = subprocess.Popen(_train_command(out), env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and process.poll() is None:
-        if (out / "log.csv").is_file() and len(read_log(out / "log.csv")) >= 3:
-            break
-        time.sleep(0.02)
-    process.send_signal(signal.SIGTERM)
-    _, stderr = process.communicate(timeout=120)
-    assert process.returncode == 0, stderr
-    assert "SIGTERM" in stderr and str(out / "last.pt") in stderr
+    stopped = _train_signalled(out, 11, "SIGTERM", env)  # mid-epoch 2 (8 steps an epoch)
+    assert stopped.returncode == 0, stopped.stderr
+    assert "SIGTERM" in stopped.stderr and str(out / "last.pt") in stopped.stderr
     payload = load_checkpoint(out / "last.pt")
-    done = payload["step"]
-    assert 3 <= done < 24, "the run must be stopped part-way"
-    assert len(_losses(out)) == done
+    assert payload["step"] == 11 and payload["epoch_step"] == 3
+    assert _losses(out) == expected[:11]
     assert set(payload["rng"][0]) >= {"python", "numpy", "torch", "generator"}
 
     subprocess.run(_train_command(out, "--resume", str(out / "last.pt")), check=True, env=env,
@@ -160,6 +176,14 @@ def test_sigterm_then_resume_repeats_the_per_step_losses_exactly(tmp_path) -> No
     assert _losses(out) == expected  # bit-exact per-step loss sequence, mid-epoch resume included
     assert (out / "curves.png").stat().st_size > 0
     assert any((out / "tensorboard").iterdir())
+
+
+def test_sigint_stops_after_the_step_with_exit_code_130(tmp_path) -> None:
+    out = tmp_path / "run"
+    stopped = _train_signalled(out, 2, "SIGINT", {**os.environ, "OMP_NUM_THREADS": "1"})
+    assert stopped.returncode == 130, stopped.stderr
+    assert "SIGINT" in stopped.stderr and "Traceback" not in stopped.stderr
+    assert load_checkpoint(out / "last.pt")["step"] == 2 and len(_losses(out)) == 2
 
 
 def test_save_every_steps_and_nan_loss_keeps_the_last_good_checkpoint(tiny_config,
