@@ -29,7 +29,9 @@ except ImportError:  # a source checkout without the runtime installed
 from mfnet_runtime import EngineError, RuntimeInputError, Segmenter, SupportSet  # noqa: E402
 from mfnet_runtime.backends import tensorrt as trt_backend  # noqa: E402
 from mfnet_runtime.manifest import read_manifest  # noqa: E402
-from runtime_fixtures import FakeCudart, FakeTensorRT, add_fake_engines, export_tiny  # noqa: E402
+from runtime_fixtures import (  # noqa: E402
+    FakeCudart, FakeTensorRT, add_fake_engines, assert_labels_vary,
+)
 
 from mfnet.data.episodes import synthetic_episodes  # noqa: E402
 from mfnet.data.transforms import TestResize  # noqa: E402
@@ -37,18 +39,10 @@ from mfnet.training.checkpoint import model_from_checkpoint  # noqa: E402
 
 
 @pytest.fixture(scope="session")
-def exported(tmp_path_factory):
-    """(way, shot) -> (engine_dir, checkpoint), exported once per session. The models' labels
-    vary across the image (``varied_labels``), so label parity is not trivially true."""
-    cache: dict[tuple[int, int], tuple[Path, Path]] = {}
-
-    def get(way: int, shot: int = 1) -> tuple[Path, Path]:
-        if (way, shot) not in cache:
-            cache[way, shot] = export_tiny(tmp_path_factory.mktemp(f"w{way}s{shot}"), way, shot,
-                                           varied_labels=True)
-        return cache[way, shot]
-
-    return get
+def exported(varied_export):
+    """(way, shot) -> (engine_dir, checkpoint), exported once per session (conftest). The
+    models' labels vary across the image, so label parity is not trivially true."""
+    return lambda way, shot=1: varied_export(way, shot)[:2]
 
 
 @pytest.fixture(scope="session")
@@ -133,7 +127,7 @@ def test_labels_and_probabilities_match_pytorch(exported, way, shot_count) -> No
     frames = list(to_uint8(queries))
     labels = np.stack(segmenter.segment_batch(frames, encoded))
     assert labels.shape == (3, 48, 48) and labels.dtype == np.uint8
-    assert len(np.unique(reference_labels)) == way + 1  # every label occurs: a real comparison
+    assert_labels_vary(list(reference_labels), frames, min_labels=way + 1)  # a real comparison
     assert (labels == reference_labels).mean() >= 0.999
     probabilities = segmenter.probabilities(frames[1], encoded)
     assert probabilities.shape == (way + 1, 48, 48) and probabilities.dtype == np.float32
@@ -163,10 +157,60 @@ def test_non_square_frame_matches_pytorch_pad_resize(exported) -> None:
     reference = logits.argmax(1)[0].to(torch.uint8).numpy()[:content_h, :content_w]
     reference = np.asarray(Image.fromarray(reference).resize((61, 37), Image.Resampling.NEAREST))
     labels = segmenter.segment(frame, support)
-    assert labels.shape == (37, 61) and len(np.unique(reference)) > 1
+    assert_labels_vary([reference])
+    assert labels.shape == (37, 61)
     assert (labels == reference).mean() >= 0.999
     batch, geometry = segmenter.prepare_frames([frame])
     assert np.array_equal(batch[0], padded) and geometry == [(37, 61, content_h, content_w)]
+
+
+def test_non_square_frame_matches_pytorch_stretch_resize(exported, tmp_path) -> None:
+    """An export whose manifest says ``resize: stretch`` (a checkpoint trained with
+    ``test_resize="stretch"``) fits frames as the evaluation's stretch resize does."""
+    source, checkpoint = exported(2, 2)
+    engines = tmp_path / "engines"
+    shutil.copytree(source, engines)
+    manifest = json.loads((engines / "manifest.json").read_text())
+    manifest["model"]["resize"] = "stretch"
+    (engines / "manifest.json").write_text(json.dumps(manifest))
+    model, _ = model_from_checkpoint(checkpoint)
+    segmenter = Segmenter.load(engines, backend="onnxruntime", device="cpu")
+    episode = synthetic_episodes(fold=0, split="test", way=2, shot=2, num_episodes=1, seed=3,
+                                 image_size=48)[0]
+    images, masks = to_uint8(episode["support_images"]), episode["support_masks"].numpy()
+    support = segmenter.encode_support(
+        {f"c{n}": [(images[n, k], masks[n, k]) for k in range(2)] for n in range(2)})
+    rng = np.random.default_rng(6)
+    frames = []
+    for height, width in ((37, 61), (70, 30)):
+        ramp = np.linspace(0, 255, width)[None, :, None] * np.linspace(0.2, 1, height)[:, None,
+                                                                                        None]
+        frames.append(np.clip(ramp + rng.normal(0, 30, (height, width, 3)), 0, 255)
+                      .astype(np.uint8))
+    references = []
+    for frame in frames:
+        height, width = frame.shape[:2]
+        stretched, _ = TestResize(48, "stretch")(frame, np.zeros((height, width), np.uint8))
+        batch, geometry = segmenter.prepare_frames([frame])
+        np.testing.assert_array_equal(batch[0], stretched)  # the same resize as evaluation
+        assert geometry == [(height, width, 48, 48)]
+        with torch.no_grad():
+            logits = model.decode_query(
+                torch.from_numpy(stretched).permute(2, 0, 1)[None].float() / 255, support_cache(
+                    model, episode))
+        reference = logits.argmax(1)[0].to(torch.uint8).numpy()
+        references.append(np.asarray(Image.fromarray(reference).resize(
+            (width, height), Image.Resampling.NEAREST)))
+    assert_labels_vary(references, frames)
+    for frame, reference in zip(frames, references):
+        labels = segmenter.segment(frame, support)
+        assert labels.shape == frame.shape[:2]
+        assert (labels == reference).mean() >= 0.999
+
+
+def support_cache(model, episode):
+    with torch.no_grad():
+        return model.encode_support(episode["support_images"], episode["support_masks"])
 
 
 def test_colour_orders_and_image_kinds_agree(segmenter2, tmp_path) -> None:
