@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -527,3 +528,16 @@ def test_memory_stays_flat_over_many_calls(segmenter2) -> None:
     # 20 MB over 3000 calls; 10 MB leaves room for allocator arenas after a long test session
     # (a 4 MB bound failed once in a full run from arena growth alone).
     assert _rss_bytes() - before < 10 * 1024 * 1024
+    # Python-side allocations (numpy arrays included) exactly, free of arena noise: a leak of
+    # 2 KB a call would add 800 KB over these 400 calls.
+    tracemalloc.start()
+    try:
+        for i in range(20):
+            segmenter2.segment(frames[i % 2], support)
+        traced_before = tracemalloc.get_traced_memory()[0]
+        for i in range(400):
+            segmenter2.segment(frames[i % 2], support)
+        growth = tracemalloc.get_traced_memory()[0] - traced_before
+    finally:
+        tracemalloc.stop()
+    assert growth < 200 * 1024, growth
