@@ -1,7 +1,8 @@
 """The torch-free runtime (``runtime/mfnet_runtime``) on ONNX Runtime's CPU provider.
 
-Engines are exported (with torch) from tiny untrained models; the runtime must reproduce the
-PyTorch model's labels and probabilities, edit and save support sets, refuse bad inputs with
+Engines are exported (with torch) from tiny calibrated models whose labels vary (the session
+fixture ``varied_export``); the runtime must reproduce the PyTorch model's labels and
+probabilities, edit and save support sets, refuse bad inputs with
 messages that say what to do, and never import torch.
 """
 
@@ -64,6 +65,13 @@ def shot(seed: int, size: tuple[int, int] = (48, 48), box=(8, 40, 10, 34)):
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """float [..., 3, H, W] in [0, 1] -> uint8 [..., H, W, 3]."""
     return (images * 255).round().to(torch.uint8).movedim(-3, -1).numpy()
+
+
+def scene_frame(seed: int, size: tuple[int, int] = (40, 56)) -> np.ndarray:
+    """uint8 [H, W, 3]: a crop of a synthetic query (objects on clutter: its labels vary)."""
+    episode = synthetic_episodes(fold=0, split="test", way=2, shot=1, num_episodes=1, seed=seed,
+                                 image_size=64)[0]
+    return np.ascontiguousarray(to_uint8(episode["query_image"])[:size[0], :size[1]])
 
 
 # --------------------------------------------------------------------------- torch never loaded
@@ -216,9 +224,10 @@ def support_cache(model, episode):
 
 def test_colour_orders_and_image_kinds_agree(segmenter2, tmp_path) -> None:
     support = segmenter2.encode_support({"a": [shot(0)], "b": [shot(1, box=(2, 20, 2, 20))]})
-    rng = np.random.default_rng(9)
-    frame = rng.integers(0, 256, (40, 56, 3), dtype=np.uint8)
+    frame = scene_frame(9)
     expected = segmenter2.segment(frame, support)
+    swapped = segmenter2.segment(np.ascontiguousarray(frame[..., ::-1]), support)  # read as RGB
+    assert_labels_vary([expected, swapped])  # so a colour-order slip would show
     assert np.array_equal(segmenter2.segment(np.ascontiguousarray(frame[..., ::-1]), support,
                                              color="bgr"), expected)
     rgba = np.concatenate([frame, np.full((40, 56, 1), 7, np.uint8)], axis=2)
@@ -297,7 +306,8 @@ def test_save_load_round_trip_and_foreign_sets(segmenter2, exported, tmp_path) -
     for a, b in zip(loaded.shot_features, support.shot_features):
         np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(loaded.prototypes, support.prototypes)
-    frame = shot(33)[0]
+    frame = scene_frame(33)
+    assert_labels_vary([segmenter2.segment(frame, support)])
     assert np.array_equal(segmenter2.segment(frame, loaded), segmenter2.segment(frame, support))
     assert loaded.add_shot("dog", *shot(34)).shot_counts == (2, 2)
     detached = SupportSet.load(path)
