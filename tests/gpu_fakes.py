@@ -591,9 +591,12 @@ class FakeOnnxRuntime:
 
     ONNX Runtime's CUDA provider computes on a stream of its own, created non-blocking, and a
     ``Run`` synchronises that stream before returning. ``OrtValue.update_inplace`` on a CUDA
-    value copies from pageable host memory on the legacy default stream (staged now, landed on a
-    synchronisation); ``IOBinding.synchronize_inputs`` / ``synchronize_outputs`` synchronise
-    the device. ``numpy()`` of a CUDA value is a device-to-host copy on the legacy stream.
+    value is a ``cudaMemcpy`` from pageable host memory (ONNX Runtime's ``CpuToCudaMemCpy``):
+    CUDA documents that such a copy may return once the bytes are staged, before they land, and
+    it runs on the legacy default stream; here it is staged at the call and lands at a
+    synchronisation of that stream or the device. ``IOBinding.synchronize_inputs`` /
+    ``synchronize_outputs`` synchronise the device (the providers' ``Sync``). ``numpy()`` of a
+    CUDA value is a device-to-host copy on the legacy stream.
     """
 
     def __init__(self, device: Device | None = None) -> None:

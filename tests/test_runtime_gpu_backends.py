@@ -83,7 +83,8 @@ def test_fake_device_memory_is_opaque_and_copies_land_at_synchronisation() -> No
     with pytest.raises((TypeError, ctypes.ArgumentError)):  # numpy / ctypes cannot view it
         np.ctypeslib.as_array(ctypes.cast(pointer, ctypes.POINTER(ctypes.c_uint8)), (64,))
     assert int(pointer) >= 0x0800_0000_0000_0000  # and its integer is no host address
-    h2d, d2h = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
+    kinds = cudart.cudaMemcpyKind
+    h2d, d2h = kinds.cudaMemcpyHostToDevice, kinds.cudaMemcpyDeviceToHost
     assert cudart.cudaMemcpyAsync(host, pointer, 64, h2d, stream)[0] != 0  # kinds swapped
     source = np.ctypeslib.as_array(ctypes.cast(host, ctypes.POINTER(ctypes.c_uint8)), (64,))
     source[:] = 7
@@ -202,7 +203,7 @@ def test_tensorrt_driver_mismatch_and_auto_fallback_warn(engines, monkeypatch, c
                                           r"for CUDA 13.0.*mfnet-runtime\[tensorrt-cu12\]"):
         Segmenter.load(engines, backend="tensorrt")
     with caplog.at_level(logging.INFO, logger="mfnet_runtime"):
-        assert Segmenter.load(engines, device="auto").backend_name == "onnxruntime-cpu"
+        assert Segmenter.load(engines, device="auto").backend_name.startswith("onnxruntime")
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert any("TensorRT engines not used" in r.getMessage() and "tensorrt-cu12" in
                r.getMessage() for r in warnings), caplog.text
@@ -214,14 +215,14 @@ def test_tensorrt_driver_mismatch_and_auto_fallback_warn(engines, monkeypatch, c
                                           r"to_trt.py --onnx-dir .* --precision fp16"):
         Segmenter.load(engines, backend="tensorrt")
     with caplog.at_level(logging.INFO, logger="mfnet_runtime"):
-        assert Segmenter.load(engines).backend_name == "onnxruntime-cpu"
+        assert Segmenter.load(engines).backend_name.startswith("onnxruntime")
     assert any(r.levelno == logging.WARNING and "rebuild them here" in r.getMessage()
                for r in caplog.records)
 
 
 def test_no_engines_is_no_warning(exported_2shot, caplog) -> None:
     with caplog.at_level(logging.INFO, logger="mfnet_runtime"):
-        assert Segmenter.load(exported_2shot, device="auto").backend_name == "onnxruntime-cpu"
+        assert Segmenter.load(exported_2shot).backend_name.startswith("onnxruntime")
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
 
 

@@ -74,9 +74,10 @@ class _CudaGraphDecoder:
     def run(self, frames: np.ndarray, prototypes: np.ndarray, with_probabilities: bool
             ) -> tuple[np.ndarray, np.ndarray | None]:
         with self.lock:
-            # update_inplace copies on the legacy default stream, which ONNX Runtime's own
-            # (non-blocking) compute stream does not wait for: synchronise the inputs before
-            # the replay reads them, and the outputs before they are copied back.
+            # update_inplace is a cudaMemcpy from pageable memory on the legacy default stream:
+            # it may return before the bytes land, and ONNX Runtime's compute stream does not
+            # wait for it. Synchronise the inputs before the replay reads them, and the outputs
+            # before they are copied back (ONNX Runtime's own IOBinding usage).
             self.frames.update_inplace(frames)
             if self.uploaded is None or not np.array_equal(self.uploaded, prototypes):
                 self.prototypes.update_inplace(prototypes)
