@@ -23,8 +23,9 @@
 # Each step runs under its own timeout, capped by what is left of --budget-s (stage 1: 345 s,
 # stage 2: 240 s); a failing step is reported and later steps still run; the exit code is
 # non-zero when any step failed. RESULTS_DIR (default $OUT/stage<N> on the device machine,
-# else benchmarks/results/gpu_<UTC date>/stage<N>) gets summary.md, the junit XML and logs,
-# the bench JSON / MD / PNG and gpu_check_full.tar.gz (every log).
+# else benchmarks/results/gpu_<UTC date>/stage<N>) gets at most 8 files (what the device tool
+# brings back): summary.md (with each step's log tail), the junit XML, the bench JSON / MD /
+# PNG and gpu_check_full.tar.gz (every log, pip list).
 #
 # --dry-run runs every step it can here, on the CPU at tiny sizes: env; ext (if nvcc exists:
 # the build cache makes it quick); tests as --collect-only of the cuda tests; bench_ops and
@@ -137,7 +138,7 @@ want() { [[ ",$STEPS," == *",$1,"* ]]; }
 TORCH_ROWS_SKIP="ort_*,trt_*,e2e_runtime_ort,support_runtime_ort,*compile*"
 ORT_ROWS="ort_*,e2e_runtime_ort,support_runtime_ort"
 export TORCH_ROWS_SKIP ORT_ROWS
-ORT_TESTS_K="onnxruntime or close_releases or segmenter_on_cuda"
+ORT_TESTS_K="onnxruntime_cuda or (close_releases and onnxruntime) or segmenter_on_cuda"
 export ORT_TESTS_K
 
 # ----------------------------------------------------------------------------- the steps
@@ -392,12 +393,21 @@ print(f"{sys.argv[1].rsplit('/', 1)[-1]}: {a.get('tests')} tests, {a.get('failur
 EOF
     done
     if [ ${#FAILED[@]} -gt 0 ]; then
-        echo "FAILED: ${FAILED[*]} (logs: <step>.log)"
+        echo "FAILED: ${FAILED[*]} (whole logs: full/<step>.log in gpu_check_full.tar.gz)"
     else
         echo "Every step passed."
     fi
+    for step in ${ALL_STEPS//,/ }; do
+        [ -e "$FULL/$step.log" ] || continue
+        echo
+        echo "### $step.log (last 25 lines)"
+        echo '```'
+        tail -n 25 "$FULL/$step.log"
+        echo '```'
+    done
 } > "$RESULTS/summary.md" 2>&1
-for file in "$FULL"/*.log "$FULL"/*.xml "$FULL"/inference_*.json "$FULL"/inference_*.md \
+# The device tool brings back at most 8 files from $OUT: summary.md, the archive, and these.
+for file in "$FULL"/pytest_*.xml "$FULL"/inference_*.json "$FULL"/inference_*.md \
             "$FULL"/inference_*.png "$FULL"/bench_ops_*.json; do
     [ -e "$file" ] && cp "$file" "$RESULTS/"
 done
