@@ -258,7 +258,7 @@ def test_ddp_with_nccl_at_world_size_one(tiny_config) -> None:
 
     from mfnet.data.benchmarks import build_episodes
     from mfnet.model.build import build_mfnet
-    from mfnet.training.loop import compute_losses
+    from mfnet.training.loop import _LossForward, compute_losses
 
     if not dist.is_nccl_available():
         pytest.skip("this torch build has no NCCL")
@@ -269,18 +269,22 @@ def test_ddp_with_nccl_at_world_size_one(tiny_config) -> None:
         torch.manual_seed(0)
         plain = build_mfnet(config.model).cuda().train()
         torch.manual_seed(0)
-        wrapped = DistributedDataParallel(build_mfnet(config.model).cuda().train(),
+        inner = build_mfnet(config.model).cuda().train()
+        # the training loop's own DDP module: compute_losses as the forward DDP synchronises
+        wrapped = DistributedDataParallel(_LossForward(inner, config),
                                           device_ids=[torch.cuda.current_device()])
         batch = next(iter(DataLoader(build_episodes(config, "train", 1, 4, seed=0),
                                      batch_size=4)))
         batch = {k: v.cuda() if torch.is_tensor(v) else v for k, v in batch.items()}
-        for model in (plain, wrapped):
-            step = compute_losses(model, batch, config, use_metric_loss=False,
-                                  generator=torch.Generator().manual_seed(0))
-            step.total.backward()
-        for (name, a), b in zip(plain.named_parameters(), wrapped.module.parameters()):
+        compute_losses(plain, batch, config, use_metric_loss=False).total.backward()
+        wrapped(batch, False, None).total.backward()  # all-reduced over NCCL (world size 1)
+        compared = 0
+        for (name, a), b in zip(plain.named_parameters(), inner.parameters()):
             if a.grad is not None:
+                assert a.grad.abs().sum() > 0 or b.grad is not None, name
                 torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6, msg=name)
+                compared += 1
+        assert compared > 10  # the learnable parameters all got gradients to compare
         gathered = [None]
         dist.all_gather_object(gathered, {"rank": 0, "state": torch.cuda.get_rng_state()})
         assert torch.equal(gathered[0]["state"], torch.cuda.get_rng_state())
