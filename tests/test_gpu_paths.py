@@ -281,7 +281,6 @@ def test_ddp_with_nccl_at_world_size_one(tiny_config) -> None:
         compared = 0
         for (name, a), b in zip(plain.named_parameters(), inner.parameters()):
             if a.grad is not None:
-                assert a.grad.abs().sum() > 0 or b.grad is not None, name
                 torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6, msg=name)
                 compared += 1
         assert compared > 10  # the learnable parameters all got gradients to compare
