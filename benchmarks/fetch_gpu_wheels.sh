@@ -3,7 +3,7 @@
 # that the GPU machine lacks, split the ones too large for one device call, and print the run
 # calls that bring them over. benchmarks/gpu_check.sh installs them there.
 #
-#   bash benchmarks/fetch_gpu_wheels.sh [--part-mib 50] [--ort-version 1.31.1] [--no-download]
+#   bash benchmarks/fetch_gpu_wheels.sh [--part-mib 61] [--ort-version 1.31.1] [--no-download]
 #
 # What and why (details in benchmarks/README.md, "Wheels for the GPU machine"):
 # - onnxruntime-gpu (ONNX Runtime's CUDA execution provider, for the ORT CUDA rows and the
@@ -11,8 +11,8 @@
 #   libraries of the nvidia-*-cu13 wheels and only the CPU build of onnxruntime. The
 #   onnxruntime-gpu wheels on PyPI are built against CUDA 13 (the script checks the provider
 #   library's NEEDED entries: libcublas.so.13, libcudart.so.13) and load cuDNN 9 at run time.
-#   About 256 MB: split into parts of --part-mib MiB, one folder each (.whl_part1, ...), because
-#   one device call carries at most 64 MiB including the working tree.
+#   About 256 MB: split into parts of --part-mib MiB (61: four parts), one folder each
+#   (.whl_part1, ...), because one device call carries at most 64 MiB, working tree included.
 # - pycocotools (half a megabyte), so that the COCO tests can run there too (gpu_check.sh runs
 #   only the tests marked cuda, which do not need it).
 # Every folder written here (.whl/, .whl_part*/, .whl_download/) is ignored by git.
@@ -20,7 +20,7 @@ set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO"
-PART_MIB=50
+PART_MIB=61
 ORT_VERSION="${ORT_VERSION:-1.31.1}"
 COCO_VERSION="${COCO_VERSION:-2.0.11}"
 DOWNLOAD=1
@@ -104,24 +104,14 @@ echo "working tree without ignored folders: about $TREE_MIB MiB (each call carri
 
 cat <<EOF
 
-Bring them to the GPU machine with $((COUNT)) device run calls made back to back (the machine stays
-warm only about 30 s after a call, and the parts of earlier calls stay there only while it is
-warm; if it went back, start again with the first call):
+The device calls (benchmarks/README.md, "Call plan for one lease"), back to back:
 EOF
 for index in $(seq 1 "$COUNT"); do
-    carry="[\".whl_part$index\"]"
-    [ "$index" = 1 ] && carry="[\".whl\", \".whl_part1\"]"
-    if [ "$index" = "$COUNT" ]; then
-        echo "  run(carry=$carry, timeout_s=600, command=\"bash benchmarks/gpu_check.sh\")"
+    if [ "$index" = 1 ]; then
+        echo "  run(carry=[\".whl_part1\"], timeout_s=420, command=\"bash benchmarks/gpu_check.sh --stage 1\")"
+    elif [ "$index" = "$COUNT" ]; then
+        echo "  run(carry=[\".whl_part$index\"], timeout_s=240, command=\"bash benchmarks/gpu_check.sh --stage 2 --budget-s 165\")"
     else
-        echo "  run(carry=$carry, timeout_s=60, command=\"ls -l .whl* && df -h /tmp | tail -1\")"
+        echo "  run(carry=[\".whl_part$index\"], timeout_s=60, command=\"ls -l .whl_part*\")"
     fi
 done
-cat <<EOF
-The last call installs everything (gpu_check.sh's install step joins and checks the parts) and
-runs the whole check; its results come back under gpu_check/ (summary.md, the inference JSON /
-MD / PNG, bench_ops JSON, pytest XML and gpu_check_full.tar.gz). A second call on the still warm
-machine can give the whole budget to the table:
-  run(timeout_s=600, command="bash benchmarks/gpu_check.sh --steps inference")
-(/tmp/site from the first call is still there while the machine is warm.)
-EOF

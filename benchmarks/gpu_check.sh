@@ -1,67 +1,90 @@
 #!/usr/bin/env bash
-# The project's whole GPU check in one command, for the lent GPU machine (one H100 / H200, no
-# network; python3 there is the one with torch). Issue 7, deliverable 2.
+# The project's GPU check, in two stages that each fit one device call (one H100 / H200, no
+# network; python3 there is the one with torch). The call plan is in benchmarks/README.md.
 #
-#   bash benchmarks/gpu_check.sh [--dry-run] [--budget-s S] [--steps LIST] [RESULTS_DIR]
+#   bash benchmarks/gpu_check.sh [--stage 1|2] [--dry-run] [--list] [--budget-s S]
+#                                [--steps LIST] [RESULTS_DIR]
 #
-# Steps, in order, each under its own timeout; a failing step is reported and the later steps
-# still run; the exit code is non-zero when any step failed:
-#   install    join the split wheels carried in .whl_part1/ .whl_part2/ ... (checked against
-#              their SHA-256) and install them and the wheels in .whl/ with
-#              pip --no-index --no-deps --target /tmp/site (see benchmarks/fetch_gpu_wheels.sh)
+# Stage 1 (default) needs nothing carried and fits 6 minutes:
 #   env        nvidia-smi, driver, nvcc, python / torch / onnxruntime versions, pip list
-#   ext        python -m mfnet_ext build (CUDA_HOME, TORCH_CUDA_ARCH_LIST=9.0, MAX_JOBS=16)
-#   tests      python -m pytest -q -m cuda tests (junit XML); only tests marked cuda are
-#              selected, so the COCO tests (which need pycocotools) are not run here; a carried
-#              pycocotools wheel is installed anyway, and test_coco.py skips itself without it
+#   ext        python -m mfnet_ext build into $MFNET_EXT_BUILD_DIR, the folder the tests' and the
+#              benchmarks' extension loads use too (built once; nothing compiles twice)
+#   tests      MFNET_REQUIRE_CUDA_EXT=1 python -m pytest -m cuda tests (every cuda test; those
+#              that need onnxruntime-gpu or TensorRT skip with the reason), junit XML + log
 #   ops        benchmarks/bench_ops.py --device cuda (custom-op timings)
-#   inference  benchmarks/bench_inference.py --device cuda: 473 x 473, N 1,2,5, batch 1,8,
-#              with the time left as its --time-budget-s (rows that do not fit say so);
-#              BENCH_INFERENCE_ARGS adds options (e.g. "--variants=*compile*" in a second call)
-# Then everything is packed: RESULTS_DIR gets at most 8 files (the device tool brings back 8):
-# summary.md, gpu_check_full.tar.gz (every log, JSON, PNG, the pip list), and copies of the
-# inference JSON / MD / PNG, the bench_ops JSON and the pytest junit XML.
+#   inference  the torch rows of benchmarks/bench_inference.py --device cuda at 473 x 473, N = 2
+#              first, with the time left as its --time-budget-s (rows that do not fit say so)
+# Stage 2 needs the onnxruntime-gpu wheel parts carried (benchmarks/fetch_gpu_wheels.sh):
+#   install    join .whl_part*/ (SHA-256 checked) + .whl/*.whl, pip install --target /tmp/site
+#   ort_tests  the ONNX Runtime CUDA tests of tests/test_gpu_paths.py (IOBinding, CUDA graphs,
+#              close(), the Segmenter on CUDA), junit XML + log
+#   ort_rows   the ONNX Runtime rows of bench_inference (N = 2 first)
 #
-# RESULTS_DIR: default $OUT/gpu_check on the device machine, else
-# benchmarks/results/gpu_<UTC date>. --budget-s: the whole script's time (default 540 s = 9
-# minutes, under the device tool's 10-minute command limit). --steps: comma-separated subset
-# (e.g. --steps install,inference for a second call that gives the whole budget to the table).
-# --dry-run prints the steps and commands and runs nothing.
+# Each step runs under its own timeout, capped by what is left of --budget-s (stage 1: 345 s,
+# stage 2: 240 s); a failing step is reported and later steps still run; the exit code is
+# non-zero when any step failed. RESULTS_DIR (default $OUT/stage<N> on the device machine,
+# else benchmarks/results/gpu_<UTC date>/stage<N>) gets at most 8 files (what the device tool
+# brings back): summary.md (with each step's log tail), the junit XML, the bench JSON / MD /
+# PNG and gpu_check_full.tar.gz (every log, pip list).
+#
+# --dry-run runs every step it can here, on the CPU at tiny sizes: env; ext (if nvcc exists:
+# the build cache makes it quick); tests as --collect-only of the cuda tests; bench_ops and
+# bench_inference on the CPU at 48 x 48; install only checks the carried parts.
+# --list prints the steps of the stage with their time caps and commands, and runs nothing.
 set -u -o pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO" || exit 2
 DRY=0
-BUDGET="${GPU_CHECK_BUDGET_S:-540}"
-STEPS="install,env,ext,tests,ops,inference"
+LIST=0
+STAGE=1
+BUDGET=""
+STEPS=""
 RESULTS=""
 while [ $# -gt 0 ]; do
     case "$1" in
         --dry-run) DRY=1 ;;
-        --budget-s) BUDGET="$2"; shift ;;
+        --list) LIST=1 ;;
+        --stage) STAGE="${2:-}"; shift ;;
+        --stage=*) STAGE="${1#*=}" ;;
+        --budget-s) BUDGET="${2:-}"; shift ;;
         --budget-s=*) BUDGET="${1#*=}" ;;
-        --steps) STEPS="$2"; shift ;;
+        --steps) STEPS="${2:-}"; shift ;;
         --steps=*) STEPS="${1#*=}" ;;
-        -h|--help) sed -n '2,31p' "$0"; exit 0 ;;
-        -*) echo "gpu_check: unknown option $1 (see --help)" >&2; exit 2 ;;
+        -h|--help) sed -n '2,35p' "$0"; exit 0 ;;
+        -*) echo "error: gpu_check: unknown option $1 (see --help)" >&2; exit 2 ;;
         *) RESULTS="$1" ;;
     esac
     shift
 done
+case "$STAGE" in
+    1) ALL_STEPS="env,ext,tests,ops,inference"; DEFAULT_BUDGET=345 ;;
+    2) ALL_STEPS="install,ort_tests,ort_rows"; DEFAULT_BUDGET=240 ;;
+    *) echo "error: gpu_check: --stage takes 1 or 2, not '$STAGE'" >&2; exit 2 ;;
+esac
+[ "$DRY" = 1 ] && DEFAULT_BUDGET=1200  # a dry run is not bound by the lease
+BUDGET="${BUDGET:-${GPU_CHECK_BUDGET_S:-$DEFAULT_BUDGET}}"
+case "$BUDGET" in
+    ''|*[!0-9]*) echo "error: gpu_check: --budget-s takes whole seconds, not '$BUDGET'" >&2
+                 exit 2 ;;
+esac
+STEPS="${STEPS:-$ALL_STEPS}"
+for step in ${STEPS//,/ }; do
+    if [[ ",$ALL_STEPS," != *",$step,"* ]]; then
+        echo "error: gpu_check: stage $STAGE has no step '$step' (its steps: $ALL_STEPS)" >&2
+        exit 2
+    fi
+done
 if [ -z "$RESULTS" ]; then
     if [ -n "${OUT:-}" ]; then
-        RESULTS="$OUT/gpu_check"
+        RESULTS="$OUT/stage$STAGE"
     else
-        RESULTS="$REPO/benchmarks/results/gpu_$(date -u +%Y%m%d_%H%M%S)"
+        RESULTS="$REPO/benchmarks/results/gpu_$(date -u +%Y%m%d_%H%M%S)/stage$STAGE"
     fi
 fi
 case "$RESULTS" in /*) ;; *) RESULTS="$REPO/$RESULTS" ;; esac
-# Inside $OUT only the summary files may live (8 files come back); the full tree goes to /tmp.
-if [ -n "${OUT:-}" ] && [[ "$RESULTS/" == "$OUT"/* ]]; then
-    FULL="/tmp/mfnet_gpu_check_full"
-else
-    FULL="$RESULTS/full"
-fi
+FULL="$RESULTS/full"
+WORK="${GPU_CHECK_WORK:-/tmp/mfnet_gpu_check}"
 
 PY="${PYTHON:-python3}"
 if [ -z "${CUDA_HOME:-}" ]; then
@@ -73,11 +96,23 @@ if [ -z "${CUDA_HOME:-}" ]; then
         CUDA_HOME=/usr/local/cuda
     fi
 fi
+# One extension build for the ext step, the tests' cuda_ext fixture and the benchmarks: they all
+# read MFNET_EXT_BUILD_DIR, and the build folder is keyed by the sources and TORCH_CUDA_ARCH_LIST.
+# A dry run here reuses the tests' own build cache.
+if [ "$DRY" = 1 ]; then
+    MFNET_EXT_BUILD_DIR="${MFNET_EXT_BUILD_DIR:-$REPO/build/cuda_ext_test}"
+    DEVICE=cpu
+else
+    MFNET_EXT_BUILD_DIR="${MFNET_EXT_BUILD_DIR:-$WORK/cuda_ext}"
+    DEVICE=cuda
+fi
 export CUDA_HOME TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-16}"
-export REPO FULL PY PYTHONUNBUFFERED=1
+SIZE=$([ "$DRY" = 1 ] && echo 48 || echo 473)
+export MFNET_EXT_BUILD_DIR MFNET_REQUIRE_CUDA_EXT=1 REPO FULL PY DEVICE DRY WORK SIZE
+export PYTHONUNBUFFERED=1 OMP_NUM_THREADS="${OMP_NUM_THREADS:-4}"
 SITE=/tmp/site
-export PYTHONPATH="$SITE:$REPO:$REPO/runtime:$REPO/cuda_ext${PYTHONPATH:+:$PYTHONPATH}"
-if [ "$DRY" = 0 ]; then
+export SITE PYTHONPATH="$SITE:$REPO:$REPO/runtime:$REPO/cuda_ext${PYTHONPATH:+:$PYTHONPATH}"
+if [ "$DRY" = 0 ] && [ "$LIST" = 0 ]; then
     # The CUDA 13 / cuDNN 9 libraries of torch's nvidia-* wheels, for onnxruntime-gpu in
     # processes that do not import torch first (the runtime never does).
     NV_LIBS="$("$PY" - <<'EOF' 2>/dev/null
@@ -93,15 +128,103 @@ EOF
 fi
 
 START=$(date +%s)
-RESERVE=25  # seconds kept for packing the results
+RESERVE=15  # seconds kept for packing the results
 SUMMARY=()
 FAILED=()
 elapsed() { echo $(( $(date +%s) - START )); }
 want() { [[ ",$STEPS," == *",$1,"* ]]; }
 
+# Row selections of bench_inference: stage 1 = torch rows (no exports), stage 2 = ONNX Runtime.
+TORCH_ROWS_SKIP="ort_*,trt_*,e2e_runtime_ort,support_runtime_ort,*compile*"
+ORT_ROWS="ort_*,e2e_runtime_ort,support_runtime_ort"
+export TORCH_ROWS_SKIP ORT_ROWS
+ORT_TESTS_K="onnxruntime_cuda or (close_releases and onnxruntime) or segmenter_on_cuda"
+export ORT_TESTS_K
+
 # ----------------------------------------------------------------------------- the steps
+# Each prints what it runs; under --dry-run it runs the CPU version at tiny sizes.
+step_env() {
+    echo "## nvidia-smi"
+    nvidia-smi 2>&1 || echo "nvidia-smi not available"
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,power.limit \
+        --format=csv 2>/dev/null || true
+    echo "## nvcc ($CUDA_HOME)"
+    "$CUDA_HOME/bin/nvcc" --version 2>&1 | tail -2 || echo "no nvcc"
+    echo "## system: $(uname -srm), $(nproc) CPUs"
+    echo "PYTHONPATH=$PYTHONPATH MFNET_EXT_BUILD_DIR=$MFNET_EXT_BUILD_DIR"
+    "$PY" - <<'EOF'
+import sys, torch
+print(sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda,
+      "cudnn", torch.backends.cudnn.version())
+if torch.cuda.is_available():
+    print("gpu", torch.cuda.get_device_name(), torch.cuda.get_device_capability())
+for name in ("onnxruntime", "onnx", "onnxscript", "tensorrt", "cuda.bindings", "cupy", "numpy"):
+    try:
+        module = __import__(name, fromlist=["_"])
+        print(name, getattr(module, "__version__", "?"))
+    except Exception as error:  # noqa: BLE001
+        print(name, "not importable:", type(error).__name__, error)
+EOF
+    "$PY" -m pip list --format=freeze > "$FULL/pip_list.txt" 2>&1 || true
+    echo "pip list: $(wc -l < "$FULL/pip_list.txt") lines in pip_list.txt"
+}
+
+step_ext() {
+    if [ ! -x "$CUDA_HOME/bin/nvcc" ]; then
+        [ "$DRY" = 1 ] && { echo "no nvcc at $CUDA_HOME: the build is not tried here"; return 0; }
+        echo "no nvcc at $CUDA_HOME/bin/nvcc"; return 1
+    fi
+    echo "+ $PY -m mfnet_ext build --build-root $MFNET_EXT_BUILD_DIR"
+    "$PY" -m mfnet_ext build --build-root "$MFNET_EXT_BUILD_DIR" && "$PY" -m mfnet_ext info
+}
+
+step_tests() {
+    local rc
+    if [ "$DRY" = 1 ]; then
+        echo "+ $PY -m pytest --collect-only -q -m cuda tests"
+        "$PY" -m pytest --collect-only -q -m cuda tests -p no:cacheprovider > "$FULL/collect.txt"
+        rc=$?
+        tail -n 3 "$FULL/collect.txt"
+        grep -c "::" "$FULL/collect.txt" | sed 's/^/cuda tests collected: /'
+        return $rc
+    fi
+    echo "+ $PY -m pytest -q -rs -m cuda tests --junitxml=$FULL/pytest_cuda.xml"
+    "$PY" -m pytest -q -rs -m cuda tests -p no:cacheprovider --junitxml="$FULL/pytest_cuda.xml"
+}
+
+step_ops() {
+    if [ "$DRY" = 1 ]; then
+        set -- --device cpu --channels 8 --feature-size 6 --mask-size 24 --batches 2 --ways 2 \
+            --shots 1 --dtypes float32 --sampler-batches 2 --sampler-ways 2 --sampler-size 12 \
+            --warmup 1 --iterations 2 --max-row-s 2
+    else
+        set -- --device cuda --max-row-s 2
+    fi
+    echo "+ $PY benchmarks/bench_ops.py $* --out $FULL"
+    "$PY" benchmarks/bench_ops.py "$@" --out "$FULL"
+}
+
+bench_inference() {  # skip-or-select-flag patterns
+    local budget=$(( STEP_LIMIT - 20 - 40 * DRY ))  # the rest: set-up and the last row
+    [ "$budget" -lt 20 ] && budget=20
+    if [ "$DRY" = 1 ]; then
+        set -- --device cpu --backbone small --size "$SIZE" --ways 2 --batches 1 --warmup 1 \
+            --iterations 2 --max-row-s 2 --onnx-precisions fp32 "$@"
+    else
+        set -- --device cuda --size "$SIZE" --ways 1,2,5 --batches 1,8 --warmup 10 --iterations 50 \
+            --max-row-s 3 "$@"
+    fi
+    echo "+ $PY benchmarks/bench_inference.py $* --out $FULL --time-budget-s $budget"
+    "$PY" benchmarks/bench_inference.py "$@" --out "$FULL" \
+        --engine-cache "$WORK/bench_engines" --time-budget-s "$budget"
+}
+
+step_inference() {
+    bench_inference --skip-variants "$TORCH_ROWS_SKIP"  # default stem: inference_<device>_<size>
+}
+
 step_install() {
-    local wheels=/tmp/mfnet_wheels count name parts found
+    local wheels="$WORK/wheels" count name parts found sums
     rm -rf "$wheels" && mkdir -p "$wheels" || return 1
     # Split wheels: .whl_partK/<wheel>.partNN, and in every part folder <wheel>.sha256 (of the
     # whole wheel) and <wheel>.count (number of parts).
@@ -114,13 +237,8 @@ step_install() {
                      [ -e "$f" ] && echo "${f##*.part} $f"; done | sort -n | cut -d' ' -f2-)"
         found="$(printf '%s\n' "$parts" | grep -c . || true)"
         if [ "$found" != "$count" ]; then
-            local missing="" k
-            for k in $(seq 1 "$count"); do
-                ls .whl_part*/"$name".part"$(printf '%02d' "$k")" >/dev/null 2>&1 \
-                    || missing="$missing .whl_part$k"
-            done
-            echo "ERROR: $name: $found of $count parts are here; missing:$missing. Carry each" \
-                 "folder in a run call just before this one (see benchmarks/fetch_gpu_wheels.sh)"
+            echo "ERROR: $name: $found of $count parts are here; carry every .whl_part* folder" \
+                 "(see benchmarks/README.md, GPU check)"
             return 1
         fi
         # shellcheck disable=SC2086
@@ -133,111 +251,76 @@ step_install() {
         [ -e "$wheel" ] && cp "$wheel" "$wheels/"
     done
     if ! ls "$wheels"/*.whl >/dev/null 2>&1; then
-        echo "no carried wheels (.whl/ or .whl_part*/): nothing to install; the ONNX Runtime"
-        echo "CUDA rows will say 'not measured: onnxruntime-gpu not installed'"
-        return 0
+        echo "ERROR: no carried wheels (.whl/ or .whl_part*/): stage 2 needs onnxruntime-gpu"
+        [ "$DRY" = 1 ] && { echo "(dry run: nothing to check)"; return 0; }
+        return 1
     fi
     ls -l "$wheels"
+    if [ "$DRY" = 1 ]; then
+        echo "(dry run: the wheels join and check; not installed)"
+        return 0
+    fi
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target "$SITE" "$wheels"/*.whl || return 1
-    "$PY" - <<'EOF'
-import onnxruntime
-print("onnxruntime", onnxruntime.__version__, "from", onnxruntime.__file__)
-print("providers", onnxruntime.get_available_providers())
-EOF
+    "$PY" -c "import onnxruntime as o; print('onnxruntime', o.__version__, o.__file__);
+print('providers', o.get_available_providers())"
 }
 
-step_env() {
-    echo "## nvidia-smi"
-    nvidia-smi || true
-    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,power.limit \
-        --format=csv || true
-    echo "## nvcc ($CUDA_HOME)"
-    "$CUDA_HOME/bin/nvcc" --version || nvcc --version || true
-    echo "## system"
-    uname -a
-    nproc
-    echo "PYTHONPATH=$PYTHONPATH"
-    echo "LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}"
-    echo "## python"
-    "$PY" - <<'EOF'
-import sys, torch
-print(sys.version)
-print("torch", torch.__version__, "cuda", torch.version.cuda, "cudnn", torch.backends.cudnn.version())
-if torch.cuda.is_available():
-    print("gpu", torch.cuda.get_device_name(), torch.cuda.get_device_capability())
-for name in ("onnxruntime", "onnx", "onnxscript", "tensorrt", "triton", "cv2", "scipy",
-             "pycocotools", "matplotlib", "numpy"):
-    try:
-        module = __import__(name)
-        print(name, getattr(module, "__version__", "?"), getattr(module, "__file__", ""))
-    except Exception as error:  # noqa: BLE001
-        print(name, "not importable:", type(error).__name__, error)
-EOF
-    "$PY" -m pip list --format=freeze > "$FULL/pip_list.txt" 2>&1 || true
-    echo "pip list: $(wc -l < "$FULL/pip_list.txt") lines in pip_list.txt"
-}
-
-step_ext() {
-    if [ ! -d "$REPO/cuda_ext/mfnet_ext" ]; then
-        echo "cuda_ext/mfnet_ext is not in this checkout: nothing to build"
-        return 0
+step_ort_tests() {
+    if [ "$DRY" = 1 ]; then
+        echo "+ $PY -m pytest --collect-only -q -m cuda tests/test_gpu_paths.py -k '$ORT_TESTS_K'"
+        "$PY" -m pytest --collect-only -q -m cuda tests/test_gpu_paths.py -k "$ORT_TESTS_K" \
+            -p no:cacheprovider
+        return $?
     fi
-    "$PY" -m mfnet_ext build --verbose && "$PY" -m mfnet_ext info
+    "$PY" -c "import onnxruntime as o, sys; sys.exit('CUDAExecutionProvider' not in
+o.get_available_providers())" || { echo "onnxruntime has no CUDA provider: run install"; return 1; }
+    echo "+ $PY -m pytest -q -rs -m cuda tests/test_gpu_paths.py -k '$ORT_TESTS_K'"
+    "$PY" -m pytest -q -rs -m cuda tests/test_gpu_paths.py -k "$ORT_TESTS_K" \
+        -p no:cacheprovider --junitxml="$FULL/pytest_ort_cuda.xml"
 }
 
-step_tests() {
-    "$PY" -m pytest -q -m cuda tests -p no:cacheprovider --junitxml="$FULL/pytest_cuda.xml"
-    local rc=$?
-    if [ $rc -eq 5 ]; then
-        echo "no test marked cuda was collected (pytest exit 5)"
-        return 0
-    fi
-    return $rc
+step_ort_rows() {
+    bench_inference --variants "$ORT_ROWS" --name "inference_${DEVICE}_${SIZE}_ort"
 }
+export -f step_env step_ext step_tests step_ops bench_inference step_inference step_install \
+    step_ort_tests step_ort_rows
 
-step_ops() {
-    if [ ! -f benchmarks/bench_ops.py ]; then
-        echo "benchmarks/bench_ops.py is not in this checkout"
-        return 0
-    fi
-    "$PY" benchmarks/bench_ops.py --device cuda --out "$FULL" --max-row-s 2
-}
+# ---------------------------------------------------------------------------- the runner
+declare -A CAP=([env]=20 [ext]=140 [tests]=130 [ops]=35 [inference]=100000
+                [install]=45 [ort_tests]=80 [ort_rows]=100000)
+if [ "$DRY" = 1 ]; then  # the CPU of a development machine is slower than the GPU for all this
+    CAP=([env]=90 [ext]=300 [tests]=240 [ops]=180 [inference]=100000
+         [install]=60 [ort_tests]=240 [ort_rows]=100000)
+fi
 
-step_inference() {
-    # STEP_LIMIT: this step's timeout; the benchmark stops starting rows well before it.
-    local budget=$(( STEP_LIMIT - 45 ))
-    [ "$budget" -lt 30 ] && budget=30
-    set -f  # BENCH_INFERENCE_ARGS may hold patterns such as --variants=*compile*
-    # shellcheck disable=SC2086
-    "$PY" benchmarks/bench_inference.py --device cuda --size 473 --ways 1,2,5 --batches 1,8 \
-        --warmup 10 --iterations 50 --max-row-s 3 --out "$FULL" \
-        --engine-cache /tmp/mfnet_bench_engines --time-budget-s "$budget" \
-        ${BENCH_INFERENCE_ARGS:-}
-}
-export -f step_install step_env step_ext step_tests step_ops step_inference
-export SITE CUDA_HOME
-
-describe() {  # what a step runs, for --dry-run
+describe() {  # what a step runs (GPU form), for --list
     case "$1" in
-        install) echo "join .whl_part*/ (SHA-256 checked) + .whl/*.whl -> $PY -m pip install" \
-                      "--no-index --no-deps --target $SITE" ;;
-        env) echo "nvidia-smi; $CUDA_HOME/bin/nvcc --version; $PY (torch, onnxruntime, ...);" \
-                  "$PY -m pip list > $FULL/pip_list.txt" ;;
-        ext) echo "CUDA_HOME=$CUDA_HOME TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST" \
-                  "MAX_JOBS=$MAX_JOBS $PY -m mfnet_ext build --verbose" ;;
-        tests) echo "$PY -m pytest -q -m cuda tests --junitxml=$FULL/pytest_cuda.xml" ;;
-        ops) echo "$PY benchmarks/bench_ops.py --device cuda --out $FULL --max-row-s 2" ;;
+        env) echo "nvidia-smi; nvcc --version; python / torch / onnxruntime versions; pip list" ;;
+        ext) echo "$PY -m mfnet_ext build --build-root \$MFNET_EXT_BUILD_DIR" ;;
+        tests) echo "MFNET_REQUIRE_CUDA_EXT=1 $PY -m pytest -q -rs -m cuda tests --junitxml" ;;
+        ops) echo "$PY benchmarks/bench_ops.py --device cuda --max-row-s 2" ;;
         inference) echo "$PY benchmarks/bench_inference.py --device cuda --size 473 --ways 1,2,5" \
-                        "--batches 1,8 --warmup 10 --iterations 50 --max-row-s 3 --out $FULL" \
-                        "--engine-cache /tmp/mfnet_bench_engines --time-budget-s $(( $2 - 45 ))" \
-                        "${BENCH_INFERENCE_ARGS:-}" ;;
+                        "--batches 1,8 --skip-variants '$TORCH_ROWS_SKIP' (N = 2 first)" ;;
+        install) echo "join .whl_part*/ (SHA-256) + .whl/*.whl; pip install --no-index --target $SITE" ;;
+        ort_tests) echo "$PY -m pytest -q -rs -m cuda tests/test_gpu_paths.py -k '$ORT_TESTS_K'" ;;
+        ort_rows) echo "$PY benchmarks/bench_inference.py --device cuda --variants '$ORT_ROWS'" ;;
     esac
 }
 
-# ---------------------------------------------------------------------------- the runner
-run_step() {  # name cap_seconds
-    local name=$1 cap=$2 left limit rc t0 dt status
+if [ "$LIST" = 1 ]; then
+    echo "stage $STAGE, budget $BUDGET s (each cap is also cut to what is left of the budget)"
+    for step in ${ALL_STEPS//,/ }; do
+        want "$step" || continue
+        cap="${CAP[$step]}"
+        [ "$cap" = 100000 ] && cap="rest"
+        printf '%-10s %5s  %s\n' "$step" "$cap" "$(describe "$step")"
+    done
+    exit 0
+fi
+
+run_step() {  # name
+    local name=$1 cap=${CAP[$1]} left limit rc t0 dt status
     if ! want "$name"; then
         SUMMARY+=("| $name | not run (--steps) | - |")
         return 0
@@ -245,23 +328,18 @@ run_step() {  # name cap_seconds
     left=$(( BUDGET - $(elapsed) - RESERVE ))
     limit=$cap
     [ "$left" -lt "$limit" ] && limit=$left
-    if [ "$limit" -lt 15 ]; then
+    if [ "$limit" -lt 10 ]; then
         SUMMARY+=("| $name | skipped: budget ($left s left) | - |")
         FAILED+=("$name (no time left)")
         return 0
     fi
-    if [ "$DRY" = 1 ]; then
-        printf '[dry-run] %-9s timeout %4s s: %s\n' "$name" "$limit" "$(describe "$name" "$limit")"
-        SUMMARY+=("| $name | dry-run (timeout $limit s) | - |")
-        return 0
-    fi
-    echo "=== [$(elapsed) s] $name (timeout $limit s)"
+    echo "=== [$(elapsed) s] $name (timeout $limit s)$([ "$DRY" = 1 ] && echo ', dry run')"
     t0=$(date +%s)
-    STEP_LIMIT=$limit timeout --kill-after=15 "$limit" bash -c "step_$name" \
+    STEP_LIMIT=$limit timeout --kill-after=10 "$limit" bash -c "step_$name" \
         > "$FULL/$name.log" 2>&1
     rc=$?
     dt=$(( $(date +%s) - t0 ))
-    tail -n 12 "$FULL/$name.log" | sed 's/^/    /'
+    tail -n 8 "$FULL/$name.log" | sed 's/^/    /'
     if [ $rc -eq 0 ]; then
         status="ok"
     elif [ $rc -eq 124 ] || [ $rc -eq 137 ]; then
@@ -274,26 +352,15 @@ run_step() {  # name cap_seconds
     SUMMARY+=("| $name | $status | $dt s |")
 }
 
-echo "gpu_check: results in $RESULTS (full tree: $FULL), budget $BUDGET s, steps $STEPS"
-[ "$DRY" = 1 ] && echo "dry run: nothing runs; each timeout is shown as if the steps before it took no time"
-if [ "$DRY" = 0 ]; then
-    mkdir -p "$RESULTS" "$FULL" || exit 2
-fi
-run_step install 120
-run_step env 30
-run_step ext 150
-run_step tests 150
-run_step ops 90
-run_step inference 100000  # everything that is left
+mkdir -p "$RESULTS" "$FULL" "$WORK" || exit 2
+echo "gpu_check stage $STAGE: results in $RESULTS, budget $BUDGET s, steps $STEPS" \
+     "$([ "$DRY" = 1 ] && echo '(dry run on the CPU)')"
+for step in ${ALL_STEPS//,/ }; do
+    run_step "$step"
+done
 
 # -------------------------------------------------------------------------------- packing
-if [ "$DRY" = 1 ]; then
-    echo "[dry-run] pack: $RESULTS/{summary.md,gpu_check_full.tar.gz,inference_cuda_473.json,.md,.png,bench_ops_cuda.json,pytest_cuda.xml}"
-    printf '%s\n' "| step | status | time |" "|---|---|---|" "${SUMMARY[@]}"
-    exit 0
-fi
-# A partial inference JSON (the step was killed) still gets its table and chart.
-for json in "$FULL"/inference_cuda_*.json; do
+for json in "$FULL"/inference_*.json; do  # a killed benchmark's partial JSON gets its table
     [ -e "$json" ] || continue
     md="${json%.json}.md"
     if [ ! -e "$md" ] || [ "$json" -nt "$md" ]; then
@@ -302,9 +369,11 @@ for json in "$FULL"/inference_cuda_*.json; do
     fi
 done
 {
-    echo "# GPU check $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+    echo "# GPU check, stage $STAGE$([ "$DRY" = 1 ] && echo ' (dry run on the CPU)')," \
+         "$(date -u +%Y-%m-%dT%H:%M:%SZ)"
     echo
-    echo "Command: \`bash benchmarks/gpu_check.sh\` (budget $BUDGET s, steps $STEPS), $(elapsed) s."
+    echo "Command: \`bash benchmarks/gpu_check.sh --stage $STAGE$([ "$DRY" = 1 ] && echo ' --dry-run')\`" \
+         "(budget $BUDGET s, steps $STEPS), $(elapsed) s."
     echo "GPU: $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null \
         || echo 'nvidia-smi not available')"
     echo
@@ -312,46 +381,38 @@ done
     echo "|---|---|---|"
     printf '%s\n' "${SUMMARY[@]}"
     echo
-    "$PY" - "$FULL" <<'EOF'
-import json, sys
-from pathlib import Path
-for path in sorted(Path(sys.argv[1]).glob("*.json")):
-    try:
-        payload = json.loads(path.read_text())
-    except (OSError, ValueError):
-        continue
-    targets = payload.get("targets") if isinstance(payload, dict) else None
-    if not targets:
-        continue
-    print(f"Targets from {path.name}" + ("" if payload.get("complete", True) else " (incomplete run)"))
-    print()
-    print("| target | required | measured | status |")
-    print("|---|---|---|---|")
-    for t in targets:
-        if not isinstance(t, dict):
-            continue
-        value = t.get("value")
-        shown = "-" if value is None else f"{value:.3f} {t.get('unit', '')}".strip()
-        print(f"| {t.get('target', t.get('name', '?'))} | {t.get('required', '?')} | {shown} | "
-              f"{t.get('status', '?')} |")
-    print()
+    for xml in "$FULL"/pytest_*.xml; do
+        [ -e "$xml" ] || continue
+        "$PY" - "$xml" <<'EOF'
+import sys, xml.etree.ElementTree as ET
+root = ET.parse(sys.argv[1]).getroot()
+suite = root if root.tag == "testsuite" else root.find("testsuite")
+a = suite.attrib
+print(f"{sys.argv[1].rsplit('/', 1)[-1]}: {a.get('tests')} tests, {a.get('failures')} failures, "
+      f"{a.get('errors')} errors, {a.get('skipped')} skipped, {float(a.get('time', 0)):.0f} s")
 EOF
+    done
     if [ ${#FAILED[@]} -gt 0 ]; then
-        echo "FAILED: ${FAILED[*]} (logs: <step>.log in gpu_check_full.tar.gz)"
+        echo "FAILED: ${FAILED[*]} (whole logs: full/<step>.log in gpu_check_full.tar.gz)"
     else
         echo "Every step passed."
     fi
-} > "$FULL/summary.md" 2>&1
-cp "$FULL/summary.md" "$RESULTS/summary.md"
-for file in "$FULL"/inference_cuda_*.json "$FULL"/inference_cuda_*.md "$FULL"/inference_cuda_*.png \
-            "$FULL"/bench_ops_cuda*.json "$FULL"/pytest_cuda.xml; do
-    [ -e "$file" ] && [ "$(dirname "$file")" != "$RESULTS" ] && cp "$file" "$RESULTS/"
+    for step in ${ALL_STEPS//,/ }; do
+        [ -e "$FULL/$step.log" ] || continue
+        echo
+        echo "### $step.log (last 25 lines)"
+        echo '```'
+        tail -n 25 "$FULL/$step.log"
+        echo '```'
+    done
+} > "$RESULTS/summary.md" 2>&1
+# The device tool brings back at most 8 files from $OUT: summary.md, the archive, and these.
+for file in "$FULL"/pytest_*.xml "$FULL"/inference_*.json "$FULL"/inference_*.md \
+            "$FULL"/inference_*.png "$FULL"/bench_ops_*.json; do
+    [ -e "$file" ] && cp "$file" "$RESULTS/"
 done
-tar -czf "$RESULTS/gpu_check_full.tar.gz" --exclude='*.tar.gz' -C "$(dirname "$FULL")" \
-    "$(basename "$FULL")" || echo "could not pack $FULL"
+tar -czf "$WORK/gpu_check_full.tar.gz" -C "$RESULTS" full 2>/dev/null \
+    && mv "$WORK/gpu_check_full.tar.gz" "$RESULTS/" && rm -rf "$FULL"
 echo
 cat "$RESULTS/summary.md"
-echo
-echo "files in $RESULTS:"
-ls -la "$RESULTS"
 [ ${#FAILED[@]} -eq 0 ]

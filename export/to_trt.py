@@ -1,9 +1,9 @@
 """python export/to_trt.py --onnx-dir DIR [--fp16] [--max-batch B]
 
 Build TensorRT engines (support encoder, prototype aggregator(s), query decoder) from an ONNX
-export directory written by export/to_onnx.py, on the GPU they will run on. TensorRT 10 builds
-FP16 engines from the FP32 graphs with the FP16 builder flag; TensorRT 11 (strongly typed)
-builds them from the FP16 graphs. Engine files are named by GPU model, compute capability,
+export directory written by export/to_onnx.py, on the GPU they will run on. TensorRT before
+10.12 builds FP16 engines from the FP32 graphs with the FP16 builder flag; from 10.12 (which
+deprecated the flag) and on 11 they are built strongly typed from the FP16 graphs. Engine files are named by GPU model, compute capability,
 TensorRT version, precision and shape range, and recorded in DIR/manifest.json; a persistent
 timing cache (DIR/timing_cache.trt<version>.bin) makes rebuilds fast.
 """

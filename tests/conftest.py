@@ -57,7 +57,9 @@ def varied_export(tmp_path_factory):
 @pytest.fixture(scope="session")
 def cuda_ext():
     """The compiled ``mfnet_ext`` library (``mfnet_ext.Extension``), built once into
-    ``<repo>/build/cuda_ext_test`` (kept between runs, keyed by the sources' digest).
+    ``$MFNET_EXT_BUILD_DIR`` when set (benchmarks/gpu_check.sh builds there first, so nothing
+    compiles twice), else ``<repo>/build/cuda_ext_test`` (kept between runs, keyed by the
+    sources' digest).
 
     Without a CUDA toolkit (nvcc) or a CUDA build of torch the tests that need it are skipped,
     unless MFNET_REQUIRE_CUDA_EXT=1 (CI), where that is a failure. A compile error always fails.
@@ -75,4 +77,5 @@ def cuda_ext():
         if required:
             pytest.fail(f"MFNET_REQUIRE_CUDA_EXT=1 but the extension cannot be built: {missing}")
         pytest.skip(f"the mfnet_ext extension cannot be built here: {missing}")
-    return mfnet_ext.load(compile=True, build_root=ROOT / "build" / "cuda_ext_test")
+    root = os.environ.get("MFNET_EXT_BUILD_DIR") or ROOT / "build" / "cuda_ext_test"
+    return mfnet_ext.load(compile=True, build_root=root)

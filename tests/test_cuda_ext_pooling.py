@@ -202,21 +202,51 @@ def test_non_contiguous_and_empty_inputs(cuda_ext, device):
     assert empty_grad.shape == (0, 8, 9, 10)
 
 
+def side_stream_results(run, outputs_like: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Run ``run()`` on a side stream while the default stream sleeps, and copy its outputs to
+    pinned host memory on that side stream.
+
+    The side stream (created non-blocking by PyTorch) does not wait for the default stream. A
+    kernel launched on the current (side) stream has finished when the side stream's copies
+    run; a kernel launched on the default stream instead would still be queued behind the sleep,
+    so the copies would read unwritten memory. The default stream must still be busy when the
+    side stream is done, or the check proves nothing.
+    """
+    torch.cuda.synchronize()  # inputs are ready before the default stream starts sleeping
+    side = torch.cuda.Stream()
+    hosts = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in outputs_like]
+    torch.cuda._sleep(2_000_000_000)  # about a second on the default stream
+    with torch.cuda.stream(side):
+        outputs = run()
+        for host, out in zip(hosts, outputs):
+            host.copy_(out, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record(side)
+    done.synchronize()
+    default_busy = not torch.cuda.default_stream().query()
+    torch.cuda.synchronize()
+    assert default_busy, "the default stream's sleep ended first: the check proves nothing"
+    return hosts
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_kernels_run_on_the_current_stream(cuda_ext):
-    features = random_features((8, 64, 60, 60), seed=19, device="cuda").requires_grad_()
+    features = random_features((8, 64, 60, 60), seed=19, device="cuda")
     masks = random_masks(8, 473, 473, seed=20).cuda()
+    grad = random_features((8, 64), seed=21, device="cuda")
     expected = masked_global_pool_reference(features, masks)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        out = mfnet_ext.ops.masked_global_pool(features, masks)
-        (grad,) = torch.autograd.grad(out.sum(), features)
-    torch.cuda.current_stream().wait_stream(stream)
-    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
-    (expected_grad,) = torch.autograd.grad(expected.sum(), features)
-    torch.testing.assert_close(grad, expected_grad, rtol=1e-5, atol=1e-7)
+    expected_grad = masked_global_pool_reference(features.requires_grad_(), masks)
+    (expected_grad,) = torch.autograd.grad(expected_grad, features, grad)
+    features = features.detach()
+
+    def run():
+        return [mfnet_ext.ops.masked_global_pool(features, masks),
+                mfnet_ext.ops.masked_global_pool_backward(grad, masks, 60, 60)]
+
+    out, grad_features = side_stream_results(run, [expected, expected_grad])
+    torch.testing.assert_close(out, expected.cpu(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad_features, expected_grad.cpu(), rtol=1e-5, atol=1e-7)
 
 
 def test_torch_compile_fullgraph(cuda_ext):

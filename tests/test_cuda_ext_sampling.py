@@ -612,6 +612,21 @@ def test_cuda_equals_cpu_twin_bit_for_bit(fused, spatial, b, h, w, n, t) -> None
 
 @pytest.mark.cuda
 @needs_cuda
+def test_cuda_sampler_runs_on_the_current_stream(fused) -> None:
+    from test_cuda_ext_pooling import side_stream_results
+
+    pred, target = random_scene(4, 4, 60, 60, 2)
+    cpu = draw(fused, pred, target, 2, 20, 7, 0)
+    pred, target = pred.cuda(), target.cuda()
+    results = side_stream_results(lambda: list(fused.sample_triplets(pred, target, 2, 20, 0.1,
+                                                                     True, 7, 0)),
+                                  [getattr(cpu, f) for f in FIELDS])
+    assert cpu.valid.any()  # some triplets exist, so equality is not between empty draws
+    assert same(cpu, TripletSample(*results))
+
+
+@pytest.mark.cuda
+@needs_cuda
 def test_cuda_distribution_and_determinism(fused) -> None:
     pred, target = distribution_scene()
     mine = fused_draws(fused, "cuda")

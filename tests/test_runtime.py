@@ -29,11 +29,7 @@ except ImportError:  # a source checkout without the runtime installed
     sys.path.insert(0, str(ROOT / "runtime"))
 
 from mfnet_runtime import EngineError, RuntimeInputError, Segmenter, SupportSet  # noqa: E402
-from mfnet_runtime.backends import tensorrt as trt_backend  # noqa: E402
-from mfnet_runtime.manifest import read_manifest  # noqa: E402
-from runtime_fixtures import (  # noqa: E402
-    FakeCudart, FakeTensorRT, add_fake_engines, assert_labels_vary,
-)
+from runtime_fixtures import assert_labels_vary  # noqa: E402
 
 from mfnet.data.episodes import synthetic_episodes  # noqa: E402
 from mfnet.data.transforms import TestResize  # noqa: E402
@@ -446,75 +442,6 @@ def test_backend_options_are_checked(exported) -> None:
     assert auto.backend_name == "onnxruntime-cpu" and auto.precision == "fp32"
     assert (auto.way, auto.input_size, auto.max_batch) == (2, 48, 4)
     assert len(auto.engine_id) == 64
-
-
-# ------------------------------------------------------------------- TensorRT (faked: no GPU)
-def test_tensorrt_backend_bookkeeping_with_fake_tensorrt(exported, tmp_path, monkeypatch) -> None:
-    engines = tmp_path / "engines"
-    shutil.copytree(exported(2, 2)[0], engines)
-    add_fake_engines(engines)
-    cudart = FakeCudart()
-    monkeypatch.setattr(trt_backend, "import_tensorrt", lambda: FakeTensorRT(cudart))
-    monkeypatch.setattr(trt_backend, "import_cudart", lambda: cudart)
-    segmenter = Segmenter.load(engines, cuda_graph_batch=1)  # auto: engines for this "GPU"
-    reference = Segmenter.load(engines, backend="onnxruntime")
-    assert (segmenter.backend_name, segmenter.precision, segmenter.max_batch) == \
-        ("tensorrt", "fp32", 4)
-    assert segmenter.engine_id == reference.engine_id  # building engines keeps saved sets valid
-    classes = {"a": [shot(50), shot(51)], "b": [shot(52)]}  # K = 2 and K = 1 aggregators
-    support = segmenter.encode_support(classes)
-    np.testing.assert_array_equal(support.prototypes,
-                                  reference.encode_support(classes).prototypes)
-    frames = [shot(53 + i, size=(40 + 4 * i, 48))[0] for i in range(6)]  # batches of 4 + 2
-    for ours, theirs in zip(segmenter.segment_batch(frames, support),
-                            reference.segment_batch(frames, support)):
-        np.testing.assert_array_equal(ours, theirs)
-    launches = cudart.launches
-    for frame in frames[:3]:  # batch 1 replays the captured graph, with each new frame
-        np.testing.assert_array_equal(segmenter.segment(frame, support),
-                                      reference.segment(frame, support))
-    assert cudart.launches == launches + 3
-    np.testing.assert_allclose(segmenter.probabilities(frames[0], support),
-                               reference.probabilities(frames[0], support), atol=1e-6)
-    segmenter.close()
-    assert not cudart.blocks  # every device and pinned buffer was freed
-    # engines built for another GPU: refused with the rebuild command, auto falls back to ORT
-    monkeypatch.setattr(trt_backend, "import_cudart", lambda: FakeCudart("NVIDIA L4", (8, 9)))
-    with pytest.raises(EngineError, match=r"built for NVIDIA Fake GPU \(sm90\) with TensorRT "
-                                          r"10.9.0.*rebuild them here with: python export/"
-                                          r"to_trt.py --onnx-dir .* --precision fp16"):
-        Segmenter.load(engines, backend="tensorrt")
-    assert Segmenter.load(engines).backend_name == "onnxruntime-cpu"
-    # a tampered engine file is caught by its hash
-    engine_file = next(engines.glob("query_decoder*.engine"))
-    engine_file.write_text("{}")
-    monkeypatch.setattr(trt_backend, "import_cudart", lambda: FakeCudart())
-    with pytest.raises(EngineError, match=r"does not match its SHA-256.*python export/to_trt.py"):
-        Segmenter.load(engines, backend="tensorrt")
-
-
-def test_tensorrt_engine_selection_and_missing_packages(exported, tmp_path, monkeypatch) -> None:
-    engines = tmp_path / "engines"
-    shutil.copytree(exported(2, 2)[0], engines)
-    add_fake_engines(engines, precision="fp32")
-    add_fake_engines(engines, precision="fp16")
-    manifest = read_manifest(engines)
-    gpu, sm = "NVIDIA Fake GPU", (9, 0)
-    precision, chosen = trt_backend.select_engines(manifest, "auto", gpu, sm, "10.9.0")
-    assert precision == "fp16" and set(chosen) == set(manifest.required_roles)
-    assert all(g.format == "tensorrt" and g.precision == "fp16" for g in chosen.values())
-    assert trt_backend.select_engines(manifest, "fp32", gpu, sm, "10.9.0")[0] == "fp32"
-    with pytest.raises(EngineError, match=r"TensorRT 10.9.0.*this|can run on .*TensorRT 10.8"):
-        trt_backend.select_engines(manifest, "auto", gpu, sm, "10.8.1")
-    monkeypatch.setitem(sys.modules, "tensorrt", None)
-    with pytest.raises(EngineError, match=r"TensorRT is not installed: pip install"):
-        trt_backend.import_tensorrt()
-    with pytest.raises(EngineError, match="TensorRT is not installed"):
-        Segmenter.load(engines, backend="tensorrt")
-    for module in ("cuda", "cuda.bindings", "cuda.bindings.runtime", "cuda.cudart"):
-        monkeypatch.setitem(sys.modules, module, None)
-    with pytest.raises(EngineError, match="pip install cuda-python"):
-        trt_backend.import_cudart()
 
 
 # ------------------------------------------------------------------------------------- memory

@@ -2,8 +2,9 @@
 
 TensorRT is not installable on the project's machines. ``build_engines`` is driven here through
 a recording stand-in for the ``tensorrt`` module that implements only the calls the documented
-API offers (TensorRT 10 has ``BuilderFlag.FP16``, TensorRT 11 does not), so the per-version
-decisions, file naming, hashing and manifest updates are checked; the engines themselves are not.
+API offers (TensorRT 10 has ``BuilderFlag.FP16``, deprecated from 10.12; 11 does not), so the
+per-version decisions, file naming, hashing and manifest updates are checked; the engines
+themselves are not.
 """
 
 from __future__ import annotations
@@ -21,8 +22,13 @@ H100 = trt_export.GpuInfo("NVIDIA H100 80GB HBM3", (9, 0))
 
 
 def test_build_plan_per_version() -> None:
-    assert trt_export.build_plan("10.13.3.9", "fp16") == trt_export.BuildPlan("fp32", False, True)
-    assert trt_export.build_plan("10.13.3.9", "fp32") == trt_export.BuildPlan("fp32", False, False)
+    # before 10.12: weak typing, FP16 chosen by the builder flag from the FP32 graph
+    assert trt_export.build_plan("10.11.0.33", "fp16") == trt_export.BuildPlan("fp32", False, True)
+    assert trt_export.build_plan("10.9.0.34", "fp32") == trt_export.BuildPlan("fp32", False, False)
+    # 10.12 deprecated BuilderFlag.FP16: strongly typed from the FP16 graph, as on 11
+    assert trt_export.build_plan("10.12.0.36", "fp16") == trt_export.BuildPlan("fp16", True, False)
+    assert trt_export.build_plan("10.13.3.9", "fp16") == trt_export.BuildPlan("fp16", True, False)
+    assert trt_export.build_plan("10.13.3.9", "fp32") == trt_export.BuildPlan("fp32", True, False)
     assert trt_export.build_plan("11.4.0.106", "fp16") == trt_export.BuildPlan("fp16", True, False)
     assert trt_export.build_plan("11.4.0.106", "fp32") == trt_export.BuildPlan("fp32", True, False)
     with pytest.raises(trt_export.TensorRTUnavailable, match="too old"):
@@ -171,7 +177,8 @@ def export_dir(tmp_path):
 
 
 @pytest.mark.parametrize("version, parsed, flags, fp16_flag", [
-    ("10.13.3.9", "fp32", 0, True), ("11.4.0.106", "fp16", 2, False),
+    ("10.11.0.33", "fp32", 0, True), ("10.13.3.9", "fp16", 2, False),
+    ("11.4.0.106", "fp16", 2, False),
 ])
 def test_build_engines_per_version(tmp_path, monkeypatch, version, parsed, flags, fp16_flag):
     calls: list = []

@@ -1,11 +1,12 @@
 """TensorRT engines from the exported ONNX graphs, for TensorRT 10 and 11.
 
-TensorRT 10 builds FP16 engines from the FP32 graph with ``BuilderFlag.FP16`` (weak typing).
-TensorRT 11 removed the precision flags: networks are strongly typed, so an FP16 engine is built
-from the FP16 ONNX graph (``*.fp16.onnx``, FP16 inside, FP32 I/O). ``build_plan`` decides this
-from the version; everything that does not need TensorRT itself (the plan, engine names,
-optimisation profiles, compatibility checks, manifest entries) is a pure function, unit-tested on
-machines without TensorRT or a GPU.
+TensorRT before 10.12 builds FP16 engines from the FP32 graph with ``BuilderFlag.FP16`` (weak
+typing). TensorRT 10.12 deprecated the precision flags in favour of strong typing and 11 removed
+them, so from 10.12 on an FP16 engine is built strongly typed from the FP16 ONNX graph
+(``*.fp16.onnx``, FP16 inside, FP32 I/O). ``build_plan`` decides this from the version;
+everything that does not need TensorRT itself (the plan, engine names, optimisation profiles,
+compatibility checks, manifest entries) is a pure function, unit-tested on machines without
+TensorRT or a GPU.
 
 Engines are tied to the GPU model and the TensorRT version. Their file names and manifest
 entries record both, and ``check_engine_compatible`` turns a mismatch into an error that prints
@@ -37,7 +38,7 @@ class TensorRTUnavailable(RuntimeError):
 class BuildPlan:
     onnx_precision: str  # which ONNX graph to parse: "fp32" or "fp16"
     strongly_typed: bool  # create the network with NetworkDefinitionCreationFlag.STRONGLY_TYPED
-    fp16_flag: bool  # set BuilderFlag.FP16 (TensorRT 10 only)
+    fp16_flag: bool  # set BuilderFlag.FP16 (TensorRT before 10.12 only)
 
 
 @dataclass(frozen=True)
@@ -46,26 +47,34 @@ class GpuInfo:
     compute_capability: tuple[int, int]
 
 
-def tensorrt_major(version: str) -> int:
-    match = re.match(r"(\d+)\.", version)
+STRONG_TYPING_FROM = (10, 12)  # BuilderFlag.FP16 deprecated from here, removed in 11
+
+
+def tensorrt_version_tuple(version: str) -> tuple[int, int]:
+    """(major, minor) of a TensorRT version string such as "10.13.3.9"."""
+    match = re.match(r"(\d+)\.(\d+)", version)
     if match is None:
         raise ValueError(f"cannot read a TensorRT version from {version!r}")
-    return int(match.group(1))
+    return int(match.group(1)), int(match.group(2))
+
+
+def tensorrt_major(version: str) -> int:
+    return tensorrt_version_tuple(version)[0]
 
 
 def build_plan(tensorrt_version: str, precision: str) -> BuildPlan:
     """How to build an engine of ``precision`` ("fp32" | "fp16") with this TensorRT version."""
-    major = tensorrt_major(tensorrt_version)
+    version = tensorrt_version_tuple(tensorrt_version)
     if precision not in ("fp32", "fp16"):
         raise ValueError(f"precision must be fp32 or fp16, got {precision!r}")
-    if major < 10:
+    if version[0] < 10:
         raise TensorRTUnavailable(
             f"TensorRT {tensorrt_version} is too old: this exporter supports 10.x and 11.x "
             "(execute_async_v3, named tensors)"
         )
-    if major == 10:  # weak typing: the builder picks FP16 kernels from the FP32 graph
+    if version < STRONG_TYPING_FROM:  # weak typing: FP16 kernels chosen from the FP32 graph
         return BuildPlan(onnx_precision="fp32", strongly_typed=False, fp16_flag=precision == "fp16")
-    # 11+: strongly typed only; FP16 must already be in the graph.
+    # 10.12+: strongly typed (the FP16 flag is deprecated, gone in 11); FP16 is in the graph.
     return BuildPlan(onnx_precision=precision, strongly_typed=True, fp16_flag=False)
 
 

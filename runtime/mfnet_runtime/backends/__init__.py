@@ -106,7 +106,12 @@ def open_backend(manifest: Manifest, backend: str = "auto", device: str = "auto"
         except EngineError as error:
             if backend == "tensorrt":
                 raise
-            logger.info("TensorRT not used: %s", error)
+            if any(g.format == "tensorrt" for g in manifest.graphs):
+                # engines were built, so TensorRT was meant to run: say loudly why it does not
+                logger.warning("TensorRT engines not used, falling back to ONNX Runtime: %s",
+                               error)
+            else:
+                logger.info("TensorRT not used: %s", error)
     from .onnxruntime import OnnxRuntimeBackend, cuda_provider_available
 
     if device in ("auto", "cuda"):

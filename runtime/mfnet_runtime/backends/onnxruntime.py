@@ -8,8 +8,10 @@ probabilities are asked for. With ``cuda_graph_batch = B`` the decoder is also c
 graph (ONNX Runtime's ``enable_cuda_graph``) for calls of exactly B frames, with inputs and
 outputs bound once to fixed device buffers.
 
-Tested on the CPU provider only. The CUDA paths (IOBinding, CUDA graphs) are written against the
-ONNX Runtime documentation and have not run here (no GPU on the development machines).
+Tested here on the CPU provider, and the CUDA paths (IOBinding, CUDA graphs) on a fake of
+ONNX Runtime's OrtValue / IOBinding surface with device semantics (tests/gpu_fakes.py); their
+``cuda`` test (tests/test_gpu_paths.py) is written but has not run (no GPU on the development
+machines).
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ def _limit(graph: GraphInfo, key: str) -> int:
 
 
 class _CudaGraphDecoder:
-    """The decoder at one fixed batch, replayed as a CUDA graph (untested: needs a GPU).
+    """The decoder at one fixed batch, replayed as a CUDA graph.
 
     ONNX Runtime captures the graph on the first run and replays it afterwards; replay reads and
     writes the same device addresses, so inputs are copied into fixed OrtValues in place
@@ -72,11 +74,17 @@ class _CudaGraphDecoder:
     def run(self, frames: np.ndarray, prototypes: np.ndarray, with_probabilities: bool
             ) -> tuple[np.ndarray, np.ndarray | None]:
         with self.lock:
+            # update_inplace is a cudaMemcpy from pageable memory on the legacy default stream:
+            # it may return before the bytes land, and ONNX Runtime's compute stream does not
+            # wait for it. Synchronise the inputs before the replay reads them, and the outputs
+            # before they are copied back (ONNX Runtime's own IOBinding usage).
             self.frames.update_inplace(frames)
             if self.uploaded is None or not np.array_equal(self.uploaded, prototypes):
                 self.prototypes.update_inplace(prototypes)
                 self.uploaded = prototypes.copy()
+            self.binding.synchronize_inputs()
             self.session.run_with_iobinding(self.binding)
+            self.binding.synchronize_outputs()
             labels = self.labels.numpy()  # device -> host copy of the labels only
             return labels, self.probabilities.numpy() if with_probabilities else None
 
@@ -199,7 +207,9 @@ class OnnxRuntimeBackend:
         if with_probabilities:
             binding.bind_output("probabilities", "cuda", self._device_id)
         try:
+            binding.synchronize_inputs()
             session.run_with_iobinding(binding)
+            binding.synchronize_outputs()
         except Exception as error:
             raise EngineError(f"ONNX Runtime failed running the decoder on CUDA: {error}") \
                 from error

@@ -3,14 +3,16 @@
 Engines are tied to the GPU model and the TensorRT version that built them; ``select_engines``
 picks the manifest entries built for this GPU and TensorRT (a pure function, unit-tested) and
 otherwise fails with the rebuild command. Device memory, pinned host staging buffers, a
-non-default stream and optional CUDA graphs come from NVIDIA's ``cuda-python`` bindings (no
+non-blocking stream and optional CUDA graphs come from NVIDIA's ``cuda-python`` bindings (no
 pycuda, no torch). Each engine's buffers are allocated once, at the largest shape of its
-optimisation profile, and their addresses are set once, so a CUDA graph captured for the decoder
-stays valid.
+optimisation profile, and their addresses are set once. A CUDA graph freezes the shapes and
+addresses (and the context state) it was captured with, so the captured decoder batch gets an
+execution context of its own that nothing else enqueues on.
 
-Status: written against the TensorRT 10/11 Python API and cuda-python's runtime bindings;
-never run here (TensorRT cannot be installed on the development machines, which have no GPU).
-Only the engine selection and the error messages are tested.
+Status: written against the TensorRT 10/11 Python API and cuda-python's runtime bindings; run
+on the CPU against fakes with device semantics (tests/gpu_fakes.py: opaque device memory,
+asynchronous copies, frozen graph replay); a ``cuda`` test (tests/test_gpu_paths.py) is written
+but has not run (no TensorRT and no GPU on the development machines).
 """
 
 from __future__ import annotations
@@ -28,12 +30,14 @@ from ..manifest import GraphInfo, Manifest, verify_files
 
 logger = logging.getLogger("mfnet_runtime")
 TENSORRT_INSTALL = (
-    "TensorRT is not installed: pip install 'mfnet-runtime[tensorrt]' (or pip install "
-    "tensorrt-cu13 cuda-python for CUDA 13, tensorrt-cu12 for CUDA 12, from "
-    "https://pypi.nvidia.com)"
+    "TensorRT is not installed: pip install 'mfnet-runtime[tensorrt-cu13]' for a CUDA 13 driver "
+    "(>= 580) or 'mfnet-runtime[tensorrt-cu12]' for a CUDA 12 driver (TensorRT and cuda-python "
+    "of the same CUDA major; the libraries come from https://pypi.nvidia.com)"
 )
 CUDA_PYTHON_INSTALL = ("NVIDIA's cuda-python bindings are not installed: pip install "
-                       "cuda-python (the TensorRT backend manages device memory with them)")
+                       "'mfnet-runtime[tensorrt-cu13]' (CUDA 13 driver, >= 580) or "
+                       "'mfnet-runtime[tensorrt-cu12]' (CUDA 12 driver): the TensorRT backend "
+                       "manages device memory with them")
 
 
 def import_tensorrt() -> Any:
@@ -63,6 +67,23 @@ def cuda_call(cudart: Any, result: Any, what: str) -> Any:
         name = name.decode() if isinstance(name, bytes) else name
         raise EngineError(f"CUDA call {what} failed: {name}")
     return values[0] if len(values) == 1 else values
+
+
+def check_driver(cudart: Any) -> None:
+    """Refuse a cuda-python built for a newer CUDA than the driver supports, with the fix.
+
+    cuda-python 13 on a CUDA 12 driver (< 580) fails every call with an insufficient-driver
+    error; name the extra that matches the driver instead of that error.
+    """
+    driver = cuda_call(cudart, cudart.cudaDriverGetVersion(), "cudaDriverGetVersion")
+    runtime = cuda_call(cudart, cudart.cudaRuntimeGetVersion(), "cudaRuntimeGetVersion")
+    if driver < runtime:
+        major = driver // 1000
+        raise EngineError(
+            f"the NVIDIA driver supports CUDA {major}.{driver % 1000 // 10}, but cuda-python is "
+            f"built for CUDA {runtime // 1000}.{runtime % 1000 // 10}: install the matching "
+            f"bindings with pip install 'mfnet-runtime[tensorrt-cu{major}]' (or update the "
+            f"driver)")
 
 
 def engine_compatible(graph: GraphInfo, gpu: str, capability: tuple[int, int],
@@ -147,7 +168,12 @@ class _Buffer:
 
 
 class _Engine:
-    """One deserialized engine, its execution context and its I/O buffers."""
+    """One deserialized engine, its execution context(s) and its I/O buffers.
+
+    ``context`` runs every call; once ``capture`` has run, ``graph_context`` (a second context
+    on the same engine and buffers) holds the captured shapes and only replays the graph: an
+    enqueue at another shape on the capture's context would change the state the graph reads.
+    """
 
     def __init__(self, trt: Any, cudart: Any, runtime: Any, path: Path, graph: GraphInfo,
                  stream: Any, directory: Path) -> None:
@@ -157,20 +183,22 @@ class _Engine:
             raise EngineError(f"TensorRT cannot deserialize {path} (corrupt, or built by another "
                               f"TensorRT); rebuild with: "
                               f"{rebuild_hint(directory, graph.precision)}")
-        self.context = self.engine.create_execution_context()
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         expected = [t.name for t in graph.inputs + graph.outputs]
         if sorted(names) != sorted(expected):
             raise EngineError(f"{path.name} has tensors {names}, its manifest entry {expected}")
         self.inputs = [t.name for t in graph.inputs]
         self.outputs = [t.name for t in graph.outputs]
+        self.min_shapes: dict[str, tuple[int, ...]] = {}
         self.max_shapes: dict[str, tuple[int, ...]] = {}
         for name in self.inputs:
             shape = tuple(self.engine.get_tensor_shape(name))
-            if any(d < 0 for d in shape):  # dynamic: the profile's largest shape
-                shape = tuple(self.engine.get_tensor_profile_shape(name, 0)[2])
-            self.max_shapes[name] = shape
-            self.context.set_input_shape(name, shape)
+            low = shape
+            if any(d < 0 for d in shape):  # dynamic: the profile's (min, opt, max)
+                profile = self.engine.get_tensor_profile_shape(name, 0)
+                low, shape = tuple(profile[0]), tuple(profile[2])
+            self.min_shapes[name], self.max_shapes[name] = low, shape
+        self.context = self._new_context(self.max_shapes)
         for name in self.outputs:
             self.max_shapes[name] = tuple(self.context.get_tensor_shape(name))
         self.buffers: dict[str, _Buffer] = {}
@@ -178,40 +206,74 @@ class _Engine:
             dtype = _numpy_dtype(trt, self.engine.get_tensor_dtype(name))
             nbytes = int(np.prod(self.max_shapes[name])) * dtype.itemsize
             self.buffers[name] = _Buffer(cudart, nbytes, dtype)
-            self.context.set_tensor_address(name, self.buffers[name].device)  # once: fixed
+        self._bind_addresses(self.context)
+        self.graph_context: Any = None
         self.graph_exec: Any = None
         self.graph_shapes: dict[str, tuple[int, ...]] | None = None
+
+    def _new_context(self, shapes: dict[str, tuple[int, ...]]) -> Any:
+        context = self.engine.create_execution_context()
+        if context is None:
+            raise EngineError(f"TensorRT could not create an execution context for {self.file} "
+                              "(out of device memory?)")
+        for name in self.inputs:
+            self._set_shape(context, name, shapes[name])
+        return context
+
+    def _set_shape(self, context: Any, name: str, shape: tuple[int, ...]) -> None:
+        if not context.set_input_shape(name, shape):
+            raise EngineError(f"TensorRT refused the shape {shape} for input {name} of "
+                              f"{self.file} (its profile allows {self.min_shapes[name]} to "
+                              f"{self.max_shapes[name]})")
+
+    def _bind_addresses(self, context: Any) -> None:
+        for name, buffer in self.buffers.items():
+            if not context.set_tensor_address(name, buffer.device):  # once: fixed
+                raise EngineError(f"TensorRT refused the device address of tensor {name} of "
+                                  f"{self.file} (set_tensor_address returned False)")
 
     def _copy(self, dst: int, src: int, nbytes: int, kind: Any) -> None:
         cuda_call(self.cudart, self.cudart.cudaMemcpyAsync(dst, src, nbytes, kind, self.stream),
                   "cudaMemcpyAsync")
 
-    def _enqueue(self) -> None:
-        if not self.context.execute_async_v3(int(self.stream)):
+    def _enqueue(self, context: Any) -> None:
+        if not context.execute_async_v3(int(self.stream)):
             raise EngineError(f"TensorRT execute_async_v3 failed for {self.file} (see its log)")
+
+    def check_shapes(self, shapes: dict[str, tuple[int, ...]]) -> None:
+        """``EngineError`` when a feed lies outside the optimisation profile (either end)."""
+        for name, shape in shapes.items():
+            low, high = self.min_shapes[name], self.max_shapes[name]
+            if len(shape) != len(high) or any(s > m for s, m in zip(shape, high)):
+                raise EngineError(f"{name} of shape {shape} exceeds the profile of "
+                                  f"{self.file} (largest {high})")
+            if any(s < m for s, m in zip(shape, low)):
+                raise EngineError(f"{name} of shape {shape} is below the profile of "
+                                  f"{self.file} (smallest {low}): e.g. fewer shots per class "
+                                  f"than the engine was built for")
 
     def run(self, feeds: dict[str, np.ndarray], fetch: list[str]) -> list[np.ndarray]:
         """Copy ``feeds`` in, execute (or replay the captured graph), copy ``fetch`` out."""
         h2d = self.cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
         shapes = {name: tuple(array.shape) for name, array in feeds.items()}
+        self.check_shapes(shapes)
+        replay = self.graph_exec is not None and shapes == self.graph_shapes
+        context = self.graph_context if replay else self.context
         for name, array in feeds.items():
-            limit = self.max_shapes[name]
-            if len(shapes[name]) != len(limit) or any(s > m for s, m in zip(shapes[name], limit)):
-                raise EngineError(f"{name} of shape {shapes[name]} exceeds the profile of "
-                                  f"{self.file} (largest {limit})")
             buffer = self.buffers[name]
             np.copyto(buffer.view(shapes[name]), array, casting="no")
             self._copy(buffer.device, buffer.host_ptr, array.nbytes, h2d)
-            self.context.set_input_shape(name, shapes[name])
-        if self.graph_exec is not None and shapes == self.graph_shapes:
+            if not replay:  # the graph context keeps the captured shapes
+                self._set_shape(context, name, shapes[name])
+        if replay:
             cuda_call(self.cudart, self.cudart.cudaGraphLaunch(self.graph_exec, self.stream),
                       "cudaGraphLaunch")
         else:
-            self._enqueue()
+            self._enqueue(context)
         d2h = self.cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
         results = []
         for name in fetch:
-            shape = tuple(self.context.get_tensor_shape(name))
+            shape = tuple(context.get_tensor_shape(name))
             buffer = self.buffers[name]
             view = buffer.view(shape)
             self._copy(buffer.host_ptr, buffer.device, view.nbytes, d2h)
@@ -221,27 +283,35 @@ class _Engine:
         return [view.copy() for view in results]  # the pinned buffers are reused next call
 
     def capture(self, feeds: dict[str, np.ndarray]) -> None:
-        """Capture ``execute_async_v3`` at the shapes of ``feeds`` as a CUDA graph.
+        """Capture ``execute_async_v3`` at the shapes of ``feeds`` as a CUDA graph, on a
+        context of its own.
 
         As trtexec does: run once uncaptured first (initialisation must not be captured), then
-        capture on the non-default stream in thread-local mode (other threads may use CUDA).
+        capture on the non-blocking stream in thread-local mode (other threads may use CUDA).
         """
-        self.run(feeds, [])
+        shapes = {name: tuple(a.shape) for name, a in feeds.items()}
+        self.check_shapes(shapes)
+        context = self._new_context(shapes)
+        self._bind_addresses(context)
+        self._enqueue(context)
         cudart = self.cudart
+        cuda_call(cudart, cudart.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
         mode = cudart.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal
         cuda_call(cudart, cudart.cudaStreamBeginCapture(self.stream, mode),
                   "cudaStreamBeginCapture")
         try:
-            self._enqueue()
+            self._enqueue(context)
         except Exception:
             cudart.cudaStreamEndCapture(self.stream)  # or the stream stays in capture mode
             raise
         graph = cuda_call(cudart, cudart.cudaStreamEndCapture(self.stream),
                           "cudaStreamEndCapture")
-        self.graph_exec = cuda_call(cudart, cudart.cudaGraphInstantiate(graph, 0),
-                                    "cudaGraphInstantiate")
-        cuda_call(cudart, cudart.cudaGraphDestroy(graph), "cudaGraphDestroy")
-        self.graph_shapes = {name: tuple(a.shape) for name, a in feeds.items()}
+        try:
+            self.graph_exec = cuda_call(cudart, cudart.cudaGraphInstantiate(graph, 0),
+                                        "cudaGraphInstantiate")
+        finally:
+            cudart.cudaGraphDestroy(graph)
+        self.graph_context, self.graph_shapes = context, shapes
 
     def close(self) -> None:
         if self.graph_exec is not None:
@@ -250,7 +320,7 @@ class _Engine:
         for buffer in self.buffers.values():
             buffer.free()
         self.buffers.clear()
-        self.context = self.engine = None
+        self.graph_context = self.context = self.engine = None
 
 
 class TensorRTBackend:
@@ -262,6 +332,7 @@ class TensorRTBackend:
             raise no_engines_error(manifest, precision)
         trt = import_tensorrt()
         cudart = import_cudart()
+        check_driver(cudart)
         count = cuda_call(cudart, cudart.cudaGetDeviceCount(), "cudaGetDeviceCount")
         if count <= device_id:
             raise EngineError(f"no CUDA GPU {device_id} is visible ({count} found)")
@@ -276,7 +347,11 @@ class TensorRTBackend:
         self.name = "tensorrt"
         self._cudart = cudart
         self._lock = threading.Lock()  # one context per engine: calls are serialised
-        self._stream = cuda_call(cudart, cudart.cudaStreamCreate(), "cudaStreamCreate")
+        # Non-blocking: legacy default-stream work of other threads (or libraries) neither
+        # serialises with this stream nor invalidates a capture on it.
+        self._stream = cuda_call(
+            cudart, cudart.cudaStreamCreateWithFlags(cudart.cudaStreamNonBlocking),
+            "cudaStreamCreateWithFlags")
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)
         self._engines: dict[str, _Engine] = {}
