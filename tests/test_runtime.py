@@ -201,7 +201,7 @@ def test_non_square_frame_matches_pytorch_stretch_resize(exported, tmp_path) -> 
         assert geometry == [(height, width, 48, 48)]
         with torch.no_grad():
             logits = model.decode_query(
-                torch.from_numpy(stretched).permute(2, 0, 1)[None].float() / 255, support_cache(
+                torch.from_numpy(stretched.copy()).permute(2, 0, 1)[None].float() / 255, support_cache(
                     model, episode))
         reference = logits.argmax(1)[0].to(torch.uint8).numpy()
         references.append(np.asarray(Image.fromarray(reference).resize(
