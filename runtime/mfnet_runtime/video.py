@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .errors import RuntimeInputError
+from .errors import RuntimeInputError, require
 from .overlay import overlay
 from .images import read_image_file
 from .spec import IMAGE_EXTENSIONS, is_image_file
@@ -36,14 +36,8 @@ INSTALL_HINT = "pip install 'mfnet-runtime[video]'"
 
 
 def require_cv2() -> Any:
-    """Import OpenCV, or raise ``RuntimeInputError`` saying how to install it."""
-    try:
-        import cv2
-    except ImportError as error:
-        raise RuntimeInputError(
-            f"video files, cameras and video output need OpenCV: {INSTALL_HINT} "
-            f"(import failed: {error})") from error
-    return cv2
+    """Import OpenCV, or raise ``MissingDependencyError`` saying how to install it."""
+    return require("cv2", "video files, cameras and video output (OpenCV)", INSTALL_HINT)
 
 
 @dataclass(frozen=True)
