@@ -23,9 +23,11 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, durable: bool 
     and ``os.replace``. ``durable`` also fsyncs the file before the rename (checkpoints,
     manifests), so a power loss cannot leave an empty file behind the new name."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    temporary = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.",
+                                                 suffix=".tmp")
         with os.fdopen(descriptor, "wb") as handle:
             handle.write(data)
             if durable:
@@ -33,11 +35,12 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, durable: bool 
                 os.fsync(handle.fileno())
         os.replace(temporary, path)
     except BaseException as error:
-        Path(temporary).unlink(missing_ok=True)
+        if temporary is not None:
+            Path(temporary).unlink(missing_ok=True)
         if isinstance(error, OSError) and error.filename != str(path):
             # name the file being written, not the temporary (which is gone); ``path`` is as
             # it was before the call
-            raise type(error)(error.errno, error.strerror or str(error), str(path)) from error
+            raise OSError(error.errno, error.strerror or str(error), str(path)) from error
         raise
 
 

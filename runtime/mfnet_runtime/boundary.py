@@ -28,9 +28,10 @@ Main = TypeVar("Main", bound=Callable[..., int])
 # torch.load's refusal text runs from "Weights only load failed" to the documentation link; the
 # only part worth showing is what it found ("Unsupported global: GLOBAL os.system ...").
 _TORCH_REFUSAL = re.compile(r"Weights only load failed.*?(?:torch\.load\.html\.?|$)", re.S)
-_UNPICKLER_DETAIL = re.compile(
-    r"WeightsUnpickler error:\s*(.*?)\s*(?:was not an allowed global|Please use|Check the "
-    r"documentation|$)", re.S)
+_REFUSAL_DETAILS = (  # what torch's variants of the text say was found
+    (re.compile(r"[Uu]nsupported (?:global: )?GLOBAL ([\w.]+)"), "unsupported global {}"),
+    (re.compile(r"Unsupported operand (\d+)"), "unsupported pickle opcode {}"),
+)
 # A sentence that mentions one of these is advice to weaken the safe loader: dropped.
 _UNSAFE_ADVICE = re.compile(r"weights_only|safe_globals|allowlist|allowed global", re.I)
 _SENTENCE_END = re.compile(r"(?<=[.;])\s+")
@@ -51,10 +52,10 @@ def scrub_unsafe_advice(text: str) -> str:
     a refusal; any other sentence that suggests weakening the safe loader is dropped.
     """
     def refusal(match: re.Match[str]) -> str:
-        detail = _UNPICKLER_DETAIL.search(match.group(0))
-        found = " ".join(detail.group(1).split()) if detail and detail.group(1).strip() else ""
+        found = [template.format(hit.group(1)) for pattern, template in _REFUSAL_DETAILS
+                 for hit in [pattern.search(match.group(0))] if hit]
         return ("the file holds data other than tensors and plain values, which is never "
-                "unpickled" + (f" ({found})" if found else ""))
+                "unpickled" + (f" ({found[0]})" if found else ""))
 
     text = _TORCH_REFUSAL.sub(refusal, text)
     if not _UNSAFE_ADVICE.search(text):
