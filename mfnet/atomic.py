@@ -1,8 +1,9 @@
 """Atomic writes: a reader never sees a half-written file or export, even after a crash.
 
-``atomic_write_bytes`` replaces one file; ``staged_directory`` builds a whole directory (an
-export) beside its target and swaps it in only when it is complete, so a failed or interrupted
-export leaves the previous one exactly as it was.
+``atomic_write_bytes`` (the runtime's, one definition for both packages) replaces one file;
+``staged_directory`` builds a whole directory (an export) beside its target and swaps it in
+only when it is complete, so a failed or interrupted export leaves the previous one exactly as
+it was.
 """
 
 from __future__ import annotations
@@ -17,31 +18,9 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from mfnet_runtime.atomic import atomic_write_bytes
 
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, durable: bool = False) -> None:
-    """Write ``data`` to ``path`` via a hidden temporary file in the same folder (``.NAME.*.tmp``)
-    and ``os.replace``. ``durable`` also fsyncs the file before the rename (checkpoints,
-    manifests), so a power loss cannot leave an empty file behind the new name."""
-    path = Path(path)
-    temporary = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.",
-                                                 suffix=".tmp")
-        with os.fdopen(descriptor, "wb") as handle:
-            handle.write(data)
-            if durable:
-                handle.flush()
-                os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException as error:
-        if temporary is not None:
-            Path(temporary).unlink(missing_ok=True)
-        if isinstance(error, OSError) and error.filename != str(path):
-            # name the file being written, not the temporary (which is gone); ``path`` is as
-            # it was before the call
-            raise OSError(error.errno, error.strerror or str(error), str(path)) from error
-        raise
+__all__ = ["atomic_write_bytes", "staged_directory"]
 
 
 @contextlib.contextmanager

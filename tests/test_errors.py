@@ -331,6 +331,45 @@ def case_disk_full(tmp_path, capsys, monkeypatch):
     assert train_cli.main([*TRAIN_TINY, "--out", str(out), "--device", "cpu"]) == 2
     line = one_error_line(capsys)
     assert "No space left on device" in line and "the disk is full" in line and "last.pt" in line
+    monkeypatch.undo()
+    # frame outputs: a frame written by an earlier run survives a full disk
+    import mfnet_runtime.atomic as runtime_atomic
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for name in ("red", "blue"):
+        (tmp_path / "spec" / name).mkdir(parents=True)
+        Image.fromarray(rng.integers(0, 256, (30, 30, 3), dtype=np.uint8)).save(
+            tmp_path / "spec" / name / "a.png")
+        mask = np.zeros((30, 30), np.uint8)
+        mask[5:20, 5:20] = 1
+        Image.fromarray(mask).save(tmp_path / "spec" / name / "a.mask.png")
+    (tmp_path / "frames").mkdir()
+    Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)).save(
+        tmp_path / "frames" / "f.png")
+    outputs = tmp_path / "labels"
+    outputs.mkdir()
+    (outputs / "000000.png").write_bytes(b"an earlier run")
+
+    class FullDisk:
+        """``os`` as ``mfnet_runtime.atomic`` sees it, on a full disk."""
+
+        def __getattr__(self, name):
+            return getattr(os, name)
+
+        def fdopen(self, descriptor, mode):
+            handle = os.fdopen(descriptor, mode)
+            handle.write = disk_full
+            return handle
+
+    checkpoint = write_checkpoint(tmp_path / "model.pt")
+    monkeypatch.setattr(runtime_atomic, "os", FullDisk())
+    assert predict_cli.main(["--checkpoint", str(checkpoint), "--support", str(tmp_path / "spec"),
+                             "--input", str(tmp_path / "frames"), "--output", str(outputs),
+                             "--device", "cpu", "--no-progress"]) == 2
+    line = one_error_line(capsys)
+    assert "000000.png: No space left on device" in line
+    assert snapshot(outputs) == {"000000.png": b"an earlier run"}
 
 
 def case_permission_denied(tmp_path, capsys, monkeypatch):
@@ -340,7 +379,7 @@ def case_permission_denied(tmp_path, capsys, monkeypatch):
     def denied(*args, **kwargs):
         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
 
-    monkeypatch.setattr("mfnet.atomic.tempfile.mkstemp", denied)
+    monkeypatch.setattr("mfnet_runtime.atomic.tempfile.mkstemp", denied)
     with pytest.raises(PermissionError) as raised:
         atomic_write_bytes(path, b"new")
     assert path.read_text() == "old"

@@ -12,6 +12,7 @@ this module is uint8 [H, W, 3] RGB.
 
 from __future__ import annotations
 
+import io
 import itertools
 import queue
 import threading
@@ -23,6 +24,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from .atomic import atomic_write_bytes
 from .errors import RuntimeInputError, require
 from .overlay import overlay
 from .images import read_image_file
@@ -167,12 +169,20 @@ class FolderWriter:
     def write(self, result: FrameResult) -> None:
         stem = self.folder / f"{result.index:06d}"
         # uint8 [H, W] is saved as an 8-bit greyscale (mode L) PNG holding the label values
-        Image.fromarray(np.asarray(result.labels, np.uint8)).save(stem.with_suffix(".png"))
+        _save_png(np.asarray(result.labels, np.uint8), stem.with_suffix(".png"))
         drawn = overlay(result.frame, result.labels, self.class_names, self.alpha)
-        Image.fromarray(drawn).save(stem.with_name(stem.name + "_overlay.png"))
+        _save_png(drawn, stem.with_name(stem.name + "_overlay.png"))
 
     def close(self) -> None:
         """Nothing is held open between frames."""
+
+
+def _save_png(array: np.ndarray, path: Path) -> None:
+    """Encode in memory, then replace ``path`` atomically: a full disk never leaves a
+    truncated frame (or destroys the one an earlier run wrote there)."""
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 class VideoWriter:
