@@ -16,7 +16,6 @@ import sys
 from pathlib import Path
 
 import torch
-
 from mfnet_runtime import options
 
 from .atomic import atomic_write_bytes

@@ -21,13 +21,12 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from mfnet_runtime import options
 
 from .config import PRESETS, Config, add_config_arguments, overrides_from_args, preset
 from .evaluate import evaluate_model, write_results
-from .evaluation import format_results, protocol_description
-from mfnet_runtime import options
-
 from .errors import mfnet_command
+from .evaluation import format_results, protocol_description
 from .training.distributed import DistContext, init_distributed
 from .training.logs import write_eval_scalars
 from .training.loop import TrainingInterrupted, resolve_device, train
