@@ -35,7 +35,7 @@ def staged_directory(target: str | os.PathLike[str], seed: bool = False) -> Iter
     existing directory: files in it are only ever replaced (``atomic_write_bytes``), never
     modified in place, so a link cannot leak a change into the old version.
     """
-    target = Path(target)
+    target = Path(target).resolve()  # "." has no sibling; a symlink keeps pointing at the new one
     if target.exists() and not target.is_dir():
         raise NotADirectoryError(errno.ENOTDIR, "exists and is a file, expected a directory",
                                  str(target))
