@@ -4,7 +4,7 @@
 support set, an option) cannot be used; the message says which and how to fix it.
 ``EngineError`` is a ``RuntimeError``: the export directory, an engine file or the inference
 backend cannot be used here; the message names the file and the command that recreates it.
-``MissingDependencyError`` is an ``ImportError``: an optional package a feature needs is not
+``MissingDependencyError`` is an ``ImportError`` (and a ``RuntimeInputError``): an optional package a feature needs is not
 installed; the message names the ``pip install`` command (the package's extra) that adds it.
 """
 
@@ -19,8 +19,11 @@ class EngineError(RuntimeError):
     """Missing, tampered or incompatible engine files, or a backend unavailable here."""
 
 
-class MissingDependencyError(ImportError):
-    """An optional dependency (OpenCV, onnx, TensorBoard, ...) that a feature needs is missing."""
+class MissingDependencyError(RuntimeInputError, ImportError):
+    """An optional dependency (OpenCV, onnx, TensorBoard, ...) that a feature needs is missing.
+
+    Also a ``RuntimeInputError``, so code that handles the runtime's input errors (as the
+    OpenCV check always raised) keeps catching it."""
 
 
 def require(module: str, feature: str, install: str):
