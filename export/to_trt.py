@@ -16,30 +16,29 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a source checkout
 
-from mfnet.export.manifest import ManifestError  # noqa: E402
+from mfnet.errors import mfnet_command  # noqa: E402
 from mfnet.export.tensorrt import TensorRTUnavailable, build_engines  # noqa: E402
+from mfnet_runtime import options  # noqa: E402
 
 
+@mfnet_command(TensorRTUnavailable)
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python export/to_trt.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--onnx-dir", required=True, type=Path, help="export directory")
+    parser.add_argument("--onnx-dir", required=True, type=options.directory_path,
+                        help="export directory")
     parser.add_argument("--fp16", dest="precision", action="store_const", const="fp16",
                         default="fp32", help="build FP16 engines (default: FP32)")
     parser.add_argument("--precision", choices=["fp32", "fp16"], dest="precision",
                         help="the same as --fp16 / its absence")
-    parser.add_argument("--max-batch", type=int, default=None,
+    parser.add_argument("--max-batch", type=options.positive_int, default=None,
                         help="largest query batch of the decoder profile (default: the export's)")
-    parser.add_argument("--opt-batch", type=int, default=1,
+    parser.add_argument("--opt-batch", type=options.positive_int, default=1,
                         help="batch the decoder is tuned for (1 = per-frame video)")
-    parser.add_argument("--workspace-gb", type=float, default=4.0, help="builder workspace")
+    parser.add_argument("--workspace-gb", type=options.number(0, exclusive_minimum=True), default=4.0, help="builder workspace")
     args = parser.parse_args(argv)
-    try:
-        build_engines(args.onnx_dir, args.precision, opt_batch=args.opt_batch,
-                      max_batch=args.max_batch, workspace_bytes=int(args.workspace_gb * (1 << 30)))
-    except (TensorRTUnavailable, ManifestError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    build_engines(args.onnx_dir, args.precision, opt_batch=args.opt_batch,
+                  max_batch=args.max_batch, workspace_bytes=int(args.workspace_gb * (1 << 30)))
     return 0
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -31,6 +32,19 @@ AMP_MODES = ("off", "bf16", "fp16")
 OPS_IMPLS = ("auto", "reference", "cuda")  # mfnet.ops.extension.IMPLS
 
 
+class ConfigError(ValueError):
+    """A configuration value of the wrong type or out of its range; names the field."""
+
+
+class FieldError(ConfigError):
+    """A problem of one field on its own (type, range, choice): the command lines check these
+    while parsing (``add_config_arguments``); combinations are checked when the config is built."""
+
+    def __init__(self, field_name: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field_name
+
+
 def _opt(default: Any, help: str, choices: tuple | None = None) -> Any:
     """A dataclass field carrying its command-line help (and choices)."""
     metadata = {"help": help, "choices": choices}
@@ -39,14 +53,51 @@ def _opt(default: Any, help: str, choices: tuple | None = None) -> Any:
     return field(default=default, metadata=metadata)
 
 
+def _type_problem(kind: Any, value: Any) -> str | None:
+    """What is wrong with ``value`` for a field annotated ``kind`` (None: nothing)."""
+    if isinstance(value, bool) and kind is not bool:
+        return "not a boolean"  # bool is an int subclass: "way": true is not a way
+    if kind is bool:
+        return None if isinstance(value, bool) else "true or false"
+    if kind is int:
+        return None if isinstance(value, int) else "an integer"
+    if kind is float:
+        if not isinstance(value, (int, float)):
+            return "a number"
+        return None if math.isfinite(value) else "a finite number"
+    if kind is str:
+        return None if isinstance(value, str) else "a string"
+    if typing.get_origin(kind) is tuple:
+        item = typing.get_args(kind)[0]
+        if not isinstance(value, (tuple, list)):
+            return "a list of numbers"
+        if any(_type_problem(item, v) for v in value):
+            return "a list of finite numbers"
+        return None
+    return None
+
+
+def _check_types(config: Any) -> None:
+    """Raise ``ConfigError`` naming the first field whose value has the wrong type (a
+    checkpoint's JSON-like config can hold "2" where 2 belongs); runs before the range checks."""
+    hints = typing.get_type_hints(type(config))
+    section = type(config).__name__.removesuffix("Config").lower()
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        problem = _type_problem(hints[f.name], value)
+        if problem is not None:
+            raise FieldError(f.name, f"config field {section}.{f.name} must be {problem}, got "
+                              f"{value!r} ({type(value).__name__})")
+
+
 def _check_choice(name: str, value: Any, choices: tuple) -> None:
     if value not in choices:
-        raise ValueError(f"{name}={value!r} is not one of {', '.join(map(repr, choices))}")
+        raise FieldError(name, f"{name}={value!r} is not one of {', '.join(map(repr, choices))}")
 
 
 def _check_positive(name: str, value: float, allow_zero: bool = False) -> None:
     if value < 0 or (value == 0 and not allow_zero):
-        raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+        raise FieldError(name, f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
 
 
 @dataclass(frozen=True)
@@ -88,22 +139,23 @@ class ModelConfig:
     std: tuple[float, ...] = _opt((0.229, 0.224, 0.225), "RGB normalisation std")
 
     def __post_init__(self) -> None:
+        _check_types(self)
         _check_choice("backbone", self.backbone, BACKBONES)
         _check_choice("query_fusion", self.query_fusion, FUSIONS)
         _check_choice("class_fusion", self.class_fusion, CLASS_FUSIONS)
         for name in ("channels", "way", "shot", "relation_heads", "image_size"):
             _check_positive(name, getattr(self, name))
         if self.channels % self.relation_heads:
-            raise ValueError(
+            raise ConfigError(
                 f"channels ({self.channels}) must be divisible by relation_heads "
                 f"({self.relation_heads}): each head gets C / Nr channels"
             )
         if not self.pyramid or any(not 0 < f <= 1 for f in self.pyramid):
-            raise ValueError(f"pyramid fractions must lie in (0, 1], got {self.pyramid}")
+            raise FieldError("pyramid", f"pyramid fractions must lie in (0, 1], got {self.pyramid}")
         if not 0 <= self.dropout < 1:
-            raise ValueError(f"dropout must lie in [0, 1), got {self.dropout}")
+            raise FieldError("dropout", f"dropout must lie in [0, 1), got {self.dropout}")
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
-            raise ValueError("mean and std need three values (RGB), std > 0")
+            raise ConfigError("mean and std need three values (RGB), std > 0")
 
     @property
     def resolved_weights(self) -> str:
@@ -131,12 +183,14 @@ class LossConfig:
     pml_start_epoch: int = _opt(5, "epoch (0-based) from which L_PML is switched on")
 
     def __post_init__(self) -> None:
+        _check_types(self)
         _check_choice("pml_mode", self.pml_mode, PML_MODES)
         _check_positive("focal_gamma", self.focal_gamma, allow_zero=True)
         _check_positive("pml_weight", self.pml_weight, allow_zero=True)
         _check_positive("pml_triplets", self.pml_triplets)
         _check_positive("pml_tau", self.pml_tau)
         _check_positive("pml_start_epoch", self.pml_start_epoch, allow_zero=True)
+        _check_positive("pml_margin", self.pml_margin, allow_zero=True)
 
 
 @dataclass(frozen=True)
@@ -168,6 +222,7 @@ class DataConfig:
     max_distractors: int = _opt(2, "synthetic: most non-episode objects per image")
 
     def __post_init__(self) -> None:
+        _check_types(self)
         _check_choice("dataset", self.dataset, DATASETS)
         _check_choice("fold_split", self.fold_split, ("A", "B"))
         _check_choice("test_source", self.test_source, ("val", "train"))
@@ -175,14 +230,15 @@ class DataConfig:
         _check_choice("eval_resolution", self.eval_resolution, EVAL_RESOLUTIONS)
         _check_choice("test_resize", self.test_resize, TEST_RESIZES)
         if not 0 <= self.fold <= 3:
-            raise ValueError(f"fold must be 0..3, got {self.fold}")
+            raise FieldError("fold", f"fold must be 0..3, got {self.fold}")
         _check_positive("max_distractors", self.max_distractors, allow_zero=True)
+        _check_positive("data_seed", self.data_seed, allow_zero=True)
         _check_positive("min_object_pixels", self.min_object_pixels, allow_zero=True)
         if self.dataset != "synthetic" and not self.data_root:
-            raise ValueError(f"dataset {self.dataset!r} needs --data-root (see docs/"
+            raise ConfigError(f"dataset {self.dataset!r} needs --data-root (see docs/"
                              f"{self.dataset}.md for the files and the preparation command)")
         if self.dataset == "synthetic" and self.eval_resolution == "original":
-            raise ValueError("the synthetic benchmark is generated at network resolution: "
+            raise ConfigError("the synthetic benchmark is generated at network resolution: "
                              "eval_resolution 'original' applies to pascal and coco")
 
 
@@ -221,9 +277,13 @@ class TrainConfig:
     )
 
     def __post_init__(self) -> None:
+        _check_types(self)
         for name in ("epochs", "episodes_per_epoch", "batch_size", "lr"):
             _check_positive(name, getattr(self, name))
-        _check_positive("workers", self.workers, allow_zero=True)
+        for name in ("workers", "seed", "weight_decay", "poly_power"):
+            _check_positive(name, getattr(self, name), allow_zero=True)
+        if not 0 <= self.momentum < 1:
+            raise FieldError("momentum", f"momentum must lie in [0, 1), got {self.momentum}")
         _check_positive("save_every_steps", self.save_every_steps, allow_zero=True)
         _check_positive("visuals", self.visuals, allow_zero=True)
         _check_choice("amp", self.amp, AMP_MODES)
@@ -241,9 +301,11 @@ class EvalConfig:
     eval_batch_size: int = _opt(8, "episodes per forward pass (metrics are per episode)")
 
     def __post_init__(self) -> None:
+        _check_types(self)
         for name in ("eval_runs", "eval_episodes", "eval_batch_size"):
             _check_positive(name, getattr(self, name))
         _check_positive("eval_shot", self.eval_shot, allow_zero=True)
+        _check_positive("eval_seed", self.eval_seed, allow_zero=True)
 
 
 @dataclass(frozen=True)
@@ -266,14 +328,22 @@ class Config:
 
     @classmethod
     def from_dict(cls, data: dict[str, dict[str, Any]]) -> Config:
+        if not isinstance(data, dict):
+            raise ConfigError(f"a config must be a dict of sections, got {type(data).__name__}")
+        unknown_sections = set(data) - {section.name for section in dataclasses.fields(cls)}
+        if unknown_sections:
+            raise ConfigError(f"unknown config sections: {sorted(map(str, unknown_sections))}")
         sections = {}
         for section in dataclasses.fields(cls):
             section_cls = section.default_factory  # type: ignore[misc]
+            if not isinstance(data.get(section.name, {}), dict):
+                raise ConfigError(f"config section {section.name!r} must be a dict, got "
+                                  f"{type(data[section.name]).__name__}")
             values = dict(data.get(section.name, {}))
             known = {f.name: f for f in dataclasses.fields(section_cls)}
             unknown = set(values) - set(known)
             if unknown:
-                raise ValueError(f"unknown {section.name} config keys: {sorted(unknown)}")
+                raise ConfigError(f"unknown {section.name} config keys: {sorted(unknown)}")
             for name, value in values.items():
                 if isinstance(value, list):
                     values[name] = tuple(value)
@@ -286,7 +356,7 @@ class Config:
         grouped: dict[str, dict[str, Any]] = {}
         for name, value in overrides.items():
             if name not in owner:
-                raise ValueError(f"unknown config field {name!r}")
+                raise ConfigError(f"unknown config field {name!r}")
             grouped.setdefault(owner[name], {})[name] = value
         return dataclasses.replace(
             self,
@@ -369,7 +439,7 @@ def preset(name: str, **overrides: Any) -> Config:
     """The named preset with ``overrides`` applied in the same construction (a real-dataset
     preset is only valid together with its ``data_root``)."""
     if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+        raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
     return Config().replace(**{**PRESETS[name], **overrides})
 
 
@@ -396,9 +466,33 @@ def add_config_arguments(parser: argparse.ArgumentParser, sections: tuple[str, .
                 kwargs.update(nargs="+", type=typing.get_args(kind)[0], metavar="X")
             else:
                 kwargs["type"] = kind if not isinstance(kind, types.UnionType) else str
+            if "type" in kwargs and "nargs" not in kwargs and f.metadata.get("choices") is None:
+                kwargs["type"] = _field_parser(section_cls, f.name, kwargs["type"])
             if f.metadata.get("choices"):
                 kwargs["choices"] = f.metadata["choices"]
             group.add_argument(flag, **kwargs)
+
+
+def _field_parser(section_cls: type, name: str, kind: Any) -> Any:
+    """argparse ``type=`` for one field: parse with ``kind``, then run the config's own checks
+    of that field alone (its ``FieldError``), so ranges fail at parse time with argparse's usage
+    message; problems of combinations are left to the config built afterwards."""
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected {getattr(kind, '__name__', 'a value')}, got {text!r}") from None
+        try:
+            section_cls(**{name: value})
+        except FieldError as error:
+            if error.field == name:
+                raise argparse.ArgumentTypeError(str(error)) from None
+        except ConfigError:
+            pass  # a combination with the defaults of other fields: checked later
+        return value
+    parse.__name__ = getattr(kind, "__name__", "value")
+    return parse
 
 
 def overrides_from_args(args: argparse.Namespace, sections: tuple[str, ...]) -> dict[str, Any]:

@@ -16,15 +16,18 @@ import sys
 from pathlib import Path
 
 import torch
+from mfnet_runtime import options
 
+from .atomic import atomic_write_bytes
 from .config import Config, add_config_arguments, overrides_from_args
+from .errors import mfnet_command
 from .evaluation import (
     ProtocolResult, fold_table, format_results, protocol_description, run_protocol,
 )
 from .model.baseline import PrototypeBaseline
 from .model.mfnet import MFNet
 from .model.naive import NaiveMultiWay
-from .training.checkpoint import CheckpointError, model_from_checkpoint
+from .training.checkpoint import model_from_checkpoint
 from .training.distributed import DistContext
 from .training.loop import resolve_device
 
@@ -57,8 +60,7 @@ def write_results(path: Path, results: dict[str, ProtocolResult], config: Config
         "results": {name: result.summary() for name, result in results.items()},
         **(extra or {}),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=2, default=str))
+    atomic_write_bytes(path, json.dumps(payload, indent=2, default=str).encode())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,28 +69,28 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--checkpoint", required=True,
+    parser.add_argument("--checkpoint", required=True, type=options.file_path,
                         help="checkpoint written by mfnet.train; with --folds, a path containing "
                              "{fold}, e.g. runs/pascal-2way-1shot/fold{fold}/last.pt")
-    parser.add_argument("--folds", default=None,
+    parser.add_argument("--folds", default=None, type=_folds,
                         help="comma-separated folds, one checkpoint each, e.g. 0,1,2,3")
-    parser.add_argument("--naive-way", type=int, default=None, metavar="N",
+    parser.add_argument("--naive-way", type=options.positive_int, default=None, metavar="N",
                         help="evaluate a 1-way checkpoint on N-way episodes by running it N "
                              "times (paper Table V)")
     parser.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda' or 'cuda:N'")
-    parser.add_argument("--workers", type=int, default=None,
+    parser.add_argument("--workers", type=options.non_negative_int, default=None,
                         help="data-loader worker processes (default: the checkpoint's setting)")
     parser.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
                         help="also score the training-free prototype baseline on the same episodes")
-    parser.add_argument("--json", type=Path, default=None, help="write the results to this file")
-    parser.add_argument("--table", type=Path, default=None,
+    parser.add_argument("--json", type=options.output_file, default=None, help="write the results to this file")
+    parser.add_argument("--table", type=options.output_file, default=None,
                         help="with --folds: write the table to TABLE.md and TABLE.csv")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                         help="show progress bars")
-    parser.add_argument("--save-visuals", type=Path, default=None, metavar="DIR",
+    parser.add_argument("--save-visuals", type=options.output_directory, default=None, metavar="DIR",
                         help="also draw the first --num-visuals episodes of run 0 (supports, "
                              "query, ground truth, prediction) to DIR/fold{fold}.png")
-    parser.add_argument("--num-visuals", type=int, default=4, help="episodes drawn (default 4)")
+    parser.add_argument("--num-visuals", type=options.positive_int, default=4, help="episodes drawn (default 4)")
     add_config_arguments(parser, ("eval", "data"), exclude=FIXED_BY_CHECKPOINT)
     return parser
 
@@ -113,39 +115,46 @@ def _evaluate_checkpoint(path: str, args: argparse.Namespace, device: torch.devi
     return results, config
 
 
+def _folds(text: str) -> list[int]:
+    """``--folds``: comma-separated fold numbers 0..3."""
+    try:
+        folds = [int(f) for f in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected folds like 0,1,2,3, got {text!r}") from None
+    if not folds or any(not 0 <= f <= 3 for f in folds) or len(set(folds)) != len(folds):
+        raise argparse.ArgumentTypeError(f"folds must be distinct numbers 0..3, got {text!r}")
+    return folds
+
+
+@mfnet_command()
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        device = resolve_device(args.device)
-        if args.folds is None:
-            results, config = _evaluate_checkpoint(args.checkpoint, args, device)
-            if args.json is not None:
-                write_results(args.json, results, config, {"checkpoint": str(args.checkpoint)})
-                print(f"results written to {args.json}")
-            return 0
-        folds = [int(f) for f in args.folds.split(",")]
-        if "{fold}" not in args.checkpoint and len(folds) > 1:
-            raise ValueError("with several --folds the checkpoint path needs a {fold} field")
-        per_fold = {}
-        for fold in folds:
-            path = args.checkpoint.replace("{fold}", str(fold))
-            per_fold[fold], config = _evaluate_checkpoint(path, args, device)
-            if config.data.fold != fold:
-                raise ValueError(f"{path} was trained on fold {config.data.fold}, not {fold}")
-    except (CheckpointError, RuntimeError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    checkpoint = str(args.checkpoint)
+    device = resolve_device(args.device)
+    if args.folds is None:
+        results, config = _evaluate_checkpoint(checkpoint, args, device)
+        if args.json is not None:
+            write_results(args.json, results, config, {"checkpoint": checkpoint})
+            print(f"results written to {args.json}")
+        return 0
+    if "{fold}" not in checkpoint and len(args.folds) > 1:
+        raise ValueError("with several --folds the checkpoint path needs a {fold} field")
+    per_fold = {}
+    for fold in args.folds:
+        path = checkpoint.replace("{fold}", str(fold))
+        per_fold[fold], config = _evaluate_checkpoint(path, args, device)
+        if config.data.fold != fold:
+            raise ValueError(f"{path} was trained on fold {config.data.fold}, not {fold}")
     markdown, csv = fold_table(per_fold)
     print(markdown)
     if args.table is not None:
-        args.table.parent.mkdir(parents=True, exist_ok=True)
-        args.table.with_suffix(".md").write_text(markdown + "\n")
-        args.table.with_suffix(".csv").write_text(csv)
+        atomic_write_bytes(args.table.with_suffix(".md"), (markdown + "\n").encode())
+        atomic_write_bytes(args.table.with_suffix(".csv"), csv.encode())
         print(f"table written to {args.table.with_suffix('.md')} and .csv")
     if args.json is not None:
-        args.json.write_text(json.dumps(
+        atomic_write_bytes(args.json, json.dumps(
             {str(f): {n: r.summary() for n, r in res.items()} for f, res in per_fold.items()},
-            indent=2, default=str))
+            indent=2, default=str).encode())
     return 0
 
 

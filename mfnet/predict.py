@@ -25,7 +25,7 @@ from PIL import Image
 from .data.transforms import TestResize
 from .model.mfnet import MFNet
 from .model.support import SupportCache
-from .training.checkpoint import CheckpointError, model_from_checkpoint
+from .training.checkpoint import model_from_checkpoint
 from .training.loop import resolve_device
 
 RUNTIME_HINT = "pip install -e ./runtime"
@@ -135,7 +135,8 @@ def _runtime_modules():
 def build_parser(cli) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m mfnet.predict", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="checkpoint written by mfnet.train")
+    parser.add_argument("--checkpoint", required=True, type=cli.options.file_path,
+                        help="checkpoint written by mfnet.train")
     parser.add_argument("--support", required=True, metavar="SPEC",
                         help="support set: a folder with one sub-folder of images and "
                              "<image>.mask.png masks per class, or a JSON file "
@@ -147,24 +148,20 @@ def build_parser(cli) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     cli, spec = _runtime_modules()
+    from .errors import mfnet_command  # the boundary is the runtime's: imported once it is known
+
+    return mfnet_command()(_predict)(cli, spec, argv)
+
+
+def _predict(cli, spec, argv: list[str] | None) -> int:
     args = build_parser(cli).parse_args(argv)
-    try:
-        try:
-            device = resolve_device(args.device)
-        except RuntimeError as error:  # CUDA asked for but absent
-            raise ValueError(str(error)) from error
-        model, config = model_from_checkpoint(args.checkpoint, map_location=device)
-        segmenter = TorchSegmenter(model, config.data.test_resize, device)
-        support = segmenter.encode_support(spec.load_support_spec(args.support))
-        print(f"support: {len(support.class_names)} classes ({', '.join(support.class_names)}) "
-              f"from {args.support}")
-        return cli.run_and_report(segmenter, support, args, f"pytorch ({device})")
-    except (CheckpointError, ValueError, OSError) as error:
-        # ValueError: the model's input checks and the runtime's RuntimeInputError (a subclass)
-        print(cli.error_line(error), file=sys.stderr)
-        return cli.EXIT_INPUT_ERROR
-    except KeyboardInterrupt:
-        return cli.EXIT_INTERRUPTED
+    device = resolve_device(args.device)
+    model, config = model_from_checkpoint(args.checkpoint, map_location=device)
+    segmenter = TorchSegmenter(model, config.data.test_resize, device)
+    support = segmenter.encode_support(spec.load_support_spec(args.support))
+    print(f"support: {len(support.class_names)} classes ({', '.join(support.class_names)}) "
+          f"from {args.support}")
+    return cli.run_and_report(segmenter, support, args, f"pytorch ({device})")
 
 
 if __name__ == "__main__":

@@ -21,11 +21,12 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from mfnet_runtime import options
 
 from .config import PRESETS, Config, add_config_arguments, overrides_from_args, preset
 from .evaluate import evaluate_model, write_results
+from .errors import mfnet_command
 from .evaluation import format_results, protocol_description
-from .training.checkpoint import CheckpointError
 from .training.distributed import DistContext, init_distributed
 from .training.logs import write_eval_scalars
 from .training.loop import TrainingInterrupted, resolve_device, train
@@ -42,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--preset", default="synthetic-cpu", choices=sorted(PRESETS),
                         help="named configuration the options below override "
                              "(default: synthetic-cpu)")
-    parser.add_argument("--resume", default=None, metavar="CKPT",
+    parser.add_argument("--resume", default=None, metavar="CKPT", type=options.file_path,
                         help="continue training from this checkpoint (same options required)")
     parser.add_argument("--evaluate", action=argparse.BooleanOptionalAction, default=True,
                         help="evaluate on the novel classes after training (default: on)")
@@ -52,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@mfnet_command(FloatingPointError)
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     started = time.perf_counter()
@@ -68,9 +70,6 @@ def main(argv: list[str] | None = None) -> int:
         if context.is_main:
             print(f"stopped: {stop}", file=sys.stderr)
         return 0 if stop.signal_number == signal.SIGTERM else 130
-    except (CheckpointError, ValueError, RuntimeError, FloatingPointError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
     finally:
         if context.enabled:
             dist.destroy_process_group()

@@ -138,7 +138,8 @@ def _require_pycocotools() -> Any:
         from pycocotools.coco import COCO
     except ImportError as err:
         raise DatasetError(
-            "rasterising COCO annotations needs pycocotools: pip install pycocotools"
+            "rasterising COCO annotations needs pycocotools: pip install pycocotools "
+            "(or pip install 'mfnet[data]')"
         ) from err
     return COCO
 

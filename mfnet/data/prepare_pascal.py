@@ -149,7 +149,10 @@ def read_voc_label(path: Path) -> np.ndarray:
 def read_sbd_label(path: Path) -> np.ndarray:
     """An SBD ``cls/<id>.mat`` (struct ``GTcls``, field ``Segmentation``) -> uint8 [H, W],
     values 0..20 (SBD has no 255 boundary band)."""
-    from scipy.io import loadmat  # scipy is needed only here, to read SBD's MATLAB files
+    from mfnet_runtime.errors import require  # scipy is needed only here, for SBD's .mat files
+
+    loadmat = require("scipy.io", "reading SBD's MATLAB label files",
+                      "pip install 'mfnet[data]'").loadmat
 
     try:
         segmentation = np.asarray(loadmat(str(path))["GTcls"]["Segmentation"][0, 0])

@@ -85,11 +85,21 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
         manifest = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as error:
         raise ManifestError(f"{path} is not valid JSON ({error}); re-export") from error
-    if manifest.get("schema") != SCHEMA:
+    if not isinstance(manifest, dict) or manifest.get("schema") != SCHEMA:
+        found = manifest.get("schema") if isinstance(manifest, dict) else type(manifest).__name__
         raise ManifestError(
-            f"{path} has schema {manifest.get('schema')!r}, expected {SCHEMA!r}; re-export with "
+            f"{path} has schema {found!r}, expected {SCHEMA!r}; re-export with "
             "this version of mfnet"
         )
+    # What the exporter's tools read (the runtime checks the rest when it loads the export).
+    graphs = manifest.get("graphs")
+    if not isinstance(graphs, list):
+        raise ManifestError(f"{path}: field graphs must be a list; re-export")
+    for index, graph in enumerate(graphs):
+        for key in ("role", "file", "precision", "sha256"):
+            if not isinstance(graph, dict) or not isinstance(graph.get(key), str):
+                raise ManifestError(f"{path}: field graphs[{index}].{key} must be a string; "
+                                    "re-export with python export/to_onnx.py")
     return manifest
 
 

@@ -27,6 +27,8 @@ from typing import Any, Callable
 
 import torch
 
+from ..atomic import staged_directory
+from ..errors import require_export_dependencies
 from ..model.mfnet import MFNet
 from ..training.checkpoint import model_from_checkpoint
 from .manifest import (
@@ -45,6 +47,12 @@ class ExportLimits:
     max_batch: int = 16  # query frames per call
     max_support: int = 64  # support images per encoder call
     max_shots: int = 32  # shots per class in the aggregator
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch", "max_support", "max_shots"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
 
 
 class ExportError(RuntimeError):
@@ -146,17 +154,47 @@ def export_onnx(
     ``optimize=False`` exports the query decoder in its plain form (``decode_query`` as it is),
     for comparison with the default optimised form.
 
-    Returns the manifest. Raises ``ExportError`` (with the parity report) when a verification
-    fails; the manifest is then not written, so a failed export never looks finished.
+    Everything is written into a hidden sibling of ``out_dir`` and verified there; only a
+    complete, verified export replaces ``out_dir`` (in one rename), so a failed or interrupted
+    export leaves the previous one exactly as it was. Returns the manifest. Raises
+    ``ExportError`` (with the failed checks) when a verification fails, ``ValueError`` for bad
+    options or an ``out_dir`` that is a file or a non-export directory, ``CheckpointError``,
+    and ``MissingDependencyError`` without onnx / onnxscript / onnxruntime.
     """
-    from .verify import verify_export  # verification needs onnxruntime; imported on use
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    model, config = model_from_checkpoint(checkpoint, map_location="cpu")
+    require_export_dependencies(verify)
+    target = Path(out_dir)
+    check_export_target(target)
     for precision in precisions:
         if precision not in PRECISIONS:
             raise ValueError(f"unknown precision {precision!r}; choose from {list(PRECISIONS)}")
+    model, config = model_from_checkpoint(checkpoint, map_location="cpu")
+    with staged_directory(target) as out:  # swapped in only once verified and complete
+        manifest = _export_into(out, model, config, checkpoint, precisions, limits, opset,
+                                verify, optimize, log)
+    log(f"wrote {target / MANIFEST_NAME}")
+    return manifest
+
+
+def check_export_target(target: Path) -> None:
+    """An export replaces its target as a whole: refuse a file, or a directory that holds
+    something other than an export (no manifest.json), which would be deleted with it."""
+    if target.exists() and not target.is_dir():
+        raise ValueError(f"--out {target} is a file, expected a directory; choose a new "
+                          "directory (or an existing export to replace)")
+    if (target.is_dir() and any(target.iterdir())
+            and not (target / MANIFEST_NAME).is_file()):
+        raise ValueError(
+            f"--out {target} is a non-empty directory without {MANIFEST_NAME}: it is not an "
+            "MFNet export, and an export replaces its directory as a whole; choose a new or "
+            "empty directory")
+
+
+def _export_into(out: Path, model: MFNet, config: Any, checkpoint: str | Path,
+                 precisions: tuple[str, ...], limits: ExportLimits, opset: int, verify: bool,
+                 optimize: bool, log: Callable[[str], None]) -> dict[str, Any]:
+    """Every graph, its verification and ``manifest.json`` (last) into the directory ``out``."""
+    from .verify import verify_export  # verification needs onnxruntime; imported on use
+
     graphs: list[GraphSpec] = []
     for precision in precisions:
         dtype = PRECISIONS[precision]
@@ -202,7 +240,8 @@ def export_onnx(
         report = verify_export(out, manifest, model, log=log)
         manifest["verification"] = report
         if not report["passed"]:
-            raise ExportError("export verification failed:\n" + report["text"])
+            failed = [line for line in report["text"].splitlines() if line.startswith("FAIL")]
+            raise ExportError("export verification failed, nothing was replaced: "
+                              + "; ".join(failed))
     write_json_atomic(out / MANIFEST_NAME, manifest)
-    log(f"wrote {out / MANIFEST_NAME}")
     return manifest

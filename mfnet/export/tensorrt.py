@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..atomic import atomic_write_bytes
+from ..atomic import atomic_write_bytes, staged_directory
 from .manifest import ManifestError
 
 INSTALL_HINT = (
@@ -230,11 +230,27 @@ def current_gpu() -> GpuInfo:
 def build_engines(export_dir: str | Path, precision: str, *, opt_batch: int = 1,
                   max_batch: int | None = None, workspace_bytes: int = 4 << 30,
                   log=print) -> dict[str, Any]:
-    """Build one engine per graph role from an ONNX export directory and record them."""
+    """Build one engine per graph role from an ONNX export directory and record them.
+
+    The engines and the updated manifest are written into a staged copy of the directory that
+    replaces it in one rename once every engine is built: a failed or interrupted build leaves
+    the export as it was.
+    """
+    from .manifest import read_manifest, verify_hashes
+
+    source = Path(export_dir)
+    verify_hashes(source, read_manifest(source))  # before anything is created beside it
+    with staged_directory(source, seed=True) as staging:
+        return _build_engines_into(source, staging, precision, opt_batch, max_batch,
+                                   workspace_bytes, log)
+
+
+def _build_engines_into(source: Path, directory: Path, precision: str, opt_batch: int,
+                        max_batch: int | None, workspace_bytes: int, log) -> dict[str, Any]:
+    """Engines + the updated manifest into ``directory``, a staged copy of ``source``."""
     from .manifest import MANIFEST_NAME, read_manifest, sha256_of, verify_hashes, write_json_atomic
 
-    directory = Path(export_dir)
-    manifest = read_manifest(directory)
+    manifest = read_manifest(source)
     verify_hashes(directory, manifest)
     trt = import_tensorrt()
     version = trt.__version__
@@ -248,7 +264,7 @@ def build_engines(export_dir: str | Path, precision: str, *, opt_batch: int = 1,
         graph = onnx_graphs.get((role, plan.onnx_precision))
         if graph is None:
             raise ManifestError(
-                f"{directory} has no {plan.onnx_precision} ONNX graph for {role}, which "
+                f"{source} has no {plan.onnx_precision} ONNX graph for {role}, which "
                 f"TensorRT {version} needs for {precision} engines; export it with "
                 f"python export/to_onnx.py --precisions {plan.onnx_precision} ..."
             )

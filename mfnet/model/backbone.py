@@ -17,6 +17,8 @@ from torch import nn
 from torchvision import models
 from torchvision.models.resnet import BasicBlock
 
+from mfnet_runtime.boundary import scrub_unsafe_advice
+
 
 @dataclass(frozen=True)
 class FeatureLevel:
@@ -151,23 +153,40 @@ def _load_weights(net: nn.Module, weights: str, enum: models.WeightsEnum, name: 
                 f"backbone weights file {path} does not exist; pass --weights imagenet to use "
                 f"torchvision's {name} weights, or the path of a {name} state dict"
             )
+        if path.is_dir():
+            raise WeightsUnavailableError(
+                f"backbone weights {path} is a directory, expected a {name} state-dict file")
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as error:
+            reason = " ".join(scrub_unsafe_advice(f"{type(error).__name__}: {error}").split())
             raise WeightsUnavailableError(
-                f"could not read backbone weights {path}: {error}. Expected a torch state dict "
-                f"of torchvision's {name}."
-            ) from error
+                f"could not read backbone weights {path} ({reason}). Expected a torch state "
+                f"dict of torchvision's {name}."
+            ) from None  # torch's text (with its unsafe advice) stays out of the traceback
         if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
             state = state["state_dict"]
+        if not isinstance(state, dict) or not all(
+                isinstance(key, str) and isinstance(value, torch.Tensor)
+                for key, value in state.items()):
+            found = (type(state).__name__ if not isinstance(state, dict)
+                     else "a dict with entries that are not tensors")
+            raise WeightsUnavailableError(
+                f"backbone weights {path} hold {found}, not a state dict (parameter names -> "
+                f"tensors) of torchvision's {name}; save one with "
+                "torch.save(model.state_dict(), path)")
         state = {key.removeprefix("module."): value for key, value in state.items()}
     # Heads that are deleted afterwards (fc, classifier, layer4) may be missing from a file.
     unused = ("fc.", "classifier.", "layer4.")
-    try:
-        result = net.load_state_dict(state, strict=False)
-    except RuntimeError as error:  # shape mismatches raise even when strict=False
-        raise WeightsUnavailableError(f"weights {weights!r} do not fit torchvision's {name}: "
-                                      f"{error}") from error
+    expected = net.state_dict()
+    shapes = [f"{k} {list(v.shape)} vs {list(expected[k].shape)}" for k, v in state.items()
+              if k in expected and v.shape != expected[k].shape]
+    if shapes:  # one sentence, not one line per tensor
+        raise WeightsUnavailableError(
+            f"weights {weights!r} do not fit torchvision's {name}: {len(shapes)} tensors of "
+            f"another shape (file vs model: {', '.join(shapes[:3])}"
+            f"{', ...' if len(shapes) > 3 else ''})")
+    result = net.load_state_dict(state, strict=False)
     missing = [key for key in result.missing_keys if not key.startswith(unused)]
     if missing or result.unexpected_keys:
         raise WeightsUnavailableError(

@@ -45,8 +45,7 @@ class TrainLogger:
             self._table.writerow([row[name] for name in CSV_FIELDS])
         self._csv.flush()
         if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter  # optional import cost
-            self._writer = SummaryWriter(str(self.out_dir / "tensorboard"),
+            self._writer = _summary_writer()(str(self.out_dir / "tensorboard"),
                                          purge_step=resume_step + 1 if resume_step else None)
 
     @property
@@ -87,12 +86,19 @@ class TrainLogger:
             self._writer = None
 
 
+def _summary_writer() -> type:
+    """TensorBoard's ``SummaryWriter`` (imported on use: it is slow to import), or a
+    ``MissingDependencyError`` naming the install command."""
+    from mfnet_runtime.errors import require
+
+    return require("torch.utils.tensorboard", "TensorBoard logs", "pip install tensorboard "
+                   "(a dependency of mfnet: pip install -e .)").SummaryWriter
+
+
 def write_eval_scalars(out_dir: str | Path, step: int, results: dict) -> None:
     """TensorBoard scalars of an evaluation (``{predictor: ProtocolResult}``) at ``step``:
     mIoU*, mIoU, FB-IoU (means over runs) and the per-class IoU*."""
-    from torch.utils.tensorboard import SummaryWriter
-
-    with SummaryWriter(str(Path(out_dir) / "tensorboard")) as writer:
+    with _summary_writer()(str(Path(out_dir) / "tensorboard")) as writer:
         for name, result in results.items():
             summary = result.summary()
             for metric, tag in (("miou_star", "mIoU*"), ("miou", "mIoU"), ("fbiou", "FB-IoU")):

@@ -57,12 +57,20 @@ class StepLosses:
     metric: torch.Tensor | None
 
 
+class DeviceUnavailable(RuntimeError):
+    """A device was asked for that this machine does not have (CUDA without a GPU)."""
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {name!r}; use 'auto', 'cpu', 'cuda' or 'cuda:N'") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {name!r} was asked for but CUDA is not available; use --device cpu")
+        raise DeviceUnavailable(f"device {name!r} was asked for but CUDA is not available; "
+                                "use --device cpu")
     return device
 
 

@@ -6,9 +6,10 @@ set; ``segment`` / ``segment_batch`` / ``probabilities`` label frames with it.
 
 from __future__ import annotations
 
-from .errors import EngineError, RuntimeInputError
+from .errors import EngineError, MissingDependencyError, RuntimeInputError
 from .segmenter import Segmenter
 from .support import SupportSet
 
-__all__ = ["EngineError", "RuntimeInputError", "Segmenter", "SupportSet"]
+__all__ = ["EngineError", "MissingDependencyError", "RuntimeInputError", "Segmenter",
+           "SupportSet"]
 __version__ = "0.1.0"

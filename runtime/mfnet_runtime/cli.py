@@ -15,12 +15,16 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, TextIO
 
-from .errors import EngineError, RuntimeInputError
+from . import options
+from .boundary import EXIT_INPUT_ERROR, EXIT_INTERRUPTED, command_boundary, error_line
+from .errors import EngineError, MissingDependencyError, RuntimeInputError
 from .spec import load_support_spec
 from .video import DEFAULT_FPS, VIDEO_OUTPUT_EXTENSIONS, open_source, segment_video
 
-EXIT_INPUT_ERROR = 2
-EXIT_INTERRUPTED = 130
+__all__ = ["EXIT_INPUT_ERROR", "EXIT_INTERRUPTED", "RUNTIME_ERRORS", "add_io_arguments",
+           "error_line", "main", "run_and_report"]
+# What the runtime's commands report as one line (exit 2); anything else is a bug.
+RUNTIME_ERRORS = (RuntimeInputError, EngineError, MissingDependencyError, OSError)
 
 
 class Progress:
@@ -90,19 +94,19 @@ def add_io_arguments(parser: argparse.ArgumentParser) -> None:
         help="what to segment: a video file, a folder of images (sorted by name), one image "
              "file, or a camera index such as 0")
     parser.add_argument(
-        "--output", default=None, metavar="DST",
+        "--output", default=None, metavar="DST", type=options.output_path,
         help=f"where to write: a video file ({', '.join(VIDEO_OUTPUT_EXTENSIONS)}; the overlay, "
              "same size and frame rate as the input) or a folder (per frame, numbered from "
              "000000: NNNNNN.png, the labels as an 8-bit PNG with 0 = background and i = the "
              "i-th class, and NNNNNN_overlay.png); omit it to only measure the speed")
-    parser.add_argument("--batch-size", type=int, default=1, metavar="B",
+    parser.add_argument("--batch-size", type=options.positive_int, default=1, metavar="B",
                         help="frames per engine call (default 1; larger helps GPUs)")
-    parser.add_argument("--max-frames", type=int, default=None, metavar="N",
+    parser.add_argument("--max-frames", type=options.positive_int, default=None, metavar="N",
                         help="stop after N frames (cameras run until Ctrl-C otherwise)")
-    parser.add_argument("--fps", type=float, default=None,
+    parser.add_argument("--fps", type=options.number(0, exclusive_minimum=True), default=None,
                         help="frame rate of the output video when the input has none (image "
                              f"folders, images; default {DEFAULT_FPS:g})")
-    parser.add_argument("--alpha", type=float, default=0.5,
+    parser.add_argument("--alpha", type=options.number(0.0, 1.0), default=0.5,
                         help="opacity of the class colours in the overlays (0..1, default 0.5)")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                         help="show a progress bar on stderr")
@@ -165,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "label maps and overlays. Prints frames, seconds, frames per second and "
                     "the backend at the end.")
     segment.add_argument("--engines", required=True, metavar="DIR",
+                         type=options.directory_path,
                          help="folder of exported engines with their manifest.json "
                               "(export/to_onnx.py, export/to_trt.py)")
     support = segment.add_mutually_exclusive_group(required=True)
@@ -172,10 +177,10 @@ def build_parser() -> argparse.ArgumentParser:
                          help="support set: a folder with one sub-folder of images and "
                               "<image>.mask.png masks per class, or a JSON file "
                               "(docs/support_spec.md); as many classes as the engines' way")
-    support.add_argument("--load-support", metavar="FILE",
+    support.add_argument("--load-support", metavar="FILE", type=options.existing_file,
                          help="an encoded support set written earlier with --save-support "
                               "(skips encoding; must come from the same engines)")
-    segment.add_argument("--save-support", metavar="FILE",
+    segment.add_argument("--save-support", metavar="FILE", type=options.output_file,
                          help="also save the encoded support set to FILE for --load-support")
     add_io_arguments(segment)
     segment.add_argument("--backend", choices=("auto", "onnxruntime", "tensorrt"),
@@ -213,17 +218,7 @@ def segment_command(args: argparse.Namespace) -> int:
                           f"{segmenter.backend_name} ({segmenter.precision})")
 
 
-def error_line(error: BaseException) -> str:
-    """``error: <message>`` on one line."""
-    return "error: " + " ".join(str(error).split())
-
-
+@command_boundary(*RUNTIME_ERRORS)
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return segment_command(args)
-    except (RuntimeInputError, EngineError, OSError) as error:
-        print(error_line(error), file=sys.stderr)
-        return EXIT_INPUT_ERROR
-    except KeyboardInterrupt:
-        return EXIT_INTERRUPTED
+    return segment_command(args)

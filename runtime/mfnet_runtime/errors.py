@@ -4,6 +4,8 @@
 support set, an option) cannot be used; the message says which and how to fix it.
 ``EngineError`` is a ``RuntimeError``: the export directory, an engine file or the inference
 backend cannot be used here; the message names the file and the command that recreates it.
+``MissingDependencyError`` is an ``ImportError`` (and a ``RuntimeInputError``): an optional package a feature needs is not
+installed; the message names the ``pip install`` command (the package's extra) that adds it.
 """
 
 from __future__ import annotations
@@ -15,6 +17,26 @@ class RuntimeInputError(ValueError):
 
 class EngineError(RuntimeError):
     """Missing, tampered or incompatible engine files, or a backend unavailable here."""
+
+
+class MissingDependencyError(RuntimeInputError, ImportError):
+    """An optional dependency (OpenCV, onnx, TensorBoard, ...) that a feature needs is missing.
+
+    Also a ``RuntimeInputError``, so code that handles the runtime's input errors (as the
+    OpenCV check always raised) keeps catching it."""
+
+
+def require(module: str, feature: str, install: str):
+    """Import ``module`` or raise ``MissingDependencyError``: "``feature`` needs ``module``:
+    ``install``" (e.g. ``pip install 'mfnet-runtime[video]'``)."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as error:
+        raise MissingDependencyError(
+            f"{feature} needs the {module.split('.')[0]} package, which is not installed: "
+            f"{install} (import failed: {error})") from error
 
 
 REEXPORT_COMMAND = "python export/to_onnx.py --checkpoint CHECKPOINT --out {directory}"

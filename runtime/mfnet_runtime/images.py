@@ -40,6 +40,8 @@ def check_color(color: str) -> str:
 
 def _open(path: Path, what: str) -> Image.Image:
     """Open and fully decode an image file, EXIF-oriented; errors name the file."""
+    if path.is_dir():
+        raise RuntimeInputError(f"{what} {path} is a directory, expected an image file")
     if not path.is_file():
         raise RuntimeInputError(f"{what} file {path} does not exist")
     try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -128,29 +129,93 @@ def _fail(path: Path, problem: str) -> EngineError:
     )
 
 
+# Integer limits a graph's "details" may carry (written by the exporter), all >= 1.
+DETAIL_LIMITS = ("max_batch", "max_support", "max_shots", "min_shots")
+DYNAMIC_DIMENSIONS = ("B", "S", "K")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value))
+
+
+def _require(path: Path, where: str, value: Any, ok: bool, expected: str) -> Any:
+    """``value`` when ``ok``; else the EngineError naming the field, the value and the fix."""
+    if not ok:
+        raise _fail(path, f"field {where} must be {expected}, got {value!r} "
+                          f"({type(value).__name__})")
+    return value
+
+
+def _int_field(path: Path, data: Mapping[str, Any], key: str, where: str,
+               minimum: int = 1) -> int:
+    if key not in data:
+        raise _fail(path, f"field {where}.{key} is missing")
+    value = data[key]
+    return _require(path, f"{where}.{key}", value, _is_int(value) and value >= minimum,
+                    f"an integer >= {minimum}")
+
+
+def _str_field(path: Path, data: Mapping[str, Any], key: str, where: str,
+               default: str | None = None, choices: tuple[str, ...] = ()) -> str:
+    if key not in data and default is not None:
+        return default
+    if key not in data:
+        raise _fail(path, f"field {where}.{key} is missing")
+    value = data[key]
+    if choices:
+        return _require(path, f"{where}.{key}", value, value in choices,
+                        f"one of {', '.join(map(repr, choices))}")
+    return _require(path, f"{where}.{key}", value, isinstance(value, str) and bool(value),
+                    "a non-empty string")
+
+
 def _tensors(path: Path, items: Any, where: str) -> tuple[TensorInfo, ...]:
-    if not isinstance(items, list):
-        raise _fail(path, f"{where} is not a list")
-    try:
-        return tuple(TensorInfo(str(i["name"]), tuple(i["shape"]), str(i["dtype"]))
-                     for i in items)
-    except (KeyError, TypeError) as error:
-        raise _fail(path, f"{where} has a malformed tensor entry ({error!r})") from error
+    _require(path, where, items, isinstance(items, list), "a list of tensors")
+    tensors = []
+    for i, item in enumerate(items):
+        at = f"{where}[{i}]"
+        _require(path, at, item, isinstance(item, dict), "an object")
+        shape = item.get("shape")
+        _require(path, f"{at}.shape", shape, isinstance(shape, list) and all(
+            (_is_int(d) and d >= 1) or d in DYNAMIC_DIMENSIONS for d in shape),
+            f"a list of sizes >= 1 or dynamic dimensions {DYNAMIC_DIMENSIONS}")
+        tensors.append(TensorInfo(_str_field(path, item, "name", at), tuple(shape),
+                                  _str_field(path, item, "dtype", at)))
+    return tuple(tensors)
+
+
+def _details(path: Path, data: Any, where: str) -> dict[str, Any]:
+    _require(path, where, data, isinstance(data, dict), "an object")
+    for key in DETAIL_LIMITS:
+        if key in data:
+            _int_field(path, data, key, where)
+    if "min_shots" in data and "max_shots" in data and data["min_shots"] > data["max_shots"]:
+        raise _fail(path, f"field {where}.min_shots ({data['min_shots']}) exceeds "
+                          f"{where}.max_shots ({data['max_shots']})")
+    return dict(data)
 
 
 def _graph(path: Path, data: Any, index: int) -> GraphInfo:
-    if not isinstance(data, dict):
-        raise _fail(path, f"graphs[{index}] is not an object")
-    try:
-        graph = GraphInfo(
-            role=str(data["role"]), file=str(data["file"]), precision=str(data["precision"]),
-            format=str(data.get("format", "onnx")), sha256=str(data.get("sha256", "")),
-            inputs=_tensors(path, data["inputs"], f"graphs[{index}].inputs"),
-            outputs=_tensors(path, data["outputs"], f"graphs[{index}].outputs"),
-            details=dict(data.get("details", {})),
-        )
-    except KeyError as error:
-        raise _fail(path, f"graphs[{index}] lacks the key {error}") from error
+    where = f"graphs[{index}]"
+    _require(path, where, data, isinstance(data, dict), "an object")
+    for key in ("role", "file", "precision", "inputs", "outputs"):
+        if key not in data:
+            raise _fail(path, f"{where} lacks the key {key!r}")
+    graph = GraphInfo(
+        role=_str_field(path, data, "role", where), file=_str_field(path, data, "file", where),
+        precision=_str_field(path, data, "precision", where),
+        format=_str_field(path, data, "format", where, default="onnx"),
+        sha256=_require(path, f"{where}.sha256", data.get("sha256", ""),
+                        isinstance(data.get("sha256", ""), str), "a string"),
+        inputs=_tensors(path, data["inputs"], f"{where}.inputs"),
+        outputs=_tensors(path, data["outputs"], f"{where}.outputs"),
+        details=_details(path, data.get("details", {}), f"{where}.details"),
+    )
     if graph.role not in ROLE_IO:
         return graph  # a role this runtime does not use: ignored, not an error
     inputs, outputs = ROLE_IO[graph.role]
@@ -166,26 +231,35 @@ def _graph(path: Path, data: Any, index: int) -> GraphInfo:
     return graph
 
 
+def _rgb_triple(path: Path, data: Mapping[str, Any], key: str, positive: bool
+                ) -> tuple[float, ...]:
+    value = data.get(key)
+    ok = (isinstance(value, list) and len(value) == 3 and all(map(_is_number, value))
+          and (not positive or min(value) > 0))
+    _require(path, f"model.{key}", value, ok,
+             "a list of three finite numbers" + (" > 0" if positive else ""))
+    return tuple(float(v) for v in value)
+
+
 def _model(path: Path, data: Any) -> ModelInfo:
     if not isinstance(data, dict):
         raise _fail(path, "the 'model' entry is missing")
-    try:
-        model = ModelInfo(
-            way=int(data["way"]), train_shot=int(data["train_shot"]),
-            channels=int(data["channels"]), input_size=int(data["input_size"]),
-            backbone=str(data.get("backbone", "")), mean=tuple(map(float, data["mean"])),
-            std=tuple(map(float, data["std"])), color=str(data["color"]),
-            resize=str(data.get("resize", "pad")),
-            support_attention=bool(data["support_attention"]),
-        )
-    except (KeyError, TypeError, ValueError) as error:
-        raise _fail(path, f"the 'model' entry is incomplete ({error!r})") from error
-    if model.way < 1 or model.input_size < 1 or model.channels < 1:
-        raise _fail(path, f"impossible model sizes {model}")
+    attention = data.get("support_attention")
+    model = ModelInfo(
+        way=_int_field(path, data, "way", "model"),
+        train_shot=_int_field(path, data, "train_shot", "model"),
+        channels=_int_field(path, data, "channels", "model"),
+        input_size=_int_field(path, data, "input_size", "model"),
+        backbone=str(data.get("backbone", "")),
+        mean=_rgb_triple(path, data, "mean", positive=False),
+        std=_rgb_triple(path, data, "std", positive=True),
+        color=_str_field(path, data, "color", "model"),
+        resize=_str_field(path, data, "resize", "model", default="pad", choices=RESIZE_MODES),
+        support_attention=_require(path, "model.support_attention", attention,
+                                   isinstance(attention, bool), "true or false"),
+    )
     if model.color.upper() != "RGB":
         raise _fail(path, f"graphs expect colour order {model.color!r}; this runtime feeds RGB")
-    if model.resize not in RESIZE_MODES:
-        raise _fail(path, f"unknown resize mode {model.resize!r}; expected one of {RESIZE_MODES}")
     return model
 
 

@@ -80,6 +80,9 @@ def read_support_spec(path: str | Path) -> list[ClassSpec]:
     for spec in classes:
         for shot in spec.shots:
             for file in (shot.image, shot.mask):
+                if file.is_dir():
+                    raise SupportSpecError(f"class {spec.name!r}: {file} is a directory, "
+                                           "expected an image file")
                 if not file.is_file():
                     raise SupportSpecError(f"class {spec.name!r}: file {file} does not exist")
     return classes

@@ -10,8 +10,6 @@ decoder, so such a set is refused instead of producing confident garbage.
 from __future__ import annotations
 
 import io
-import os
-import tempfile
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image
 
+from .atomic import atomic_write_bytes
 from .errors import RuntimeInputError
 from .images import ImageInput, as_image_array, as_mask_array, fit
 
@@ -133,7 +132,7 @@ class SupportSet:
         np.savez(buffer, format=np.array(FORMAT), engine_id=np.array(self.engine_id),
                  class_names=np.array(self.class_names, dtype=str).reshape(-1),
                  shot_counts=counts, shot_features=features, prototypes=self.prototypes)
-        _write_atomic(Path(path), buffer.getvalue())
+        atomic_write_bytes(Path(path), buffer.getvalue(), durable=True)
 
     @classmethod
     def load(cls, path: str | Path, segmenter: Segmenter | None = None) -> SupportSet:
@@ -160,22 +159,6 @@ class SupportSet:
         if segmenter is not None:
             segmenter.check_engine(support, source=str(path))
         return support
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Temporary file in the same folder, fsync, rename: never a half-written set."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.",
-                                             suffix=".tmp")
-    try:
-        with os.fdopen(descriptor, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 def feature_side(backbone: str, size: int) -> int:

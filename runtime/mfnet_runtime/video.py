@@ -12,6 +12,7 @@ this module is uint8 [H, W, 3] RGB.
 
 from __future__ import annotations
 
+import io
 import itertools
 import queue
 import threading
@@ -23,7 +24,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .errors import RuntimeInputError
+from .atomic import atomic_write_bytes
+from .errors import RuntimeInputError, require
 from .overlay import overlay
 from .images import read_image_file
 from .spec import IMAGE_EXTENSIONS, is_image_file
@@ -36,14 +38,8 @@ INSTALL_HINT = "pip install 'mfnet-runtime[video]'"
 
 
 def require_cv2() -> Any:
-    """Import OpenCV, or raise ``RuntimeInputError`` saying how to install it."""
-    try:
-        import cv2
-    except ImportError as error:
-        raise RuntimeInputError(
-            f"video files, cameras and video output need OpenCV: {INSTALL_HINT} "
-            f"(import failed: {error})") from error
-    return cv2
+    """Import OpenCV, or raise ``MissingDependencyError`` saying how to install it."""
+    return require("cv2", "video files, cameras and video output (OpenCV)", INSTALL_HINT)
 
 
 @dataclass(frozen=True)
@@ -173,12 +169,20 @@ class FolderWriter:
     def write(self, result: FrameResult) -> None:
         stem = self.folder / f"{result.index:06d}"
         # uint8 [H, W] is saved as an 8-bit greyscale (mode L) PNG holding the label values
-        Image.fromarray(np.asarray(result.labels, np.uint8)).save(stem.with_suffix(".png"))
+        _save_png(np.asarray(result.labels, np.uint8), stem.with_suffix(".png"))
         drawn = overlay(result.frame, result.labels, self.class_names, self.alpha)
-        Image.fromarray(drawn).save(stem.with_name(stem.name + "_overlay.png"))
+        _save_png(drawn, stem.with_name(stem.name + "_overlay.png"))
 
     def close(self) -> None:
         """Nothing is held open between frames."""
+
+
+def _save_png(array: np.ndarray, path: Path) -> None:
+    """Encode in memory, then replace ``path`` atomically: a full disk never leaves a
+    truncated frame (or destroys the one an earlier run wrote there)."""
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 class VideoWriter:
