@@ -435,7 +435,7 @@ def test_predict_twin_agrees_with_the_runtime_before_the_argmax(engines, segment
         query = torch.from_numpy(torch_batch).permute(0, 3, 1, 2).float() / 255.0
         probabilities = torch.softmax(model.decode_query(query, torch_support.cache), 1).numpy()
     for i, frame in enumerate(frames):
-        assert (torch_geometry[i].height, torch_geometry[i].width) == onnx_geometry[i][2:]
+        assert tuple(torch_geometry[i]) == tuple(onnx_geometry[i])  # the runtime's Geometry
         np.testing.assert_allclose(restore_probabilities(probabilities[i], onnx_geometry[i]),
                                    segmenter.probabilities(frame, onnx_support),
                                    rtol=1e-4, atol=1e-5)
