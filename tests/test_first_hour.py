@@ -96,7 +96,8 @@ def test_print_config_prints_the_resolved_configuration(tmp_path, capsys, monkey
     assert train_cli.main(["--print-config", "--way", "5", "--lr", "0.01"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed == preset("synthetic-cpu", way=5, lr=0.01).to_dict()
-    assert printed["model"]["backbone"] == "small" and printed["train"]["out"] == "runs/synthetic-cpu"
+    assert printed["model"]["backbone"] == "small"
+    assert printed["train"]["out"] == "runs/synthetic-cpu"
     assert not Path("runs").exists()
     assert train_cli.main(["--print-config", "--preset", "pascal-2way-1shot",
                            "--data-root", "VOC"]) == 0

@@ -40,7 +40,8 @@ class ThreadPolicy:
     def describe(self) -> str:
         """One log line, e.g. ``threads: 1 (2 cores, 1 loader workers)``."""
         source = ", set by --threads" if self.requested else ""
-        return f"threads: {self.threads} ({self.cores} cores, {self.workers} loader workers{source})"
+        return (f"threads: {self.threads} ({self.cores} cores, {self.workers} loader "
+                f"workers{source})")
 
 
 def thread_policy(requested: int | None = None, workers: int = 0,
