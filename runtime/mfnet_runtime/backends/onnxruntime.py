@@ -2,9 +2,9 @@
 
 Sessions are created on first use of each graph (a saved support set needs no encoder), with all
 graph optimisations and the intra-op threads ``Segmenter.load`` sets (the free cores). On CUDA
-the query decoder runs through IOBinding: the frames are copied in, the outputs are bound on the device, and only
-``labels`` (uint8, 4x smaller than the float probabilities) is bound and copied back unless the
-probabilities are asked for. With ``cuda_graph_batch = B`` the decoder is also captured as a CUDA
+the query decoder runs through IOBinding: the frames are copied in, the outputs are bound on the
+device, and only ``labels`` (uint8, 4x smaller than the float probabilities) is bound and copied
+back unless the probabilities are asked for. With ``cuda_graph_batch = B`` the decoder is also captured as a CUDA
 graph (ONNX Runtime's ``enable_cuda_graph``) for calls of exactly B frames, with inputs and
 outputs bound once to fixed device buffers.
 
