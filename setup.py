@@ -1,6 +1,11 @@
 """Installs the ``mfnet`` training library (PyTorch) and ``mfnet_ext``, its custom operators.
 
-The torch-free runtime is separate (``runtime/``).
+The torch-free runtime (``runtime/``, distribution ``mfnet-runtime``) is a dependency: it owns
+the artifact format and the frame pipeline that ``mfnet.predict`` and the export use. It lives in
+this repository, not on a package index, so the requirement is a PEP 508 direct reference to
+the ``runtime/`` folder beside this file (an absolute ``file://`` URI, computed here: pip
+accepts no relative paths in requirements). Its ``video`` extra (OpenCV) comes with it, so
+``python -m mfnet.predict`` reads and writes videos after ``pip install -e .``.
 
 ``mfnet_ext`` (sources in ``cuda_ext/``) is installed as pure Python plus its C++/CUDA sources;
 it compiles them just in time on first use (``python -m mfnet_ext build`` does it at once), so a
@@ -21,6 +26,7 @@ from setuptools import find_packages, setup
 
 HERE = Path(__file__).resolve().parent
 EXT_DIR = "cuda_ext/mfnet_ext"
+RUNTIME_REQUIREMENT = f"mfnet-runtime[video] @ {(HERE / 'runtime').as_uri()}"
 
 
 def cuda_extension_kwargs() -> dict:
@@ -73,6 +79,7 @@ setup(
     # regular (non-editable) install
     package_data={"mfnet_ext": ["csrc/*.cpp", "csrc/*.cu", "csrc/*.h", "csrc/*.cuh"]},
     install_requires=[
+        RUNTIME_REQUIREMENT,
         "torch>=2.11",
         "torchvision>=0.26",
         "numpy",

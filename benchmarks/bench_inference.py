@@ -885,7 +885,8 @@ def runtime_segmenter(env: Env, ctx: WayContext, batch: int, backend: str = "onn
         raise NotMeasured(f"not measured: {precision} graphs not exported (--onnx-precisions)")
     engines = ensure_engines(env, ctx)
     return Segmenter.load(engines, backend=backend, device="cuda" if env.cuda else "cpu",
-                          precision=precision, cuda_graph_batch=batch if env.cuda else 0)
+                          precision=precision, cuda_graph_batch=batch if env.cuda else 0,
+                          threads=env.args.threads)
 
 
 def runtime_support(segmenter, ctx: WayContext, shots: int):
@@ -906,8 +907,6 @@ def e2e_runtime_row(env: Env, ctx: WayContext, batch: int) -> Prepared:
     else:
         call = lambda: np.stack(segmenter.segment_batch(frames, support))  # noqa: E731
     notes = [f"{segmenter.backend_name} {segmenter.precision}"]
-    if not env.cuda and env.args.threads:
-        notes.append("ONNX Runtime's default threads (--threads does not reach the runtime)")
 
     def after() -> list[str]:  # the runtime drops its CUDA graph (with a warning) if it fails
         if not env.cuda:
@@ -1529,7 +1528,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--onnx-precisions", default="fp32,fp16", help="ONNX graphs to export "
                         "(default fp32,fp16)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads of torch and of "
-                        "the ONNX Runtime CPU sessions (default: the libraries' own)")
+                        "the ONNX Runtime CPU sessions (default: the cores free to this "
+                        "process, its CPU affinity; see mfnet_runtime.threads)")
     parser.add_argument("--time-budget-s", type=float, default=None, help="stop starting new "
                         "rows after this many seconds; the rest are recorded as 'skipped: "
                         "budget' (torch.compile rows and ONNX exports run last)")
@@ -1647,8 +1647,11 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     device = torch.device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    from mfnet.threads import set_torch_threads
+
+    policy = set_torch_threads(args.threads)
+    args.threads = policy.threads  # torch, the ONNX Runtime sessions and the runtime rows
+    log(policy.describe())
     if cuda:
         torch.backends.cudnn.benchmark = True
     env = Env(args, device, Budget(args.time_budget_s))

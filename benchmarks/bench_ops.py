@@ -42,6 +42,7 @@ for _path in (BENCH_DIR, REPO, REPO / "cuda_ext"):  # runnable from a plain chec
         sys.path.insert(0, str(_path))
 
 from _common import device_info, now_utc, time_calls, versions, write_json  # noqa: E402
+from mfnet.threads import add_threads_argument, set_torch_threads  # noqa: E402
 
 POOLING_TARGET = 3.0  # forward + backward, DESIGN.md section 6
 SAMPLER_TARGET = 20.0
@@ -78,6 +79,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", default=str(RESULTS), help="results folder")
     parser.add_argument("--name", default=None,
                         help="result file stem (default bench_ops_<device>)")
+    add_threads_argument(parser)
     args = parser.parse_args(argv)
     unknown = set(args.sections.split(",")) - {"pooling", "sampler"}
     if unknown:
@@ -246,6 +248,7 @@ def _summary(rows: list[dict], op: str, passes: str | None) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device)
+    print(set_torch_threads(args.threads).describe())
     started = time.perf_counter()
     import mfnet_ext
 

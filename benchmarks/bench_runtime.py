@@ -7,7 +7,11 @@ Variants, all timed in one run on the same frames so they can be compared as rat
 - ``torch_cached``: PyTorch eager FP32, ``decode_query`` with a cached ``SupportCache``;
 - ``runtime_segment``: ``mfnet_runtime`` end to end, uint8 frame in host memory -> label map in
   host memory at the frame's size (preprocess, decoder, restore);
-- ``runtime_decoder``: ``decode_prepared`` alone on a prepared batch of one frame.
+- ``runtime_decoder``: ``decode_prepared`` alone on a prepared batch of one frame;
+- with ``--smooth``, ``runtime_segment_smooth``: ``runtime_segment`` with the probabilities
+  upsampled bilinearly before the argmax (what the CLIs do by default for frames larger than
+  the network input; use ``--frame-size`` to give such a frame).
+Torch and ONNX Runtime use the threads of ``--threads`` (default: the free cores).
 Each variant is warmed up, then timed ``--iterations`` times (CUDA is synchronised around every
 call); the JSON under benchmarks/results/ records median, p10, p90, device and versions.
 """
@@ -25,6 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import now_utc, time_calls, versions, write_json  # noqa: E402
 
+from mfnet.threads import add_threads_argument, set_torch_threads  # noqa: E402
 from mfnet.training.checkpoint import model_from_checkpoint  # noqa: E402
 from mfnet_runtime import Segmenter  # noqa: E402
 
@@ -42,7 +47,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--iterations", type=int, default=100)
     parser.add_argument("--name", default=None, help="result file name (default: derived)")
+    parser.add_argument("--smooth", action="store_true",
+                        help="also time runtime_segment_smooth (bilinear probabilities, argmax)")
+    add_threads_argument(parser)
     args = parser.parse_args(argv)
+    policy = set_torch_threads(args.threads)
+    print(policy.describe())
 
     cuda = args.device == "cuda"
     device = torch.device(args.device)
@@ -71,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         with torch.no_grad():
             model.decode_query(query_t, cache).argmax(1).cpu()
 
-    segmenter = Segmenter.load(args.engines, device=args.device)
+    segmenter = Segmenter.load(args.engines, device=args.device, threads=policy.threads)
     support = segmenter.encode_support({
         f"class{n}": [(support_images[n, k], support_masks[n, k]) for k in range(shot)]
         for n in range(way)
@@ -83,6 +93,13 @@ def main(argv: list[str] | None = None) -> int:
         "runtime_segment": lambda: segmenter.segment(frame, support),
         "runtime_decoder": lambda: segmenter.decode_prepared(batch, support),
     }
+    if args.smooth:
+        def segment_smooth() -> np.ndarray:
+            prepared, geometry = segmenter.prepare_frames([frame])
+            _, probabilities = segmenter.decode_with_probabilities(prepared, support)
+            return segmenter.restore_smooth(probabilities[0], geometry[0])
+
+        variants["runtime_segment_smooth"] = segment_smooth
     results = {}
     for name, call in variants.items():
         stats = time_calls(call, args.warmup, args.iterations, cuda)
@@ -95,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "bench_runtime",
         "date": now_utc(),
         "device": device_name,
-        "cpu_count": torch.get_num_threads(),
+        "cpu_count": policy.cores,
+        "threads": policy.threads,
         "runtime_backend": f"{segmenter.backend_name} ({segmenter.precision})",
         "model": {"backbone": config.model.backbone, "way": way, "shot": shot,
                   "input_size": size, "channels": config.model.channels},

@@ -298,7 +298,8 @@ class EvalConfig:
     eval_episodes: int = _opt(1000, "episodes per run (PASCAL 1000, COCO 10000)")
     eval_seed: int = _opt(1234, "run r uses seed eval_seed + r (PANet convention)")
     eval_shot: int = _opt(0, "K at test time (0 = the training shot)")
-    eval_batch_size: int = _opt(8, "episodes per forward pass (metrics are per episode)")
+    eval_batch_size: int = _opt(8, "episodes per forward pass (metrics are per episode; only "
+                                   "the speed and memory depend on it)")
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -384,7 +385,7 @@ def _field_owners() -> dict[str, str]:
 
 # Named configurations applied on top of the dataclass defaults. ``synthetic-cpu`` is the default
 # of ``python -m mfnet.train``: the small trainable backbone, 2-way 1-shot, sized to train and
-# evaluate in under ten minutes on two CPU cores.
+# evaluate in about eight minutes on two CPU cores.
 PRESETS: dict[str, dict[str, Any]] = {
     "synthetic-cpu": dict(
         backbone="small",
@@ -444,21 +445,30 @@ def preset(name: str, **overrides: Any) -> Config:
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, sections: tuple[str, ...],
-                         exclude: tuple[str, ...] = ()) -> None:
-    """Add one ``--flag`` per field of the named sections (but ``exclude``); defaults stay None
-    (= not given)."""
+                         exclude: tuple[str, ...] = (), defaults: Config | None = None,
+                         default_text: str | None = None) -> None:
+    """Add one ``--flag`` per field of the named sections (but ``exclude``); the parsed values
+    stay None (= not given).
+
+    The help shows each field's effective default: its value in ``defaults`` (e.g. the preset
+    that fills them), or ``default_text`` for all of them (e.g. "the checkpoint's"), or the
+    dataclass default.
+    """
     for section in dataclasses.fields(Config):
         if section.name not in sections:
             continue
         section_cls = section.default_factory  # type: ignore[misc]
         group = parser.add_argument_group(f"{section.name} options", section_cls.__doc__)
         hints = typing.get_type_hints(section_cls)
+        values = getattr(defaults, section.name) if defaults is not None else None
         for f in dataclasses.fields(section_cls):
             if f.name in exclude:
                 continue
             flag = "--" + f.name.replace("_", "-")
             kind = hints[f.name]
-            help_text = f"{f.metadata['help']} (default: {_plain(f.default)})"
+            shown = (default_text if default_text is not None
+                     else _plain(getattr(values, f.name) if values is not None else f.default))
+            help_text = f"{f.metadata['help']} (default: {shown})".replace("%", "%%")
             kwargs: dict[str, Any] = dict(default=None, help=help_text, dest=f.name)
             if kind is bool:
                 kwargs["action"] = argparse.BooleanOptionalAction

@@ -27,7 +27,8 @@ from .evaluation import (
 from .model.baseline import PrototypeBaseline
 from .model.mfnet import MFNet
 from .model.naive import NaiveMultiWay
-from .training.checkpoint import model_from_checkpoint
+from .threads import add_threads_argument, set_torch_threads
+from .training.checkpoint import load_checkpoint, model_from_checkpoint
 from .training.distributed import DistContext
 from .training.loop import resolve_device
 
@@ -90,20 +91,32 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--save-visuals", type=options.output_directory, default=None, metavar="DIR",
                         help="also draw the first --num-visuals episodes of run 0 (supports, "
                              "query, ground truth, prediction) to DIR/fold{fold}.png")
-    parser.add_argument("--num-visuals", type=options.positive_int, default=4, help="episodes drawn (default 4)")
-    add_config_arguments(parser, ("eval", "data"), exclude=FIXED_BY_CHECKPOINT)
+    parser.add_argument("--num-visuals", type=options.positive_int, default=4,
+                        help="episodes drawn (default 4)")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved configuration (the checkpoint's, with the "
+                             "options given here) as JSON and exit")
+    add_threads_argument(parser)
+    add_config_arguments(parser, ("eval", "data"), exclude=FIXED_BY_CHECKPOINT,
+                         default_text="the checkpoint's")
     return parser
 
 
-def _evaluate_checkpoint(path: str, args: argparse.Namespace, device: torch.device
-                         ) -> tuple[dict[str, ProtocolResult], Config]:
-    model, config = model_from_checkpoint(path, map_location=device)
+def _resolved_config(path: str, args: argparse.Namespace) -> Config:
+    """The checkpoint's configuration with the evaluation options given on the command line."""
+    config = Config.from_dict(load_checkpoint(path)["config"])
     overrides = overrides_from_args(args, ("eval", "data"))
     if args.workers is not None:
         overrides["workers"] = args.workers
     if args.naive_way is not None:
         overrides["way"] = args.naive_way
-    config = config.replace(**overrides)
+    return config.replace(**overrides)
+
+
+def _evaluate_checkpoint(path: str, args: argparse.Namespace, device: torch.device
+                         ) -> tuple[dict[str, ProtocolResult], Config]:
+    model, _ = model_from_checkpoint(path, map_location=device)
+    config = _resolved_config(path, args)
     results = evaluate_model(model, config, device, baseline=args.baseline,
                              progress=args.progress, naive=args.naive_way is not None)
     print(format_results(results, protocol_description(config)))
@@ -130,7 +143,15 @@ def _folds(text: str) -> list[int]:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     checkpoint = str(args.checkpoint)
+    first_path = checkpoint.replace("{fold}", str((args.folds or [0])[0]))
+    if args.print_config:
+        print(json.dumps(_resolved_config(first_path, args).to_dict(), indent=2))
+        return 0
     device = resolve_device(args.device)
+    workers = args.workers
+    if workers is None:  # the checkpoint's setting, as the protocol will use
+        workers = _resolved_config(first_path, args).train.workers
+    print(set_torch_threads(args.threads, workers).describe())
     if args.folds is None:
         results, config = _evaluate_checkpoint(checkpoint, args, device)
         if args.json is not None:

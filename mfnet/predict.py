@@ -8,7 +8,7 @@ PyTorch. Frames and support images are fitted to the checkpoint's input size as 
 (``TestResize``: longer side to the input size, aspect kept, bottom/right padded; masks nearest)
 and the labels are mapped back to each frame's own size.
 
-Needs the runtime package: ``pip install -e ./runtime`` (and its ``[video]`` extra for videos).
+The runtime package (with OpenCV for videos) is installed with ``mfnet`` (``pip install -e .``).
 """
 
 from __future__ import annotations
@@ -20,26 +20,14 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image
+from mfnet_runtime.images import Geometry, restore_labels, restore_smooth
 
 from .data.transforms import TestResize
 from .model.mfnet import MFNet
 from .model.support import SupportCache
+from .threads import set_torch_threads
 from .training.checkpoint import model_from_checkpoint
 from .training.loop import resolve_device
-
-RUNTIME_HINT = "pip install -e ./runtime"
-
-
-@dataclass(frozen=True)
-class Geometry:
-    """How a frame was fitted: content (height, width) inside the padded input, original size."""
-
-    height: int
-    width: int
-    original_height: int
-    original_width: int
-
 
 @dataclass(frozen=True)
 class TorchSupport:
@@ -96,39 +84,48 @@ class TorchSegmenter:
 
     def prepare_frames(self, frames: Sequence[np.ndarray], color: str = "rgb"
                        ) -> tuple[np.ndarray, list[Geometry]]:
-        """frames uint8 [H, W, 3] in ``color`` order -> (uint8 [B, S, S, 3] RGB, geometries)."""
+        """frames uint8 [H, W, 3] in ``color`` order -> (uint8 [B, S, S, 3] RGB, geometries
+        (orig_h, orig_w, content_h, content_w), the runtime's)."""
         batch, geometry = [], []
         for frame in frames:
             frame = frame[..., ::-1] if color == "bgr" else frame
             fitted, _ = self._fit(frame)
             height, width = self.resize.resized_shape(*frame.shape[:2])
             batch.append(fitted)
-            geometry.append(Geometry(height, width, frame.shape[0], frame.shape[1]))
+            geometry.append((frame.shape[0], frame.shape[1], height, width))
         return np.stack(batch), geometry
+
+    def _logits(self, batch: np.ndarray, support: TorchSupport) -> torch.Tensor:
+        """uint8 [B, S, S, 3] RGB -> logits float32 [B, N+1, S, S]."""
+        query = torch.from_numpy(batch).to(self.device).permute(0, 3, 1, 2).float() / 255.0
+        return self.model.decode_query(query, support.cache)
 
     def decode_prepared(self, batch: np.ndarray, support: TorchSupport) -> np.ndarray:
         """uint8 [B, S, S, 3] RGB -> labels uint8 [B, S, S] (0 = background)."""
         with torch.inference_mode():
-            query = torch.from_numpy(batch).to(self.device).permute(0, 3, 1, 2).float() / 255.0
-            logits = self.model.decode_query(query, support.cache)  # [B, N+1, S, S]
-            return logits.argmax(dim=1).to(torch.uint8).cpu().numpy()
+            return self._logits(batch, support).argmax(dim=1).to(torch.uint8).cpu().numpy()
+
+    def decode_with_probabilities(self, batch: np.ndarray, support: TorchSupport
+                                  ) -> tuple[np.ndarray, np.ndarray]:
+        """-> (labels uint8 [B, S, S], softmax probabilities float32 [B, N+1, S, S])."""
+        with torch.inference_mode():
+            logits = self._logits(batch, support)
+            labels = logits.argmax(dim=1).to(torch.uint8).cpu().numpy()
+            return labels, logits.softmax(dim=1).float().cpu().numpy()
 
     def restore_labels(self, labels: np.ndarray, geometry: Geometry) -> np.ndarray:
         """labels uint8 [S, S] -> uint8 [H, W] at the frame's size (crop the padding, nearest)."""
-        content = np.ascontiguousarray(labels[:geometry.height, :geometry.width])
-        size = (geometry.original_width, geometry.original_height)
-        if content.shape[::-1] == size:
-            return content
-        return np.asarray(Image.fromarray(content).resize(size, Image.Resampling.NEAREST))
+        return restore_labels(labels, geometry)
+
+    def restore_smooth(self, probabilities: np.ndarray, geometry: Geometry) -> np.ndarray:
+        """float32 [N+1, S, S] -> uint8 [H, W]: bilinear upsampling, then the argmax."""
+        return restore_smooth(probabilities, geometry)
 
 
 def _runtime_modules():
     """The runtime package's SPEC loader and command-line helpers (one definition of each)."""
-    try:
-        from mfnet_runtime import cli, spec
-    except ImportError as error:
-        raise SystemExit(f"error: python -m mfnet.predict needs the runtime package for the "
-                         f"support SPEC and the video pipeline: {RUNTIME_HINT} ({error})")
+    from mfnet_runtime import cli, spec
+
     return cli, spec
 
 
@@ -156,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
 def _predict(cli, spec, argv: list[str] | None) -> int:
     args = build_parser(cli).parse_args(argv)
     device = resolve_device(args.device)
+    print(set_torch_threads(args.threads).describe())
     model, config = model_from_checkpoint(args.checkpoint, map_location=device)
     segmenter = TorchSegmenter(model, config.data.test_resize, device)
     support = segmenter.encode_support(spec.load_support_spec(args.support))

@@ -28,14 +28,14 @@ from mfnet.export import tensorrt as trt_export  # noqa: E402
 from mfnet.export import verify as verify_module  # noqa: E402
 from mfnet.export.onnx_export import ExportError, export_onnx  # noqa: E402
 from mfnet_runtime import Segmenter  # noqa: E402
-from runtime_fixtures import LIMITS, export_tiny  # noqa: E402
+from runtime_fixtures import LIMITS  # noqa: E402
 from test_tensorrt import H100, fake_tensorrt  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    """(engine_dir, checkpoint) of one real FP32 export; tests work on copies of it."""
-    return export_tiny(tmp_path_factory.mktemp("atomic"))
+def exported(varied_export):
+    """(engine_dir, checkpoint) of one real FP32 export (the session's); tests work on copies."""
+    return varied_export(2, 1)[:2]
 
 
 @pytest.fixture

@@ -34,10 +34,9 @@ from .checkpoint import (
 )
 from .distributed import DistContext, broadcast_buffers, shard_indices
 from .logs import TrainLogger, plot_curves
+from .resume import RESUME_FREE
 from .schedule import poly_lr
 
-# Config fields a resumed run may change: they do not alter the sequence of steps.
-RESUME_FREE = {"epochs", "device", "workers", "out", "save_every_steps", "visuals"}
 
 
 class TrainingInterrupted(Exception):
@@ -230,6 +229,12 @@ def train(
         + (f" x {world} processes (global batch {batch_size * world})" if world > 1 else "")
         + f": {sum(p.numel() for p in parameters):,} learnable parameters, "
         f"{total_steps} steps, checkpoints in {out_dir}")
+    if config.loss.pml_mode != "off" and config.train.epochs <= config.loss.pml_start_epoch:
+        start = config.loss.pml_start_epoch
+        log(f"warning: the pixel-wise metric loss (PML) never switches on in this run: it starts "
+            f"at epoch {start + 1} (--pml-start-epoch {start}, counted from 0) but the run has "
+            f"{config.train.epochs} epochs; train longer (--epochs {start + 1} or more) or lower "
+            f"--pml-start-epoch")
     forward: nn.Module | None = None
     if context.enabled:
         forward = nn.parallel.DistributedDataParallel(

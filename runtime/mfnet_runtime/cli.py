@@ -19,6 +19,7 @@ from . import options
 from .boundary import EXIT_INPUT_ERROR, EXIT_INTERRUPTED, command_boundary, error_line
 from .errors import EngineError, MissingDependencyError, RuntimeInputError
 from .spec import load_support_spec
+from .threads import add_threads_argument, thread_policy
 from .video import DEFAULT_FPS, VIDEO_OUTPUT_EXTENSIONS, open_source, segment_video
 
 __all__ = ["EXIT_INPUT_ERROR", "EXIT_INTERRUPTED", "RUNTIME_ERRORS", "add_io_arguments",
@@ -28,16 +29,21 @@ RUNTIME_ERRORS = (RuntimeInputError, EngineError, MissingDependencyError, OSErro
 
 
 class Progress:
-    """A frame counter on stderr: tqdm's bar when tqdm is installed, else a plain line
-    rewritten at most twice a second. ``total`` is None for endless sources (cameras)."""
+    """A frame counter on stderr. On a terminal: tqdm's bar when tqdm is installed, else a
+    plain line rewritten at most twice a second. Elsewhere (a log file, a pipe): one complete,
+    newline-terminated line per update, at most one a second, and the last one. ``total`` is
+    None for endless sources (cameras)."""
 
     def __init__(self, total: int | None, description: str, enabled: bool = True,
                  stream: TextIO | None = None) -> None:
         self.total, self.description, self.enabled = total, description, enabled
         self.stream = stream or sys.stderr
-        self.count, self._last_draw = 0, 0.0
+        self.count, self._last_draw, self._drawn = 0, 0.0, 0
         self._bar: Any = None
-        if enabled:
+        isatty = getattr(self.stream, "isatty", None)
+        self._terminal = bool(isatty and isatty())
+        self._interval = 0.5 if self._terminal else 1.0
+        if enabled and self._terminal:
             try:
                 from tqdm import tqdm
             except ImportError:
@@ -54,20 +60,27 @@ class Progress:
             self._bar.update(frames)
             return
         now = time.monotonic()
-        if now - self._last_draw >= 0.5 or self.count == self.total:
+        if now - self._last_draw >= self._interval or self.count == self.total:
             self._last_draw = now
-            of = f"/{self.total}" if self.total else ""
-            self.stream.write(f"\r{self.description}: {self.count}{of} frames")
-            self.stream.flush()
+            self._draw()
+
+    def _draw(self) -> None:
+        of = f"/{self.total}" if self.total else ""
+        line = f"{self.description}: {self.count}{of} frames"
+        self.stream.write(f"\r{line}" if self._terminal else f"{line}\n")
+        self.stream.flush()
+        self._drawn = self.count
 
     def close(self) -> None:
         if not self.enabled:
             return
         if self._bar is not None:
             self._bar.close()
-        elif self.count:
+        elif self._terminal and self.count:
             self.stream.write("\n")
             self.stream.flush()
+        elif self.count and self._drawn != self.count:
+            self._draw()  # the final count (a stop before the end, or an endless source)
 
 
 @dataclass(frozen=True)
@@ -109,7 +122,14 @@ def add_io_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--alpha", type=options.number(0.0, 1.0), default=0.5,
                         help="opacity of the class colours in the overlays (0..1, default 0.5)")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
-                        help="show a progress bar on stderr")
+                        help="show a progress bar on stderr (plain lines when stderr is not a "
+                             "terminal)")
+    parser.add_argument("--smooth", action=argparse.BooleanOptionalAction, default=True,
+                        help="for frames larger than the network input, upsample the class "
+                             "probabilities bilinearly and take the argmax at the frame's size "
+                             "(smooth edges); --no-smooth upsamples the labels by nearest "
+                             "neighbour (blocky, slightly faster) (default: on)")
+    add_threads_argument(parser)
 
 
 def run_and_report(segmenter: Any, support: Any, args: argparse.Namespace, backend: str,
@@ -130,7 +150,7 @@ def run_and_report(segmenter: Any, support: Any, args: argparse.Namespace, backe
         args.max_frames, source.count or args.max_frames)
     results = segment_video(segmenter, source, support, args.output,
                             batch_size=args.batch_size, max_frames=args.max_frames,
-                            fps=args.fps, alpha=args.alpha)
+                            fps=args.fps, alpha=args.alpha, smooth=args.smooth)
     progress = Progress(total, "segmenting", args.progress)
     start = time.perf_counter()
     code = 0
@@ -192,7 +212,49 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--precision", choices=("auto", "fp32", "fp16"), default="auto",
                          help="engine precision; auto = fp16 on CUDA when exported, else fp32 "
                               "(default auto)")
+    add_demo_parser(commands)
     return parser
+
+
+def add_demo_parser(commands: Any) -> None:
+    """The ``demo`` command: inputs to try the runtime on (``demo.py``)."""
+    from .demo import DEFAULT_CLASSES, LOOKS
+
+    demo = commands.add_parser(
+        "demo", help="write a support SPEC, query images and a video to try segment on",
+        description="Write DIR/support/ (a support SPEC, docs/support_spec.md), DIR/images/ "
+                    "(query images) and DIR/video.mp4 (DIR/video_frames/ without OpenCV), "
+                    "drawn with the looks of the synthetic benchmark's novel classes of fold 0, "
+                    "which the default checkpoint of python -m mfnet.train never saw in "
+                    "training; then print the commands that export that checkpoint and segment "
+                    "the video. numpy and Pillow only (OpenCV for the video).")
+    demo.add_argument("--out", required=True, metavar="DIR", help="folder to write into")
+    demo.add_argument("--classes", nargs="+", default=list(DEFAULT_CLASSES), choices=list(LOOKS),
+                      metavar="NAME",
+                      help=f"the classes, as many as the model's way ({', '.join(LOOKS)}; "
+                           f"default: {' '.join(DEFAULT_CLASSES)})")
+    demo.add_argument("--frames", type=int, default=48, help="video frames (default 48)")
+    demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+
+
+def demo_command(args: argparse.Namespace) -> int:
+    """The ``demo`` command: write the files, print where they are and what to run next."""
+    from .demo import next_commands, write_demo
+
+    if args.frames < 1:
+        raise RuntimeInputError(f"--frames must be >= 1, got {args.frames}")
+    files = write_demo(args.out, tuple(args.classes), frames=args.frames, seed=args.seed)
+    print(f"support SPEC: {files.support} ({', '.join(files.classes)}, one shot each)")
+    print(f"query images: {files.images}")
+    if files.video_is_folder:
+        print(f"video frames: {files.video} (OpenCV is not installed, so no video file was "
+              "written; pip install 'mfnet-runtime[video]' for one)")
+    else:
+        print(f"video: {files.video}")
+    print("next:")
+    for command in next_commands(files):
+        print(f"  {command}")
+    return 0
 
 
 def segment_command(args: argparse.Namespace) -> int:
@@ -200,8 +262,10 @@ def segment_command(args: argparse.Namespace) -> int:
     from .segmenter import Segmenter
     from .support import SupportSet
 
+    policy = thread_policy(args.threads)
+    print(policy.describe())
     segmenter = Segmenter.load(args.engines, backend=args.backend, device=args.device,
-                               precision=args.precision)
+                               precision=args.precision, threads=policy.threads)
     started = time.perf_counter()
     if args.load_support is not None:
         support = SupportSet.load(args.load_support, segmenter=segmenter)
@@ -221,4 +285,4 @@ def segment_command(args: argparse.Namespace) -> int:
 @command_boundary(*RUNTIME_ERRORS)
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return segment_command(args)
+    return demo_command(args) if args.command == "demo" else segment_command(args)

@@ -200,3 +200,9 @@ def restore_probabilities(probabilities: np.ndarray, geometry: Geometry) -> np.n
                    .resize((orig_w, orig_h), Image.Resampling.BILINEAR))
         for channel in content
     ])
+
+
+def restore_smooth(probabilities: np.ndarray, geometry: Geometry) -> np.ndarray:
+    """float32 [N+1, S, S] probabilities -> uint8 [orig_h, orig_w] labels: the argmax of the
+    bilinearly upsampled probabilities, smoother than ``restore_labels`` on enlarged frames."""
+    return restore_probabilities(probabilities, geometry).argmax(axis=0).astype(np.uint8)

@@ -66,10 +66,12 @@ def overlay(frame: np.ndarray, labels: np.ndarray, class_names: Sequence[str] | 
 
 
 def _legend_layout(height: int, width: int, count: int) -> tuple[int, int]:
-    """(row height, swatch side) in pixels, scaled to the frame so small frames stay legible."""
-    row = int(np.clip(min(height, width) // 16, 12, 40))
-    row = min(row, max(8, height // max(count, 1)))
-    return row, max(4, row - 4)
+    """(row height, swatch side) in pixels: 1/16 of the frame's shorter side (8..72 px), so the
+    legend keeps the same share of small and large frames (about 5 % of the area for two
+    classes), and never taller than the frame."""
+    row = int(np.clip(min(height, width) // 16, 8, 72))
+    row = min(row, max(6, height // max(count, 1)))
+    return row, max(4, row - max(2, row // 5))
 
 
 def draw_legend(image: np.ndarray, class_names: Sequence[str]) -> np.ndarray:

@@ -29,9 +29,11 @@ from .images import (
     prepare_image,
     restore_labels,
     restore_probabilities,
+    restore_smooth,
 )
 from .manifest import Manifest, read_manifest
 from .support import SupportSet, aggregate_prototypes, prepare_shot
+from .threads import thread_policy
 
 logger = logging.getLogger("mfnet_runtime")
 
@@ -57,6 +59,7 @@ class Segmenter:
         self.max_batch: int = backend.max_batch
         self.engine_id: str = manifest.engine_id
         self.engine_dir: Path = manifest.directory
+        self.threads: int = getattr(backend, "intra_op_threads", 0)  # 0 = the library's default
         # K = 1 needs the single-shot aggregator when the general one starts at 2 (A_S models).
         aggregators = [g for g in manifest.graphs if g.role == "prototype_aggregator"]
         default = 2 if model.support_attention else 1
@@ -66,7 +69,8 @@ class Segmenter:
     @classmethod
     def load(cls, engine_dir: str | Path, backend: str = "auto", device: str = "auto",
              precision: str = "auto", verify_hashes: bool = True, *,
-             cuda_graph_batch: int = 0, device_id: int = 0) -> Segmenter:
+             cuda_graph_batch: int = 0, device_id: int = 0,
+             threads: int | None = None) -> Segmenter:
         """Open an export directory (``manifest.json`` + graphs / engines).
 
         backend: "auto" | "onnxruntime" | "tensorrt"; device: "auto" | "cuda" | "cpu";
@@ -75,10 +79,16 @@ class Segmenter:
         exported), else ONNX Runtime on the CPU (FP32). verify_hashes: check the SHA-256 of
         every file used against the manifest. cuda_graph_batch: on CUDA, capture the decoder
         as a CUDA graph for calls of exactly this many frames (0 = off; untested, see README).
+        threads: intra-op threads of ONNX Runtime's CPU sessions; None = the cores free to
+        this process (``threads.thread_policy``: its CPU affinity, at least 1).
         """
+        policy = thread_policy(threads)
         manifest = read_manifest(engine_dir)
         opened = open_backend(manifest, backend, device, precision, verify_hashes,
                               cuda_graph_batch, device_id)
+        if opened.name.startswith("onnxruntime"):
+            opened.intra_op_threads = policy.threads  # read when each session is created
+        logger.info(policy.describe())
         logger.info("%s backend, %s graphs, %d-way, %dx%d input, from %s",
                     opened.name, opened.precision, manifest.model.way,
                     manifest.model.input_size, manifest.model.input_size, manifest.directory)
@@ -228,6 +238,18 @@ class Segmenter:
         """uint8 [B, S, S, 3] prepared frames -> labels uint8 [B, S, S] (0 = background,
         n = ``support.class_names[n - 1]``); batches larger than ``max_batch`` are split."""
         return self._decode(batch, support, False)[0]
+
+    def decode_with_probabilities(self, batch: np.ndarray, support: SupportSet
+                                  ) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 [B, S, S, 3] prepared frames -> (labels uint8 [B, S, S], probabilities
+        float32 [B, N+1, S, S]), for ``restore_smooth``."""
+        labels, probabilities = self._decode(batch, support, True)
+        return labels, probabilities
+
+    def restore_smooth(self, probabilities_s: np.ndarray, geometry: Geometry) -> np.ndarray:
+        """float32 [N+1, S, S] -> uint8 [orig_h, orig_w] labels: bilinear upsampling of the
+        probabilities, then the argmax (smooth edges on frames larger than S)."""
+        return restore_smooth(probabilities_s, geometry)
 
     def restore_labels(self, labels_s: np.ndarray, geometry: Geometry) -> np.ndarray:
         """uint8 [S, S] labels -> uint8 [orig_h, orig_w] (crop the content, nearest resize)."""

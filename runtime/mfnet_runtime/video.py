@@ -33,6 +33,7 @@ from .spec import IMAGE_EXTENSIONS, is_image_file
 VIDEO_OUTPUT_EXTENSIONS = (".mp4", ".avi")
 # Containers refused as output (rather than becoming a folder named "out.mkv")
 OTHER_VIDEO_EXTENSIONS = (".mkv", ".mov", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv")
+IMAGE_OUTPUT_EXTENSION = ".png"  # labels of a single image (lossless)
 DEFAULT_FPS = 25.0  # output video rate when the source has none (image folders, arrays)
 INSTALL_HINT = "pip install 'mfnet-runtime[video]'"
 
@@ -50,6 +51,7 @@ class FrameResult:
     index: int
     frame: np.ndarray
     labels: np.ndarray
+    name: str | None = None  # the input file's name without extension (image inputs)
 
 
 class FrameSource:
@@ -63,6 +65,10 @@ class FrameSource:
     def frames(self) -> Iterator[np.ndarray]:
         raise NotImplementedError
 
+    def frame_name(self, index: int) -> str | None:
+        """The name outputs of frame ``index`` are written under (None: numbered)."""
+        return None
+
     def close(self) -> None:
         """Release what the source holds (idempotent)."""
 
@@ -72,10 +78,17 @@ class ImageFilesSource(FrameSource):
 
     def __init__(self, paths: list[Path], name: str) -> None:
         self.paths, self.name, self.count = list(paths), name, len(paths)
+        stems = [path.stem for path in self.paths]
+        # a.jpg and a.png in one folder would both become a.png: keep their extensions apart
+        self._names = [stem if stems.count(stem) == 1 else f"{stem}_{path.suffix[1:]}"
+                       for stem, path in zip(stems, self.paths)]
 
     def frames(self) -> Iterator[np.ndarray]:
         for path in self.paths:
             yield read_image_file(path)
+
+    def frame_name(self, index: int) -> str | None:
+        return self._names[index]
 
 
 class CaptureSource(FrameSource):
@@ -156,9 +169,21 @@ def open_source(source: Any, color: str = "rgb") -> FrameSource:
     return CaptureSource(str(path), f"video {path}")
 
 
+def _write_pngs(labels_path: Path, result: FrameResult, class_names: tuple[str, ...],
+                alpha: float) -> Path:
+    """``labels_path`` (mode L, label values 0..N) and ``<stem>_overlay.png`` (RGB) beside it."""
+    # uint8 [H, W] is saved as an 8-bit greyscale (mode L) PNG holding the label values
+    _save_png(np.asarray(result.labels, np.uint8), labels_path)
+    drawn = overlay(result.frame, result.labels, class_names, alpha)
+    overlay_path = labels_path.with_name(labels_path.stem + "_overlay.png")
+    _save_png(drawn, overlay_path)
+    return overlay_path
+
+
 class FolderWriter:
-    """Writes ``<index>.png`` (mode L, label values 0..N) and ``<index>_overlay.png`` (RGB) per
-    frame, the index zero-padded to 6 digits so that file order is frame order."""
+    """Per frame, ``<name>.png`` (mode L, label values 0..N) and ``<name>_overlay.png`` (RGB):
+    ``<name>`` is the input image's file name without its extension, or for video and camera
+    frames the index zero-padded to 6 digits, so that file order is frame order."""
 
     def __init__(self, folder: Path, class_names: tuple[str, ...], alpha: float) -> None:
         if folder.exists() and not folder.is_dir():
@@ -167,11 +192,8 @@ class FolderWriter:
         self.folder, self.class_names, self.alpha = folder, class_names, alpha
 
     def write(self, result: FrameResult) -> None:
-        stem = self.folder / f"{result.index:06d}"
-        # uint8 [H, W] is saved as an 8-bit greyscale (mode L) PNG holding the label values
-        _save_png(np.asarray(result.labels, np.uint8), stem.with_suffix(".png"))
-        drawn = overlay(result.frame, result.labels, self.class_names, self.alpha)
-        _save_png(drawn, stem.with_name(stem.name + "_overlay.png"))
+        name = result.name if result.name is not None else f"{result.index:06d}"
+        _write_pngs(self.folder / f"{name}.png", result, self.class_names, self.alpha)
 
     def close(self) -> None:
         """Nothing is held open between frames."""
@@ -183,6 +205,21 @@ def _save_png(array: np.ndarray, path: Path) -> None:
     buffer = io.BytesIO()
     Image.fromarray(array).save(buffer, format="PNG")
     atomic_write_bytes(path, buffer.getvalue())
+
+
+class ImageWriter:
+    """One image's labels to ``path`` (a .png, mode L) and its overlay to ``<stem>_overlay.png``
+    beside it."""
+
+    def __init__(self, path: Path, class_names: tuple[str, ...], alpha: float) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path, self.class_names, self.alpha = path, class_names, alpha
+
+    def write(self, result: FrameResult) -> None:
+        _write_pngs(self.path, result, self.class_names, self.alpha)
+
+    def close(self) -> None:
+        """Nothing is held open."""
 
 
 class VideoWriter:
@@ -218,9 +255,15 @@ class VideoWriter:
             self._writer = None
 
 
+Writer = FolderWriter | ImageWriter | VideoWriter
+
+
 def open_writer(output: str | Path | None, class_names: tuple[str, ...], fps: float | None,
-                alpha: float = 0.5) -> FolderWriter | VideoWriter | None:
-    """A video writer when ``output`` ends in .mp4/.avi, else a folder writer (None: no output)."""
+                alpha: float = 0.5, frames: int | None = None) -> Writer | None:
+    """The writer ``output`` names (None: no output): a .mp4/.avi path -> overlay video; a .png
+    path -> labels + overlay of a single image (``frames`` must be 1); an existing folder or a
+    path without an extension -> a folder of PNGs. Any other extension is an error, so that a
+    typo never becomes a folder named ``out.gif``."""
     if output is None:
         return None
     path = Path(output)
@@ -230,10 +273,21 @@ def open_writer(output: str | Path | None, class_names: tuple[str, ...], fps: fl
     if suffix in OTHER_VIDEO_EXTENSIONS:
         raise RuntimeInputError(f"output {path}: videos are written as "
                                 f"{' or '.join(VIDEO_OUTPUT_EXTENSIONS)} (mp4v codec)")
-    if suffix in IMAGE_EXTENSIONS:
+    if suffix == IMAGE_OUTPUT_EXTENSION and not path.is_dir():
+        if frames != 1:
+            many = "an unknown number of" if frames is None else str(frames)
+            raise RuntimeInputError(
+                f"output {path} is an image file but the input has {many} frames; give a "
+                f"folder (one label and overlay PNG per frame) or a video "
+                f"({', '.join(VIDEO_OUTPUT_EXTENSIONS)})")
+        return ImageWriter(path, class_names, alpha)
+    if suffix and not path.is_dir():
+        lossy = " (label maps are written losslessly, as .png)" if suffix in IMAGE_EXTENSIONS \
+            else ""
         raise RuntimeInputError(
-            f"output {path} looks like an image file; give a folder (label and overlay PNGs "
-            f"are written into it) or a video file ({', '.join(VIDEO_OUTPUT_EXTENSIONS)})")
+            f"output {path}: unknown output extension {suffix!r}{lossy}; give a folder (a path "
+            f"without an extension), a video ({', '.join(VIDEO_OUTPUT_EXTENSIONS)}) or, for a "
+            f"single input image, a {IMAGE_OUTPUT_EXTENSION} file")
     return FolderWriter(path, class_names, alpha)
 
 
@@ -301,6 +355,7 @@ def segment_video(
     fps: float | None = None,
     alpha: float = 0.5,
     queue_size: int = 4,
+    smooth: bool = False,
 ) -> Iterator[FrameResult]:
     """Segment every frame of ``source`` with ``support``; yield ``FrameResult`` s in order.
 
@@ -316,6 +371,9 @@ def segment_video(
         max_frames: stop after this many frames (cameras never end on their own).
         alpha: overlay colour weight.
         queue_size: prepared batches buffered between the decode thread and the engine.
+        smooth: for frames larger than the network input, upsample the class probabilities
+            bilinearly to the frame and take the argmax there (``restore_smooth``), instead
+            of a nearest-neighbour upsampling of the labels, which looks blocky.
 
     The source and the output are opened before this returns, so bad inputs raise
     ``RuntimeInputError`` here; errors while decoding are re-raised from the iteration.
@@ -326,16 +384,37 @@ def segment_video(
                                 f"{queue_size}")
     frames = open_source(source, color)
     try:
-        writer = open_writer(output, tuple(support.class_names), frames.fps or fps, alpha)
+        count = frames.count if max_frames is None else min(max_frames, frames.count or max_frames)
+        writer = open_writer(output, tuple(support.class_names), frames.fps or fps, alpha, count)
     except BaseException:
         frames.close()
         raise
-    return _run(segmenter, frames, support, writer, batch_size, max_frames, queue_size)
+    return _run(segmenter, frames, support, writer, batch_size, max_frames, queue_size, smooth)
 
 
-def _run(segmenter: Any, source: FrameSource, support: Any,
-         writer: FolderWriter | VideoWriter | None, batch_size: int, max_frames: int | None,
-         queue_size: int) -> Iterator[FrameResult]:
+def _enlarged(geometry: Any) -> bool:
+    """Whether a frame is larger than its content in the network input (orig > content)."""
+    orig_h, orig_w, content_h, content_w = tuple(geometry)
+    return orig_h > content_h or orig_w > content_w
+
+
+def _decode_batch(segmenter: Any, item: _Batch, support: Any, smooth: bool) -> list[np.ndarray]:
+    """Labels of one prepared batch at each frame's own size (uint8 [H_i, W_i] each)."""
+    if smooth and any(_enlarged(g) for g in item.geometry):
+        # labels [B, S, S], probabilities [B, N+1, S, S]
+        labels, probabilities = segmenter.decode_with_probabilities(item.prepared, support)
+        return [segmenter.restore_smooth(probabilities[i], item.geometry[i])
+                if _enlarged(item.geometry[i]) else
+                segmenter.restore_labels(labels[i], item.geometry[i])
+                for i in range(len(item.frames))]
+    labels = segmenter.decode_prepared(item.prepared, support)  # [B, S, S]
+    return [segmenter.restore_labels(labels[i], item.geometry[i])
+            for i in range(len(item.frames))]
+
+
+def _run(segmenter: Any, source: FrameSource, support: Any, writer: Writer | None,
+         batch_size: int, max_frames: int | None, queue_size: int,
+         smooth: bool) -> Iterator[FrameResult]:
     items: queue.Queue = queue.Queue(maxsize=queue_size)
     stop = threading.Event()
     thread = threading.Thread(target=_produce, name="mfnet-decode", daemon=True,
@@ -348,10 +427,10 @@ def _run(segmenter: Any, source: FrameSource, support: Any,
                 return
             if isinstance(item, _Failure):
                 raise item.error
-            labels = segmenter.decode_prepared(item.prepared, support)  # [B, S, S]
+            restored = _decode_batch(segmenter, item, support, smooth)
             for offset, frame in enumerate(item.frames):
-                restored = segmenter.restore_labels(labels[offset], item.geometry[offset])
-                result = FrameResult(item.start + offset, frame, restored)
+                index = item.start + offset
+                result = FrameResult(index, frame, restored[offset], source.frame_name(index))
                 if writer is not None:
                     writer.write(result)
                 yield result

@@ -1,10 +1,10 @@
 """ONNX Runtime backend: CPU provider, or CUDA provider (+ CPU fallback for unsupported nodes).
 
 Sessions are created on first use of each graph (a saved support set needs no encoder), with all
-graph optimisations and ONNX Runtime's default intra-op threads. On CUDA the query decoder runs
-through IOBinding: the frames are copied in, the outputs are bound on the device, and only
-``labels`` (uint8, 4x smaller than the float probabilities) is bound and copied back unless the
-probabilities are asked for. With ``cuda_graph_batch = B`` the decoder is also captured as a CUDA
+graph optimisations and the intra-op threads ``Segmenter.load`` sets (the free cores). On CUDA
+the query decoder runs through IOBinding: the frames are copied in, the outputs are bound on the
+device, and only ``labels`` (uint8, 4x smaller than the float probabilities) is bound and copied
+back unless the probabilities are asked for. With ``cuda_graph_batch = B`` the decoder is also captured as a CUDA
 graph (ONNX Runtime's ``enable_cuda_graph``) for calls of exactly B frames, with inputs and
 outputs bound once to fixed device buffers.
 
@@ -122,6 +122,9 @@ class OnnxRuntimeBackend:
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3  # errors only: node placement notes are not actionable
+        # Segmenter.load sets it from the free cores (threads.thread_policy) before the CPU
+        # sessions are created on first use; 0 leaves ONNX Runtime's default (every core).
+        options.intra_op_num_threads = getattr(self, "intra_op_threads", 0)
         return options
 
     def _session(self, role: str) -> ort.InferenceSession:
