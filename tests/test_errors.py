@@ -349,7 +349,7 @@ def case_disk_full(tmp_path, capsys, monkeypatch):
         tmp_path / "frames" / "f.png")
     outputs = tmp_path / "labels"
     outputs.mkdir()
-    (outputs / "000000.png").write_bytes(b"an earlier run")
+    (outputs / "f.png").write_bytes(b"an earlier run")
 
     class FullDisk:
         """``os`` as ``mfnet_runtime.atomic`` sees it, on a full disk."""
@@ -368,8 +368,8 @@ def case_disk_full(tmp_path, capsys, monkeypatch):
                              "--input", str(tmp_path / "frames"), "--output", str(outputs),
                              "--device", "cpu", "--no-progress"]) == 2
     line = one_error_line(capsys)
-    assert "000000.png: No space left on device" in line
-    assert snapshot(outputs) == {"000000.png": b"an earlier run"}
+    assert "f.png: No space left on device" in line
+    assert snapshot(outputs) == {"f.png": b"an earlier run"}
 
 
 def case_permission_denied(tmp_path, capsys, monkeypatch):

@@ -31,6 +31,11 @@ except ImportError:  # a source checkout without the runtime installed
 from mfnet_runtime import EngineError, RuntimeInputError, Segmenter, SupportSet  # noqa: E402
 from runtime_fixtures import assert_labels_vary  # noqa: E402
 
+# What backend="auto" picks for an FP32 ONNX export without engines: the CUDA provider where
+# onnxruntime-gpu is installed (a GPU machine), else the CPU one.
+AUTO_BACKEND = ("onnxruntime-cuda" if "CUDAExecutionProvider"
+                in __import__("onnxruntime").get_available_providers() else "onnxruntime-cpu")
+
 from mfnet.data.episodes import synthetic_episodes  # noqa: E402
 from mfnet.data.transforms import TestResize  # noqa: E402
 from mfnet.training.checkpoint import model_from_checkpoint  # noqa: E402
@@ -103,7 +108,7 @@ def test_runtime_works_with_torch_blocked(exported, tmp_path) -> None:
                             env=env, cwd=tmp_path, timeout=120)
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout.strip().splitlines()[-1])
-    assert report == {"shape": [50, 70], "dtype": "uint8", "backend": "onnxruntime-cpu",
+    assert report == {"shape": [50, 70], "dtype": "uint8", "backend": AUTO_BACKEND,
                       "attempts": [], "loaded": []}
 
 
@@ -139,16 +144,22 @@ def test_labels_and_probabilities_match_pytorch(exported, way, shot_count) -> No
     np.testing.assert_allclose(probabilities, reference_probabilities[1], atol=1e-5)
 
 
-def test_non_square_frame_matches_pytorch_pad_resize(exported) -> None:
-    engine_dir, checkpoint = exported(2, 2)
-    model, config = model_from_checkpoint(checkpoint)
-    assert config.data.test_resize == "pad"
-    segmenter = Segmenter.load(engine_dir, backend="onnxruntime", device="cpu")
+
+def encode_test_episode(segmenter: Segmenter) -> tuple[dict, SupportSet]:
+    """A 2-way 2-shot test episode of fold 0 (48 px) and its support set encoded by the runtime."""
     episode = synthetic_episodes(fold=0, split="test", way=2, shot=2, num_episodes=1, seed=3,
                                  image_size=48)[0]
     images, masks = to_uint8(episode["support_images"]), episode["support_masks"].numpy()
     support = segmenter.encode_support(
         {f"c{n}": [(images[n, k], masks[n, k]) for k in range(2)] for n in range(2)})
+    return episode, support
+
+def test_non_square_frame_matches_pytorch_pad_resize(exported) -> None:
+    engine_dir, checkpoint = exported(2, 2)
+    model, config = model_from_checkpoint(checkpoint)
+    assert config.data.test_resize == "pad"
+    segmenter = Segmenter.load(engine_dir, backend="onnxruntime", device="cpu")
+    episode, support = encode_test_episode(segmenter)
     # a 37 x 61 frame: smooth structure so that the resize matters, plus noise
     rng = np.random.default_rng(5)
     ramp = np.linspace(0, 255, 61)[None, :, None] * np.linspace(0.2, 1, 37)[:, None, None]
@@ -180,11 +191,7 @@ def test_non_square_frame_matches_pytorch_stretch_resize(exported, tmp_path) -> 
     (engines / "manifest.json").write_text(json.dumps(manifest))
     model, _ = model_from_checkpoint(checkpoint)
     segmenter = Segmenter.load(engines, backend="onnxruntime", device="cpu")
-    episode = synthetic_episodes(fold=0, split="test", way=2, shot=2, num_episodes=1, seed=3,
-                                 image_size=48)[0]
-    images, masks = to_uint8(episode["support_images"]), episode["support_masks"].numpy()
-    support = segmenter.encode_support(
-        {f"c{n}": [(images[n, k], masks[n, k]) for k in range(2)] for n in range(2)})
+    episode, support = encode_test_episode(segmenter)
     rng = np.random.default_rng(6)
     frames = []
     for height, width in ((37, 61), (70, 30)):
@@ -439,7 +446,7 @@ def test_backend_options_are_checked(exported) -> None:
         with pytest.raises(EngineError, match="device='cuda' was asked.*onnxruntime-gpu"):
             Segmenter.load(engine_dir, device="cuda")
     auto = Segmenter.load(engine_dir)
-    assert auto.backend_name == "onnxruntime-cpu" and auto.precision == "fp32"
+    assert auto.backend_name == AUTO_BACKEND and auto.precision == "fp32"  # FP32-only export
     assert (auto.way, auto.input_size, auto.max_batch) == (2, 48, 4)
     assert len(auto.engine_id) == 64
 
