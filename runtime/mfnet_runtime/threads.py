@@ -17,6 +17,7 @@ import argparse
 import os
 from dataclasses import dataclass
 
+from . import options
 from .errors import RuntimeInputError
 
 
@@ -68,6 +69,6 @@ def thread_policy(requested: int | None = None, workers: int = 0,
 def add_threads_argument(parser: argparse.ArgumentParser) -> None:
     """``--threads N``: the intra-op thread count; default from the free cores."""
     parser.add_argument(
-        "--threads", type=int, default=None, metavar="N",
+        "--threads", type=options.integer(minimum=1), default=None, metavar="N",
         help="intra-op threads of the inference / training library (default: the cores free "
              "to this process, i.e. its CPU affinity minus the data-loader workers, at least 1)")
