@@ -3,10 +3,11 @@
 Segment your own images, image folders, videos or camera frames with a training checkpoint
 (PyTorch), the twin of ``python -m mfnet_runtime segment`` for exported engines. The support set
 is the same SPEC (``docs/support_spec.md``), read by the runtime package's loader, and the
-sources, outputs, progress bar and report are the runtime's too; only the model runs here, in
-PyTorch. Frames and support images are fitted to the checkpoint's input size as in evaluation
-(``TestResize``: longer side to the input size, aspect kept, bottom/right padded; masks nearest)
-and the labels are mapped back to each frame's own size.
+sources, outputs, frame pipeline, progress bar and report are the runtime's too
+(``mfnet_runtime.pipeline``); only the model runs here, in PyTorch. Frames and support images
+are fitted to the checkpoint's input size with the runtime's geometry (``mfnet_runtime.images``,
+the one evaluation's ``TestResize`` uses: longer side to the input size, aspect kept,
+bottom/right padded; masks nearest) and the labels are mapped back to each frame's own size.
 
 The runtime package (with OpenCV for videos) is installed with ``mfnet`` (``pip install -e .``).
 """
@@ -20,14 +21,20 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from mfnet_runtime.images import Geometry, restore_labels, restore_smooth
+from mfnet_runtime import options
+from mfnet_runtime.images import fit
+from mfnet_runtime.pipeline import add_io_arguments, run_and_report
+from mfnet_runtime.spec import load_support_spec
+from PIL import Image
 
-from .data.transforms import TestResize
+from .data.transforms import check_pair
+from .errors import mfnet_command
 from .model.mfnet import MFNet
 from .model.support import SupportCache
 from .threads import set_torch_threads
 from .training.checkpoint import model_from_checkpoint
 from .training.loop import resolve_device
+
 
 @dataclass(frozen=True)
 class TorchSupport:
@@ -38,24 +45,24 @@ class TorchSupport:
 
 
 class TorchSegmenter:
-    """The runtime's segmenter interface (``prepare_frames``, ``decode_prepared``,
-    ``restore_labels``) over a PyTorch ``MFNet``, so the runtime's video pipeline drives it."""
+    """A PyTorch ``MFNet`` behind the runtime pipeline's ``FrameSegmenter`` protocol
+    (``input_size``, ``resize`` and the decoder on prepared frames), so the runtime's frame
+    pipeline fits the frames, drives the model and maps the labels back."""
 
     def __init__(self, model: MFNet, resize_mode: str, device: torch.device) -> None:
         self.model = model.to(device).eval()
         self.device = device
         self.way = model.way
         self.input_size = model.config.image_size
-        self.resize = TestResize(self.input_size, resize_mode)
+        self.resize = resize_mode  # "pad" | "stretch", the checkpoint's test resize
 
-    def _fit(self, image: np.ndarray, label: np.ndarray | None = None
-             ) -> tuple[np.ndarray, np.ndarray]:
-        """image uint8 [H, W, 3] RGB (+ label uint8 [H, W]) -> [S, S, 3] (+ [S, S], pad 255)."""
-        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-            raise ValueError(f"images must be uint8 [H, W, 3], got {image.dtype} {image.shape}")
-        if label is None:
-            label = np.zeros(image.shape[:2], np.uint8)
-        return self.resize(np.ascontiguousarray(image), np.ascontiguousarray(label))
+    def _fit(self, image: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """image uint8 [H, W, 3] RGB + mask uint8 [H, W] -> [S, S, 3] + [S, S], as the
+        runtime fits support shots (``images.fit``: bilinear / nearest, zero padding)."""
+        check_pair(image, mask)
+        fitted, _ = fit(image, self.input_size, self.resize, Image.Resampling.BILINEAR)
+        fitted_mask, _ = fit(mask, self.input_size, self.resize, Image.Resampling.NEAREST)
+        return fitted, fitted_mask
 
     def encode_support(self, classes: Mapping[str, Sequence[tuple[np.ndarray, np.ndarray]]]
                        ) -> TorchSupport:
@@ -82,19 +89,6 @@ class TorchSegmenter:
         # The decoder reads only the prototypes: the K = 1 view of them is a complete cache.
         return TorchSupport(tuple(classes), SupportCache(stacked[:, :, None, :], stacked))
 
-    def prepare_frames(self, frames: Sequence[np.ndarray], color: str = "rgb"
-                       ) -> tuple[np.ndarray, list[Geometry]]:
-        """frames uint8 [H, W, 3] in ``color`` order -> (uint8 [B, S, S, 3] RGB, geometries
-        (orig_h, orig_w, content_h, content_w), the runtime's)."""
-        batch, geometry = [], []
-        for frame in frames:
-            frame = frame[..., ::-1] if color == "bgr" else frame
-            fitted, _ = self._fit(frame)
-            height, width = self.resize.resized_shape(*frame.shape[:2])
-            batch.append(fitted)
-            geometry.append((frame.shape[0], frame.shape[1], height, width))
-        return np.stack(batch), geometry
-
     def _logits(self, batch: np.ndarray, support: TorchSupport) -> torch.Tensor:
         """uint8 [B, S, S, 3] RGB -> logits float32 [B, N+1, S, S]."""
         query = torch.from_numpy(batch).to(self.device).permute(0, 3, 1, 2).float() / 255.0
@@ -113,53 +107,35 @@ class TorchSegmenter:
             labels = logits.argmax(dim=1).to(torch.uint8).cpu().numpy()
             return labels, logits.softmax(dim=1).float().cpu().numpy()
 
-    def restore_labels(self, labels: np.ndarray, geometry: Geometry) -> np.ndarray:
-        """labels uint8 [S, S] -> uint8 [H, W] at the frame's size (crop the padding, nearest)."""
-        return restore_labels(labels, geometry)
 
-    def restore_smooth(self, probabilities: np.ndarray, geometry: Geometry) -> np.ndarray:
-        """float32 [N+1, S, S] -> uint8 [H, W]: bilinear upsampling, then the argmax."""
-        return restore_smooth(probabilities, geometry)
-
-
-def _runtime_modules():
-    """The runtime package's SPEC loader and command-line helpers (one definition of each)."""
-    from mfnet_runtime import cli, spec
-
-    return cli, spec
-
-
-def build_parser(cli) -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of ``python -m mfnet.predict``: the checkpoint, the SPEC, the runtime's
+    input/output options and the device."""
     parser = argparse.ArgumentParser(prog="python -m mfnet.predict", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, type=cli.options.file_path,
+    parser.add_argument("--checkpoint", required=True, type=options.file_path,
                         help="checkpoint written by mfnet.train")
     parser.add_argument("--support", required=True, metavar="SPEC",
                         help="support set: a folder with one sub-folder of images and "
                              "<image>.mask.png masks per class, or a JSON file "
                              "(docs/support_spec.md); as many classes as the checkpoint's way")
-    cli.add_io_arguments(parser)
+    add_io_arguments(parser)
     parser.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda' or 'cuda:N'")
     return parser
 
 
+@mfnet_command()
 def main(argv: list[str] | None = None) -> int:
-    cli, spec = _runtime_modules()
-    from .errors import mfnet_command  # the boundary is the runtime's: imported once it is known
-
-    return mfnet_command()(_predict)(cli, spec, argv)
-
-
-def _predict(cli, spec, argv: list[str] | None) -> int:
-    args = build_parser(cli).parse_args(argv)
+    """Parse ``argv``, encode the SPEC with the checkpoint, segment SRC; the exit code."""
+    args = build_parser().parse_args(argv)
     device = resolve_device(args.device)
     print(set_torch_threads(args.threads).describe())
     model, config = model_from_checkpoint(args.checkpoint, map_location=device)
     segmenter = TorchSegmenter(model, config.data.test_resize, device)
-    support = segmenter.encode_support(spec.load_support_spec(args.support))
+    support = segmenter.encode_support(load_support_spec(args.support))
     print(f"support: {len(support.class_names)} classes ({', '.join(support.class_names)}) "
           f"from {args.support}")
-    return cli.run_and_report(segmenter, support, args, f"pytorch ({device})")
+    return run_and_report(segmenter, support, args, f"pytorch ({device})")
 
 
 if __name__ == "__main__":

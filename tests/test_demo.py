@@ -21,6 +21,7 @@ pytest.importorskip("onnxruntime")
 from mfnet_runtime import Segmenter, cli  # noqa: E402
 from mfnet_runtime.demo import LOOKS, write_demo  # noqa: E402
 from mfnet_runtime.overlay import overlay  # noqa: E402
+from mfnet_runtime.progress import Progress  # noqa: E402
 from mfnet_runtime.spec import load_support_spec  # noqa: E402
 
 
@@ -193,7 +194,7 @@ def test_smooth_leaves_frames_at_network_size_alone(segmenter, demo_dir) -> None
 
 def test_progress_without_a_terminal_writes_whole_lines() -> None:
     stream = io.StringIO()  # not a terminal
-    progress = cli.Progress(5, "segmenting", stream=stream)
+    progress = Progress(5, "segmenting", stream=stream)
     for _ in range(5):
         progress.update()
     progress.close()
@@ -202,7 +203,7 @@ def test_progress_without_a_terminal_writes_whole_lines() -> None:
     lines = text.splitlines()
     assert lines[0] == "segmenting: 1/5 frames" and lines[-1] == "segmenting: 5/5 frames"
     endless = io.StringIO()
-    progress = cli.Progress(None, "segmenting", stream=endless)
+    progress = Progress(None, "segmenting", stream=endless)
     for _ in range(3):
         progress.update()
     progress.close()  # the final count is written even within the rate limit

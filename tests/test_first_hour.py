@@ -187,7 +187,7 @@ def test_every_readme_command_parses(capsys) -> None:
     parsers = {
         "-m mfnet.evaluate": lambda: evaluate_cli.build_parser(),
         "-m mfnet_runtime": cli.build_parser,
-        "-m mfnet.predict": lambda: predict.build_parser(cli),
+        "-m mfnet.predict": predict.build_parser,
     }
     checked = 0
     for target in filter(None, map(python_target, readme_commands())):

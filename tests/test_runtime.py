@@ -270,7 +270,7 @@ def test_add_shot_encodes_one_shot_and_equals_reencoding(segmenter2, monkeypatch
     encoder = segmenter2._backend.run_support_encoder
     monkeypatch.setattr(segmenter2._backend, "run_support_encoder",
                         lambda images, masks: calls.append(len(images)) or encoder(images, masks))
-    grown = first.add_shot("a", *shot(12, box=(0, 30, 0, 30)))
+    grown = segmenter2.add_shot(first, "a", *shot(12, box=(0, 30, 0, 30)))
     assert calls == [1]  # the backbone ran on the new shot only
     monkeypatch.undo()
     whole = segmenter2.encode_support({"a": [shot(10), shot(12, box=(0, 30, 0, 30))],
@@ -292,7 +292,7 @@ def test_remove_class_then_add_a_class(segmenter2) -> None:
         segmenter2.segment(shot(0)[0], only_b)
     with pytest.raises(RuntimeInputError, match="no class 'z'"):
         support.remove_class("z")
-    grown = only_b.add_shot("c", *shot(23))
+    grown = segmenter2.add_shot(only_b, "c", *shot(23))
     assert grown.class_names == ("b", "c") and grown.shot_counts == (2, 1)
     fresh = segmenter2.encode_support({"b": [shot(21), shot(22)], "c": [shot(23)]})
     np.testing.assert_allclose(grown.prototypes, fresh.prototypes, atol=1e-6)
@@ -304,7 +304,7 @@ def test_save_load_round_trip_and_foreign_sets(segmenter2, exported, tmp_path) -
     path = tmp_path / "sets" / "pets.npz"
     support.save(path)
     assert path.is_file() and not list(path.parent.glob(".*tmp"))
-    loaded = SupportSet.load(path, segmenter=segmenter2)
+    loaded = segmenter2.load_support(path)
     assert loaded.class_names == ("cat", "dog") and loaded.engine_id == segmenter2.engine_id
     for a, b in zip(loaded.shot_features, support.shot_features):
         np.testing.assert_array_equal(a, b)
@@ -312,22 +312,54 @@ def test_save_load_round_trip_and_foreign_sets(segmenter2, exported, tmp_path) -
     frame = scene_frame(33)
     assert_labels_vary([segmenter2.segment(frame, support)])
     assert np.array_equal(segmenter2.segment(frame, loaded), segmenter2.segment(frame, support))
-    assert loaded.add_shot("dog", *shot(34)).shot_counts == (2, 2)
-    detached = SupportSet.load(path)
-    with pytest.raises(RuntimeInputError, match=r"SupportSet.load\(path, segmenter="):
-        detached.add_shot("dog", *shot(34))
+    assert segmenter2.add_shot(loaded, "dog", *shot(34)).shot_counts == (2, 2)
+    detached = SupportSet.load(path)  # no engine check: any segmenter of these engines takes it
+    assert segmenter2.add_shot(detached, "dog", *shot(34)).shot_counts == (2, 2)
     # sets encoded by other engines are refused, on load and on use
     other = Segmenter.load(exported(1)[0], backend="onnxruntime", device="cpu")
     foreign = other.encode_support({"x": [shot(35)]})
     foreign.save(tmp_path / "foreign.npz")
     with pytest.raises(RuntimeInputError, match="encoded by other engines"):
-        SupportSet.load(tmp_path / "foreign.npz", segmenter=segmenter2)
+        segmenter2.load_support(tmp_path / "foreign.npz")
+    with pytest.raises(RuntimeInputError, match="encoded by other engines"):
+        segmenter2.add_shot(SupportSet.load(tmp_path / "foreign.npz"), "x", *shot(36))
     forged = SupportSet(support.class_names, support.shot_features, support.prototypes, "0" * 64)
     with pytest.raises(RuntimeInputError, match="encoded by other engines"):
         segmenter2.segment(frame, forged)
     (tmp_path / "junk.npz").write_bytes(b"not a zip")
     with pytest.raises(RuntimeInputError, match="not a readable support set"):
         SupportSet.load(tmp_path / "junk.npz")
+
+
+def test_segmenter_grows_and_loads_a_support_set_built_from_arrays(segmenter2, tmp_path) -> None:
+    """A ``SupportSet`` is data: one rebuilt from plain arrays (no segmenter involved) is grown
+    and reloaded by the segmenter exactly like the one it encoded; other engine ids are
+    refused by both operations."""
+    encoded = segmenter2.encode_support({"a": [shot(40)], "b": [shot(41), shot(42)]})
+    rebuilt = SupportSet(encoded.class_names, [np.array(f) for f in encoded.shot_features],
+                         np.array(encoded.prototypes), segmenter2.engine_id)
+    grown = segmenter2.add_shot(rebuilt, "a", *shot(43))
+    expected = segmenter2.add_shot(encoded, "a", *shot(43))
+    assert grown.shot_counts == expected.shot_counts == (2, 2)
+    np.testing.assert_array_equal(grown.prototypes, expected.prototypes)
+    np.testing.assert_array_equal(grown.prototypes[1], rebuilt.prototypes[1])  # b untouched
+    added = segmenter2.add_shot(rebuilt.remove_class("a"), "c", *shot(44))
+    assert added.class_names == ("b", "c") and added.shot_counts == (2, 1)
+    path = tmp_path / "rebuilt.npz"
+    grown.save(path)
+    loaded = segmenter2.load_support(path)
+    np.testing.assert_array_equal(loaded.prototypes, grown.prototypes)
+    frame = scene_frame(45)
+    assert np.array_equal(segmenter2.segment(frame, loaded), segmenter2.segment(frame, grown))
+    stranger = SupportSet(rebuilt.class_names, rebuilt.shot_features, rebuilt.prototypes,
+                          "f" * 64)
+    stranger.save(tmp_path / "stranger.npz")
+    with pytest.raises(RuntimeInputError, match="stranger.npz was encoded by other engines"):
+        segmenter2.load_support(tmp_path / "stranger.npz")
+    with pytest.raises(RuntimeInputError, match="encoded by other engines"):
+        segmenter2.add_shot(stranger, "a", *shot(43))
+    with pytest.raises(RuntimeInputError, match="expected a SupportSet"):
+        segmenter2.add_shot({"a": [shot(43)]}, "a", *shot(43))
 
 
 # -------------------------------------------------------------------------------- bad inputs

@@ -28,7 +28,8 @@ from mfnet_runtime import Segmenter, cli  # noqa: E402
 from mfnet_runtime.errors import RuntimeInputError  # noqa: E402
 from mfnet_runtime.overlay import PALETTE, overlay  # noqa: E402
 from mfnet_runtime.spec import SupportSpecError, load_support_spec  # noqa: E402
-from mfnet_runtime.video import open_source, segment_video  # noqa: E402
+from mfnet_runtime.pipeline import segment_video  # noqa: E402
+from mfnet_runtime.video import open_source  # noqa: E402
 from tests.runtime_fixtures import assert_labels_vary  # noqa: E402
 
 WIDTH, HEIGHT, FRAMES, FPS = 64, 48, 30, 12.0
@@ -429,9 +430,10 @@ def test_predict_matches_the_runtime(engines, spec_dir, tmp_path, capsys) -> Non
 
 def test_predict_twin_agrees_with_the_runtime_before_the_argmax(engines, segmenter,
                                                                 spec_dir) -> None:
-    """Beyond equal label maps: the fitted inputs exactly, the prototypes and probabilities as
-    floats."""
+    """Beyond equal label maps: the fitted inputs exactly (the pipeline fits frames for both,
+    and that fit is evaluation's ``TestResize``), the prototypes and probabilities as floats."""
     torch = pytest.importorskip("torch")
+    from mfnet.data.transforms import TestResize
     from mfnet.training.checkpoint import model_from_checkpoint
     from mfnet_runtime.images import restore_probabilities
 
@@ -442,14 +444,18 @@ def test_predict_twin_agrees_with_the_runtime_before_the_argmax(engines, segment
     np.testing.assert_allclose(torch_support.cache.prototypes[0].numpy(),
                                onnx_support.prototypes, rtol=1e-4, atol=1e-5)
     frames = [scene(2, 64, 48), scene(9, 40, 56), scene(5, 48, 48)]
-    torch_batch, torch_geometry = twin.prepare_frames(frames)
+    evaluation = TestResize(twin.input_size, twin.resize)
+    torch_batch = np.stack([evaluation(f, np.zeros(f.shape[:2], np.uint8))[0] for f in frames])
     onnx_batch, onnx_geometry = segmenter.prepare_frames(frames)
     np.testing.assert_array_equal(torch_batch, onnx_batch)  # resize and padding are the same
     with torch.inference_mode():
         query = torch.from_numpy(torch_batch).permute(0, 3, 1, 2).float() / 255.0
         probabilities = torch.softmax(model.decode_query(query, torch_support.cache), 1).numpy()
+        _, twin_probabilities = twin.decode_with_probabilities(onnx_batch, torch_support)
+    np.testing.assert_array_equal(twin_probabilities, probabilities)
     for i, frame in enumerate(frames):
-        assert tuple(torch_geometry[i]) == tuple(onnx_geometry[i])  # the runtime's Geometry
+        height, width = frame.shape[:2]
+        assert onnx_geometry[i] == (height, width, *evaluation.resized_shape(height, width))
         np.testing.assert_allclose(restore_probabilities(probabilities[i], onnx_geometry[i]),
                                    segmenter.probabilities(frame, onnx_support),
                                    rtol=1e-4, atol=1e-5)

@@ -9,12 +9,14 @@ values after a transform is a subset of the values before, plus 255.
 - ``TrainAugment``: the PFENet training recipe (random scale, rotation, Gaussian blur, mirror,
   random crop) that the paper's "random crop, rotation and mirror" refers to.
 - ``TestResize``: "pad" = PFENet test resizing (longer side to S, aspect kept, bottom/right padded);
-  "stretch" = PANet (S x S, aspect ratio ignored).
+  "stretch" = PANet (S x S, aspect ratio ignored). Its geometry is the runtime's
+  (``mfnet_runtime.images.content_shape``), so exported engines fit frames as evaluation does.
 """
 
 from __future__ import annotations
 
 import numpy as np
+from mfnet_runtime.images import content_shape
 from PIL import Image, ImageFilter
 
 IGNORE_INDEX = 255
@@ -176,13 +178,7 @@ class TestResize:
 
     def resized_shape(self, height: int, width: int) -> tuple[int, int]:
         """(h, w) of the resized content before padding, for an input of height x width."""
-        if self.mode == "stretch":
-            return self.size, self.size
-        longer = max(height, width)
-        # Integer arithmetic: the longer side is exactly ``size`` (before the multiple floor).
-        h, w = height * self.size // longer, width * self.size // longer
-        m = self.multiple
-        return max(m, h // m * m), max(m, w // m * m)
+        return content_shape(height, width, self.size, self.mode, self.multiple)
 
     def __call__(
         self, image: np.ndarray, label: np.ndarray, rng: np.random.Generator | None = None

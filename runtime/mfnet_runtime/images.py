@@ -13,12 +13,16 @@ normalised to uint8 {0 = background, 1 = object, 255 = ignore}, the support enco
 Fitting to the S x S network input follows the manifest's ``resize``: "pad" scales the longer
 side to S keeping the aspect ratio and places the content top-left on a zero canvas (masks are
 padded with 0); "stretch" resizes to S x S. Images are resized bilinearly, masks and label maps
-with nearest neighbour (PIL), exactly as the evaluation code fits test images.
+with nearest neighbour (PIL). This module owns that geometry (``content_shape``, ``Geometry``):
+the training package's test-time resize (``mfnet.data.transforms.TestResize``) and its PyTorch
+twin command (``mfnet.predict``) use it, so evaluation, export and runtime fit frames alike.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -26,13 +30,12 @@ from PIL import Image, ImageOps
 from .errors import RuntimeInputError
 
 ImageInput = np.ndarray | str | Path
-# (orig_h, orig_w, content_h, content_w): where a frame's content sits in the S x S input.
-Geometry = tuple[int, int, int, int]
 COLORS = ("rgb", "bgr")
 _HIGH_DEPTH_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I", "F"}
 
 
 def check_color(color: str) -> str:
+    """``color`` lower-cased ("rgb" | "bgr"), or a ``RuntimeInputError``."""
     if not isinstance(color, str) or color.lower() not in COLORS:
         raise RuntimeInputError(f"color must be 'rgb' or 'bgr' (OpenCV frames), got {color!r}")
     return color.lower()
@@ -68,6 +71,7 @@ def read_image_file(path: str | Path, what: str = "image") -> np.ndarray:
 
 
 def _depth_hint(dtype: np.dtype) -> str:
+    """How to convert an image of ``dtype`` to uint8 (for the refusal's message)."""
     if np.issubdtype(dtype, np.floating):
         return ("float images are refused (their range is ambiguous); for values in [0, 1] "
                 "convert with (np.clip(image, 0, 1) * 255).round().astype(np.uint8)")
@@ -147,13 +151,30 @@ def as_mask_array(mask: np.ndarray | str | Path, what: str = "mask") -> np.ndarr
     )
 
 
-def content_shape(height: int, width: int, size: int, mode: str) -> tuple[int, int]:
-    """(h, w) of an height x width image fitted into size x size, before padding."""
+class Geometry(NamedTuple):
+    """Where a frame's content sits in the S x S network input: the frame is orig_h x orig_w,
+    its content_h x content_w resized copy sits top-left (the rest is padding)."""
+
+    orig_h: int
+    orig_w: int
+    content_h: int
+    content_w: int
+
+
+def content_shape(height: int, width: int, size: int, mode: str, multiple: int = 1
+                  ) -> tuple[int, int]:
+    """(h, w) of an height x width image fitted into size x size, before padding.
+
+    "stretch": (size, size). "pad": the longer side becomes exactly ``size`` and the shorter one
+    floor(short * size / long) (integer arithmetic, as in evaluation); both are then floored to a
+    multiple of ``multiple`` (PFENet's evaluation uses 8; exports and the runtime use 1), and
+    never below it.
+    """
     if mode == "stretch":
         return size, size
     longer = max(height, width)
-    # Integer arithmetic as in evaluation: the longer side becomes exactly ``size``.
-    return max(1, height * size // longer), max(1, width * size // longer)
+    h, w = height * size // longer, width * size // longer
+    return max(multiple, h // multiple * multiple), max(multiple, w // multiple * multiple)
 
 
 def fit(array: np.ndarray, size: int, mode: str, resample: Image.Resampling
@@ -176,7 +197,21 @@ def prepare_image(image: ImageInput, size: int, mode: str, color: str = "rgb",
     fitted, (h, w) = fit(array, size, mode, Image.Resampling.BILINEAR)
     if bgr:  # after resizing: the flip then touches size x size pixels only
         fitted = np.ascontiguousarray(fitted[:, :, ::-1])
-    return fitted, (array.shape[0], array.shape[1], h, w)
+    return fitted, Geometry(array.shape[0], array.shape[1], h, w)
+
+
+def prepare_frames(frames: Sequence[ImageInput], size: int, mode: str, color: str = "rgb"
+                   ) -> tuple[np.ndarray, list[Geometry]]:
+    """Frames of any sizes -> (uint8 [B, size, size, 3] RGB network input, one geometry each).
+
+    numpy and PIL only, so it may run in another thread (e.g. a video decode thread).
+    """
+    batch = np.empty((len(frames), size, size, 3), np.uint8)
+    geometry = []
+    for i, frame in enumerate(frames):
+        batch[i], shape = prepare_image(frame, size, mode, color, what=f"frame {i}")
+        geometry.append(shape)
+    return batch, geometry
 
 
 def restore_labels(labels: np.ndarray, geometry: Geometry) -> np.ndarray:

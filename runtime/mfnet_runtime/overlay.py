@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+from PIL import Image, ImageDraw, ImageFont
 
 # RGB colour of label i (label 0, background, is never painted). Distinct, saturated colours;
 # labels beyond the table reuse it cyclically.
@@ -104,8 +105,6 @@ def draw_legend(image: np.ndarray, class_names: Sequence[str]) -> np.ndarray:
             cv2.putText(image, name, (text_x, baseline), cv2.FONT_HERSHEY_SIMPLEX, scale,
                         (255, 255, 255), thickness, cv2.LINE_AA)
         return image
-    from PIL import Image, ImageDraw
-
     canvas = Image.fromarray(image)
     draw = ImageDraw.Draw(canvas)
     for i, name in enumerate(class_names):
@@ -116,8 +115,6 @@ def draw_legend(image: np.ndarray, class_names: Sequence[str]) -> np.ndarray:
 
 def _pil_font(size: int):
     """DejaVu Sans (wide Unicode coverage) when the system has it, else Pillow's own font."""
-    from PIL import ImageFont
-
     try:
         return ImageFont.truetype("DejaVuSans.ttf", size)
     except OSError:
@@ -129,6 +126,7 @@ def _pil_font(size: int):
 
 
 def _optional_cv2():
+    """OpenCV, or None when it is not installed (an optional dependency, imported on use)."""
     try:
         import cv2
     except ImportError:

@@ -6,14 +6,19 @@ Typical use::
     support = segmenter.encode_support({"cat": [(image, mask)], "dog": [(image2, mask2)]})
     labels = segmenter.segment(frame, support)                # uint8 [H, W]: 0 = background,
                                                                # 1 = cat, 2 = dog
+    support = segmenter.add_shot(support, "dog", image3, mask3)  # encodes the new shot only
+
 The support set is encoded once and reused for every frame; only the query decoder runs per
 frame. Frames are fitted to the network's S x S input as the manifest says (``resize``), the
 decoder returns labels at S x S, and ``restore_labels`` maps them back to the frame's size.
+Support sets are plain data (``support.SupportSet``); every operation on them that runs an
+engine or checks that it matches these engines is a method here.
 """
 
 from __future__ import annotations
 
 import logging
+from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -26,13 +31,14 @@ from .images import (
     Geometry,
     ImageInput,
     check_color,
-    prepare_image,
+    prepare_frames,
     restore_labels,
     restore_probabilities,
     restore_smooth,
 )
 from .manifest import Manifest, read_manifest
-from .support import SupportSet, aggregate_prototypes, prepare_shot
+from .shots import prepare_shot
+from .support import SupportSet
 from .threads import thread_policy
 
 logger = logging.getLogger("mfnet_runtime")
@@ -137,13 +143,36 @@ class Segmenter:
                 shots.append((name, k, pair[0], pair[1]))
             names.append(name)
             counts.append(len(pairs))
-        features = self.encode_shots(shots, color)
+        features = self._encode_shots(shots, color)
         per_class = np.split(features, np.cumsum(counts)[:-1])
-        return SupportSet(tuple(names), tuple(per_class), self.aggregate(per_class, names),
-                          self.engine_id, self)
+        return SupportSet(tuple(names), tuple(per_class), self._aggregate(per_class, names),
+                          self.engine_id)
 
-    def encode_shots(self, shots: Sequence[tuple[str, int, ImageInput, Any]],
-                     color: str = "rgb") -> np.ndarray:
+    def add_shot(self, support: SupportSet, name: str, image: ImageInput, mask: Any,
+                 color: str = "rgb") -> SupportSet:
+        """A new set: ``support`` with one more shot of class ``name`` (a new name adds a class
+        at the end).
+
+        Only the new shot goes through the support encoder; only its class is re-aggregated.
+        image: uint8 [H, W, 3] RGB (``color="bgr"`` for OpenCV) or a file path; mask: [H, W]
+        bool / {0, 1} / {0, 255} / {0, 1, 255} or a file path.
+        """
+        self.check_engine(support)
+        known = name in support.class_names
+        previous = (support.shot_features[support.class_names.index(name)] if known
+                    else np.zeros((0, self.channels), np.float32))  # [K, C]
+        new = self._encode_shots([(name, previous.shape[0], image, mask)], color)  # [1, C]
+        features = np.concatenate([previous, new])  # [K + 1, C]
+        return support.with_class(name, features, self._aggregate([features], [name])[0])
+
+    def load_support(self, path: str | Path) -> SupportSet:
+        """Read a set written by ``SupportSet.save``; refuse one encoded by other engines."""
+        support = SupportSet.load(path)
+        self.check_engine(support, source=str(path))
+        return support
+
+    def _encode_shots(self, shots: Sequence[tuple[str, int, ImageInput, Any]],
+                      color: str = "rgb") -> np.ndarray:
         """(class name, shot index, image, mask) shots -> float32 [len(shots), C] features.
 
         Every shot is checked before any is encoded; the encoder runs in chunks of its limit.
@@ -164,12 +193,34 @@ class Segmenter:
             return np.zeros((0, self.channels), np.float32)
         return np.concatenate(chunks).astype(np.float32, copy=False)
 
-    def aggregate(self, features: Sequence[np.ndarray], names: Sequence[str] | None = None
-                  ) -> np.ndarray:
-        """Per-class shot features [K_n, C] -> prototypes float32 [len(features), C]."""
-        labels = list(names) if names is not None else [f"#{i}" for i in range(len(features))]
-        return aggregate_prototypes(self._backend.run_aggregator, list(features), self.way,
-                                    self._min_shots, self._backend.max_shots, labels)
+    def _aggregate(self, features: Sequence[np.ndarray], names: Sequence[str]) -> np.ndarray:
+        """Per-class shot features [K_n, C] -> prototypes float32 [len(features), C].
+
+        The aggregator graph takes [way, K, C] and treats each row on its own (A_S relates the
+        shots of one class only), so classes are grouped by K and a group fills the rows,
+        padded with copies of its first class. Classes with fewer than ``min_shots`` shots
+        (K = 1 when the general graph needs 2) go to the single-shot graph.
+        """
+        max_shots = self._backend.max_shots
+        channels = features[0].shape[1] if len(features) else self.channels
+        prototypes = np.empty((len(features), channels), np.float32)
+        groups: dict[int, list[int]] = defaultdict(list)
+        for index, shots in enumerate(features):
+            if shots.shape[0] > max_shots:
+                raise RuntimeInputError(
+                    f"class {names[index]!r} has {shots.shape[0]} shots; the engines take at "
+                    f"most {max_shots} per class (an export limit: re-export with a larger "
+                    "--max-shots)")
+            groups[shots.shape[0]].append(index)
+        for count, members in groups.items():
+            single = count < self._min_shots
+            for start in range(0, len(members), self.way):
+                chunk = members[start:start + self.way]
+                padding = [features[chunk[0]]] * (self.way - len(chunk))
+                rows = [features[i] for i in chunk] + padding
+                stacked = np.ascontiguousarray(np.stack(rows), dtype=np.float32)  # [way, K, C]
+                prototypes[chunk] = self._backend.run_aggregator(stacked, single)[:len(chunk)]
+        return prototypes
 
     def check_engine(self, support: SupportSet, source: str = "this support set") -> None:
         """Refuse a support set encoded by other engines (other weights)."""
@@ -183,6 +234,7 @@ class Segmenter:
                 "nothing to this decoder; encode the support images again with this segmenter")
 
     def _check_way(self, count: int, names: Sequence[str]) -> None:
+        """Refuse a number of support classes other than the engines' way."""
         if count != self.way:
             raise RuntimeInputError(
                 f"{count} support classes given ({', '.join(map(repr, names)) or 'none'}) but "
@@ -203,16 +255,11 @@ class Segmenter:
         if isinstance(frames, (np.ndarray, str, Path)):
             raise RuntimeInputError("prepare_frames takes a list of frames; wrap a single "
                                     "frame in a list")
-        size = self.input_size
-        batch = np.empty((len(frames), size, size, 3), np.uint8)
-        geometry = []
-        for i, frame in enumerate(frames):
-            batch[i], shape = prepare_image(frame, size, self.resize, color, what=f"frame {i}")
-            geometry.append(shape)
-        return batch, geometry
+        return prepare_frames(frames, self.input_size, self.resize, color)
 
     def _decode(self, batch: np.ndarray, support: SupportSet, with_probabilities: bool
                 ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Checked prepared frames -> (labels [B, S, S], probabilities [B, N+1, S, S] or None)."""
         size = self.input_size
         if (not isinstance(batch, np.ndarray) or batch.dtype != np.uint8
                 or batch.shape[1:] != (size, size, 3) or batch.ndim != 4):

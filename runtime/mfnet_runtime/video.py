@@ -1,9 +1,5 @@
-"""Frame sources (video file, image folder, image, camera, arrays), a threaded segmentation
-pipeline, and the writers of its results (overlay video, or label and overlay PNGs).
-
-Decoding and ``prepare_frames`` (resize and pad to the engine's input) run in a background
-thread that feeds a bounded queue, so the accelerator is not kept waiting on the decoder and
-memory stays flat however long the video: at most ``queue_size`` prepared batches are in flight.
+"""Frame sources (video file, image folder, image, camera, arrays) and the writers of
+segmented frames (overlay video, or label and overlay PNGs); ``pipeline`` runs between them.
 
 OpenCV is needed only for video files, cameras and video output (``pip install
 'mfnet-runtime[video]'``); image folders and PNG output work without it. Every frame leaving
@@ -13,9 +9,6 @@ this module is uint8 [H, W, 3] RGB.
 from __future__ import annotations
 
 import io
-import itertools
-import queue
-import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,8 +19,8 @@ from PIL import Image
 
 from .atomic import atomic_write_bytes
 from .errors import RuntimeInputError, require
-from .overlay import overlay
 from .images import read_image_file
+from .overlay import overlay
 from .spec import IMAGE_EXTENSIONS, is_image_file
 
 VIDEO_OUTPUT_EXTENSIONS = (".mp4", ".avi")
@@ -289,158 +282,3 @@ def open_writer(output: str | Path | None, class_names: tuple[str, ...], fps: fl
             f"without an extension), a video ({', '.join(VIDEO_OUTPUT_EXTENSIONS)}) or, for a "
             f"single input image, a {IMAGE_OUTPUT_EXTENSION} file")
     return FolderWriter(path, class_names, alpha)
-
-
-@dataclass(frozen=True)
-class _Batch:
-    start: int
-    frames: list[np.ndarray]
-    prepared: np.ndarray
-    geometry: list[Any]
-
-
-@dataclass(frozen=True)
-class _Failure:
-    error: BaseException
-
-
-_END = object()
-
-
-def _put(items: queue.Queue, item: object, stop: threading.Event) -> bool:
-    """Put unless asked to stop; False when stopped (the consumer has gone)."""
-    while not stop.is_set():
-        try:
-            items.put(item, timeout=0.05)
-            return True
-        except queue.Full:
-            continue
-    return False
-
-
-def _produce(source: FrameSource, segmenter: Any, batch_size: int, max_frames: int | None,
-             items: queue.Queue, stop: threading.Event) -> None:
-    """Decode thread: read frames, prepare them batch by batch, feed the queue; owns ``source``."""
-    try:
-        start, batch = 0, []
-        for frame in itertools.islice(source.frames(), max_frames):
-            if stop.is_set():
-                break
-            batch.append(frame)
-            if len(batch) == batch_size:
-                prepared, geometry = segmenter.prepare_frames(batch, color="rgb")
-                if not _put(items, _Batch(start, batch, prepared, list(geometry)), stop):
-                    return
-                start, batch = start + len(batch), []
-        if batch and not stop.is_set():
-            prepared, geometry = segmenter.prepare_frames(batch, color="rgb")
-            if not _put(items, _Batch(start, batch, prepared, list(geometry)), stop):
-                return
-        _put(items, _END, stop)
-    except BaseException as error:  # noqa: BLE001 - handed to the consumer, re-raised there
-        _put(items, _Failure(error), stop)
-    finally:
-        source.close()
-
-
-def segment_video(
-    segmenter: Any,
-    source: Any,
-    support: Any,
-    output: str | Path | None = None,
-    *,
-    batch_size: int = 1,
-    color: str = "rgb",
-    max_frames: int | None = None,
-    fps: float | None = None,
-    alpha: float = 0.5,
-    queue_size: int = 4,
-    smooth: bool = False,
-) -> Iterator[FrameResult]:
-    """Segment every frame of ``source`` with ``support``; yield ``FrameResult`` s in order.
-
-    Args:
-        segmenter: a ``Segmenter`` (anything with ``prepare_frames``, ``decode_prepared`` and
-            ``restore_labels``, e.g. ``mfnet.predict``'s PyTorch twin).
-        source: see ``open_source``: video path, image folder, image path, camera index,
-            iterable of uint8 [H, W, 3] arrays (in ``color`` order), or a ``FrameSource``.
-        support: the encoded support set (its ``class_names`` label the legend).
-        output: None; a .mp4/.avi path (overlay video, the source's fps, else ``fps``, else 25);
-            or a folder (``<index>.png`` labels and ``<index>_overlay.png`` overlays).
-        batch_size: frames per ``decode_prepared`` call.
-        max_frames: stop after this many frames (cameras never end on their own).
-        alpha: overlay colour weight.
-        queue_size: prepared batches buffered between the decode thread and the engine.
-        smooth: for frames larger than the network input, upsample the class probabilities
-            bilinearly to the frame and take the argmax there (``restore_smooth``), instead
-            of a nearest-neighbour upsampling of the labels, which looks blocky.
-
-    The source and the output are opened before this returns, so bad inputs raise
-    ``RuntimeInputError`` here; errors while decoding are re-raised from the iteration.
-    Stopping the iteration early (``break``, ``close()``) stops the decode thread.
-    """
-    if batch_size < 1 or queue_size < 1:
-        raise RuntimeInputError(f"batch_size and queue_size must be >= 1, got {batch_size}, "
-                                f"{queue_size}")
-    frames = open_source(source, color)
-    try:
-        count = frames.count if max_frames is None else min(max_frames, frames.count or max_frames)
-        writer = open_writer(output, tuple(support.class_names), frames.fps or fps, alpha, count)
-    except BaseException:
-        frames.close()
-        raise
-    return _run(segmenter, frames, support, writer, batch_size, max_frames, queue_size, smooth)
-
-
-def _enlarged(geometry: Any) -> bool:
-    """Whether a frame is larger than its content in the network input (orig > content)."""
-    orig_h, orig_w, content_h, content_w = tuple(geometry)
-    return orig_h > content_h or orig_w > content_w
-
-
-def _decode_batch(segmenter: Any, item: _Batch, support: Any, smooth: bool) -> list[np.ndarray]:
-    """Labels of one prepared batch at each frame's own size (uint8 [H_i, W_i] each)."""
-    if smooth and any(_enlarged(g) for g in item.geometry):
-        # labels [B, S, S], probabilities [B, N+1, S, S]
-        labels, probabilities = segmenter.decode_with_probabilities(item.prepared, support)
-        return [segmenter.restore_smooth(probabilities[i], item.geometry[i])
-                if _enlarged(item.geometry[i]) else
-                segmenter.restore_labels(labels[i], item.geometry[i])
-                for i in range(len(item.frames))]
-    labels = segmenter.decode_prepared(item.prepared, support)  # [B, S, S]
-    return [segmenter.restore_labels(labels[i], item.geometry[i])
-            for i in range(len(item.frames))]
-
-
-def _run(segmenter: Any, source: FrameSource, support: Any, writer: Writer | None,
-         batch_size: int, max_frames: int | None, queue_size: int,
-         smooth: bool) -> Iterator[FrameResult]:
-    items: queue.Queue = queue.Queue(maxsize=queue_size)
-    stop = threading.Event()
-    thread = threading.Thread(target=_produce, name="mfnet-decode", daemon=True,
-                              args=(source, segmenter, batch_size, max_frames, items, stop))
-    thread.start()
-    try:
-        while True:
-            item = items.get()
-            if item is _END:
-                return
-            if isinstance(item, _Failure):
-                raise item.error
-            restored = _decode_batch(segmenter, item, support, smooth)
-            for offset, frame in enumerate(item.frames):
-                index = item.start + offset
-                result = FrameResult(index, frame, restored[offset], source.frame_name(index))
-                if writer is not None:
-                    writer.write(result)
-                yield result
-    finally:
-        stop.set()
-        while not items.empty():  # free buffered batches now, not when the generator dies
-            try:
-                items.get_nowait()
-            except queue.Empty:
-                break
-        thread.join(timeout=10.0)
-        if writer is not None:
-            writer.close()
