@@ -1,4 +1,5 @@
-"""Helpers shared by the benchmark scripts: timing, statistics, versions, device description.
+"""Helpers shared by the benchmarks (bench_inference, bench_ops, bench_runtime): timing,
+statistics, versions, device description, the JSON result file.
 
 Timing rules (DESIGN.md section 6, .library METHOD): warm up first; on CUDA, synchronise before
 each call and time it with CUDA events recorded on the current stream (the host clock is read
@@ -89,6 +90,8 @@ def time_calls(call: Callable[[], object], warmup: int, iterations: int, cuda: b
 
 
 def _nvidia_smi(query: str) -> str | None:
+    """The first GPU's answer to ``nvidia-smi --query-gpu=QUERY``; None if nvidia-smi is
+    missing or fails."""
     if shutil.which("nvidia-smi") is None:
         return None
     try:
@@ -118,6 +121,7 @@ def driver_version() -> str:
 
 
 def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo, else what ``platform`` knows)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -179,9 +183,11 @@ def device_info(device: str) -> dict[str, Any]:
 
 
 def now_utc() -> str:
+    """The current UTC time, ISO 8601 to the second."""
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:
+    """Write ``payload`` to ``path`` as indented JSON (non-JSON values as str), folders created."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2, default=str) + "\n")

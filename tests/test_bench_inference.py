@@ -15,6 +15,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -151,3 +153,18 @@ def test_support_encoding_targets_versions_and_outputs(report) -> None:
     assert "| target | required | measured | status | row |" in markdown
     assert "`full_eager_fp32`" in markdown and "N=2 B=1" in markdown
     assert "not measured: needs CUDA" in markdown
+
+
+def test_script_and_module_forms_are_one_command_line() -> None:
+    """``python benchmarks/bench_inference.py`` (what the READMEs and gpu_check.sh run) and
+    ``python -m benchmarks.inference`` (the package) take the same options."""
+    root = BENCH.parents[1]
+    helps = [subprocess.run([sys.executable, *command, "--help"], capture_output=True,
+                            text=True, cwd=root, timeout=300)
+             for command in ([str(BENCH)], ["-m", "benchmarks.inference"])]
+    for result in helps:
+        assert result.returncode == 0, result.stderr
+    options = [sorted(set(re.findall(r"--[a-z][a-z-]+", r.stdout))) for r in helps]
+    assert options[0] == options[1]
+    assert {"--device", "--variants", "--from-json", "--time-budget-s"} <= set(options[0])
+    assert helps[1].stdout.startswith("usage: python -m benchmarks.inference")
