@@ -22,11 +22,11 @@ import numpy as np
 import torch
 from mfnet_runtime.images import Geometry, restore_labels, restore_smooth
 
+from .checkpoint import model_from_checkpoint
 from .data.transforms import TestResize
 from .model.mfnet import MFNet
 from .model.support import SupportCache
 from .threads import set_torch_threads
-from .training.checkpoint import model_from_checkpoint
 from .training.loop import resolve_device
 
 @dataclass(frozen=True)
