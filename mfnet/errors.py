@@ -6,9 +6,12 @@ packages): the typed errors below print ``error: <message>`` (one line, never th
 load a file with ``weights_only=False``) and exit with code 2; Ctrl-C exits with 130; any other
 exception is a bug and keeps its traceback. ``docs/errors.md`` lists what raises what.
 
-``ValueError`` is on the list because the frozen configs and the models' input checks raise it
-for bad values (the runtime's ``RuntimeInputError`` is one too); ``OSError`` because a file
-that cannot be read or written (missing, a full disk, no permission) is the user's to fix.
+``EngineError`` (the runtime's) covers every artifact problem: an export directory, manifest
+or engine that cannot be used (the artifact format is the runtime's: one reader for both
+packages). ``ValueError`` is on the list because the frozen configs and the models' input
+checks raise it for bad values (the runtime's ``RuntimeInputError`` is one too); ``OSError``
+because a file that cannot be read or written (missing, a full disk, no permission) is the
+user's to fix.
 """
 
 from __future__ import annotations
@@ -18,10 +21,9 @@ from mfnet_runtime.boundary import (
 )
 from mfnet_runtime.errors import EngineError, MissingDependencyError, require
 
+from .checkpoint import CheckpointError
 from .data.errors import DatasetError
-from .export.manifest import ManifestError
 from .model.backbone import WeightsUnavailableError
-from .training.checkpoint import CheckpointError
 from .training.loop import DeviceUnavailable
 
 EXPORT_INSTALL = "pip install 'mfnet[export]'"
@@ -29,8 +31,8 @@ DATA_INSTALL = "pip install 'mfnet[data]'"
 
 # What every mfnet command reports as one line with exit code 2.
 MFNET_ERRORS: tuple[type[BaseException], ...] = (
-    CheckpointError, WeightsUnavailableError, DatasetError, ManifestError, EngineError,
-    DeviceUnavailable, MissingDependencyError, ValueError, OSError,
+    CheckpointError, WeightsUnavailableError, DatasetError, EngineError, DeviceUnavailable,
+    MissingDependencyError, ValueError, OSError,
 )
 
 

@@ -17,8 +17,9 @@ from pathlib import Path
 
 import torch
 from mfnet_runtime import options
+from mfnet_runtime.atomic import atomic_write_bytes
 
-from .atomic import atomic_write_bytes
+from .checkpoint import load_checkpoint, model_from_checkpoint
 from .config import Config, add_config_arguments, overrides_from_args
 from .errors import mfnet_command
 from .evaluation import (
@@ -28,7 +29,6 @@ from .model.baseline import PrototypeBaseline
 from .model.mfnet import MFNet
 from .model.naive import NaiveMultiWay
 from .threads import add_threads_argument, set_torch_threads
-from .training.checkpoint import load_checkpoint, model_from_checkpoint
 from .training.distributed import DistContext
 from .training.loop import resolve_device
 

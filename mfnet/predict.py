@@ -27,12 +27,12 @@ from mfnet_runtime.pipeline import add_io_arguments, run_and_report
 from mfnet_runtime.spec import load_support_spec
 from PIL import Image
 
+from .checkpoint import model_from_checkpoint
 from .data.transforms import check_pair
 from .errors import mfnet_command
 from .model.mfnet import MFNet
 from .model.support import SupportCache
 from .threads import set_torch_threads
-from .training.checkpoint import model_from_checkpoint
 from .training.loop import resolve_device
 
 

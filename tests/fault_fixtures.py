@@ -80,7 +80,8 @@ def valid_manifest() -> dict:
                       "backbone": "small", "mean": [0.485, 0.456, 0.406],
                       "std": [0.229, 0.224, 0.225], "color": "RGB", "resize": "pad",
                       "support_attention": True},
-            "graphs": graphs}
+            "graphs": graphs, "opset": 18, "versions": {"python": "3.12.3", "torch": "2.11.0"},
+            "checkpoint": {"file": "model.pt", "sha256": hashlib.sha256(b"model").hexdigest()}}
 
 
 def write_manifest(directory: Path, manifest: dict) -> Path:

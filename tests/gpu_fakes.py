@@ -562,27 +562,29 @@ def add_fake_engines(engine_dir: Path, gpu: str = "NVIDIA Fake GPU",
                      capability: tuple[int, int] = (9, 0), tensorrt_version: str = "10.9.0",
                      precision: str = "fp32") -> None:
     """Add "engines" (JSON plans for ``FakeTensorRT``) to an export, with the manifest entries
-    the real ``export/to_trt.py`` writes (``mfnet.export.tensorrt``'s own functions)."""
+    the real ``python -m mfnet.export trt`` writes (``mfnet.export.tensorrt``'s own functions)."""
     from mfnet.export import tensorrt as trt_export
-    from mfnet.export.manifest import MANIFEST_NAME, read_manifest, sha256_of, write_json_atomic
+    from mfnet_runtime.manifest import read_manifest, sha256_of, write_manifest
+
+    def tensors(items):
+        return [{"name": t.name, "shape": list(t.shape), "dtype": t.dtype} for t in items]
 
     manifest = read_manifest(engine_dir)
     info = trt_export.GpuInfo(gpu, capability)
     entries = []
-    for graph in manifest["graphs"]:
-        if graph.get("format", "onnx") != "onnx" or graph["precision"] != "fp32":
+    for graph in manifest.graphs:
+        if graph.format != "onnx" or graph.precision != "fp32":
             continue
         shapes = trt_export.profile_shapes(graph)
-        name = trt_export.engine_file_name(graph["role"], precision, info, tensorrt_version,
+        name = trt_export.engine_file_name(graph.role, precision, info, tensorrt_version,
                                            shapes)
-        plan = {"onnx": str(Path(engine_dir) / graph["file"]), "inputs": graph["inputs"],
-                "outputs": graph["outputs"],
+        plan = {"onnx": str(Path(engine_dir) / graph.file), "inputs": tensors(graph.inputs),
+                "outputs": tensors(graph.outputs),
                 "profile": {n: [list(s) for s in shape] for n, shape in shapes.items()}}
         (Path(engine_dir) / name).write_text(json.dumps(plan))
         entries.append(trt_export.engine_entry(graph, name, precision, info, tensorrt_version,
                                                shapes, sha256_of(Path(engine_dir) / name)))
-    write_json_atomic(Path(engine_dir) / MANIFEST_NAME,
-                      trt_export.merge_engine_entries(manifest, entries))
+    write_manifest(trt_export.merge_engine_entries(manifest, entries))
 
 
 # ------------------------------------------------------------------------------ ONNX Runtime

@@ -112,6 +112,5 @@ def export_varied(tmp_dir: str | Path, way: int = 2, shot: int = 1, size: int = 
     checkpoint = tmp_dir / f"varied-{tag}.pt"
     save_checkpoint(checkpoint, {"config": config, "model": model.state_dict()})
     engine_dir = tmp_dir / f"engines-{tag}"
-    manifest = export_onnx(checkpoint, engine_dir, precisions=precisions, limits=LIMITS,
-                           log=lambda _: None)
+    manifest = export_onnx(checkpoint, engine_dir, precisions=precisions, limits=LIMITS)
     return engine_dir, checkpoint, manifest

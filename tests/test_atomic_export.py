@@ -22,12 +22,11 @@ import pytest
 pytest.importorskip("onnxruntime")
 
 from fault_fixtures import disk_full, siblings, snapshot  # noqa: E402
-from mfnet import atomic  # noqa: E402
 from mfnet.export import onnx_export  # noqa: E402
 from mfnet.export import tensorrt as trt_export  # noqa: E402
 from mfnet.export import verify as verify_module  # noqa: E402
 from mfnet.export.onnx_export import ExportError, export_onnx  # noqa: E402
-from mfnet_runtime import Segmenter  # noqa: E402
+from mfnet_runtime import Segmenter, atomic  # noqa: E402
 from runtime_fixtures import LIMITS  # noqa: E402
 from test_tensorrt import H100, fake_tensorrt  # noqa: E402
 
@@ -105,13 +104,12 @@ def test_a_failed_re_export_leaves_the_previous_export(previous, monkeypatch, fa
     if fault == "manifest-write-interrupted":
         def interrupted_write(*args, **kwargs):
             raise KeyboardInterrupt
-        monkeypatch.setattr(onnx_export, "write_json_atomic", interrupted_write)
+        monkeypatch.setattr(onnx_export, "write_manifest", interrupted_write)
     elif fault == "manifest-write-disk-full":
         monkeypatch.setattr(os, "fsync", disk_full)  # the manifest is the durable write
         expected = OSError
     with pytest.raises(expected):
-        export_onnx(checkpoint, target, precisions=("fp32",), limits=LIMITS,
-                    log=lambda _: None)
+        export_onnx(checkpoint, target, precisions=("fp32",), limits=LIMITS)
     assert written and all(path.parent != target for path in written)  # written beside it
     assert_unchanged(target, before)
 
@@ -120,12 +118,11 @@ def test_a_complete_re_export_replaces_the_previous_one(previous, monkeypatch) -
     target, checkpoint, before = previous
     placeholder_graphs(monkeypatch)
     monkeypatch.setattr(verify_module, "verify_export", passing_verification)
-    manifest = export_onnx(checkpoint, target, precisions=("fp32",), limits=LIMITS,
-                           log=lambda _: None)
+    manifest = export_onnx(checkpoint, target, precisions=("fp32",), limits=LIMITS)
     after = snapshot(target)
     assert after != before and siblings(target) == ["engines"]
-    assert set(after) == {g["file"] for g in manifest["graphs"]} | {"manifest.json"}
-    assert all(after[g["file"]].startswith(b"placeholder") for g in manifest["graphs"])
+    assert set(after) == {g.file for g in manifest.graphs} | {"manifest.json"}
+    assert all(after[g.file].startswith(b"placeholder") for g in manifest.graphs)
 
 
 @pytest.mark.parametrize("second_rename_fails", [False, True])
@@ -174,15 +171,13 @@ def test_adding_engines_is_atomic(previous, monkeypatch, fault) -> None:
         monkeypatch.setattr(trt_export, "build_engine", build_engine)
         expected: type[BaseException] = RuntimeError
     else:
-        from mfnet.export import manifest as manifest_module
-
         def interrupted(*args, **kwargs):
             raise KeyboardInterrupt
 
-        monkeypatch.setattr(manifest_module, "write_json_atomic", interrupted)
+        monkeypatch.setattr(trt_export, "write_manifest", interrupted)
         expected = KeyboardInterrupt
     with pytest.raises(expected):
-        trt_export.build_engines(target, "fp32", log=lambda _: None)
+        trt_export.build_engines(target, "fp32")
     assert_unchanged(target, before)
 
 
@@ -190,9 +185,9 @@ def test_added_engines_and_manifest_arrive_together(previous, monkeypatch) -> No
     target, _, before = previous
     monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt("11.4.0", []))
     monkeypatch.setattr(trt_export, "current_gpu", lambda: H100)
-    manifest = trt_export.build_engines(target, "fp32", log=lambda _: None)
+    manifest = trt_export.build_engines(target, "fp32")
     after = snapshot(target)
-    engines = [g["file"] for g in manifest["graphs"] if g["format"] == "tensorrt"]
+    engines = [g.file for g in manifest.graphs if g.format == "tensorrt"]
     assert engines and all(after[name] == b"engine-bytes" for name in engines)
     assert {k: v for k, v in after.items() if k in before and k != "manifest.json"} == {
         k: v for k, v in before.items() if k != "manifest.json"}  # ONNX graphs untouched

@@ -89,7 +89,8 @@ def test_demo_command_writes_a_spec_images_and_a_video(tmp_path, capsys) -> None
     capture.release()
     assert count == 10
     commands = [line.strip() for line in printed.splitlines() if line.startswith("  python")]
-    assert commands[0].startswith("python export/to_onnx.py --checkpoint runs/synthetic-cpu/")
+    assert commands[0].startswith("python -m mfnet.export onnx --checkpoint runs/synthetic-cpu/")
+    assert "  pip install -e '.[export]'" in printed  # the export is the training package's
     segment = shlex.split(commands[1])[3:]  # after "python -m mfnet_runtime"
     args = cli.build_parser().parse_args(segment)
     assert args.input == str(out / "video.mp4") and args.support == str(out / "support")

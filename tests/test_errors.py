@@ -27,16 +27,17 @@ from fault_fixtures import (
 from mfnet import evaluate as evaluate_cli
 from mfnet import predict as predict_cli
 from mfnet import train as train_cli
-from mfnet.atomic import atomic_write_bytes
+from mfnet.checkpoint import CheckpointError, model_from_checkpoint
 from mfnet.config import Config, ConfigError
 from mfnet.data.errors import DatasetError
 from mfnet.errors import MFNET_ERRORS, mfnet_command
 from mfnet.export import onnx_export
 from mfnet.export.onnx_export import ExportError, ExportLimits, export_onnx
 from mfnet.model.backbone import WeightsUnavailableError, build_backbone
-from mfnet.training.checkpoint import CheckpointError, model_from_checkpoint, save_checkpoint
+from mfnet.training.checkpoint import save_checkpoint
 from mfnet.training.loop import DeviceUnavailable, resolve_device
 from mfnet_runtime import cli as runtime_cli
+from mfnet_runtime.atomic import atomic_write_bytes
 from mfnet_runtime.boundary import command_boundary, error_line, scrub_unsafe_advice
 from mfnet_runtime.errors import EngineError, MissingDependencyError, RuntimeInputError
 from mfnet_runtime.manifest import read_manifest
@@ -186,13 +187,13 @@ def case_export_out(tmp_path, capsys, monkeypatch):
     file = tmp_path / "file"
     file.write_text("keep")
     with pytest.raises(ValueError, match="is a file, expected a directory"):
-        export_onnx(checkpoint, file, log=lambda _: None)
+        export_onnx(checkpoint, file)
     foreign = tmp_path / "photos"
     foreign.mkdir()
     (foreign / "holiday.jpg").write_bytes(b"precious")
     before = snapshot(foreign)
     with pytest.raises(ValueError, match="not an MFNet export"):
-        export_onnx(checkpoint, foreign, log=lambda _: None)
+        export_onnx(checkpoint, foreign)
     assert to_onnx_cli.main(["--checkpoint", str(checkpoint), "--out", str(foreign)]) == 2
     assert "not an MFNet export" in one_error_line(capsys)
     assert snapshot(foreign) == before and file.read_text() == "keep"
@@ -212,7 +213,7 @@ def case_export_dependency(tmp_path, capsys, monkeypatch):
     checkpoint = write_checkpoint(tmp_path / "model.pt")
     monkeypatch.setitem(sys.modules, "onnx", None)  # import onnx now raises ImportError
     with pytest.raises(MissingDependencyError, match=r"pip install 'mfnet\[export\]'"):
-        export_onnx(checkpoint, tmp_path / "out", log=lambda _: None)
+        export_onnx(checkpoint, tmp_path / "out")
     assert to_onnx_cli.main(["--checkpoint", str(checkpoint), "--out",
                              str(tmp_path / "out")]) == 2
     assert "pip install 'mfnet[export]'" in one_error_line(capsys)
@@ -229,7 +230,7 @@ def case_export_verification(tmp_path, capsys, monkeypatch):
         "passed": False, "text": "ok   a.onnx\nFAIL query_decoder.fp32.onnx [random] x"})
     out = tmp_path / "out"
     with pytest.raises(ExportError, match="FAIL query_decoder.fp32.onnx"):
-        export_onnx(checkpoint, out, precisions=("fp32",), log=lambda _: None)
+        export_onnx(checkpoint, out, precisions=("fp32",))
     assert to_onnx_cli.main(["--checkpoint", str(checkpoint), "--out", str(out),
                              "--precisions", "fp32"]) == 1
     assert "verification failed, nothing was replaced" in one_error_line(capsys)
@@ -244,13 +245,21 @@ def case_tensorrt_missing(tmp_path, capsys, monkeypatch):
 
 
 def case_manifest_export_side(tmp_path, capsys, monkeypatch):
+    """The export commands read manifests with the runtime's reader: the same errors."""
     directory = write_manifest(tmp_path / "engines", {**valid_manifest(), "graphs": {"a": 1}})
+    with pytest.raises(EngineError, match="field graphs must be a list"):
+        read_manifest(directory)
     assert to_trt_cli.main(["--onnx-dir", str(directory)]) == 2
     assert "field graphs must be a list" in one_error_line(capsys)
     checkpoint = write_checkpoint(tmp_path / "model.pt")
+    (tmp_path / "photos").mkdir()
+    assert verify_cli.main(["--dir", str(tmp_path / "photos"), "--checkpoint",
+                            str(checkpoint)]) == 2
+    line = one_error_line(capsys)
+    assert "not an MFNet export directory" in line and "python -m mfnet.export onnx" in line
     assert verify_cli.main(["--dir", str(tmp_path / "none"), "--checkpoint",
                             str(checkpoint)]) == 2
-    assert "not an MFNet export directory" in one_error_line(capsys)
+    assert "none does not exist; create it with" in one_error_line(capsys)
 
 
 # ------------------------------------------------------------------------------------ runtime
@@ -259,7 +268,7 @@ def case_manifest_field(tmp_path, capsys, monkeypatch):
     manifest["model"]["way"] = "2"
     directory = write_manifest(tmp_path / "engines", manifest)
     with pytest.raises(EngineError, match=r"field model\.way must be an integer >= 1, got '2'"
-                                          r".*python export/to_onnx\.py"):
+                                          r".*python -m mfnet\.export onnx"):
         read_manifest(directory)
     assert runtime_cli.main(["segment", "--engines", str(directory), "--support", "s",
                              "--input", "0"]) == 2
@@ -280,7 +289,7 @@ def case_engines_missing(tmp_path, capsys, monkeypatch):
         Segmenter.load(tmp_path / "none")
     assert runtime_cli.main(["segment", "--engines", str(tmp_path / "none"), "--support", "s",
                              "--input", "0"]) == 2
-    assert "python export/to_onnx.py" in one_error_line(capsys)
+    assert "python -m mfnet.export onnx --checkpoint CHECKPOINT" in one_error_line(capsys)
 
 
 def case_runtime_input(tmp_path, capsys, monkeypatch):

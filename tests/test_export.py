@@ -13,18 +13,20 @@ onnxruntime = pytest.importorskip("onnxruntime")
 
 from export import to_onnx as to_onnx_cli  # noqa: E402
 from export import verify as verify_cli  # noqa: E402
+from mfnet.checkpoint import model_from_checkpoint  # noqa: E402
 from mfnet.config import preset  # noqa: E402
 from mfnet.data.episodes import synthetic_episodes  # noqa: E402
-from mfnet.export.manifest import (  # noqa: E402
-    ManifestError, read_manifest, sha256_of, verify_hashes,
-)
 from mfnet.export.onnx_export import ExportLimits, export_onnx  # noqa: E402
 from mfnet.export.verify import verification_inputs, verify_export  # noqa: E402
 from mfnet.export.wrappers import (  # noqa: E402
     PrototypeAggregator, QueryDecoder, SupportEncoder,
 )
 from mfnet.model.build import build_mfnet  # noqa: E402
-from mfnet.training.checkpoint import model_from_checkpoint, save_checkpoint  # noqa: E402
+from mfnet.training.checkpoint import save_checkpoint  # noqa: E402
+from mfnet_runtime.errors import EngineError  # noqa: E402
+from mfnet_runtime.manifest import (  # noqa: E402
+    manifest_json, read_manifest, sha256_of, verify_files,
+)
 from runtime_fixtures import assert_labels_vary  # noqa: E402
 
 LIMITS = ExportLimits(max_batch=4, max_support=16, max_shots=8)
@@ -44,8 +46,8 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
 
 
 def session(directory, manifest, role, precision="fp32"):
-    graph = next(g for g in manifest["graphs"] if g["role"] == role and g["precision"] == precision)
-    return onnxruntime.InferenceSession(str(directory / graph["file"]),
+    graph = next(g for g in manifest.graphs if g.role == role and g.precision == precision)
+    return onnxruntime.InferenceSession(str(directory / graph.file),
                                         providers=["CPUExecutionProvider"])
 
 
@@ -71,17 +73,17 @@ def test_export_verifies_every_graph(varied_export, way, shot) -> None:
     precisions = ("fp32", "fp16") if (way, shot) == (2, 5) else ("fp32",)
     directory, checkpoint, manifest = varied_export(way, shot, precisions=precisions)
     model, _ = model_from_checkpoint(checkpoint)
-    report = manifest["verification"]
+    report = manifest.verification
     for result in report["graphs"]:  # the export's label checks on real data saw varied labels
         for check in result["checks"]:
             if "label_agreement" in check and result["inputs"] == "synthetic":
                 assert check["reference_labels"] >= 2, result
     assert report["passed"]
-    roles = {g["role"] for g in manifest["graphs"]}
+    roles = {g.role for g in manifest.graphs}
     expected = {"support_encoder", "prototype_aggregator", "query_decoder"}
     assert roles == expected | ({"prototype_aggregator_single"} if shot > 1 else set())
     # every graph, each precision, both input sets were compared
-    assert len(report["graphs"]) == 2 * len(manifest["graphs"])
+    assert len(report["graphs"]) == 2 * len(manifest.graphs)
     for result in report["graphs"]:
         for check in result["checks"]:
             if "max_abs_diff" in check and result["file"].endswith("fp32.onnx"):
@@ -92,9 +94,9 @@ def test_export_verifies_every_graph(varied_export, way, shot) -> None:
     if "fp16" in precisions:
         agreement, difference = query_decoder_parity(directory, manifest, model, "fp16")
         assert agreement >= 0.995 and difference <= 1e-2, (agreement, difference)
-    assert json.loads((directory / "manifest.json").read_text()) == json.loads(
-        json.dumps(manifest, default=str))
-    assert manifest["model"]["way"] == way and manifest["model"]["input_size"] == 48
+    assert json.loads((directory / "manifest.json").read_text()) == manifest_json(manifest)
+    assert read_manifest(directory) == manifest  # the runtime reads back what was written
+    assert manifest.model.way == way and manifest.model.input_size == 48
 
 
 def swap_class_channels(path, first: int = 1, second: int = 2) -> None:
@@ -123,13 +125,13 @@ def test_parity_checks_fail_on_swapped_classes(varied_export, tmp_path, precisio
     broken = tmp_path / "broken"
     shutil.copytree(source, broken)
     swap_class_channels(broken / f"query_decoder.{precision}.onnx")
-    report = verify_export(broken, manifest, model, log=lambda _: None)
+    report = verify_export(read_manifest(broken), model)
     assert not report["passed"]
     failed = {result["file"] for result in report["graphs"] if not result["passed"]}
     assert failed == {f"query_decoder.{precision}.onnx"}
     agreement, difference = query_decoder_parity(broken, manifest, model, precision)
     assert agreement < 0.995 and difference > 1e-2, (agreement, difference)
-    assert verify_export(source, manifest, model, log=lambda _: None)["passed"]
+    assert verify_export(manifest, model)["passed"]
 
 
 def test_query_decoder_dynamic_batch_and_five_shot_parity(varied_export) -> None:
@@ -168,8 +170,7 @@ def test_query_decoder_dynamic_batch_and_five_shot_parity(varied_export) -> None
 def test_adding_a_shot_equals_re_encoding(tmp_path) -> None:
     checkpoint, _ = make_checkpoint(tmp_path / "model.pt", way=2, shot=5)
     out = tmp_path / "out"
-    manifest = export_onnx(checkpoint, out, precisions=("fp32",), limits=LIMITS,
-                           log=lambda _: None)
+    manifest = export_onnx(checkpoint, out, precisions=("fp32",), limits=LIMITS)
     encoder = session(out, manifest, "support_encoder")
     aggregator = session(out, manifest, "prototype_aggregator")
     generator = torch.Generator().manual_seed(2)
@@ -194,22 +195,23 @@ def test_adding_a_shot_equals_re_encoding(tmp_path) -> None:
 def test_manifest_hashes_and_tampering(tmp_path) -> None:
     checkpoint, _ = make_checkpoint(tmp_path / "model.pt", way=2, shot=1)
     out = tmp_path / "out"
-    export_onnx(checkpoint, out, precisions=("fp32",), limits=LIMITS, log=lambda _: None)
+    export_onnx(checkpoint, out, precisions=("fp32",), limits=LIMITS)
     manifest = read_manifest(out)
-    assert manifest["checkpoint"]["sha256"] == sha256_of(checkpoint)
-    for graph in manifest["graphs"]:
-        assert graph["sha256"] == sha256_of(out / graph["file"])
-        for spec in graph["inputs"] + graph["outputs"]:
-            assert spec["name"] and spec["dtype"] in ("uint8", "float32")
-    verify_hashes(out, manifest)
-    target = out / manifest["graphs"][0]["file"]
+    assert manifest.checkpoint.sha256 == sha256_of(checkpoint)
+    assert manifest.checkpoint.file == "model.pt"
+    for graph in manifest.graphs:
+        assert graph.sha256 == sha256_of(out / graph.file)
+        for spec in graph.inputs + graph.outputs:
+            assert spec.name and spec.dtype in ("uint8", "float32")
+    verify_files(manifest, list(manifest.graphs))
+    target = out / manifest.graphs[0].file
     target.write_bytes(target.read_bytes() + b"\0")
-    with pytest.raises(ManifestError, match="does not match its SHA-256"):
-        verify_hashes(out, manifest)
+    with pytest.raises(EngineError, match="does not match its SHA-256"):
+        verify_files(manifest, list(manifest.graphs))
     target.unlink()
-    with pytest.raises(ManifestError, match="is missing"):
-        verify_hashes(out, manifest)
-    with pytest.raises(ManifestError, match="not an MFNet export directory"):
+    with pytest.raises(EngineError, match="is missing"):
+        verify_files(manifest, list(manifest.graphs))
+    with pytest.raises(EngineError, match="not an MFNet export directory"):
         read_manifest(tmp_path)
 
 
@@ -218,8 +220,13 @@ def test_command_lines(tmp_path, capsys) -> None:
     out = tmp_path / "out"
     assert to_onnx_cli.main(["--checkpoint", str(checkpoint), "--out", str(out),
                              "--precisions", "fp32", "--max-batch", "2"]) == 0
+    printed = capsys.readouterr().out  # the library's log lines, shown by the command
+    assert "exporting support_encoder.fp32.onnx" in printed
+    assert "ok   query_decoder.fp32.onnx [synthetic]" in printed
+    assert printed.rstrip().endswith(f"wrote {out / 'manifest.json'}")
     assert verify_cli.main(["--dir", str(out), "--checkpoint", str(checkpoint)]) == 0
-    assert "PASSED" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "ok   support_encoder.fp32.onnx [random]" in printed and "PASSED" in printed
     other, _ = make_checkpoint(tmp_path / "other.pt", way=2, shot=1, fold=1)
     assert verify_cli.main(["--dir", str(out), "--checkpoint", str(other)]) == 2
     assert "not the checkpoint" in capsys.readouterr().err
@@ -236,8 +243,7 @@ def test_a_failed_verification_fails_the_export(tmp_path, monkeypatch) -> None:
     from mfnet.export.onnx_export import ExportError
 
     with pytest.raises(ExportError, match="FAIL support_encoder.fp32.onnx"):
-        export_onnx(checkpoint, tmp_path / "out", precisions=("fp32",), limits=LIMITS,
-                    log=lambda _: None)
+        export_onnx(checkpoint, tmp_path / "out", precisions=("fp32",), limits=LIMITS)
     assert not (tmp_path / "out" / "manifest.json").exists()
 
 
@@ -250,10 +256,9 @@ def test_resnet50_configuration_exports_and_verifies(tmp_path) -> None:
     model = build_mfnet(config.model)
     save_checkpoint(tmp_path / "r50.pt", {"config": config.to_dict(), "model": model.state_dict()})
     manifest = export_onnx(tmp_path / "r50.pt", tmp_path / "out", precisions=("fp32",),
-                           limits=ExportLimits(max_batch=2, max_support=4, max_shots=4),
-                           log=lambda _: None)
-    assert manifest["verification"]["passed"]
-    assert manifest["model"]["input_size"] == 473 and manifest["model"]["channels"] == 256
+                           limits=ExportLimits(max_batch=2, max_support=4, max_shots=4))
+    assert manifest.verification["passed"]
+    assert manifest.model.input_size == 473 and manifest.model.channels == 256
 
 
 def test_wrappers_call_the_model_methods() -> None:

@@ -16,7 +16,7 @@ import torch
 from mfnet import evaluate as evaluate_cli
 from mfnet import train as train_cli
 from mfnet.config import preset
-from mfnet.training.checkpoint import load_checkpoint
+from mfnet.checkpoint import load_checkpoint
 from mfnet.training.logs import read_log
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -176,24 +176,30 @@ def python_target(words: list[str]) -> tuple[str, list[str]] | None:
 def test_readme_commands_are_found() -> None:
     targets = {t[0] for t in map(python_target, readme_commands()) if t is not None}
     assert {"-m mfnet.train", "-m mfnet.evaluate", "-m mfnet.predict", "-m mfnet_runtime",
-            "export/to_onnx.py"} <= targets, targets
+            "-m mfnet.export"} <= targets, targets
 
 
 def test_every_readme_command_parses(capsys) -> None:
     """The arguments shown parse with the real parsers (no training, no I/O)."""
     from mfnet import predict
+    from mfnet.export import command as export_command
     from mfnet_runtime import cli
 
     parsers = {
         "-m mfnet.evaluate": lambda: evaluate_cli.build_parser(),
         "-m mfnet_runtime": cli.build_parser,
         "-m mfnet.predict": predict.build_parser,
+        "-m mfnet.export": export_command.build_parser,
     }
+    # the export scripts are the export command's sub-commands
+    scripts = {"export/to_onnx.py": "onnx", "export/to_trt.py": "trt", "export/verify.py": "verify"}
     checked = 0
     for target in filter(None, map(python_target, readme_commands())):
         name, args = target
         if "--help" in args:  # test_every_readme_module_and_script_answers_help
             continue
+        if name in scripts:
+            name, args = "-m mfnet.export", [scripts[name], *args]
         if name == "-m mfnet.train":
             parser = train_cli.build_parser(train_cli._chosen_preset(args))
         elif name in parsers:

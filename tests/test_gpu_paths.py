@@ -112,7 +112,7 @@ def trt_engines(exported, tmp_path_factory) -> Path:
 
     directory = tmp_path_factory.mktemp("trt") / "engines"
     shutil.copytree(exported, directory)
-    build_engines(directory, "fp32", opt_batch=2, log=print)
+    build_engines(directory, "fp32", opt_batch=2)
     return directory
 
 
@@ -187,7 +187,7 @@ def test_close_releases_device_memory(which, exported, request) -> None:
 
 # ---------------------------------------------------------------------------------- training
 def test_fp16_autocast_training_with_a_grad_scaler(tiny_config) -> None:
-    from mfnet.training.checkpoint import load_checkpoint
+    from mfnet.checkpoint import load_checkpoint
     from mfnet.training.loop import train
 
     config = tiny_config.replace(device="cuda", amp="fp16", epochs=2)

@@ -298,18 +298,19 @@ def test_manifest_records_the_decoder_form(tmp_path) -> None:
     for optimize, form in ((True, "static_pooling+prototype_folding"), (False, "plain")):
         out = tmp_path / f"out-{optimize}"
         manifest = export_onnx(tmp_path / "model.pt", out, precisions=("fp32",), limits=limits,
-                               optimize=optimize, verify=optimize, log=lambda _: None)
-        assert not optimize or manifest["verification"]["passed"]  # optimised vs plain eager
-        decoder = next(g for g in manifest["graphs"] if g["role"] == "query_decoder")
-        assert decoder["details"]["decoder_form"] == form
+                               optimize=optimize, verify=optimize)
+        assert not optimize or manifest.verification["passed"]  # optimised vs plain eager
+        decoder = next(g for g in manifest.graphs if g.role == "query_decoder")
+        assert decoder.details["decoder_form"] == form
         graphs = runtime_manifest.read_manifest(out).graphs
         assert next(g for g in graphs if g.role == "query_decoder").decoder_form == form
         assert next(g for g in graphs if g.role == "support_encoder").decoder_form is None
 
 
 def test_export_command_line_has_no_optimize() -> None:
-    from export import to_onnx
+    from mfnet.export.command import build_parser
 
-    parser = to_onnx.build_parser()
-    assert parser.parse_args(["--checkpoint", "c", "--out", "o"]).optimize is True
-    assert parser.parse_args(["--checkpoint", "c", "--out", "o", "--no-optimize"]).optimize is False
+    parser = build_parser()
+    assert parser.parse_args(["onnx", "--checkpoint", "c", "--out", "o"]).optimize is True
+    assert parser.parse_args(["onnx", "--checkpoint", "c", "--out", "o",
+                              "--no-optimize"]).optimize is False

@@ -25,7 +25,7 @@ from PIL import Image  # noqa: E402
 
 from fault_fixtures import snapshot, tiny_config, valid_manifest, write_checkpoint  # noqa: E402
 from mfnet.config import Config, ConfigError  # noqa: E402
-from mfnet.training.checkpoint import CheckpointError, model_from_checkpoint  # noqa: E402
+from mfnet.checkpoint import CheckpointError, model_from_checkpoint  # noqa: E402
 from mfnet_runtime import cli as runtime_cli  # noqa: E402
 from mfnet_runtime.errors import EngineError, RuntimeInputError  # noqa: E402
 from mfnet_runtime.images import as_mask_array, prepare_image  # noqa: E402
@@ -193,7 +193,7 @@ def test_manifests_are_read_or_refused_with_engine_errors(tmp_path_factory, mani
     try:
         read = read_manifest(directory)
     except EngineError as error:
-        assert "python export/to_onnx.py" in str(error)  # the fix is always named
+        assert "python -m mfnet.export onnx" in str(error)  # the fix is always named
         read = None
     assert snapshot(directory) == before
     if read is None:

@@ -38,7 +38,7 @@ AUTO_BACKEND = ("onnxruntime-cuda" if "CUDAExecutionProvider"
 
 from mfnet.data.episodes import synthetic_episodes  # noqa: E402
 from mfnet.data.transforms import TestResize  # noqa: E402
-from mfnet.training.checkpoint import model_from_checkpoint  # noqa: E402
+from mfnet.checkpoint import model_from_checkpoint  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -438,7 +438,7 @@ def test_bad_frames_and_image_files_are_explained(segmenter2, tmp_path) -> None:
 # ---------------------------------------------------------------------------- engine problems
 def test_engine_directory_problems_are_explained(exported, tmp_path) -> None:
     source, _ = exported(2, 2)
-    with pytest.raises(EngineError, match=r"manifest.json not found.*python export/to_onnx.py"):
+    with pytest.raises(EngineError, match=r"manifest.json not found.*python -m mfnet.export onnx"):
         Segmenter.load(tmp_path)
     engines = tmp_path / "engines"
     shutil.copytree(source, engines)
@@ -446,7 +446,7 @@ def test_engine_directory_problems_are_explained(exported, tmp_path) -> None:
     payload = decoder.read_bytes()
     decoder.write_bytes(payload[:len(payload) // 2])  # truncated
     with pytest.raises(EngineError, match=r"query_decoder.fp32.onnx does not match its SHA-256"
-                                          r".*python export/to_onnx.py"):
+                                          r".*python -m mfnet.export onnx"):
         Segmenter.load(engines)
     unverified = Segmenter.load(engines, verify_hashes=False)
     support = unverified.encode_support({"a": [shot(0)], "b": [shot(1)]})  # encoder is intact
@@ -471,7 +471,7 @@ def test_backend_options_are_checked(exported) -> None:
             Segmenter.load(engine_dir, **option)
     with pytest.raises(EngineError, match=r"no complete fp16 ONNX graphs.*--precisions fp16"):
         Segmenter.load(engine_dir, precision="fp16")
-    with pytest.raises(EngineError, match=r"no TensorRT engines.*python export/to_trt.py "
+    with pytest.raises(EngineError, match=r"no TensorRT engines.*python -m mfnet.export trt "
                                           r"--onnx-dir .* --precision fp16"):
         Segmenter.load(engine_dir, backend="tensorrt")
     if "CUDAExecutionProvider" not in __import__("onnxruntime").get_available_providers():

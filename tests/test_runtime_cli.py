@@ -433,8 +433,8 @@ def test_predict_twin_agrees_with_the_runtime_before_the_argmax(engines, segment
     """Beyond equal label maps: the fitted inputs exactly (the pipeline fits frames for both,
     and that fit is evaluation's ``TestResize``), the prototypes and probabilities as floats."""
     torch = pytest.importorskip("torch")
+    from mfnet.checkpoint import model_from_checkpoint
     from mfnet.data.transforms import TestResize
-    from mfnet.training.checkpoint import model_from_checkpoint
     from mfnet_runtime.images import restore_probabilities
 
     model, config = model_from_checkpoint(engines[1])

@@ -210,9 +210,10 @@ def test_tensorrt_driver_mismatch_and_auto_fallback_warn(engines, monkeypatch, c
     # engines built for another GPU: refused with the rebuild command; auto warns and falls back
     caplog.clear()
     use_fake_tensorrt(monkeypatch, FakeCudart("NVIDIA L4", (8, 9)))
-    with pytest.raises(EngineError, match=r"built for NVIDIA Fake GPU \(sm90\) with TensorRT "
-                                          r"10.9.0.*rebuild them here with: python export/"
-                                          r"to_trt.py --onnx-dir .* --precision fp16"):
+    with pytest.raises(EngineError, match=r"built for NVIDIA Fake GPU \(sm90\), this is "
+                                          r"NVIDIA L4 \(sm89\).*rebuild them here with: "
+                                          r"python -m mfnet.export trt --onnx-dir .* "
+                                          r"--precision fp16"):
         Segmenter.load(engines, backend="tensorrt")
     with caplog.at_level(logging.INFO, logger="mfnet_runtime"):
         assert Segmenter.load(engines).backend_name.startswith("onnxruntime")
@@ -239,7 +240,8 @@ def test_tensorrt_tampered_engine_and_missing_packages(engines, monkeypatch) -> 
     use_fake_tensorrt(monkeypatch, FakeCudart())
     engine_file = next(engines.glob("query_decoder.fp32*.engine"))
     engine_file.write_text("{}")
-    with pytest.raises(EngineError, match=r"does not match its SHA-256.*python export/to_trt.py"):
+    with pytest.raises(EngineError,
+                       match=r"does not match its SHA-256.*python -m mfnet.export trt"):
         Segmenter.load(engines, backend="tensorrt", precision="fp32")
     monkeypatch.undo()
     monkeypatch.setitem(sys.modules, "tensorrt", None)

@@ -1,5 +1,8 @@
 """TensorRT logic without TensorRT: version plans, names, profiles, compatibility, manifest.
 
+The compatibility rule is the runtime's (``mfnet_runtime.backends.tensorrt.engine_mismatch``),
+checked here on the entries the exporter writes.
+
 TensorRT is not installable on the project's machines. ``build_engines`` is driven here through
 a recording stand-in for the ``tensorrt`` module that implements only the calls the documented
 API offers (TensorRT 10 has ``BuilderFlag.FP16``, deprecated from 10.12; 11 does not), so the
@@ -9,16 +12,26 @@ themselves are not.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import types
+from pathlib import Path
 
 import pytest
 
 from mfnet.export import tensorrt as trt_export
-from mfnet.export.manifest import MANIFEST_NAME, SCHEMA, ManifestError, sha256_of
+from mfnet_runtime.backends.tensorrt import engine_mismatch, select_engines
+from mfnet_runtime.errors import EngineError
+from mfnet_runtime.manifest import (
+    MANIFEST_NAME, GraphInfo, Manifest, ModelInfo, TensorInfo, read_manifest, sha256_of,
+    write_manifest,
+)
 
 H100 = trt_export.GpuInfo("NVIDIA H100 80GB HBM3", (9, 0))
+MODEL = ModelInfo(way=2, train_shot=1, channels=256, input_size=473, backbone="resnet50",
+                  mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), color="RGB",
+                  resize="pad", support_attention=False)
 
 
 def test_build_plan_per_version() -> None:
@@ -39,15 +52,21 @@ def test_build_plan_per_version() -> None:
         trt_export.tensorrt_major("eleven")
 
 
-def decoder_entry(max_batch: int = 16) -> dict:
-    return {
-        "role": "query_decoder", "file": "query_decoder.fp16.onnx", "precision": "fp16",
-        "format": "onnx", "sha256": "x",
-        "inputs": [{"name": "frames", "shape": ["B", 473, 473, 3], "dtype": "uint8"},
-                   {"name": "prototypes", "shape": [2, 256], "dtype": "float32"}],
-        "outputs": [{"name": "labels", "shape": ["B", 473, 473], "dtype": "uint8"}],
-        "details": {"max_batch": max_batch},
-    }
+def decoder_entry(max_batch: int = 16) -> GraphInfo:
+    return GraphInfo(
+        role="query_decoder", file="query_decoder.fp16.onnx", precision="fp16", format="onnx",
+        sha256="x",
+        inputs=(TensorInfo("frames", ("B", 473, 473, 3), "uint8"),
+                TensorInfo("prototypes", (2, 256), "float32")),
+        outputs=(TensorInfo("labels", ("B", 473, 473), "uint8"),
+                 TensorInfo("probabilities", ("B", 3, 473, 473), "float32")),
+        details={"max_batch": max_batch},
+    )
+
+
+def entry_with_inputs(file: str, inputs: tuple, details: dict | None = None) -> GraphInfo:
+    """A graph entry with other inputs (the profile only reads inputs and details)."""
+    return dataclasses.replace(decoder_entry(), file=file, inputs=inputs, details=details or {})
 
 
 def test_profiles_and_names() -> None:
@@ -55,28 +74,32 @@ def test_profiles_and_names() -> None:
     assert shapes == {"frames": ((1, 473, 473, 3), (8, 473, 473, 3), (16, 473, 473, 3))}
     name = trt_export.engine_file_name("query_decoder", "fp16", H100, "11.4.0.106", shapes)
     assert name == "query_decoder.fp16.nvidia-h100-80gb-hbm3.sm90.trt11.4.0.frames1-16.engine"
-    aggregator = {"file": "a.onnx", "details": {"min_shots": 2, "max_shots": 32},
-                  "inputs": [{"name": "shot_features", "shape": [2, "K", 256]}]}
+    aggregator = entry_with_inputs("a.onnx", (TensorInfo("shot_features", (2, "K", 256),
+                                                         "float32"),),
+                                   {"min_shots": 2, "max_shots": 32})
     assert trt_export.profile_shapes(aggregator) == {
         "shot_features": ((2, 2, 256), (2, 5, 256), (2, 32, 256))}
-    static = {"file": "s.onnx", "inputs": [{"name": "x", "shape": [2, 1, 256]}]}
+    static = entry_with_inputs("s.onnx", (TensorInfo("x", (2, 1, 256), "float32"),))
     assert trt_export.profile_shapes(static) == {}
     assert trt_export.engine_file_name("r", "fp32", H100, "10.13.3.9", {}).endswith(".static.engine")
-    with pytest.raises(ManifestError, match="unknown dynamic dimension"):
-        trt_export.profile_shapes({"file": "f", "inputs": [{"name": "x", "shape": ["Q"]}]})
+    with pytest.raises(EngineError, match="unknown dynamic dimension"):
+        trt_export.profile_shapes(entry_with_inputs("f", (TensorInfo("x", ("Q",), "uint8"),)))
 
 
-def test_engine_compatibility_check_names_the_rebuild_command() -> None:
+def test_engine_compatibility_rule_names_the_rebuild_command() -> None:
+    """The entry the exporter writes, judged by the runtime's one rule."""
     entry = trt_export.engine_entry(decoder_entry(), "e.engine", "fp16", H100, "11.4.0.106",
                                     {}, "abc")
-    trt_export.check_engine_compatible(entry, H100, "11.4.0.106", "engines")
+    assert engine_mismatch(entry, H100.name, H100.compute_capability, "11.4.0.106") == []
+    manifest = Manifest(Path("engines"), MODEL, (entry,))
     other_gpu = trt_export.GpuInfo("NVIDIA A100-SXM4-80GB", (8, 0))
-    with pytest.raises(ManifestError, match="built for NVIDIA H100.*this is NVIDIA A100.*"
-                                            "python export/to_trt.py --onnx-dir engines "
-                                            "--precision fp16"):
-        trt_export.check_engine_compatible(entry, other_gpu, "11.4.0.106", "engines")
-    with pytest.raises(ManifestError, match="TensorRT 11.4.0.106, this is TensorRT 10.13"):
-        trt_export.check_engine_compatible(entry, H100, "10.13.3.9", "engines")
+    with pytest.raises(EngineError, match="built for NVIDIA H100.*this is NVIDIA A100.*"
+                                          "python -m mfnet.export trt --onnx-dir engines "
+                                          "--precision fp16"):
+        select_engines(manifest, "fp16", other_gpu.name, other_gpu.compute_capability,
+                       "11.4.0.106")
+    with pytest.raises(EngineError, match="TensorRT 11.4.0.106, this is TensorRT 10.13"):
+        select_engines(manifest, "fp16", H100.name, H100.compute_capability, "10.13.3.9")
 
 
 def test_missing_tensorrt_names_the_install_command(monkeypatch) -> None:
@@ -166,13 +189,15 @@ def export_dir(tmp_path):
         for role in ("support_encoder", "query_decoder"):
             path = tmp_path / f"{role}.{precision}.onnx"
             path.write_bytes(f"{role}-{precision}".encode())
-            entry = decoder_entry() if role == "query_decoder" else {
-                **decoder_entry(), "role": role,
-                "inputs": [{"name": "support_images", "shape": ["S", 473, 473, 3],
-                            "dtype": "uint8"}], "details": {"max_support": 64}}
-            graphs.append({**entry, "file": path.name, "precision": precision,
-                           "sha256": sha256_of(path)})
-    (tmp_path / MANIFEST_NAME).write_text(json.dumps({"schema": SCHEMA, "graphs": graphs}))
+            entry = decoder_entry() if role == "query_decoder" else dataclasses.replace(
+                decoder_entry(), role=role,
+                inputs=(TensorInfo("support_images", ("S", 473, 473, 3), "uint8"),
+                        TensorInfo("support_masks", ("S", 473, 473), "uint8")),
+                outputs=(TensorInfo("shot_features", ("S", 256), "float32"),),
+                details={"max_support": 64})
+            graphs.append(dataclasses.replace(entry, file=path.name, precision=precision,
+                                              sha256=sha256_of(path)))
+    write_manifest(Manifest(tmp_path, MODEL, tuple(graphs)))
     return tmp_path
 
 
@@ -185,23 +210,24 @@ def test_build_engines_per_version(tmp_path, monkeypatch, version, parsed, flags
     monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt(version, calls))
     monkeypatch.setattr(trt_export, "current_gpu", lambda: H100)
     directory = export_dir(tmp_path)
-    manifest = trt_export.build_engines(directory, "fp16", opt_batch=4, max_batch=8,
-                                        log=lambda _: None)
+    manifest = trt_export.build_engines(directory, "fp16", opt_batch=4, max_batch=8)
     assert ("parse", f"query_decoder.{parsed}.onnx") in calls
     assert ("network_flags", flags) in calls
     assert (("flag", "FP16") in calls) == fp16_flag
     assert ("profile", {"frames": ((1, 473, 473, 3), (4, 473, 473, 3), (8, 473, 473, 3))}) in calls
-    engines = [g for g in manifest["graphs"] if g["format"] == "tensorrt"]
-    assert {g["role"] for g in engines} == {"support_encoder", "query_decoder"}
+    engines = [g for g in manifest.graphs if g.format == "tensorrt"]
+    assert {g.role for g in engines} == {"support_encoder", "query_decoder"}
     for engine in engines:
-        assert engine["details"]["tensorrt"] == version
-        assert engine["details"]["source_onnx"].endswith(f".{parsed}.onnx")
-        assert engine["sha256"] == sha256_of(directory / engine["file"])
-    assert json.loads((directory / MANIFEST_NAME).read_text())["graphs"] == manifest["graphs"]
+        assert engine.details["tensorrt"] == version
+        assert engine.details["source_onnx"].endswith(f".{parsed}.onnx")
+        assert engine.sha256 == sha256_of(directory / engine.file)
+    assert read_manifest(directory) == manifest  # what was written is what is returned
+    written = json.loads((directory / MANIFEST_NAME).read_text())["graphs"]
+    assert [g["file"] for g in written] == [g.file for g in manifest.graphs]
     assert (directory / f"timing_cache.trt{version}.bin").read_bytes() == b"cache-v2"
     # a rebuild replaces the engine entries instead of adding more, and reuses the timing cache
-    again = trt_export.build_engines(directory, "fp16", log=lambda _: None)
-    assert len([g for g in again["graphs"] if g["format"] == "tensorrt"]) == 2
+    again = trt_export.build_engines(directory, "fp16")
+    assert len([g for g in again.graphs if g.format == "tensorrt"]) == 2
     assert ("timing_cache_in", b"cache-v2") in calls
 
 
@@ -210,5 +236,5 @@ def test_build_engines_refuses_a_tampered_export(tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(trt_export, "current_gpu", lambda: H100)
     directory = export_dir(tmp_path)
     (directory / "query_decoder.fp16.onnx").write_bytes(b"changed")
-    with pytest.raises(ManifestError, match="does not match its SHA-256"):
-        trt_export.build_engines(directory, "fp16", log=lambda _: None)
+    with pytest.raises(EngineError, match="does not match its SHA-256"):
+        trt_export.build_engines(directory, "fp16")

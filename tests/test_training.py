@@ -14,12 +14,11 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from mfnet.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from mfnet.data.benchmarks import build_episodes
 from mfnet.model.build import build_mfnet
-from mfnet.training.checkpoint import (
-    CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint,
-)
 from mfnet.training import loop
+from mfnet.training.checkpoint import save_checkpoint
 from mfnet.training.logs import read_log
 from mfnet.training.loop import compute_losses, train
 from mfnet.training.schedule import poly_lr

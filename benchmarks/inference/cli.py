@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from mfnet_runtime.console import configure_logging
 
 from mfnet.threads import set_torch_threads
 
@@ -179,6 +180,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     ``prog``: the command's name in --help and in the JSON's ``command`` (default: the script's
     file name)."""
     args = parse_args(argv, prog)
+    configure_logging()  # the export's "exporting ..." lines, between the benchmark's own
     if args.from_json:
         source = Path(args.from_json)
         payload = json.loads(source.read_text())

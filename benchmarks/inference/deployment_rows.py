@@ -81,8 +81,7 @@ def ensure_engines(env: Env, ctx: WayContext) -> Path:
         progress(f"  exporting ONNX graphs of the {ctx.way}-way model to {directory}")
         try:
             export_onnx(checkpoint, directory, precisions=tuple(env.args.onnx_precision_list),
-                        limits=limits, verify=False, log=lambda line: progress(f"    {line}"),
-                        **EXPORT_OPTIONS)
+                        limits=limits, verify=False, **EXPORT_OPTIONS)
         except Exception as error:  # noqa: BLE001 - recorded on every ONNX row
             ctx.engines_error = f"failed: ONNX export ({type(error).__name__}: {error})"
             raise
@@ -229,8 +228,7 @@ def trt_row(env: Env, ctx: WayContext, batch: int, precision: str) -> Prepared:
     key = ("trt", ctx.way, precision)
     if key not in env.compiled:
         started = time.perf_counter()
-        build_engines(engines, precision, opt_batch=1, max_batch=max(env.args.batch_list),
-                      log=lambda line: progress(f"    {line}"))
+        build_engines(engines, precision, opt_batch=1, max_batch=max(env.args.batch_list))
         env.compiled[key] = time.perf_counter() - started
     segmenter = runtime_segmenter(env, ctx, batch, backend="tensorrt", precision=precision)
     support = runtime_support(segmenter, ctx, 1)()

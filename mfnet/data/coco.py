@@ -23,12 +23,12 @@ from types import MappingProxyType
 from typing import Any
 
 import numpy as np
+from mfnet_runtime.atomic import atomic_write_bytes
 from PIL import Image
 from tqdm import tqdm
 
 from mfnet.data.synthetic import IGNORE_INDEX
 
-from ..atomic import atomic_write_bytes
 from .errors import DatasetArgumentError, DatasetError
 
 NUM_COCO_CLASSES = 80

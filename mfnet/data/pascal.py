@@ -23,10 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from mfnet_runtime.atomic import atomic_write_bytes
 from PIL import Image
 from tqdm import tqdm
 
-from ..atomic import atomic_write_bytes
 from .errors import DatasetArgumentError, DatasetError
 
 NUM_CLASSES = 20

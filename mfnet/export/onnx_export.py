@@ -13,28 +13,37 @@ Graphs (``<precision>`` is ``fp32`` and, unless disabled, ``fp16`` with float32 
   as MatMuls, prototype folding of the first A_M convs: ``mfnet/model/inference.py``), an exact
   rewrite of ``decode_query``; the verification compares it with the plain eager
   ``decode_query``. The form is recorded in the graph's ``details["decoder_form"]``.
+
+The manifest is the runtime's (``mfnet_runtime.manifest``): the export builds its typed
+objects and writes them with ``write_manifest``.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib.metadata
+import logging
 import platform
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
+from mfnet_runtime.atomic import staged_directory
+from mfnet_runtime.manifest import (
+    MANIFEST_NAME, CheckpointInfo, GraphInfo, Manifest, ModelInfo, TensorInfo, sha256_of,
+    write_manifest,
+)
 
-from ..atomic import staged_directory
+from ..checkpoint import model_from_checkpoint
+from ..config import Config
 from ..errors import require_export_dependencies
 from ..model.mfnet import MFNet
-from ..training.checkpoint import model_from_checkpoint
-from .manifest import (
-    MANIFEST_NAME, SCHEMA, GraphSpec, TensorSpec, graph_to_dict, sha256_of, write_json_atomic,
-)
 from .wrappers import PrototypeAggregator, QueryDecoder, SupportEncoder
+
+log = logging.getLogger(__name__)
 
 DEFAULT_OPSET = 18  # the dynamo exporter's native opset; TensorRT 10/11 parse opsets <= 20
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16}
@@ -60,6 +69,7 @@ class ExportError(RuntimeError):
 
 
 def _versions() -> dict[str, str]:
+    """The versions of Python and of the packages that produced an export."""
     versions = {"python": platform.python_version()}
     for package in ("torch", "onnx", "onnxscript", "onnxruntime", "mfnet"):
         try:
@@ -99,9 +109,9 @@ def graph_plan(model: MFNet, limits: ExportLimits, optimize: bool = True) -> lis
     plan = [
         dict(
             role="support_encoder", wrapper=SupportEncoder, args=(uint8_image, mask),
-            inputs=[TensorSpec("support_images", ("S", size, size, 3), "uint8"),
-                    TensorSpec("support_masks", ("S", size, size), "uint8")],
-            outputs=[TensorSpec("shot_features", ("S", channels), "float32")],
+            inputs=[TensorInfo("support_images", ("S", size, size, 3), "uint8"),
+                    TensorInfo("support_masks", ("S", size, size), "uint8")],
+            outputs=[TensorInfo("shot_features", ("S", channels), "float32")],
             dynamic={"support_images": {0: torch.export.Dim("S", min=1, max=limits.max_support)},
                      "support_masks": {0: torch.export.Dim("S", min=1, max=limits.max_support)}},
             details={"max_support": limits.max_support},
@@ -109,8 +119,8 @@ def graph_plan(model: MFNet, limits: ExportLimits, optimize: bool = True) -> lis
         dict(
             role="prototype_aggregator", wrapper=PrototypeAggregator,
             args=(torch.randn(way, 3, channels),),
-            inputs=[TensorSpec("shot_features", (way, "K", channels), "float32")],
-            outputs=[TensorSpec("prototypes", (way, channels), "float32")],
+            inputs=[TensorInfo("shot_features", (way, "K", channels), "float32")],
+            outputs=[TensorInfo("prototypes", (way, channels), "float32")],
             dynamic={"shot_features": {1: torch.export.Dim(
                 "K", min=2 if has_attention else 1, max=limits.max_shots)}},
             details={"min_shots": 2 if has_attention else 1, "max_shots": limits.max_shots},
@@ -118,10 +128,10 @@ def graph_plan(model: MFNet, limits: ExportLimits, optimize: bool = True) -> lis
         dict(
             role="query_decoder", wrapper=QueryDecoder,
             args=(uint8_image, torch.randn(way, channels)),
-            inputs=[TensorSpec("frames", ("B", size, size, 3), "uint8"),
-                    TensorSpec("prototypes", (way, channels), "float32")],
-            outputs=[TensorSpec("labels", ("B", size, size), "uint8"),
-                     TensorSpec("probabilities", ("B", way + 1, size, size), "float32")],
+            inputs=[TensorInfo("frames", ("B", size, size, 3), "uint8"),
+                    TensorInfo("prototypes", (way, channels), "float32")],
+            outputs=[TensorInfo("labels", ("B", size, size), "uint8"),
+                     TensorInfo("probabilities", ("B", way + 1, size, size), "float32")],
             dynamic={"frames": {0: torch.export.Dim("B", min=1, max=limits.max_batch)},
                      "prototypes": None},
             details={"max_batch": limits.max_batch}, options={"optimized": optimize},
@@ -131,8 +141,8 @@ def graph_plan(model: MFNet, limits: ExportLimits, optimize: bool = True) -> lis
         plan.insert(2, dict(
             role="prototype_aggregator_single", wrapper=PrototypeAggregator,
             args=(torch.randn(way, 1, channels),),
-            inputs=[TensorSpec("shot_features", (way, 1, channels), "float32")],
-            outputs=[TensorSpec("prototypes", (way, channels), "float32")],
+            inputs=[TensorInfo("shot_features", (way, 1, channels), "float32")],
+            outputs=[TensorInfo("prototypes", (way, channels), "float32")],
             dynamic=None, details={"min_shots": 1, "max_shots": 1},
         ))
     return plan
@@ -147,8 +157,7 @@ def export_onnx(
     opset: int = DEFAULT_OPSET,
     verify: bool = True,
     optimize: bool = True,
-    log: Callable[[str], None] = print,
-) -> dict[str, Any]:
+) -> Manifest:
     """Export every graph in every precision, verify them, and write ``manifest.json``.
 
     ``optimize=False`` exports the query decoder in its plain form (``decode_query`` as it is),
@@ -156,7 +165,8 @@ def export_onnx(
 
     Everything is written into a hidden sibling of ``out_dir`` and verified there; only a
     complete, verified export replaces ``out_dir`` (in one rename), so a failed or interrupted
-    export leaves the previous one exactly as it was. Returns the manifest. Raises
+    export leaves the previous one exactly as it was. Returns the manifest (as
+    ``mfnet_runtime.manifest.read_manifest(out_dir)`` reads it back). Raises
     ``ExportError`` (with the failed checks) when a verification fails, ``ValueError`` for bad
     options or an ``out_dir`` that is a file or a non-export directory, ``CheckpointError``,
     and ``MissingDependencyError`` without onnx / onnxscript / onnxruntime.
@@ -170,9 +180,9 @@ def export_onnx(
     model, config = model_from_checkpoint(checkpoint, map_location="cpu")
     with staged_directory(target) as out:  # swapped in only once verified and complete
         manifest = _export_into(out, model, config, checkpoint, precisions, limits, opset,
-                                verify, optimize, log)
-    log(f"wrote {target / MANIFEST_NAME}")
-    return manifest
+                                verify, optimize)
+    log.info("wrote %s", target / MANIFEST_NAME)
+    return dataclasses.replace(manifest, directory=target)
 
 
 def check_export_target(target: Path) -> None:
@@ -189,19 +199,33 @@ def check_export_target(target: Path) -> None:
             "empty directory")
 
 
-def _export_into(out: Path, model: MFNet, config: Any, checkpoint: str | Path,
+def model_info(model: MFNet, config: Config) -> ModelInfo:
+    """The manifest's model section: the contract the runtime feeds the graphs by."""
+    return ModelInfo(
+        way=model.way, train_shot=config.model.shot, channels=config.model.channels,
+        input_size=config.model.image_size, backbone=config.model.backbone,
+        mean=tuple(float(v) for v in config.model.mean),
+        std=tuple(float(v) for v in config.model.std), color="RGB",
+        # How frames of another size are fitted to input_size (as in evaluation): "pad" =
+        # longer side to input_size, aspect kept, bottom/right padding; "stretch" = square.
+        resize=config.data.test_resize,
+        support_attention=model.support_attention is not None,
+    )
+
+
+def _export_into(out: Path, model: MFNet, config: Config, checkpoint: str | Path,
                  precisions: tuple[str, ...], limits: ExportLimits, opset: int, verify: bool,
-                 optimize: bool, log: Callable[[str], None]) -> dict[str, Any]:
+                 optimize: bool) -> Manifest:
     """Every graph, its verification and ``manifest.json`` (last) into the directory ``out``."""
     from .verify import verify_export  # verification needs onnxruntime; imported on use
 
-    graphs: list[GraphSpec] = []
+    graphs: list[GraphInfo] = []
     for precision in precisions:
         dtype = PRECISIONS[precision]
         variant = model if dtype == torch.float32 else copy.deepcopy(model).to(dtype)
         for entry in graph_plan(variant, limits, optimize):
             file = f"{entry['role']}.{precision}.onnx"
-            log(f"exporting {file}")
+            log.info("exporting %s", file)
             module = entry["wrapper"](variant, dtype, **entry.get("options", {})).eval()
             details = dict(entry["details"])
             if hasattr(module, "form"):  # which decoder form the graph was traced from
@@ -209,39 +233,22 @@ def _export_into(out: Path, model: MFNet, config: Any, checkpoint: str | Path,
             _export_graph(module, entry["args"], out / file,
                           [i.name for i in entry["inputs"]], [o.name for o in entry["outputs"]],
                           entry["dynamic"], opset)
-            graphs.append(GraphSpec(
-                role=entry["role"], file=file, precision=precision,
-                inputs=tuple(entry["inputs"]), outputs=tuple(entry["outputs"]),
-                sha256=sha256_of(out / file), details=details,
+            graphs.append(GraphInfo(
+                role=entry["role"], file=file, precision=precision, format="onnx",
+                sha256=sha256_of(out / file), inputs=tuple(entry["inputs"]),
+                outputs=tuple(entry["outputs"]), details=details,
             ))
-    manifest: dict[str, Any] = {
-        "schema": SCHEMA,
-        "model": {
-            "way": model.way,
-            "train_shot": config.model.shot,
-            "channels": config.model.channels,
-            "input_size": config.model.image_size,
-            "backbone": config.model.backbone,
-            "mean": list(config.model.mean),
-            "std": list(config.model.std),
-            "color": "RGB",
-            # How frames of another size are fitted to input_size (as in evaluation): "pad" =
-            # longer side to input_size, aspect kept, bottom/right padding; "stretch" = square.
-            "resize": config.data.test_resize,
-            "image_layout": "NHWC uint8, normalised inside the graphs",
-            "support_attention": model.support_attention is not None,
-        },
-        "graphs": [graph_to_dict(g) for g in graphs],
-        "opset": opset,
-        "versions": _versions(),
-        "checkpoint": {"file": Path(checkpoint).name, "sha256": sha256_of(checkpoint)},
-    }
+    manifest = Manifest(
+        directory=out, model=model_info(model, config), graphs=tuple(graphs), opset=opset,
+        versions=_versions(),
+        checkpoint=CheckpointInfo(Path(checkpoint).name, sha256_of(checkpoint)),
+    )
     if verify:
-        report = verify_export(out, manifest, model, log=log)
-        manifest["verification"] = report
+        report = verify_export(manifest, model)
+        manifest = dataclasses.replace(manifest, verification=report)
         if not report["passed"]:
             failed = [line for line in report["text"].splitlines() if line.startswith("FAIL")]
             raise ExportError("export verification failed, nothing was replaced: "
                               + "; ".join(failed))
-    write_json_atomic(out / MANIFEST_NAME, manifest)
+    write_manifest(manifest)
     return manifest

@@ -5,28 +5,33 @@ typing). TensorRT 10.12 deprecated the precision flags in favour of strong typin
 them, so from 10.12 on an FP16 engine is built strongly typed from the FP16 ONNX graph
 (``*.fp16.onnx``, FP16 inside, FP32 I/O). ``build_plan`` decides this from the version;
 everything that does not need TensorRT itself (the plan, engine names, optimisation profiles,
-compatibility checks, manifest entries) is a pure function, unit-tested on machines without
-TensorRT or a GPU.
+manifest entries) is a pure function, unit-tested on machines without TensorRT or a GPU.
 
 Engines are tied to the GPU model and the TensorRT version. Their file names and manifest
-entries record both, and ``check_engine_compatible`` turns a mismatch into an error that prints
-the rebuild command.
+entries record both; the runtime's ``mfnet_runtime.backends.tensorrt.engine_mismatch`` is the
+compatibility rule, and its errors print the rebuild command (``rebuild_hint``). The manifest
+is read and written with the runtime's ``mfnet_runtime.manifest``.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from ..atomic import atomic_write_bytes, staged_directory
-from .manifest import ManifestError
+from mfnet_runtime.atomic import atomic_write_bytes, staged_directory
+from mfnet_runtime.errors import EXPORT_COMMAND, EngineError, reexport_hint
+from mfnet_runtime.manifest import (
+    GraphInfo, Manifest, read_manifest, sha256_of, verify_files, write_manifest,
+)
 
+log = logging.getLogger(__name__)
 INSTALL_HINT = (
     "TensorRT is not installed. Install it on the GPU machine with `pip install tensorrt-cu13` "
     "(CUDA 13) or `pip install tensorrt-cu12` (CUDA 12) from NVIDIA's package index "
-    "(https://pypi.nvidia.com), then run export/to_trt.py again"
+    f"(https://pypi.nvidia.com), then run {EXPORT_COMMAND} trt again"
 )
 
 
@@ -36,6 +41,8 @@ class TensorRTUnavailable(RuntimeError):
 
 @dataclass(frozen=True)
 class BuildPlan:
+    """How one engine is built (``build_plan`` decides it from the TensorRT version)."""
+
     onnx_precision: str  # which ONNX graph to parse: "fp32" or "fp16"
     strongly_typed: bool  # create the network with NetworkDefinitionCreationFlag.STRONGLY_TYPED
     fp16_flag: bool  # set BuilderFlag.FP16 (TensorRT before 10.12 only)
@@ -43,6 +50,8 @@ class BuildPlan:
 
 @dataclass(frozen=True)
 class GpuInfo:
+    """The GPU an engine is built on (and tied to)."""
+
     name: str  # e.g. "NVIDIA H100 80GB HBM3"
     compute_capability: tuple[int, int]
 
@@ -59,6 +68,7 @@ def tensorrt_version_tuple(version: str) -> tuple[int, int]:
 
 
 def tensorrt_major(version: str) -> int:
+    """The major version of a TensorRT version string."""
     return tensorrt_version_tuple(version)[0]
 
 
@@ -92,61 +102,38 @@ def engine_file_name(role: str, precision: str, gpu: GpuInfo, tensorrt_version: 
     return f"{role}.{precision}.{gpu_slug}.sm{major}{minor}.trt{version}.{dynamic}.engine"
 
 
-def profile_shapes(graph: dict[str, Any], opt_batch: int = 1
+def profile_shapes(graph: GraphInfo, opt_batch: int = 1
                    ) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
     """(min, opt, max) shape of every input with a dynamic dimension, from a manifest entry.
 
     Symbolic dimensions: "B" (query frames: 1..max_batch, opt ``opt_batch``), "S" (support
     images: 1..max_support, opt 5), "K" (shots: min_shots..max_shots, opt 5).
     """
-    details = graph.get("details", {})
+    details = graph.details
     ranges = {
         "B": (1, opt_batch, details.get("max_batch", 1)),
         "S": (1, 5, details.get("max_support", 1)),
         "K": (details.get("min_shots", 1), 5, details.get("max_shots", 1)),
     }
     shapes = {}
-    for spec in graph["inputs"]:
-        if all(isinstance(d, int) for d in spec["shape"]):
+    for spec in graph.inputs:
+        if all(isinstance(d, int) for d in spec.shape):
             continue
         low, opt, high = [], [], []
-        for dim in spec["shape"]:
+        for dim in spec.shape:
             if isinstance(dim, int):
                 low.append(dim), opt.append(dim), high.append(dim)
                 continue
             if dim not in ranges:
-                raise ManifestError(f"unknown dynamic dimension {dim!r} in {graph['file']}")
+                raise EngineError(f"unknown dynamic dimension {dim!r} in {graph.file}")
             lo, op, hi = ranges[dim]
             low.append(lo), opt.append(min(max(op, lo), hi)), high.append(hi)
-        shapes[spec["name"]] = (tuple(low), tuple(opt), tuple(high))
+        shapes[spec.name] = (tuple(low), tuple(opt), tuple(high))
     return shapes
 
 
-def rebuild_command(export_dir: str | Path, precision: str) -> str:
-    return f"python export/to_trt.py --onnx-dir {export_dir} --precision {precision}"
-
-
-def check_engine_compatible(entry: dict[str, Any], gpu: GpuInfo, tensorrt_version: str,
-                            export_dir: str | Path) -> None:
-    """Raise ``ManifestError`` with the rebuild command when an engine was built elsewhere."""
-    details = entry.get("details", {})
-    built_cc = tuple(details.get("compute_capability", ()))
-    problems = []
-    if details.get("gpu") != gpu.name or built_cc != gpu.compute_capability:
-        problems.append(f"it was built for {details.get('gpu')} (sm{''.join(map(str, built_cc))}),"
-                        f" this is {gpu.name} (sm{''.join(map(str, gpu.compute_capability))})")
-    if details.get("tensorrt") != tensorrt_version:
-        problems.append(f"it was built with TensorRT {details.get('tensorrt')}, this is "
-                        f"TensorRT {tensorrt_version}")
-    if problems:
-        raise ManifestError(
-            f"engine {entry['file']} cannot run here: " + "; ".join(problems)
-            + ". TensorRT engines are tied to the GPU model and the TensorRT version; rebuild "
-            f"with: {rebuild_command(export_dir, entry['precision'])}"
-        )
-
-
 def import_tensorrt():
+    """The ``tensorrt`` module, or ``TensorRTUnavailable`` with the install command."""
     try:
         import tensorrt
     except ImportError as error:
@@ -188,35 +175,33 @@ def build_engine(onnx_path: Path, engine_path: Path, *, plan: BuildPlan,
     atomic_write_bytes(timing_cache, bytes(config.get_timing_cache().serialize()))
 
 
-def engine_entry(graph: dict[str, Any], engine_file: str, precision: str, gpu: GpuInfo,
-                 tensorrt_version: str, shapes: dict, sha256: str) -> dict[str, Any]:
-    """The manifest entry of an engine built from the ONNX graph entry ``graph``."""
-    return {
-        **graph,
-        "file": engine_file,
-        "format": "tensorrt",
-        "precision": precision,
-        "sha256": sha256,
-        "details": {
-            **graph.get("details", {}),
-            "source_onnx": graph["file"],
+def engine_entry(graph: GraphInfo, engine_file: str, precision: str, gpu: GpuInfo,
+                 tensorrt_version: str, shapes: dict, sha256: str) -> GraphInfo:
+    """The manifest entry of an engine built from the ONNX graph entry ``graph``: its I/O, and
+    in ``details`` what the engine is tied to (GPU, compute capability, TensorRT version)."""
+    return dataclasses.replace(
+        graph, file=engine_file, format="tensorrt", precision=precision, sha256=sha256,
+        details={
+            **graph.details,
+            "source_onnx": graph.file,
             "gpu": gpu.name,
             "compute_capability": list(gpu.compute_capability),
             "tensorrt": tensorrt_version,
             "profile": {name: [list(s) for s in shape] for name, shape in shapes.items()},
         },
-    }
+    )
 
 
-def merge_engine_entries(manifest: dict[str, Any], entries: list[dict[str, Any]]) -> dict:
+def merge_engine_entries(manifest: Manifest, entries: list[GraphInfo]) -> Manifest:
     """Manifest with ``entries`` replacing earlier engines of the same role and precision."""
-    replaced = {(e["role"], e["precision"]) for e in entries}
-    kept = [g for g in manifest["graphs"]
-            if g.get("format") != "tensorrt" or (g["role"], g["precision"]) not in replaced]
-    return {**manifest, "graphs": kept + entries}
+    replaced = {(e.role, e.precision) for e in entries}
+    kept = [g for g in manifest.graphs
+            if g.format != "tensorrt" or (g.role, g.precision) not in replaced]
+    return dataclasses.replace(manifest, graphs=(*kept, *entries))
 
 
 def current_gpu() -> GpuInfo:
+    """The visible CUDA GPU (through torch), or ``TensorRTUnavailable`` without one."""
     import torch
 
     if not torch.cuda.is_available():
@@ -228,56 +213,53 @@ def current_gpu() -> GpuInfo:
 
 
 def build_engines(export_dir: str | Path, precision: str, *, opt_batch: int = 1,
-                  max_batch: int | None = None, workspace_bytes: int = 4 << 30,
-                  log=print) -> dict[str, Any]:
+                  max_batch: int | None = None, workspace_bytes: int = 4 << 30) -> Manifest:
     """Build one engine per graph role from an ONNX export directory and record them.
 
     The engines and the updated manifest are written into a staged copy of the directory that
     replaces it in one rename once every engine is built: a failed or interrupted build leaves
-    the export as it was.
+    the export as it was. Returns the updated manifest (as ``read_manifest(export_dir)`` reads
+    it back).
     """
-    from .manifest import read_manifest, verify_hashes
-
     source = Path(export_dir)
-    verify_hashes(source, read_manifest(source))  # before anything is created beside it
+    manifest = read_manifest(source)
+    verify_files(manifest, list(manifest.graphs))  # before anything is created beside it
     with staged_directory(source, seed=True) as staging:
-        return _build_engines_into(source, staging, precision, opt_batch, max_batch,
-                                   workspace_bytes, log)
+        manifest = _build_engines_into(source, staging, precision, opt_batch, max_batch,
+                                       workspace_bytes)
+    return dataclasses.replace(manifest, directory=source)
 
 
 def _build_engines_into(source: Path, directory: Path, precision: str, opt_batch: int,
-                        max_batch: int | None, workspace_bytes: int, log) -> dict[str, Any]:
+                        max_batch: int | None, workspace_bytes: int) -> Manifest:
     """Engines + the updated manifest into ``directory``, a staged copy of ``source``."""
-    from .manifest import MANIFEST_NAME, read_manifest, sha256_of, verify_hashes, write_json_atomic
-
-    manifest = read_manifest(source)
-    verify_hashes(directory, manifest)
+    manifest = read_manifest(directory)
+    verify_files(manifest, list(manifest.graphs))
     trt = import_tensorrt()
     version = trt.__version__
     gpu = current_gpu()
     plan = build_plan(version, precision)
-    onnx_graphs = {(g["role"], g["precision"]): g for g in manifest["graphs"]
-                   if g.get("format", "onnx") == "onnx"}
+    onnx_graphs = {(g.role, g.precision): g for g in manifest.graphs if g.format == "onnx"}
     roles = sorted({role for role, _ in onnx_graphs})
     entries = []
     for role in roles:
         graph = onnx_graphs.get((role, plan.onnx_precision))
         if graph is None:
-            raise ManifestError(
+            raise EngineError(
                 f"{source} has no {plan.onnx_precision} ONNX graph for {role}, which "
                 f"TensorRT {version} needs for {precision} engines; export it with "
-                f"python export/to_onnx.py --precisions {plan.onnx_precision} ..."
+                f"{reexport_hint(source)} --precisions {plan.onnx_precision}"
             )
-        if max_batch is not None and "max_batch" in graph.get("details", {}):
-            graph = {**graph, "details": {**graph["details"], "max_batch": max_batch}}
+        if max_batch is not None and "max_batch" in graph.details:
+            graph = dataclasses.replace(graph, details={**graph.details, "max_batch": max_batch})
         shapes = profile_shapes(graph, opt_batch)
         name = engine_file_name(role, precision, gpu, version, shapes)
-        log(f"building {name} (TensorRT {version}, {plan})")
-        build_engine(directory / graph["file"], directory / name, plan=plan, shapes=shapes,
+        log.info("building %s (TensorRT %s, %s)", name, version, plan)
+        build_engine(directory / graph.file, directory / name, plan=plan, shapes=shapes,
                      timing_cache=directory / f"timing_cache.trt{version}.bin",
                      workspace_bytes=workspace_bytes)
         entries.append(engine_entry(graph, name, precision, gpu, version, shapes,
                                     sha256_of(directory / name)))
     manifest = merge_engine_entries(manifest, entries)
-    write_json_atomic(directory / MANIFEST_NAME, manifest)
+    write_manifest(manifest)
     return manifest

@@ -17,20 +17,25 @@ label check records how many distinct labels the reference holds, so a check on 
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
+from mfnet_runtime.manifest import Manifest
 
 from ..data.episodes import synthetic_episodes
 from ..model.mfnet import MFNet
 from .wrappers import PrototypeAggregator, QueryDecoder, SupportEncoder
 
+log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class Tolerance:
+    """How far an exported graph's outputs may be from the reference's (see the module text)."""
+
     atol: float  # features and prototypes: |ort - ref| <= atol + rtol * |ref|
     rtol: float
     probability_atol: float  # probabilities (in [0, 1]): |ort - ref| <= probability_atol
@@ -99,6 +104,7 @@ def verification_inputs(model: MFNet, seed: int = 0) -> dict[str, dict[str, list
 
 
 def _compare(name: str, ort_out: np.ndarray, ref: np.ndarray, tolerance: Tolerance) -> dict:
+    """One output of one graph against the reference: the check's numbers and ``passed``."""
     if ort_out.shape != ref.shape or ort_out.dtype != ref.dtype:
         return {"output": name, "passed": False,
                 "problem": f"shape/dtype {ort_out.shape} {ort_out.dtype} != {ref.shape} {ref.dtype}"}
@@ -119,13 +125,12 @@ def _compare(name: str, ort_out: np.ndarray, ref: np.ndarray, tolerance: Toleran
 
 
 def verify_export(
-    directory: str | Path,
-    manifest: dict[str, Any],
+    manifest: Manifest,
     model: MFNet,
     providers: tuple[str, ...] = ("CPUExecutionProvider",),
-    log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Run every ONNX graph of ``manifest`` with ONNX Runtime and compare with ``model``.
+    """Run every ONNX graph of ``manifest`` (files in ``manifest.directory``) with ONNX Runtime
+    and compare with ``model``; each result line is logged (INFO).
 
     Returns ``{"passed": bool, "text": str, "graphs": [...], "tolerances": {...}}``.
     """
@@ -135,35 +140,35 @@ def verify_export(
     model = model.float().eval()
     inputs = verification_inputs(model)
     results, lines = [], []
-    for graph in manifest["graphs"]:
-        if graph.get("format", "onnx") != "onnx":
+    for graph in manifest.graphs:
+        if graph.format != "onnx":
             continue
-        path = Path(directory) / graph["file"]
+        path = manifest.directory / graph.file
         onnx.checker.check_model(str(path), full_check=True)
-        tolerance = TOLERANCES[graph["precision"]]
+        tolerance = TOLERANCES[graph.precision]
         session = ort.InferenceSession(str(path), providers=list(providers))
-        reference = WRAPPERS[graph["role"]](model, **REFERENCE_OPTIONS.get(graph["role"], {}))
+        reference = WRAPPERS[graph.role](model, **REFERENCE_OPTIONS.get(graph.role, {}))
         reference = reference.eval()
-        for input_set, tensors in inputs[graph["role"]].items():
-            feed = {spec["name"]: t.numpy() for spec, t in zip(graph["inputs"], tensors)}
+        for input_set, tensors in inputs[graph.role].items():
+            feed = {spec.name: t.numpy() for spec, t in zip(graph.inputs, tensors)}
             ort_outputs = session.run(None, feed)
             with torch.no_grad():
                 ref_outputs = reference(*tensors)
             if isinstance(ref_outputs, torch.Tensor):
                 ref_outputs = (ref_outputs,)
-            checks = [_compare(spec["name"], got, want.numpy(), tolerance)
-                      for spec, got, want in zip(graph["outputs"], ort_outputs, ref_outputs)]
+            checks = [_compare(spec.name, got, want.numpy(), tolerance)
+                      for spec, got, want in zip(graph.outputs, ort_outputs, ref_outputs)]
             passed = all(check["passed"] for check in checks)
-            results.append({"file": graph["file"], "inputs": input_set, "passed": passed,
+            results.append({"file": graph.file, "inputs": input_set, "passed": passed,
                             "providers": session.get_providers(), "checks": checks})
             summary = ", ".join(
                 f"{c['output']}: " + (f"agreement {c['label_agreement']:.4f}"
                                       if "label_agreement" in c else
                                       f"max|diff| {c.get('max_abs_diff', float('nan')):.2e}")
                 for c in checks)
-            line = f"{'ok  ' if passed else 'FAIL'} {graph['file']} [{input_set}] {summary}"
+            line = f"{'ok  ' if passed else 'FAIL'} {graph.file} [{input_set}] {summary}"
             lines.append(line)
-            log(line)
+            log.info("%s", line)
     return {
         "passed": all(result["passed"] for result in results) and bool(results),
         "text": "\n".join(lines),

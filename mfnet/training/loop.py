@@ -29,9 +29,8 @@ from ..losses import pixel_triplet_loss, weighted_focal_loss
 from ..model.build import build_mfnet
 from ..model.mfnet import MFNet, QueryOutput
 from ..ops.triplet_sampling import sample_triplets
-from .checkpoint import (
-    CheckpointError, capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint,
-)
+from ..checkpoint import CheckpointError, load_checkpoint
+from .checkpoint import capture_rng_state, restore_rng_state, save_checkpoint
 from .distributed import DistContext, broadcast_buffers, shard_indices
 from .logs import TrainLogger, plot_curves
 from .resume import RESUME_FREE

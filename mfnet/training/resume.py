@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import Config, EvalConfig
-from .checkpoint import load_checkpoint
+from ..checkpoint import load_checkpoint
 
 CHECKPOINT_NAME = "last.pt"
 # Options a resumed run may change: the run length, the device, I/O, the evaluation protocol.

@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--engines", required=True, metavar="DIR",
                          type=options.directory_path,
                          help="folder of exported engines with their manifest.json "
-                              "(export/to_onnx.py, export/to_trt.py)")
+                              "(python -m mfnet.export onnx|trt)")
     support = segment.add_mutually_exclusive_group(required=True)
     support.add_argument("--support", metavar="SPEC",
                          help="support set: a folder with one sub-folder of images and "

@@ -26,9 +26,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .errors import RuntimeInputError
+from .errors import RuntimeInputError, reexport_hint
 
 DEFAULT_CLASSES = ("dots", "checker")  # the default checkpoint is 2-way
+# The export is the training package's (torch, onnx): its ``export`` extra, from the checkout.
+EXPORT_INSTALL = "pip install -e '.[export]'"
 
 
 @dataclass(frozen=True)
@@ -256,11 +258,13 @@ def _clip(rng: np.random.Generator, classes: tuple[str, ...], frames: int, heigh
 
 def next_commands(files: DemoFiles, checkpoint: str = "runs/synthetic-cpu/last.pt",
                   engines: str = "engines/synthetic") -> list[str]:
-    """The two commands to run next: export the default checkpoint, segment the video."""
+    """The commands to run next: install the export (the training package with its ``export``
+    extra: torch, onnx), export the default checkpoint, segment the video."""
     output = (files.video.parent / "segmented.mp4" if not files.video_is_folder
               else files.video.parent / "segmented")
     return [
-        f"python export/to_onnx.py --checkpoint {checkpoint} --out {engines}",
+        f"{EXPORT_INSTALL}  # once, in the mfnet checkout: the export needs torch and onnx",
+        reexport_hint(engines, checkpoint),
         f"python -m mfnet_runtime segment --engines {engines} --support {files.support} "
         f"--input {files.video} --output {output}",
     ]

@@ -39,13 +39,17 @@ def require(module: str, feature: str, install: str):
             f"{install} (import failed: {error})") from error
 
 
-REEXPORT_COMMAND = "python export/to_onnx.py --checkpoint CHECKPOINT --out {directory}"
-REBUILD_COMMAND = "python export/to_trt.py --onnx-dir {directory} --precision {precision}"
+# The commands that recreate artifacts: the training package's export command, which works
+# from an installed mfnet (``pip install -e '.[export]'``; export/to_onnx.py and
+# export/to_trt.py in a source checkout are the same commands).
+EXPORT_COMMAND = "python -m mfnet.export"
+REEXPORT_COMMAND = EXPORT_COMMAND + " onnx --checkpoint {checkpoint} --out {directory}"
+REBUILD_COMMAND = EXPORT_COMMAND + " trt --onnx-dir {directory} --precision {precision}"
 
 
-def reexport_hint(directory: object) -> str:
-    """The command that recreates an ONNX export directory (from its training checkpoint)."""
-    return REEXPORT_COMMAND.format(directory=directory)
+def reexport_hint(directory: object, checkpoint: object = "CHECKPOINT") -> str:
+    """The command that recreates an ONNX export directory from its training checkpoint."""
+    return REEXPORT_COMMAND.format(directory=directory, checkpoint=checkpoint)
 
 
 def rebuild_hint(directory: object, precision: str) -> str:

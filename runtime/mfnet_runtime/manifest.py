@@ -1,9 +1,16 @@
-"""Reading and checking ``manifest.json``, the self-description of an export directory.
+"""``manifest.json``, the self-description of an export directory: the one definition of the
+artifact format, for the exporter (``mfnet.export`` writes it) and the runtime (reads it).
 
-Standard library only (json, hashlib): the runtime never imports the training package. The
-manifest is written by ``export/to_onnx.py`` (schema ``mfnet-export-v1``) and extended by
-``export/to_trt.py`` with TensorRT engine entries. Every problem is an ``EngineError`` that names
-the file and the command that recreates it.
+The manifest records the model's contract (way, input size, channels, normalisation, colour
+order, resize mode), every graph's inputs and outputs (names, shapes with symbolic dimensions,
+dtypes), the opset, the versions that produced it, the SHA-256 of the source checkpoint and of
+every file, and the verification report. Schema ``mfnet-export-v1``: written by
+``python -m mfnet.export onnx`` and extended with TensorRT engine entries by
+``python -m mfnet.export trt``. ``write_manifest`` serialises the typed objects below and
+``read_manifest`` parses them back (a round trip gives equal objects); every problem is an
+``EngineError`` that names the file and the command that recreates it.
+
+Standard library only (json, hashlib): the runtime never imports torch or the training package.
 """
 
 from __future__ import annotations
@@ -16,10 +23,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .atomic import atomic_write_bytes
 from .errors import EngineError, rebuild_hint, reexport_hint
 
-SCHEMA = "mfnet-export-v1"
+SCHEMA = "mfnet-export-v1"  # the format version; a reader refuses any other
 MANIFEST_NAME = "manifest.json"
+# What every graph's image inputs are (recorded for readers of the JSON; the runtime feeds it).
+IMAGE_LAYOUT = "NHWC uint8, normalised inside the graphs"
 PRECISIONS = ("fp32", "fp16")
 FORMATS = ("onnx", "tensorrt")
 RESIZE_MODES = ("pad", "stretch")
@@ -34,6 +44,8 @@ ROLE_IO: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 
 @dataclass(frozen=True)
 class TensorInfo:
+    """One input or output of a graph."""
+
     name: str
     shape: tuple[int | str, ...]  # ints are static; "B", "S", "K" name dynamic dimensions
     dtype: str  # numpy dtype name
@@ -80,10 +92,26 @@ class ModelInfo:
 
 
 @dataclass(frozen=True)
+class CheckpointInfo:
+    """The training checkpoint an export was made from."""
+
+    file: str  # its file name
+    sha256: str
+
+
+@dataclass(frozen=True)
 class Manifest:
+    """An export directory's manifest. ``directory`` is where it was read from (or is written
+    to by ``write_manifest``) and is not part of the JSON; the optional fields may be absent
+    from hand-written manifests."""
+
     directory: Path
     model: ModelInfo
     graphs: tuple[GraphInfo, ...]
+    opset: int | None = None
+    versions: Mapping[str, str] = field(default_factory=dict)  # package -> version
+    checkpoint: CheckpointInfo | None = None
+    verification: Mapping[str, Any] | None = None  # the exporter's parity report
 
     @property
     def required_roles(self) -> tuple[str, ...]:
@@ -101,14 +129,16 @@ class Manifest:
         return {role: found[role] for role in self.required_roles}
 
     def available_precisions(self, fmt: str = "onnx") -> list[str]:
+        """The precisions with a complete graph set of format ``fmt``, FP32 first."""
         return [p for p in PRECISIONS if self.graph_set(p, fmt) is not None]
 
     @property
     def engine_id(self) -> str:
         """SHA-256 over the ONNX graphs' hashes: which weights a support set was encoded with.
 
-        TensorRT engines are built from these graphs, so adding engines with ``to_trt.py`` keeps
-        the id (and the saved support sets) valid; a re-export with other weights changes it.
+        TensorRT engines are built from these graphs, so adding engines (``python -m mfnet.export
+        trt``) keeps the id (and the saved support sets) valid; a re-export with other weights
+        changes it.
         """
         sources = [g for g in self.graphs if g.format == "onnx"] or list(self.graphs)
         lines = sorted(f"{g.role}:{g.precision}:{g.sha256}" for g in sources)
@@ -116,6 +146,7 @@ class Manifest:
 
 
 def sha256_of(path: str | Path) -> str:
+    """SHA-256 of a file's bytes (hex), read in 1 MiB blocks."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -124,6 +155,7 @@ def sha256_of(path: str | Path) -> str:
 
 
 def _fail(path: Path, problem: str) -> EngineError:
+    """The ``EngineError`` for a problem of the manifest at ``path``, with the re-export command."""
     return EngineError(
         f"{path}: {problem}. Re-export the directory with: {reexport_hint(path.parent)}"
     )
@@ -135,10 +167,12 @@ DYNAMIC_DIMENSIONS = ("B", "S", "K")
 
 
 def _is_int(value: Any) -> bool:
+    """An int that is not a bool (JSON true is not a size)."""
     return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _is_number(value: Any) -> bool:
+    """A finite int or float that is not a bool."""
     return (isinstance(value, (int, float)) and not isinstance(value, bool)
             and math.isfinite(value))
 
@@ -153,6 +187,7 @@ def _require(path: Path, where: str, value: Any, ok: bool, expected: str) -> Any
 
 def _int_field(path: Path, data: Mapping[str, Any], key: str, where: str,
                minimum: int = 1) -> int:
+    """``data[key]``, an integer >= ``minimum``, else the EngineError naming ``where.key``."""
     if key not in data:
         raise _fail(path, f"field {where}.{key} is missing")
     value = data[key]
@@ -162,6 +197,7 @@ def _int_field(path: Path, data: Mapping[str, Any], key: str, where: str,
 
 def _str_field(path: Path, data: Mapping[str, Any], key: str, where: str,
                default: str | None = None, choices: tuple[str, ...] = ()) -> str:
+    """``data[key]``, a non-empty string (one of ``choices`` if given; ``default`` if absent)."""
     if key not in data and default is not None:
         return default
     if key not in data:
@@ -175,6 +211,7 @@ def _str_field(path: Path, data: Mapping[str, Any], key: str, where: str,
 
 
 def _tensors(path: Path, items: Any, where: str) -> tuple[TensorInfo, ...]:
+    """A graph's ``inputs`` / ``outputs`` list."""
     _require(path, where, items, isinstance(items, list), "a list of tensors")
     tensors = []
     for i, item in enumerate(items):
@@ -190,6 +227,7 @@ def _tensors(path: Path, items: Any, where: str) -> tuple[TensorInfo, ...]:
 
 
 def _details(path: Path, data: Any, where: str) -> dict[str, Any]:
+    """A graph's ``details``: free-form, but its shape limits are integers >= 1."""
     _require(path, where, data, isinstance(data, dict), "an object")
     for key in DETAIL_LIMITS:
         if key in data:
@@ -201,6 +239,7 @@ def _details(path: Path, data: Any, where: str) -> dict[str, Any]:
 
 
 def _graph(path: Path, data: Any, index: int) -> GraphInfo:
+    """``graphs[index]``, checked against the I/O contract of its role."""
     where = f"graphs[{index}]"
     _require(path, where, data, isinstance(data, dict), "an object")
     for key in ("role", "file", "precision", "inputs", "outputs"):
@@ -233,6 +272,7 @@ def _graph(path: Path, data: Any, index: int) -> GraphInfo:
 
 def _rgb_triple(path: Path, data: Mapping[str, Any], key: str, positive: bool
                 ) -> tuple[float, ...]:
+    """``model.mean`` / ``model.std``: three finite numbers (> 0 if ``positive``)."""
     value = data.get(key)
     ok = (isinstance(value, list) and len(value) == 3 and all(map(_is_number, value))
           and (not positive or min(value) > 0))
@@ -242,6 +282,7 @@ def _rgb_triple(path: Path, data: Mapping[str, Any], key: str, positive: bool
 
 
 def _model(path: Path, data: Any) -> ModelInfo:
+    """The ``model`` section."""
     if not isinstance(data, dict):
         raise _fail(path, "the 'model' entry is missing")
     attention = data.get("support_attention")
@@ -263,6 +304,21 @@ def _model(path: Path, data: Any) -> ModelInfo:
     return model
 
 
+def _checkpoint(path: Path, data: Any) -> CheckpointInfo | None:
+    """The optional ``checkpoint`` section: the source checkpoint's name and SHA-256."""
+    if data is None:
+        return None
+    _require(path, "checkpoint", data, isinstance(data, dict), "an object")
+    return CheckpointInfo(_str_field(path, data, "file", "checkpoint"),
+                          _str_field(path, data, "sha256", "checkpoint"))
+
+
+def _versions(path: Path, data: Any) -> dict[str, str]:
+    """The optional ``versions`` section: package name -> version string."""
+    ok = isinstance(data, dict) and all(isinstance(v, str) for v in data.values())
+    return dict(_require(path, "versions", data, ok, "an object of version strings"))
+
+
 def read_manifest(directory: str | Path) -> Manifest:
     """Parse and validate ``directory/manifest.json`` (no file hashes: see ``verify_files``)."""
     directory = Path(directory)
@@ -280,10 +336,68 @@ def read_manifest(directory: str | Path) -> Manifest:
     if not isinstance(data, dict) or data.get("schema") != SCHEMA:
         found = data.get("schema") if isinstance(data, dict) else type(data).__name__
         raise _fail(path, f"schema {found!r}, this runtime reads {SCHEMA!r}")
-    if not isinstance(data.get("graphs"), list):
-        raise _fail(path, "the 'graphs' list is missing")
-    graphs = tuple(_graph(path, g, i) for i, g in enumerate(data["graphs"]))
-    return Manifest(directory, _model(path, data.get("model")), graphs)
+    items = _require(path, "graphs", data.get("graphs"), isinstance(data.get("graphs"), list),
+                     "a list of graph entries")
+    graphs = tuple(_graph(path, g, i) for i, g in enumerate(items))
+    verification = data.get("verification")
+    _require(path, "verification", verification,
+             verification is None or isinstance(verification, dict), "an object")
+    opset = data.get("opset")
+    _require(path, "opset", opset, opset is None or (_is_int(opset) and opset >= 1),
+             "an integer >= 1")
+    return Manifest(
+        directory, _model(path, data.get("model")), graphs, opset=opset,
+        versions=_versions(path, data.get("versions", {})),
+        checkpoint=_checkpoint(path, data.get("checkpoint")),
+        verification=verification,
+    )
+
+
+def _tensor_json(tensor: TensorInfo) -> dict[str, Any]:
+    """A ``TensorInfo`` as its JSON object."""
+    return {"name": tensor.name, "shape": list(tensor.shape), "dtype": tensor.dtype}
+
+
+def _graph_json(graph: GraphInfo) -> dict[str, Any]:
+    """A ``GraphInfo`` as its JSON object (an entry of ``graphs``)."""
+    return {"role": graph.role, "file": graph.file, "precision": graph.precision,
+            "format": graph.format, "sha256": graph.sha256,
+            "inputs": [_tensor_json(t) for t in graph.inputs],
+            "outputs": [_tensor_json(t) for t in graph.outputs],
+            "details": dict(graph.details)}
+
+
+def manifest_json(manifest: Manifest) -> dict[str, Any]:
+    """The JSON object of ``manifest.json`` (``read_manifest`` parses it back to ``manifest``)."""
+    model = manifest.model
+    data: dict[str, Any] = {
+        "schema": SCHEMA,
+        "model": {"way": model.way, "train_shot": model.train_shot, "channels": model.channels,
+                  "input_size": model.input_size, "backbone": model.backbone,
+                  "mean": list(model.mean), "std": list(model.std), "color": model.color,
+                  "resize": model.resize, "image_layout": IMAGE_LAYOUT,
+                  "support_attention": model.support_attention},
+        "graphs": [_graph_json(g) for g in manifest.graphs],
+    }
+    if manifest.opset is not None:
+        data["opset"] = manifest.opset
+    if manifest.versions:
+        data["versions"] = dict(manifest.versions)
+    if manifest.checkpoint is not None:
+        data["checkpoint"] = {"file": manifest.checkpoint.file,
+                              "sha256": manifest.checkpoint.sha256}
+    if manifest.verification is not None:
+        data["verification"] = dict(manifest.verification)
+    return data
+
+
+def write_manifest(manifest: Manifest) -> Path:
+    """Write ``manifest`` to ``manifest.directory/manifest.json`` atomically and durably;
+    returns the path. Only the JSON is written: the files it lists are there already."""
+    path = manifest.directory / MANIFEST_NAME
+    atomic_write_bytes(path, json.dumps(manifest_json(manifest), indent=2).encode(),
+                       durable=True)
+    return path
 
 
 def verify_files(manifest: Manifest, graphs: list[GraphInfo], check_hashes: bool = True) -> None:

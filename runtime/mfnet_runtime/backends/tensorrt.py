@@ -1,13 +1,14 @@
-"""TensorRT backend: serialized engines from ``export/to_trt.py``, run with ``execute_async_v3``.
+"""TensorRT backend: serialized engines from ``python -m mfnet.export trt``, run with
+``execute_async_v3``.
 
-Engines are tied to the GPU model and the TensorRT version that built them; ``select_engines``
-picks the manifest entries built for this GPU and TensorRT (a pure function, unit-tested) and
-otherwise fails with the rebuild command. Device memory, pinned host staging buffers, a
-non-blocking stream and optional CUDA graphs come from NVIDIA's ``cuda-python`` bindings (no
-pycuda, no torch). Each engine's buffers are allocated once, at the largest shape of its
-optimisation profile, and their addresses are set once. A CUDA graph freezes the shapes and
-addresses (and the context state) it was captured with, so the captured decoder batch gets an
-execution context of its own that nothing else enqueues on.
+Engines are tied to the GPU model and the TensorRT version that built them (the rule:
+``engine_mismatch``); ``select_engines`` picks the manifest entries built for this GPU and
+TensorRT (pure functions, unit-tested) and otherwise fails with the rebuild command. Device
+memory, pinned host staging buffers, a non-blocking stream and optional CUDA graphs come from
+NVIDIA's ``cuda-python`` bindings (no pycuda, no torch). Each engine's buffers are allocated
+once, at the largest shape of its optimisation profile, and their addresses are set once. A CUDA
+graph freezes the shapes and addresses (and the context state) it was captured with, so the
+captured decoder batch gets an execution context of its own that nothing else enqueues on.
 
 Status: written against the TensorRT 10/11 Python API and cuda-python's runtime bindings; run
 on the CPU against fakes with device semantics (tests/gpu_fakes.py: opaque device memory,
@@ -86,12 +87,29 @@ def check_driver(cudart: Any) -> None:
             f"driver)")
 
 
-def engine_compatible(graph: GraphInfo, gpu: str, capability: tuple[int, int],
-                      tensorrt_version: str) -> bool:
+def _sm(capability: Any) -> str:
+    """"sm90" for the compute capability (9, 0)."""
+    return "sm" + "".join(map(str, capability))
+
+
+def engine_mismatch(graph: GraphInfo, gpu: str, capability: tuple[int, int],
+                    tensorrt_version: str) -> list[str]:
+    """Why the engine entry ``graph`` cannot run on ``gpu`` with this TensorRT; [] if it can.
+
+    The compatibility rule of TensorRT engines (the builder records ``details["gpu"]``,
+    ``"compute_capability"`` and ``"tensorrt"``): an engine runs only on the GPU model and
+    compute capability it was built on, with the exact TensorRT version that built it.
+    """
     details = graph.details
-    return (details.get("gpu") == gpu
-            and tuple(details.get("compute_capability", ())) == tuple(capability)
-            and details.get("tensorrt") == tensorrt_version)
+    built = tuple(details.get("compute_capability", ()))
+    problems = []
+    if details.get("gpu") != gpu or built != tuple(capability):
+        problems.append(f"built for {details.get('gpu')} ({_sm(built)}), this is {gpu} "
+                        f"({_sm(capability)})")
+    if details.get("tensorrt") != tensorrt_version:
+        problems.append(f"built with TensorRT {details.get('tensorrt')}, this is TensorRT "
+                        f"{tensorrt_version}")
+    return problems
 
 
 def select_engines(manifest: Manifest, precision: str, gpu: str, capability: tuple[int, int],
@@ -102,7 +120,7 @@ def select_engines(manifest: Manifest, precision: str, gpu: str, capability: tup
     when the manifest has no engines, or none that can run here.
     """
     order = ["fp16", "fp32"] if precision == "auto" else [precision]
-    here = f"{gpu} (sm{capability[0]}{capability[1]}), TensorRT {tensorrt_version}"
+    here = f"{gpu} ({_sm(capability)}), TensorRT {tensorrt_version}"
     engines = [g for g in manifest.graphs if g.format == "tensorrt"]
     if not engines:
         raise no_engines_error(manifest, precision)
@@ -111,16 +129,13 @@ def select_engines(manifest: Manifest, precision: str, gpu: str, capability: tup
         chosen: dict[str, GraphInfo] = {}
         for role in manifest.required_roles:
             entries = [g for g in engines if g.role == role and g.precision == candidate]
-            match = [g for g in entries if engine_compatible(g, gpu, capability,
-                                                             tensorrt_version)]
+            match = [g for g in entries
+                     if not engine_mismatch(g, gpu, capability, tensorrt_version)]
             if match:
                 chosen[role] = match[0]
             elif entries:
-                built = entries[0].details
-                problems.append(
-                    f"{entries[0].file} was built for {built.get('gpu')} (sm"
-                    f"{''.join(map(str, built.get('compute_capability', ())))}) with TensorRT "
-                    f"{built.get('tensorrt')}")
+                mismatch = engine_mismatch(entries[0], gpu, capability, tensorrt_version)
+                problems.append(f"{entries[0].file} was {' and '.join(mismatch)}")
             else:
                 problems.append(f"no {candidate} engine for {role}")
         if len(chosen) == len(manifest.required_roles):
@@ -133,6 +148,7 @@ def select_engines(manifest: Manifest, precision: str, gpu: str, capability: tup
 
 
 def no_engines_error(manifest: Manifest, precision: str) -> EngineError:
+    """The ``EngineError`` for an export without TensorRT engines, with the build command."""
     wanted = "fp16" if precision == "auto" else precision
     return EngineError(f"{manifest.directory} has no TensorRT engines; build them on this GPU "
                        f"with: {rebuild_hint(manifest.directory, wanted)}")
