@@ -194,3 +194,23 @@ def test_added_engines_and_manifest_arrive_together(previous, monkeypatch) -> No
     assert siblings(target) == ["engines"]
     with Segmenter.load(target, backend="onnxruntime", device="cpu"):
         pass
+
+
+def test_replaced_files_and_exports_get_ordinary_permissions(tmp_path) -> None:
+    """Temporary files and folders are private (0600 / 0700); what they become is not: a new
+    file or export gets what open()/mkdir() would give it, a replaced one keeps its mode."""
+    mask = os.umask(0o022)
+    try:
+        new = tmp_path / "results.json"
+        atomic.atomic_write_bytes(new, b"{}")
+        assert new.stat().st_mode & 0o777 == 0o644
+        kept = tmp_path / "shared.json"
+        kept.write_bytes(b"old")
+        kept.chmod(0o664)
+        atomic.atomic_write_bytes(kept, b"new")
+        assert kept.stat().st_mode & 0o777 == 0o664 and kept.read_bytes() == b"new"
+        with atomic.staged_directory(tmp_path / "export") as staging:
+            (staging / "manifest.json").write_text("{}")
+        assert (tmp_path / "export").stat().st_mode & 0o777 == 0o755
+    finally:
+        os.umask(mask)

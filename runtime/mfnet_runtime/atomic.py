@@ -18,6 +18,32 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
+def _umask() -> int:
+    """The process's file-creation mask, read without changing it where the system allows.
+
+    (``os.umask`` can only be read by setting it, which would briefly affect other threads.)
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _final_mode(path: Path, created: int) -> int:
+    """The permission bits a replaced ``path`` gets: those of the file or folder it replaces, or
+    what a plain ``open``/``mkdir`` would give a new one (``created`` minus the umask); the
+    temporary files and folders made here are private (0600 / 0700) until then."""
+    try:
+        return path.stat().st_mode & 0o7777
+    except OSError:
+        return created & ~_umask()
+
+
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, durable: bool = False) -> None:
     """Write ``data`` to ``path`` via a hidden temporary file in the same folder (``.NAME.*.tmp``)
     and ``os.replace``. ``durable`` also fsyncs the file before the rename (checkpoints,
@@ -34,6 +60,7 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, durable: bool 
                                                  suffix=".tmp")
         with os.fdopen(descriptor, "wb") as handle:
             handle.write(data)
+            os.fchmod(handle.fileno(), _final_mode(path, 0o666))
             if durable:
                 handle.flush()
                 os.fsync(handle.fileno())
@@ -66,6 +93,7 @@ def staged_directory(target: str | os.PathLike[str], seed: bool = False) -> Iter
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.",
                                     suffix=".staging"))
     try:
+        staging.chmod(_final_mode(target, 0o777))
         if seed and target.is_dir():
             _link_tree(target, staging)
         yield staging
