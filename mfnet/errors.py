@@ -19,10 +19,10 @@ from mfnet_runtime.boundary import (
 from mfnet_runtime.errors import EngineError, MissingDependencyError, require
 
 from .data.errors import DatasetError
+from .device import DeviceUnavailable
 from .export.manifest import ManifestError
 from .model.backbone import WeightsUnavailableError
 from .training.checkpoint import CheckpointError
-from .training.loop import DeviceUnavailable
 
 EXPORT_INSTALL = "pip install 'mfnet[export]'"
 DATA_INSTALL = "pip install 'mfnet[data]'"

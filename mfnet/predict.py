@@ -23,11 +23,11 @@ import torch
 from mfnet_runtime.images import Geometry, restore_labels, restore_smooth
 
 from .data.transforms import TestResize
+from .device import resolve_device
 from .model.mfnet import MFNet
 from .model.support import SupportCache
 from .threads import set_torch_threads
 from .training.checkpoint import model_from_checkpoint
-from .training.loop import resolve_device
 
 @dataclass(frozen=True)
 class TorchSupport:

@@ -35,7 +35,7 @@ from mfnet.export import onnx_export
 from mfnet.export.onnx_export import ExportError, ExportLimits, export_onnx
 from mfnet.model.backbone import WeightsUnavailableError, build_backbone
 from mfnet.training.checkpoint import CheckpointError, model_from_checkpoint, save_checkpoint
-from mfnet.training.loop import DeviceUnavailable, resolve_device
+from mfnet.device import DeviceUnavailable, resolve_device
 from mfnet_runtime import cli as runtime_cli
 from mfnet_runtime.boundary import command_boundary, error_line, scrub_unsafe_advice
 from mfnet_runtime.errors import EngineError, MissingDependencyError, RuntimeInputError
@@ -47,6 +47,7 @@ from mfnet_runtime.video import require_cv2
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "errors.md"
 TRAIN_TINY = ["--image-size", "48", "--channels", "16", "--epochs", "1",
               "--episodes-per-epoch", "4", "--batch-size", "2", "--workers", "0",
+              "--pml-start-epoch", "0",  # PML on: no warning on stderr beside the error line
               "--no-evaluate", "--no-progress", "--visuals", "0"]
 
 
