@@ -23,8 +23,8 @@ from mfnet_runtime.errors import EngineError, MissingDependencyError, require
 
 from .checkpoint import CheckpointError
 from .data.errors import DatasetError
+from .device import DeviceUnavailable
 from .model.backbone import WeightsUnavailableError
-from .training.loop import DeviceUnavailable
 
 EXPORT_INSTALL = "pip install 'mfnet[export]'"
 DATA_INSTALL = "pip install 'mfnet[data]'"

@@ -18,9 +18,11 @@ from pathlib import Path
 import torch
 from mfnet_runtime import options
 from mfnet_runtime.atomic import atomic_write_bytes
+from mfnet_runtime.console import configure_logging
 
 from .checkpoint import load_checkpoint, model_from_checkpoint
 from .config import Config, add_config_arguments, overrides_from_args
+from .device import resolve_device
 from .errors import mfnet_command
 from .evaluation import (
     ProtocolResult, fold_table, format_results, protocol_description, run_protocol,
@@ -30,7 +32,6 @@ from .model.mfnet import MFNet
 from .model.naive import NaiveMultiWay
 from .threads import add_threads_argument, set_torch_threads
 from .training.distributed import DistContext
-from .training.loop import resolve_device
 
 # The benchmark and fold are the checkpoint's: other folds are evaluated with --folds.
 FIXED_BY_CHECKPOINT = ("dataset", "fold")
@@ -55,6 +56,8 @@ def evaluate_model(
 
 def write_results(path: Path, results: dict[str, ProtocolResult], config: Config,
                   extra: dict | None = None) -> None:
+    """Write the protocol, configuration and per-predictor summaries (+ ``extra``) as JSON,
+    atomically."""
     payload = {
         "protocol": protocol_description(config),
         "config": config.to_dict(),
@@ -65,6 +68,7 @@ def write_results(path: Path, results: dict[str, ProtocolResult], config: Config
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m mfnet.evaluate``."""
     parser = argparse.ArgumentParser(
         prog="python -m mfnet.evaluate",
         description=__doc__,
@@ -115,6 +119,7 @@ def _resolved_config(path: str, args: argparse.Namespace) -> Config:
 
 def _evaluate_checkpoint(path: str, args: argparse.Namespace, device: torch.device
                          ) -> tuple[dict[str, ProtocolResult], Config]:
+    """Evaluate one checkpoint and print its results (and draw its visuals on request)."""
     model, _ = model_from_checkpoint(path, map_location=device)
     config = _resolved_config(path, args)
     results = evaluate_model(model, config, device, baseline=args.baseline,
@@ -141,7 +146,9 @@ def _folds(text: str) -> list[int]:
 
 @mfnet_command()
 def main(argv: list[str] | None = None) -> int:
+    """``python -m mfnet.evaluate``: returns the exit code (0; 2 on an error)."""
     args = build_parser().parse_args(argv)
+    configure_logging()  # the library's warnings (a data cache it cannot write, ...)
     checkpoint = str(args.checkpoint)
     first_path = checkpoint.replace("{fold}", str((args.folds or [0])[0]))
     if args.print_config:

@@ -13,12 +13,12 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Subset, default_collate
-from tqdm import tqdm
+from torch.utils.data import DataLoader, Dataset, Subset, default_collate
 
 from .config import Config
 from .data.benchmarks import build_episodes, describe, novel_class_ids
 from .metrics import FewShotMeter
+from .progress import progress_bar
 from .training.distributed import DistContext, all_reduce_sum, shard_indices
 
 # (support_images [B,N,K,3,H,W], support_masks [B,N,K,H,W], query [B,3,H,W]) -> logits [B,N+1,H,W]
@@ -34,9 +34,11 @@ class ProtocolResult:
     runs: tuple[dict, ...]
 
     def mean(self, metric: str) -> float:
+        """Mean of ``metric`` over the runs."""
         return statistics.fmean(run[metric] for run in self.runs)
 
     def std(self, metric: str) -> float:
+        """Population standard deviation of ``metric`` over the runs (0 for one run)."""
         values = [run[metric] for run in self.runs]
         return statistics.pstdev(values) if len(values) > 1 else 0.0
 
@@ -49,6 +51,7 @@ class ProtocolResult:
         return means
 
     def summary(self) -> dict:
+        """Means, stds, per-class means and the runs themselves, as plain data (JSON)."""
         return {
             **{f"{m}_mean": self.mean(m) for m in METRICS},
             **{f"{m}_std": self.std(m) for m in METRICS},
@@ -83,33 +86,55 @@ def run_protocol(
         if context.enabled:
             episodes = Subset(episodes, shard_indices(len(episodes), context.rank,
                                                       context.world_size))
-        loader = DataLoader(
-            episodes,
-            batch_size=ev.eval_batch_size,
-            num_workers=config.train.workers,
-            pin_memory=device.type == "cuda",
-            collate_fn=collate_episodes,
-        )
-        meters = {name: FewShotMeter(class_ids) for name in predictors}
-        bar = tqdm(loader, desc=f"eval run {run + 1}/{ev.eval_runs}", unit="batch",
-                   disable=not (progress and context.is_main), leave=False)
-        with torch.no_grad():
-            for batch in bar:
-                images = batch["support_images"].to(device)
-                masks = batch["support_masks"].to(device)
-                query = batch["query_image"].to(device)
-                for name, predict in predictors.items():
-                    logits = predict(images, masks, query).float().cpu()  # [B, N+1, S, S]
-                    for b in range(logits.shape[0]):  # the episode classes differ per episode
-                        pred, target = score_maps(logits[b], batch, b)
-                        meters[name].update(pred, target, batch["episode_classes"][b])
+        meters = _score_run(predictors, episodes, config, device, class_ids,
+                            f"eval run {run + 1}/{ev.eval_runs}", progress and context.is_main)
         for name, meter in meters.items():
-            if context.enabled:
-                total = FewShotMeter(class_ids)
-                total.merge(all_reduce_sum(meter.state(), _reduce_device(device)))
-                meter = total
-            results[name].append(meter.compute())
+            results[name].append(_run_metrics(meter, class_ids, context, device))
     return {name: ProtocolResult(tuple(runs)) for name, runs in results.items()}
+
+
+def _score_run(predictors: dict[str, Predictor], episodes: Dataset, config: Config,
+               device: torch.device, class_ids: tuple[int, ...], description: str,
+               progress: bool) -> dict[str, FewShotMeter]:
+    """Every predictor's per-class counts over the episodes of one run."""
+    loader = DataLoader(
+        episodes,
+        batch_size=config.eval.eval_batch_size,
+        num_workers=config.train.workers,
+        pin_memory=device.type == "cuda",
+        collate_fn=collate_episodes,
+    )
+    meters = {name: FewShotMeter(class_ids) for name in predictors}
+    bar = progress_bar(loader, description, unit="batch", enabled=progress, leave=False)
+    with torch.no_grad():
+        for batch in bar:
+            _score_batch(predictors, batch, meters, device)
+    return meters
+
+
+def _score_batch(predictors: dict[str, Predictor], batch: dict,
+                 meters: dict[str, FewShotMeter], device: torch.device) -> None:
+    """Add each predictor's predictions on ``batch`` to its meter, episode by episode (the
+    episode classes differ per episode)."""
+    images = batch["support_images"].to(device)
+    masks = batch["support_masks"].to(device)
+    query = batch["query_image"].to(device)
+    for name, predict in predictors.items():
+        logits = predict(images, masks, query).float().cpu()  # [B, N+1, S, S]
+        for b in range(logits.shape[0]):
+            pred, target = score_maps(logits[b], batch, b)
+            meters[name].update(pred, target, batch["episode_classes"][b])
+
+
+def _run_metrics(meter: FewShotMeter, class_ids: tuple[int, ...], context: DistContext,
+                 device: torch.device) -> dict:
+    """The metrics of one run (``FewShotMeter.compute()``); under data parallelism of the
+    counts summed over all ranks."""
+    if not context.enabled:
+        return meter.compute()
+    total = FewShotMeter(class_ids)
+    total.merge(all_reduce_sum(meter.state(), _reduce_device(device)))
+    return total.compute()
 
 
 def _reduce_device(device: torch.device) -> torch.device:
@@ -162,6 +187,7 @@ def format_results(results: dict[str, ProtocolResult], protocol_lines: list[str]
 
 
 def protocol_description(config: Config) -> list[str]:
+    """The protocol's options as printed beside the numbers (and stored in results.json)."""
     ev = config.eval
     shot = ev.eval_shot or config.model.shot
     return [

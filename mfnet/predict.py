@@ -29,11 +29,11 @@ from PIL import Image
 
 from .checkpoint import model_from_checkpoint
 from .data.transforms import check_pair
+from .device import resolve_device
 from .errors import mfnet_command
 from .model.mfnet import MFNet
 from .model.support import SupportCache
 from .threads import set_torch_threads
-from .training.loop import resolve_device
 
 
 @dataclass(frozen=True)

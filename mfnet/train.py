@@ -31,15 +31,18 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from mfnet_runtime import options
+from mfnet_runtime.console import configure_logging
 
 from .config import PRESETS, Config, add_config_arguments, overrides_from_args, preset
+from .device import resolve_device
 from .evaluate import evaluate_model, write_results
 from .errors import mfnet_command
-from .evaluation import format_results, protocol_description
+from .evaluation import ProtocolResult, format_results, protocol_description
+from .model.mfnet import MFNet
 from .threads import add_threads_argument, set_torch_threads
 from .training.distributed import DistContext, init_distributed
 from .training.logs import write_eval_scalars
-from .training.loop import TrainingInterrupted, resolve_device, train
+from .training.loop import TrainingInterrupted, train
 from .training.resume import (
     CHANGEABLE_ON_RESUME, ResumeError, check_new_run_folder, resume_config,
 )
@@ -125,7 +128,9 @@ def resolve_config(args: argparse.Namespace) -> Config:
 
 @mfnet_command(FloatingPointError)
 def main(argv: list[str] | None = None) -> int:
+    """``python -m mfnet.train``: returns the exit code (0; 130 after SIGINT; 2 on an error)."""
     args = build_parser(_chosen_preset(argv)).parse_args(argv)
+    configure_logging()  # the library's lines: "training on ...", "epoch N: ...", warnings
     started = time.perf_counter()
     context = DistContext()
     try:
@@ -148,35 +153,41 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace, config: Config, context: DistContext, started: float) -> int:
+    """Train, then (with --evaluate) evaluate the model; rank 0 reports and writes the results."""
     model, checkpoint = train(config, resume=args.resume, progress=args.progress,
                               context=context)
     if context.is_main:
         print(f"checkpoint: {checkpoint}")
     if args.evaluate:
-        device = resolve_device(config.train.device)
-        if context.enabled and device.type == "cuda":
-            device = torch.device("cuda", context.local_rank)
+        device = context.local_device(resolve_device(config.train.device))
         results = evaluate_model(model, config, device, progress=args.progress, context=context)
         if context.is_main:
-            print(format_results(results, protocol_description(config)))
-            out = Path(config.train.out)
-            steps = config.train.epochs * (config.train.episodes_per_epoch
-                                           // (config.train.batch_size * context.world_size))
-            write_eval_scalars(out, steps, results)
-            if config.train.visuals:
-                from .visualize import save_visuals
-                paths = save_visuals(model, config, device, out / "visuals",
-                                     config.train.visuals, name=f"step{steps}")
-                print(f"qualitative results: {', '.join(map(str, paths))}")
-            wall = time.perf_counter() - started
-            results_path = checkpoint.parent / "results.json"
-            write_results(results_path, results, config,
-                          {"checkpoint": str(checkpoint), "wall_time_s": wall,
-                           "world_size": context.world_size})
-            print(f"results written to {results_path}")
+            _report(model, config, device, results, checkpoint, context.world_size, started)
     if context.is_main:
         print(f"wall time: {time.perf_counter() - started:.0f} s")
     return 0
+
+
+def _report(model: MFNet, config: Config, device: torch.device,
+            results: dict[str, ProtocolResult], checkpoint: Path, world_size: int,
+            started: float) -> None:
+    """The final evaluation's table, TensorBoard scalars, qualitative grids (``--visuals``) and
+    ``results.json`` beside the checkpoint (with the wall time since ``started``)."""
+    print(format_results(results, protocol_description(config)))
+    out = Path(config.train.out)
+    steps = config.train.epochs * (config.train.episodes_per_epoch
+                                   // (config.train.batch_size * world_size))
+    write_eval_scalars(out, steps, results)
+    if config.train.visuals:
+        from .visualize import save_visuals
+        paths = save_visuals(model, config, device, out / "visuals", config.train.visuals,
+                             name=f"step{steps}")
+        print(f"qualitative results: {', '.join(map(str, paths))}")
+    wall = time.perf_counter() - started
+    results_path = checkpoint.parent / "results.json"
+    write_results(results_path, results, config,
+                  {"checkpoint": str(checkpoint), "wall_time_s": wall, "world_size": world_size})
+    print(f"results written to {results_path}")
 
 
 if __name__ == "__main__":

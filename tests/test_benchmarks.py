@@ -20,7 +20,7 @@ from mfnet.data.prepare_pascal import prepare
 from mfnet.evaluation import ProtocolResult, fold_table, score_maps
 from mfnet.model.build import build_mfnet
 from mfnet.model.naive import NaiveMultiWay
-from mfnet.training.loop import compute_losses
+from mfnet.training.objective import compute_losses
 
 # (classes per image); fold 0: novel 1..5, base 6..20. Train images hold base classes (and one
 # novel class, which must come out as background); val images hold novel classes.

@@ -453,7 +453,7 @@ def _train_losses(config) -> list[float]:
     from mfnet.training.logs import read_log
     from mfnet.training.loop import train
 
-    _, checkpoint = train(config, progress=False, log=lambda _: None)
+    _, checkpoint = train(config, progress=False)
     return [float(row["loss"]) for row in read_log(checkpoint.parent / "log.csv")]
 
 

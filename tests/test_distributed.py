@@ -62,7 +62,7 @@ def _worker(rank: int, world: int, port: int, config, out_dir: str) -> None:
 
     loop.shard_indices = recording
     try:
-        model, _ = loop.train(config, progress=False, log=lambda _: None, context=context)
+        model, _ = loop.train(config, progress=False, context=context)
         results = run_protocol({"MFNet": model}, config, torch.device("cpu"), progress=False,
                                context=context)
         torch.save({"params": model.state_dict(), "seen": seen,

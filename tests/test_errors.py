@@ -34,8 +34,8 @@ from mfnet.errors import MFNET_ERRORS, mfnet_command
 from mfnet.export import onnx_export
 from mfnet.export.onnx_export import ExportError, ExportLimits, export_onnx
 from mfnet.model.backbone import WeightsUnavailableError, build_backbone
+from mfnet.device import DeviceUnavailable, resolve_device
 from mfnet.training.checkpoint import save_checkpoint
-from mfnet.training.loop import DeviceUnavailable, resolve_device
 from mfnet_runtime import cli as runtime_cli
 from mfnet_runtime.atomic import atomic_write_bytes
 from mfnet_runtime.boundary import command_boundary, error_line, scrub_unsafe_advice
@@ -48,6 +48,7 @@ from mfnet_runtime.video import require_cv2
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "errors.md"
 TRAIN_TINY = ["--image-size", "48", "--channels", "16", "--epochs", "1",
               "--episodes-per-epoch", "4", "--batch-size", "2", "--workers", "0",
+              "--pml-start-epoch", "0",  # PML on: no warning on stderr beside the error line
               "--no-evaluate", "--no-progress", "--visuals", "0"]
 
 

@@ -130,10 +130,12 @@ def test_help_shows_the_defaults_of_the_chosen_preset(capsys) -> None:
 
 def test_a_short_run_says_that_pml_never_switches_on(tmp_path, capsys) -> None:
     assert train_cli.main([*TINY, "--out", str(tmp_path / "a"), "--pml-start-epoch", "1"]) == 0
-    out = capsys.readouterr().out
-    assert "never switches on" in out and "--epochs 2" in out
+    err = capsys.readouterr().err  # a warning: on stderr, like every command's warnings
+    assert "warning: the pixel-wise metric loss (PML) never switches on" in err
+    assert "--epochs 2" in err
     assert train_cli.main([*TINY, "--out", str(tmp_path / "b"), "--pml-start-epoch", "0"]) == 0
-    assert "never switches on" not in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "never switches on" not in captured.out + captured.err
 
 
 def test_threads_line_is_logged_at_start(tmp_path, capsys) -> None:

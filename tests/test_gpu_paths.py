@@ -192,7 +192,7 @@ def test_fp16_autocast_training_with_a_grad_scaler(tiny_config) -> None:
 
     config = tiny_config.replace(device="cuda", amp="fp16", epochs=2)
     torch.manual_seed(config.train.seed)
-    model, path = train(config, progress=False, log=lambda _: None)
+    model, path = train(config, progress=False)
     payload = load_checkpoint(path)
     scale = payload["scaler"]["scale"]
     assert np.isfinite(float(scale)) and float(scale) > 0
@@ -230,14 +230,14 @@ def test_resume_restores_the_cuda_rng_streams_exactly(tiny_config, monkeypatch) 
 
     monkeypatch.setattr(loop, "compute_losses", recording)
     monkeypatch.setattr(loop, "save_checkpoint", save_and_keep)
-    straight, _ = loop.train(config, progress=False, log=lambda _: None)
+    straight, _ = loop.train(config, progress=False)
     straight_states = list(states)
     half = len(straight_states) // 2
     assert not torch.equal(straight_states[0], straight_states[half])  # dropout drew on CUDA
     states.clear()
     torch.cuda.manual_seed_all(12345)  # a resume must not depend on the process's CUDA state
     resumed, _ = loop.train(config.replace(out=config.train.out + "-resumed"),
-                            resume=snapshots[0], progress=False, log=lambda _: None)
+                            resume=snapshots[0], progress=False)
     assert len(states) == len(straight_states) - half
     for a, b in zip(states, straight_states[half:]):
         assert torch.equal(a, b)  # the epoch-2 steps draw exactly the uninterrupted run's numbers
@@ -258,7 +258,8 @@ def test_ddp_with_nccl_at_world_size_one(tiny_config) -> None:
 
     from mfnet.data.benchmarks import build_episodes
     from mfnet.model.build import build_mfnet
-    from mfnet.training.loop import _LossForward, compute_losses
+    from mfnet.training.loop import _LossForward
+    from mfnet.training.objective import compute_losses
 
     if not dist.is_nccl_available():
         pytest.skip("this torch build has no NCCL")

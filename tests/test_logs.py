@@ -32,7 +32,7 @@ def test_csv_log_keeps_full_precision_and_drops_steps_after_the_resume_point(tmp
 
 def test_training_writes_logs_tensorboard_curves_and_evaluation_visuals(tiny_config,
                                                                        tmp_path) -> None:
-    model, checkpoint = train(tiny_config, progress=False, log=lambda _: None)
+    model, checkpoint = train(tiny_config, progress=False)
     out = checkpoint.parent
     rows = read_log(out / "log.csv")
     assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]

@@ -23,6 +23,7 @@ from mfnet.data.pascal import (
     voc_palette,
 )
 from mfnet.data.prepare_pascal import main, prepare
+from mfnet_runtime.console import configure_logging
 
 H, W = 48, 64  # 3072 pixels per image
 
@@ -249,6 +250,22 @@ def test_cache_reuse_and_rebuild(prepared: Fake) -> None:
     # A damaged cache file is rebuilt too.
     path.write_text("{not json")
     assert load_class_index(prepared.voc, "trainaug").pixels[13] == {"2008_000008": 40 * 56}
+
+
+def test_a_cache_that_cannot_be_written_is_a_logged_warning(prepared: Fake, monkeypatch,
+                                                            capsys) -> None:
+    from mfnet.data import pascal
+
+    def read_only(path, data):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(pascal, "atomic_write_bytes", read_only)
+    configure_logging()  # as the commands do: warnings on stderr
+    index = load_class_index(prepared.voc, "trainaug", rebuild=True, progress=False)
+    assert index.pixels[13] == {"2008_000008": 40 * 56}  # the index itself is still built
+    err = capsys.readouterr().err
+    assert err.startswith("warning: could not write the class-list cache ")
+    assert "Permission denied" in err and err.count("\n") == 1
 
 
 def test_rerun_is_idempotent_and_resumes(prepared: Fake) -> None:

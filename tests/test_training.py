@@ -20,8 +20,10 @@ from mfnet.model.build import build_mfnet
 from mfnet.training import loop
 from mfnet.training.checkpoint import save_checkpoint
 from mfnet.training.logs import read_log
-from mfnet.training.loop import compute_losses, train
+from mfnet.training.loop import train
+from mfnet.training.objective import StepLosses, compute_losses
 from mfnet.training.schedule import poly_lr
+from mfnet_runtime.console import configure_logging
 
 
 def test_poly_schedule() -> None:
@@ -51,7 +53,7 @@ def test_loss_goes_down_on_a_short_run(tiny_config) -> None:
 
 
 def test_train_writes_a_checkpoint_that_rebuilds_the_model(tiny_config) -> None:
-    model, path = train(tiny_config, progress=False, log=lambda _: None)
+    model, path = train(tiny_config, progress=False)
     payload = load_checkpoint(path)
     assert payload["epoch"] == 1 and payload["step"] == 4
     assert payload["config"] == tiny_config.to_dict()
@@ -63,6 +65,18 @@ def test_train_writes_a_checkpoint_that_rebuilds_the_model(tiny_config) -> None:
     with torch.no_grad():
         assert torch.equal(model.eval()(*args), rebuilt(*args))
     assert not list(path.parent.glob("*.tmp")), "atomic save must not leave temporary files"
+
+
+def test_training_logs_its_lines_and_shows_whole_progress_lines_in_a_log_file(tiny_config,
+                                                                              capsys) -> None:
+    configure_logging()  # as the commands do: the library's INFO lines on stdout
+    train(tiny_config, progress=True)
+    captured = capsys.readouterr()  # captured: stderr is not a terminal
+    assert captured.out.startswith("training on cpu: ") and "epoch 1: loss " in captured.out
+    assert "\r" not in captured.err
+    progress = [line for line in captured.err.splitlines() if line.startswith("epoch 1/1: ")]
+    assert [line.split(" (")[0] for line in progress] == [f"epoch 1/1: {n}/4" for n in (1, 2, 3, 4)]
+    assert "loss=" in progress[-1] and "pml=" in progress[-1]
 
 
 def test_resume_repeats_an_uninterrupted_run(tiny_config, monkeypatch) -> None:
@@ -77,14 +91,14 @@ def test_resume_repeats_an_uninterrupted_run(tiny_config, monkeypatch) -> None:
             snapshots.append(snapshot)
 
     monkeypatch.setattr(loop, "save_checkpoint", save_and_keep)
-    straight, _ = train(config, progress=False, log=lambda _: None)
+    straight, _ = train(config, progress=False)
     resumed, path = train(config.replace(out=config.train.out + "-resumed"), resume=snapshots[0],
-                          progress=False, log=lambda _: None)
+                          progress=False)
     assert load_checkpoint(path)["epoch"] == 2
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
     with pytest.raises(CheckpointError, match="fold is 0 in the checkpoint but 1 now"):
-        train(config.replace(fold=1), resume=snapshots[0], progress=False, log=lambda _: None)
+        train(config.replace(fold=1), resume=snapshots[0], progress=False)
 
 
 def test_bad_checkpoints_are_clear_errors(tmp_path) -> None:
@@ -195,12 +209,12 @@ def test_save_every_steps_and_nan_loss_keeps_the_last_good_checkpoint(tiny_confi
         losses = real(*args, **kwargs)
         calls.append(1)
         if len(calls) == 5:  # step 5 (epoch 2, step 1): NaN
-            return loop.StepLosses(losses.total * math.nan, losses.segmentation, losses.metric)
+            return StepLosses(losses.total * math.nan, losses.segmentation, losses.metric)
         return losses
 
     monkeypatch.setattr(loop, "compute_losses", poisoned)
     with pytest.raises(FloatingPointError, match="loss became nan at step 5.*untouched"):
-        train(config, progress=False, log=lambda _: None)
+        train(config, progress=False)
     payload = load_checkpoint(Path(config.train.out) / "last.pt")
     assert payload["step"] == 4 and payload["epoch"] == 1 and payload["epoch_step"] == 0
     assert all(torch.isfinite(v).all() for v in payload["model"].values()
@@ -212,7 +226,7 @@ def test_save_every_steps_and_nan_loss_keeps_the_last_good_checkpoint(tiny_confi
     monkeypatch.setattr(loop, "save_checkpoint",
                         lambda path, payload: saved.append((payload["step"],
                                                             payload["epoch_step"])))
-    train(config, progress=False, log=lambda _: None)
+    train(config, progress=False)
     assert saved == [(3, 3), (4, 0), (6, 2), (8, 0)]
 
 
@@ -234,5 +248,4 @@ def test_bf16_autocast_trains_on_cpu_and_fp16_needs_cuda(tiny_config) -> None:
     assert sum(losses[-3:]) < sum(losses[:3]), losses
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="fp16 needs a CUDA device"):
-            train(tiny_config.replace(amp="fp16", device="cpu"), progress=False,
-                  log=lambda _: None)
+            train(tiny_config.replace(amp="fp16", device="cpu"), progress=False)

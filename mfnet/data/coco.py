@@ -25,10 +25,10 @@ from typing import Any
 import numpy as np
 from mfnet_runtime.atomic import atomic_write_bytes
 from PIL import Image
-from tqdm import tqdm
 
 from mfnet.data.synthetic import IGNORE_INDEX
 
+from ..progress import progress_bar
 from .errors import DatasetArgumentError, DatasetError
 
 NUM_COCO_CLASSES = 80
@@ -404,8 +404,8 @@ class CocoImages:
         coco = self._get_coco()
         images: dict[str, list[Any]] = {}
         class_pixels: dict[str, dict[str, int]] = {}
-        for image_id in tqdm(
-            sorted(coco.imgs), desc=f"COCO {self.split}2014: rasterising labels", unit="img"
+        for image_id in progress_bar(
+            sorted(coco.imgs), f"COCO {self.split}2014: rasterising labels", unit="img"
         ):
             info = coco.imgs[image_id]
             images[str(image_id)] = [info["file_name"], int(info["height"]), int(info["width"])]

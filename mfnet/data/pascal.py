@@ -16,6 +16,7 @@ small-object filter and BAM's optional removal of training images that show a no
 from __future__ import annotations
 
 import json
+import logging
 import operator
 import os
 from collections.abc import Mapping
@@ -25,9 +26,11 @@ from pathlib import Path
 import numpy as np
 from mfnet_runtime.atomic import atomic_write_bytes
 from PIL import Image
-from tqdm import tqdm
 
+from ..progress import progress_bar
 from .errors import DatasetArgumentError, DatasetError
+
+log = logging.getLogger(__name__)
 
 NUM_CLASSES = 20
 NUM_FOLDS = 4
@@ -240,7 +243,7 @@ def build_class_index(
     root = check_layout(voc_root, split)
     image_ids = tuple(read_id_list(split_list_path(root, split)))
     pixels: dict[int, dict[str, int]] = {c: {} for c in range(1, NUM_CLASSES + 1)}
-    for image_id in tqdm(image_ids, desc=f"indexing {split}", disable=not progress, leave=False):
+    for image_id in progress_bar(image_ids, f"indexing {split}", enabled=progress, leave=False):
         path = root / LABEL_DIR / f"{image_id}.png"
         if not path.is_file():
             raise _missing_prepared(root, path)
@@ -279,7 +282,7 @@ def load_class_index(
     try:
         atomic_write_bytes(path, json.dumps(payload, separators=(",", ":")).encode("utf-8"))
     except OSError as exc:
-        tqdm.write(f"warning: could not write the class-list cache {path}: {exc}")
+        log.warning("could not write the class-list cache %s: %s", path, exc)
     return index
 
 

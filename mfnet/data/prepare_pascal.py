@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from mfnet_runtime.console import configure_logging
 from PIL import Image
-from tqdm import tqdm
 
 from mfnet.data.pascal import (
     DOWNLOAD_SOURCES,
@@ -44,6 +44,7 @@ from mfnet.data.pascal import (
     split_list_path,
     voc_palette,
 )
+from mfnet.progress import progress_bar
 
 VOC_LABEL_DIR = "SegmentationClass"
 VOC_LIST_DIR = Path("ImageSets") / "Segmentation"
@@ -197,7 +198,7 @@ def convert_labels(
     for leftover in out_dir.glob(".*.tmp"):  # temporary files of an interrupted run
         leftover.unlink(missing_ok=True)
     from_voc = from_sbd = skipped = 0
-    for image_id in tqdm(image_ids, desc="SegmentationClassAug", disable=not progress):
+    for image_id in progress_bar(image_ids, "SegmentationClassAug", enabled=progress):
         out = out_dir / f"{image_id}.png"
         if out.is_file():
             skipped += 1
@@ -297,6 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; returns the process exit status (0 ok, 1 data error)."""
     args = build_parser().parse_args(argv)
+    configure_logging()  # the library's warnings (a class-list cache it cannot write)
     try:
         report = prepare(
             args.voc_root, args.sbd_root, progress=not args.quiet, rebuild_lists=args.rebuild_lists

@@ -21,7 +21,7 @@ from types import ModuleType
 
 import torch
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 IMPLS = ("auto", "reference", "cuda")
 BUILD_HINT = (
@@ -73,7 +73,7 @@ def _unavailable(impl: str, reason: str, error: Exception) -> None:
 @functools.cache
 def _warn_fallback(reason: str) -> None:
     """Logged once per distinct reason: impl='auto' falls back to the PyTorch references."""
-    logger.warning(
+    log.warning(
         "the mfnet_ext CUDA extension is unavailable (%s); impl='auto' uses the PyTorch "
         "references, which compute the same, more slowly", reason,
     )

@@ -25,11 +25,20 @@ class DistContext:
 
     @property
     def is_main(self) -> bool:
+        """Rank 0: the process that logs and writes files."""
         return self.rank == 0
 
     @property
     def enabled(self) -> bool:
+        """Whether this is a data-parallel job (more than one process)."""
         return self.world_size > 1
+
+    def local_device(self, device: torch.device) -> torch.device:
+        """This process's device: under data parallelism a CUDA ``device`` becomes
+        ``cuda:<local rank>`` (one GPU per process); otherwise ``device`` itself."""
+        if self.enabled and device.type == "cuda":
+            return torch.device("cuda", self.local_rank)
+        return device
 
 
 def init_distributed(device_name: str) -> DistContext:

@@ -50,6 +50,7 @@ class TrainLogger:
 
     @property
     def csv_path(self) -> Path:
+        """The per-step CSV, ``<out_dir>/log.csv``."""
         return self.out_dir / "log.csv"
 
     def step(self, step: int, epoch: int, loss: float, seg: float, pml: float | None,
@@ -71,11 +72,13 @@ class TrainLogger:
             self._write_pending(step)
 
     def _write_pending(self, step: int) -> None:
+        """One TensorBoard point per scalar at ``step``: the mean of the steps since the last."""
         for name, values in self._pending.items():
             self._writer.add_scalar(f"train/{name}", sum(values) / len(values), step)
         self._pending = {}
 
     def close(self) -> None:
+        """Write the pending TensorBoard means and close both files."""
         if self._writer is not None and self._pending:
             self._write_pending(self._last_step)
         if self._csv is not None:
@@ -98,14 +101,18 @@ def _summary_writer() -> type:
 def write_eval_scalars(out_dir: str | Path, step: int, results: dict) -> None:
     """TensorBoard scalars of an evaluation (``{predictor: ProtocolResult}``) at ``step``:
     mIoU*, mIoU, FB-IoU (means over runs) and the per-class IoU*."""
+    scalars = []  # (tag, value)
+    for name, result in results.items():
+        summary = result.summary()
+        scalars += [(f"eval/{name}/{tag}", summary[f"{metric}_mean"])
+                    for metric, tag in (("miou_star", "mIoU*"), ("miou", "mIoU"),
+                                        ("fbiou", "FB-IoU"))]
+        scalars += [(f"eval/{name}/IoU*_class{class_id}", value)
+                    for class_id, value in summary["per_class_star"].items()
+                    if not math.isnan(value)]
     with _summary_writer()(str(Path(out_dir) / "tensorboard")) as writer:
-        for name, result in results.items():
-            summary = result.summary()
-            for metric, tag in (("miou_star", "mIoU*"), ("miou", "mIoU"), ("fbiou", "FB-IoU")):
-                writer.add_scalar(f"eval/{name}/{tag}", summary[f"{metric}_mean"], step)
-            for class_id, value in summary["per_class_star"].items():
-                if not math.isnan(value):
-                    writer.add_scalar(f"eval/{name}/IoU*_class{class_id}", value, step)
+        for tag, value in scalars:
+            writer.add_scalar(tag, value, step)
 
 
 def read_log(path: str | Path) -> list[dict[str, str]]:
@@ -142,6 +149,7 @@ def plot_curves(csv_path: str | Path, png_path: str | Path) -> Path:
 
 
 def _smooth(values: tuple[float, ...], momentum: float = 0.95) -> list[float]:
+    """Exponential moving average of ``values``, as the training loop's running loss."""
     out, running = [], None
     for value in values:
         running = value if running is None else momentum * running + (1 - momentum) * value

@@ -31,6 +31,7 @@ class ResumeError(ValueError):
 
 
 def _flag(name: str) -> str:
+    """The option of a configuration field: ``save_every_steps`` -> ``--save-every-steps``."""
     return "--" + name.replace("_", "-")
 
 
@@ -46,21 +47,24 @@ def resume_config(checkpoint: str | Path, overrides: dict[str, Any]) -> Config:
     flat = {name: value for section in saved.to_dict().values() for name, value in section.items()}
     folder = path.parent
     for name, value in overrides.items():
+        comparable = list(value) if isinstance(value, tuple) else value  # to_dict: lists
         if name == "out":
-            if Path(value).resolve() != folder.resolve():
-                raise ResumeError(
-                    f"--out cannot change on resume: a resumed run writes beside its checkpoint "
-                    f"({folder}); to continue into another folder, copy {folder} there and "
-                    f"resume from the copy")
-            continue
-        old = flat[name]
-        comparable = list(value) if isinstance(value, tuple) else value
-        if name not in CHANGEABLE_ON_RESUME and comparable != old:
+            _check_same_folder(value, folder)
+        elif name not in CHANGEABLE_ON_RESUME and comparable != flat[name]:
             allowed = ", ".join(_flag(n) for n in sorted(CHANGEABLE_ON_RESUME))
-            raise ResumeError(f"{_flag(name)} cannot change on resume (checkpoint: {old}); on "
-                              f"resume only these may change: {allowed}")
+            raise ResumeError(f"{_flag(name)} cannot change on resume (checkpoint: "
+                              f"{flat[name]}); on resume only these may change: {allowed}")
     changes = {name: value for name, value in overrides.items() if name != "out"}
     return saved.replace(**changes, out=str(folder))
+
+
+def _check_same_folder(out: str | Path, folder: Path) -> None:
+    """A resumed run's --out, if given, must be its checkpoint's folder."""
+    if Path(out).resolve() != folder.resolve():
+        raise ResumeError(
+            f"--out cannot change on resume: a resumed run writes beside its checkpoint "
+            f"({folder}); to continue into another folder, copy {folder} there and resume "
+            f"from the copy")
 
 
 def check_new_run_folder(out: str | Path, overwrite: bool) -> None:
