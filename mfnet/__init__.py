@@ -11,8 +11,8 @@ from .metrics import FewShotMeter
 from .model.build import build_mfnet, count_learnable_parameters
 from .model.mfnet import MFNet, QueryOutput
 from .model.support import SupportCache
-from .checkpoint import load_checkpoint, model_from_checkpoint
-from .training.checkpoint import save_checkpoint
+from .checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+
 
 __all__ = [
     "Config", "DataConfig", "EvalConfig", "LossConfig", "ModelConfig", "TrainConfig", "preset",

@@ -1,23 +1,25 @@
-"""Checkpoints, read: ``weights_only=True``, checked, and rebuilt into a model.
+"""Checkpoints: written atomically, read with ``weights_only=True``, checked, rebuilt into a model.
 
 A checkpoint is a dict of builtins and tensors: ``format`` (version tag), ``config``
 (``Config.to_dict()``), ``model`` (state dict of the learnable parts and buffers), and for
 resuming ``optimizer``, ``epoch`` (epochs completed), ``step`` (optimiser steps done),
 ``epoch_step`` (steps done in the unfinished epoch ``epoch``; 0 at an epoch end), ``world_size``,
-``rng`` (``mfnet.training.checkpoint.capture_rng_state``) and, with fp16, ``scaler``. The frozen
+``rng`` (``mfnet.training.rng_state.capture_rng_state``) and, with fp16, ``scaler``. The frozen
 torchvision trunk is stored too, so a checkpoint never needs the ImageNet weights again.
 
-Everything that reads one (export, prediction, evaluation, resuming) loads it from here;
-writing one is training's (``mfnet.training.checkpoint.save_checkpoint``).
+This module is the format's one owner: training writes through ``save_checkpoint``, and
+everything that reads one (export, prediction, evaluation, resuming) loads it from here.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import io
 from pathlib import Path
 from typing import Any
 
 import torch
+from mfnet_runtime.atomic import atomic_write_bytes
 from mfnet_runtime.boundary import scrub_unsafe_advice
 
 from .config import Config, ConfigError
@@ -29,6 +31,17 @@ FORMAT = "mfnet-checkpoint-v1"
 
 class CheckpointError(RuntimeError):
     """A checkpoint file is missing, unreadable, or not an MFNet checkpoint."""
+
+
+def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
+    """Write ``payload`` (plus the format tag) to ``path`` atomically.
+
+    The bytes go to a temporary file in the same directory, are flushed to disk, and replace the
+    target with ``os.replace``, so an interrupted save never leaves a truncated checkpoint.
+    """
+    buffer = io.BytesIO()
+    torch.save({"format": FORMAT, **payload}, buffer)
+    atomic_write_bytes(path, buffer.getvalue(), durable=True)
 
 
 def safe_torch_load(path: Path, map_location: str | torch.device, what: str) -> Any:

@@ -15,7 +15,7 @@ import torch
 
 from mfnet.config import preset
 from mfnet.model.build import build_mfnet
-from mfnet.training.checkpoint import save_checkpoint
+from mfnet.checkpoint import save_checkpoint
 
 SIZE, CHANNELS = 48, 16
 

@@ -35,7 +35,7 @@ from mfnet.export import onnx_export
 from mfnet.export.onnx_export import ExportError, ExportLimits, export_onnx
 from mfnet.model.backbone import WeightsUnavailableError, build_backbone
 from mfnet.device import DeviceUnavailable, resolve_device
-from mfnet.training.checkpoint import save_checkpoint
+from mfnet.checkpoint import save_checkpoint
 from mfnet_runtime import cli as runtime_cli
 from mfnet_runtime.atomic import atomic_write_bytes
 from mfnet_runtime.boundary import command_boundary, error_line, scrub_unsafe_advice

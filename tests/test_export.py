@@ -22,7 +22,7 @@ from mfnet.export.wrappers import (  # noqa: E402
     PrototypeAggregator, QueryDecoder, SupportEncoder,
 )
 from mfnet.model.build import build_mfnet  # noqa: E402
-from mfnet.training.checkpoint import save_checkpoint  # noqa: E402
+from mfnet.checkpoint import save_checkpoint  # noqa: E402
 from mfnet_runtime.errors import EngineError  # noqa: E402
 from mfnet_runtime.manifest import (  # noqa: E402
     manifest_json, read_manifest, sha256_of, verify_files,

@@ -209,7 +209,7 @@ def test_fp16_autocast_training_with_a_grad_scaler(tiny_config) -> None:
 
 def test_resume_restores_the_cuda_rng_streams_exactly(tiny_config, monkeypatch) -> None:
     from mfnet.training import loop
-    from mfnet.training.checkpoint import save_checkpoint
+    from mfnet.checkpoint import save_checkpoint
 
     config = tiny_config.replace(device="cuda", epochs=2, dropout=0.3)
     states: list[torch.Tensor] = []

@@ -287,7 +287,7 @@ def test_exported_optimised_decoder_equals_eager(tmp_path, precision) -> None:
 def test_manifest_records_the_decoder_form(tmp_path) -> None:
     from mfnet.config import preset
     from mfnet.export.onnx_export import ExportLimits, export_onnx
-    from mfnet.training.checkpoint import save_checkpoint
+    from mfnet.checkpoint import save_checkpoint
 
     runtime_manifest = pytest.importorskip("mfnet_runtime.manifest")
     torch.manual_seed(0)

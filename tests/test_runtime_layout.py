@@ -1,8 +1,7 @@
-"""The runtime's structure: support sets are plain data, and the packages import without cycles.
+"""The runtime's support sets are plain data: no engine and no torch needed to use them.
 
-No engine and no torch: a ``SupportSet`` is built, edited, saved and loaded from arrays alone;
-the import graph of ``runtime/mfnet_runtime`` is read from the sources (every import, including
-those inside functions) and must be acyclic; no module imports another package's command line.
+A ``SupportSet`` is built, edited, saved and loaded from arrays alone. (The import graph of all
+packages, cycles and command-line imports included, is checked in test_architecture.py.)
 """
 
 from __future__ import annotations
@@ -75,64 +74,3 @@ def test_a_support_set_is_edited_saved_and_loaded_without_an_engine(tmp_path) ->
         SupportSet.from_bytes(b"not a zip", source="junk")
     with pytest.raises(RuntimeInputError, match="does not exist"):
         SupportSet.load(tmp_path / "missing.npz")
-
-
-def _imports(path: Path, package: str) -> set[str]:
-    """Modules of ``mfnet_runtime`` that the file at ``path`` (module ``package``.x) imports."""
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.level:
-            base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
-            target = f"{base}.{node.module}" if node.module else base
-            if node.module:
-                found.add(target)
-            else:  # from . import options
-                found.update(f"{target}.{alias.name}" for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("mfnet_runtime"):
-            found.add(node.module)
-        elif isinstance(node, ast.Import):
-            found.update(a.name for a in node.names if a.name.startswith("mfnet_runtime"))
-    return found
-
-
-def test_the_runtime_imports_without_cycles() -> None:
-    modules = {}
-    for path in RUNTIME.rglob("*.py"):
-        parts = path.relative_to(RUNTIME.parent).with_suffix("").parts
-        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
-        package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
-        modules[name] = path, package
-    # A submodule reaching the package itself (``from . import x``) names x, not the package.
-    graph = {name: {m for m in _imports(path, package) if m in modules and m != "mfnet_runtime"}
-             for name, (path, package) in modules.items()}
-    assert graph["mfnet_runtime.segmenter"] >= {"mfnet_runtime.support"}
-    state: dict[str, int] = {}
-
-    def visit(name: str, trail: list[str]) -> None:
-        """Depth-first search; a module met again on the current trail closes a cycle."""
-        if state.get(name) == 1:
-            pytest.fail("import cycle: " + " -> ".join(trail[trail.index(name):] + [name]))
-        if state.get(name) == 2:
-            return
-        state[name] = 1
-        for target in sorted(graph[name]):
-            visit(target, trail + [name])
-        state[name] = 2
-
-    for name in sorted(graph):
-        visit(name, [])
-
-
-def test_no_module_imports_another_packages_command_line() -> None:
-    offenders = []
-    for path in sorted((ROOT / "mfnet").rglob("*.py")) + sorted(RUNTIME.rglob("*.py")):
-        for node in ast.walk(ast.parse(path.read_text())):
-            names = ([node.module or ""] + [f"{node.module}.{a.name}" for a in node.names]
-                     if isinstance(node, ast.ImportFrom) and not node.level else
-                     [a.name for a in node.names] if isinstance(node, ast.Import) else [])
-            if any(n == "mfnet_runtime.cli" for n in names):
-                offenders.append(str(path.relative_to(ROOT)))
-            if path.is_relative_to(RUNTIME) and any(n.split(".")[0] in ("mfnet", "torch")
-                                                    for n in names):
-                offenders.append(str(path.relative_to(ROOT)))
-    assert offenders == []

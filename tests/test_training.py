@@ -18,7 +18,7 @@ from mfnet.checkpoint import CheckpointError, load_checkpoint, model_from_checkp
 from mfnet.data.benchmarks import build_episodes
 from mfnet.model.build import build_mfnet
 from mfnet.training import loop
-from mfnet.training.checkpoint import save_checkpoint
+from mfnet.checkpoint import save_checkpoint
 from mfnet.training.logs import read_log
 from mfnet.training.loop import train
 from mfnet.training.objective import StepLosses, compute_losses

@@ -15,7 +15,7 @@ import torch
 
 from mfnet.export.onnx_export import ExportLimits, export_onnx
 from mfnet.export.tensorrt import build_engines
-from mfnet.training.checkpoint import save_checkpoint
+from mfnet.checkpoint import save_checkpoint
 from mfnet_runtime import Segmenter
 
 from .context import Env, NotMeasured, Prepared, progress

@@ -29,10 +29,10 @@ from ..config import Config
 from ..data.benchmarks import build_episodes
 from ..device import resolve_device
 from ..model.build import build_mfnet
-from ..checkpoint import CheckpointError, load_checkpoint
+from ..checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from ..model.mfnet import MFNet
 from ..progress import ProgressLines, progress_bar
-from .checkpoint import capture_rng_state, restore_rng_state, save_checkpoint
+from .rng_state import capture_rng_state, restore_rng_state
 from .distributed import DistContext, broadcast_buffers, shard_indices
 from .logs import TrainLogger, plot_curves
 from .objective import StepLosses, autocast_context, compute_losses

@@ -1,33 +1,15 @@
-"""Checkpoints, written: atomically, with every random state a resumed run needs.
+"""The random states a resumed training run restores, saved in its checkpoint's ``rng`` entry.
 
-The format (and reading a checkpoint back) is ``mfnet.checkpoint``'s; this module adds the
-training side: ``save_checkpoint`` and the random states a resumed run restores
-(``capture_rng_state`` / ``restore_rng_state``).
+(The checkpoint format itself, written and read, is ``mfnet.checkpoint``'s.)
 """
 
 from __future__ import annotations
 
-import io
 import random
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from mfnet_runtime.atomic import atomic_write_bytes
-
-from ..checkpoint import FORMAT
-
-
-def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
-    """Write ``payload`` (plus the format tag) to ``path`` atomically.
-
-    The bytes go to a temporary file in the same directory, are flushed to disk, and replace the
-    target with ``os.replace``, so an interrupted save never leaves a truncated checkpoint.
-    """
-    buffer = io.BytesIO()
-    torch.save({"format": FORMAT, **payload}, buffer)
-    atomic_write_bytes(path, buffer.getvalue(), durable=True)
 
 
 def capture_rng_state(generator: torch.Generator | None = None) -> dict[str, Any]:
