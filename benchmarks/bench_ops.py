@@ -6,7 +6,7 @@
 
 Sections (both implementations timed in the same run, on the same inputs):
 
-- ``pooling``: masked global pooling of the support shots, ``mfnet_ext.ops.masked_global_pool``
+- ``pooling``: masked global pooling of the support shots, ``mfnet_ext.masked_pooling.masked_global_pool``
   (fused kernel) vs ``mfnet.ops.masked_pooling.masked_global_pool_reference``, forward alone
   (no autograd) and forward + backward (gradient with respect to the features). Paper sizes:
   C = 256 channels, 60 x 60 features, 473 x 473 masks, M = batch x N x K shots with N in

@@ -4,7 +4,7 @@
 
 Variants, all timed in one run on the same frames so they can be compared as ratios:
 - ``torch_full``: PyTorch eager FP32, support + query every frame (how the paper times MFNet);
-- ``torch_cached``: PyTorch eager FP32, ``decode_query`` with a cached ``SupportCache``;
+- ``torch_cached``: PyTorch eager FP32, ``decode_query`` with a cached ``EncodedSupport``;
 - ``runtime_segment``: ``mfnet_runtime`` end to end, uint8 frame in host memory -> label map in
   host memory at the frame's size (preprocess, decoder, restore);
 - ``runtime_decoder``: ``decode_prepared`` alone on a prepared batch of one frame;

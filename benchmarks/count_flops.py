@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a sourc
 from mfnet.config import ModelConfig  # noqa: E402
 from mfnet.model.build import build_mfnet  # noqa: E402
 from mfnet.model.inference import FastQueryDecoder  # noqa: E402
-from mfnet.model.support import SupportCache  # noqa: E402
+from mfnet.model.support import EncodedSupport  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -57,7 +57,7 @@ def count_query_path(backbone: str, size: int, channels: int, way: int, shot: in
     fast = FastQueryDecoder(model).to("meta")
     query = torch.empty(1, 3, size, size, device="meta")
     prototypes = torch.empty(1, way, channels, device="meta")
-    cache = SupportCache(prototypes[:, :, None], prototypes)
+    cache = EncodedSupport(prototypes[:, :, None], prototypes)
 
     features, per_module = _count(lambda: model.extract_features(query))
     eager, eager_parts = _count(lambda: model.decode_query(query, cache))

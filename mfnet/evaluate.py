@@ -24,7 +24,7 @@ from .checkpoint import load_checkpoint, model_from_checkpoint
 from .config import Config, add_config_arguments, overrides_from_args
 from .device import resolve_device
 from .errors import mfnet_command
-from .evaluation import (
+from .protocol import (
     ProtocolResult, fold_table, format_results, protocol_description, run_protocol,
 )
 from .model.baseline import PrototypeBaseline

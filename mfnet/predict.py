@@ -32,16 +32,16 @@ from .data.transforms import check_pair
 from .device import resolve_device
 from .errors import mfnet_command
 from .model.mfnet import MFNet
-from .model.support import SupportCache
+from .model.support import EncodedSupport
 from .threads import set_torch_threads
 
 
 @dataclass(frozen=True)
-class TorchSupport:
-    """An encoded support set: class names in label order and the model's ``SupportCache``."""
+class TorchSupportSet:
+    """An encoded support set: class names in label order and the model's ``EncodedSupport``."""
 
     class_names: tuple[str, ...]
-    cache: SupportCache
+    cache: EncodedSupport
 
 
 class TorchSegmenter:
@@ -65,7 +65,7 @@ class TorchSegmenter:
         return fitted, fitted_mask
 
     def encode_support(self, classes: Mapping[str, Sequence[tuple[np.ndarray, np.ndarray]]]
-                       ) -> TorchSupport:
+                       ) -> TorchSupportSet:
         """``{name: [(image uint8 [H, W, 3] RGB, mask uint8 [H, W] 1/0/255), ...]}`` in class
         order -> prototypes. Classes may have different shot counts: each class is pooled and
         aggregated on its own (A_S relates the shots of one class only)."""
@@ -87,19 +87,19 @@ class TorchSegmenter:
                 prototypes.append(self.model.aggregate_prototypes(shot_features))  # [1, 1, C]
         stacked = torch.cat(prototypes, dim=1)  # [1, N, C]
         # The decoder reads only the prototypes: the K = 1 view of them is a complete cache.
-        return TorchSupport(tuple(classes), SupportCache(stacked[:, :, None, :], stacked))
+        return TorchSupportSet(tuple(classes), EncodedSupport(stacked[:, :, None, :], stacked))
 
-    def _logits(self, batch: np.ndarray, support: TorchSupport) -> torch.Tensor:
+    def _logits(self, batch: np.ndarray, support: TorchSupportSet) -> torch.Tensor:
         """uint8 [B, S, S, 3] RGB -> logits float32 [B, N+1, S, S]."""
         query = torch.from_numpy(batch).to(self.device).permute(0, 3, 1, 2).float() / 255.0
         return self.model.decode_query(query, support.cache)
 
-    def decode_prepared(self, batch: np.ndarray, support: TorchSupport) -> np.ndarray:
+    def decode_prepared(self, batch: np.ndarray, support: TorchSupportSet) -> np.ndarray:
         """uint8 [B, S, S, 3] RGB -> labels uint8 [B, S, S] (0 = background)."""
         with torch.inference_mode():
             return self._logits(batch, support).argmax(dim=1).to(torch.uint8).cpu().numpy()
 
-    def decode_with_probabilities(self, batch: np.ndarray, support: TorchSupport
+    def decode_with_probabilities(self, batch: np.ndarray, support: TorchSupportSet
                                   ) -> tuple[np.ndarray, np.ndarray]:
         """-> (labels uint8 [B, S, S], softmax probabilities float32 [B, N+1, S, S])."""
         with torch.inference_mode():

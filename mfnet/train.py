@@ -37,7 +37,7 @@ from .config import PRESETS, Config, add_config_arguments, overrides_from_args, 
 from .device import resolve_device
 from .evaluate import evaluate_model, write_results
 from .errors import mfnet_command
-from .evaluation import ProtocolResult, format_results, protocol_description
+from .protocol import ProtocolResult, format_results, protocol_description
 from .model.mfnet import MFNet
 from .threads import add_threads_argument, set_torch_threads
 from .training.distributed import DistContext, init_distributed

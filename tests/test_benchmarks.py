@@ -17,7 +17,7 @@ from mfnet.config import PRESETS, preset
 from mfnet.data import benchmarks
 from mfnet.data.pascal import voc_palette
 from mfnet.data.prepare_pascal import prepare
-from mfnet.evaluation import ProtocolResult, fold_table, score_maps
+from mfnet.protocol import ProtocolResult, fold_table, score_maps
 from mfnet.model.build import build_mfnet
 from mfnet.model.naive import NaiveMultiWay
 from mfnet.training.objective import compute_losses

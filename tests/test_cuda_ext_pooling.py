@@ -78,7 +78,7 @@ def test_kernel_matches_the_reference_forward_and_backward(cuda_ext, device, mas
     b, c, h, w, height, width = shape
     features = random_features((b, c, h, w), seed=sum(shape), device=device).requires_grad_()
     masks = random_masks(b, height, width, seed=c, dtype=mask_dtype).to(device)
-    out = mfnet_ext.ops.masked_global_pool(features, masks)
+    out = mfnet_ext.masked_pooling.masked_global_pool(features, masks)
     expected = masked_global_pool_reference(features, masks)
     assert out.shape == (b, c) and out.dtype == features.dtype and out.device == features.device
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
@@ -95,7 +95,7 @@ def test_cuda_kernel_matches_the_reference_at_paper_sizes(cuda_ext, shape):
     b, c, h, w, height, width = shape
     features = random_features((b, c, h, w), seed=1, device="cuda").requires_grad_()
     masks = random_masks(b, height, width, seed=2).cuda()
-    out = mfnet_ext.ops.masked_global_pool(features, masks)
+    out = mfnet_ext.masked_pooling.masked_global_pool(features, masks)
     expected = masked_global_pool_reference(features, masks)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
     grad_out = torch.randn_like(out)
@@ -103,7 +103,7 @@ def test_cuda_kernel_matches_the_reference_at_paper_sizes(cuda_ext, shape):
     (expected_grad,) = torch.autograd.grad(expected, features, grad_out)
     torch.testing.assert_close(grad, expected_grad, rtol=1e-5, atol=1e-7)
     # and the CUDA kernel agrees with the C++ CPU kernel (same per-element math)
-    cpu = mfnet_ext.ops.masked_global_pool(features.detach().cpu(), masks.cpu())
+    cpu = mfnet_ext.masked_pooling.masked_global_pool(features.detach().cpu(), masks.cpu())
     torch.testing.assert_close(out.detach().cpu(), cpu, rtol=1e-5, atol=1e-6)
 
 
@@ -112,7 +112,7 @@ def test_empty_masks_pool_to_zero_like_the_reference(cuda_ext, device):
     features = random_features((3, 5, 6, 7), seed=3, device=device).requires_grad_()
     masks = torch.zeros(3, 20, 22, dtype=torch.bool, device=device)
     masks[1, 4, 9] = True  # one pixel: a tiny but non-zero area at feature resolution
-    out = mfnet_ext.ops.masked_global_pool(features, masks)
+    out = mfnet_ext.masked_pooling.masked_global_pool(features, masks)
     expected = masked_global_pool_reference(features, masks)
     assert torch.equal(out[0], torch.zeros_like(out[0])) and torch.equal(out[2], out[0])
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
@@ -129,7 +129,7 @@ def test_low_precision_error_is_at_most_twice_the_references(cuda_ext, device, d
     features.requires_grad_()
     masks = random_masks(4, 50, 47, seed=5).to(device)
     truth = pool64(features, masks)  # float64 on the same low-precision inputs
-    out = mfnet_ext.ops.masked_global_pool(features, masks)
+    out = mfnet_ext.masked_pooling.masked_global_pool(features, masks)
     expected = masked_global_pool_reference(features, masks)
     assert out.dtype == dtype
     kernel_error = (out.double() - truth).abs().max().item()
@@ -155,7 +155,7 @@ def test_gradcheck_in_float64(cuda_ext, device):
     masks = random_masks(2, 9, 7, seed=9).to(device)
 
     def pool(x: torch.Tensor) -> torch.Tensor:
-        return mfnet_ext.ops.masked_global_pool(x, masks)
+        return mfnet_ext.masked_pooling.masked_global_pool(x, masks)
 
     assert torch.autograd.gradcheck(pool, (features,))
     assert torch.autograd.gradgradcheck(pool, (features,))
@@ -179,7 +179,7 @@ def test_deterministic(cuda_ext, device):
     masks = random_masks(5, 70, 65, seed=16).to(device)
     runs = []
     for _ in range(3):
-        out = mfnet_ext.ops.masked_global_pool(features, masks)
+        out = mfnet_ext.masked_pooling.masked_global_pool(features, masks)
         (grad,) = torch.autograd.grad(out.sum(), features)
         runs.append((out, grad))
     for out, grad in runs[1:]:
@@ -191,14 +191,14 @@ def test_non_contiguous_and_empty_inputs(cuda_ext, device):
     features = random_features((3, 8, 9, 10), seed=17, device=device)
     masks = random_masks(3, 30, 31, seed=18).to(device)
     channels_last = features.to(memory_format=torch.channels_last)
-    torch.testing.assert_close(mfnet_ext.ops.masked_global_pool(channels_last, masks),
+    torch.testing.assert_close(mfnet_ext.masked_pooling.masked_global_pool(channels_last, masks),
                                masked_global_pool_reference(features, masks), rtol=1e-5, atol=1e-6)
     transposed_masks = masks.transpose(1, 2).contiguous().transpose(1, 2)
-    torch.testing.assert_close(mfnet_ext.ops.masked_global_pool(features, transposed_masks),
+    torch.testing.assert_close(mfnet_ext.masked_pooling.masked_global_pool(features, transposed_masks),
                                masked_global_pool_reference(features, masks), rtol=1e-5, atol=1e-6)
-    assert mfnet_ext.ops.masked_global_pool(features[:0], masks[:0]).shape == (0, 8)
-    assert mfnet_ext.ops.masked_global_pool(features[:, :0], masks).shape == (3, 0)
-    empty_grad = mfnet_ext.ops.masked_global_pool_backward(features[:0, :, 0, 0], masks[:0], 9, 10)
+    assert mfnet_ext.masked_pooling.masked_global_pool(features[:0], masks[:0]).shape == (0, 8)
+    assert mfnet_ext.masked_pooling.masked_global_pool(features[:, :0], masks).shape == (3, 0)
+    empty_grad = mfnet_ext.masked_pooling.masked_global_pool_backward(features[:0, :, 0, 0], masks[:0], 9, 10)
     assert empty_grad.shape == (0, 8, 9, 10)
 
 
@@ -241,8 +241,8 @@ def test_cuda_kernels_run_on_the_current_stream(cuda_ext):
     features = features.detach()
 
     def run():
-        return [mfnet_ext.ops.masked_global_pool(features, masks),
-                mfnet_ext.ops.masked_global_pool_backward(grad, masks, 60, 60)]
+        return [mfnet_ext.masked_pooling.masked_global_pool(features, masks),
+                mfnet_ext.masked_pooling.masked_global_pool_backward(grad, masks, 60, 60)]
 
     out, grad_features = side_stream_results(run, [expected, expected_grad])
     torch.testing.assert_close(out, expected.cpu(), rtol=1e-5, atol=1e-6)
@@ -254,7 +254,7 @@ def test_torch_compile_fullgraph(cuda_ext):
     masks = random_masks(2, 16, 19, seed=22)
 
     def loss(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-        return (mfnet_ext.ops.masked_global_pool(x * 2, m) ** 2).sum()
+        return (mfnet_ext.masked_pooling.masked_global_pool(x * 2, m) ** 2).sum()
 
     compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
     (grad,) = torch.autograd.grad(compiled(features, masks), features)
@@ -277,24 +277,24 @@ def test_torch_compile_fullgraph(cuda_ext):
 )
 def test_bad_inputs_are_clear_errors(cuda_ext, features, masks, message):
     with pytest.raises(RuntimeError, match=message):
-        mfnet_ext.ops.masked_global_pool(features, masks)
+        mfnet_ext.masked_pooling.masked_global_pool(features, masks)
 
 
 def test_bad_backward_inputs_are_clear_errors(cuda_ext):
     masks = torch.ones(2, 8, 8, dtype=torch.bool)
     with pytest.raises(RuntimeError, match=r"grad_pooled must be \[B, C\]"):
-        mfnet_ext.ops.masked_global_pool_backward(torch.zeros(2, 3, 1), masks, 4, 4)
+        mfnet_ext.masked_pooling.masked_global_pool_backward(torch.zeros(2, 3, 1), masks, 4, 4)
     with pytest.raises(RuntimeError, match="same B"):
-        mfnet_ext.ops.masked_global_pool_backward(torch.zeros(3, 3), masks, 4, 4)
+        mfnet_ext.masked_pooling.masked_global_pool_backward(torch.zeros(3, 3), masks, 4, 4)
     with pytest.raises(RuntimeError, match="non-empty"):
-        mfnet_ext.ops.masked_global_pool_backward(torch.zeros(2, 3), masks, 0, 4)
+        mfnet_ext.masked_pooling.masked_global_pool_backward(torch.zeros(2, 3), masks, 0, 4)
 
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_mixed_devices_are_a_clear_error(cuda_ext):
     with pytest.raises(RuntimeError, match="same device"):
-        mfnet_ext.ops.masked_global_pool(torch.zeros(2, 3, 4, 4, device="cuda"),
+        mfnet_ext.masked_pooling.masked_global_pool(torch.zeros(2, 3, 4, 4, device="cuda"),
                                          torch.ones(2, 8, 8, dtype=torch.bool))
 
 
@@ -323,13 +323,13 @@ def test_auto_and_reference_on_cpu_are_exactly_the_reference(monkeypatch, impl):
 
 def test_cuda_impl_on_cpu_tensors_runs_the_cpu_kernel(cuda_ext, monkeypatch):
     calls = []
-    kernel = mfnet_ext.ops.masked_global_pool
+    kernel = mfnet_ext.masked_pooling.masked_global_pool
 
     def spy(features, masks):
         calls.append(features.shape)
         return kernel(features, masks)
 
-    monkeypatch.setattr(mfnet_ext.ops, "masked_global_pool", spy)
+    monkeypatch.setattr(mfnet_ext.masked_pooling, "masked_global_pool", spy)
     features = random_features((2, 4, 6, 5), seed=25, device="cpu")
     masks = random_masks(2, 21, 18, seed=26)
     out = masked_global_pool(features, masks, impl="cuda")
@@ -464,8 +464,8 @@ def test_cpu_training_runs_the_cpp_kernels_only_when_selected(cuda_ext, tiny_con
     import mfnet_ext
 
     calls = []
-    kernel = mfnet_ext.ops.masked_global_pool
-    monkeypatch.setattr(mfnet_ext.ops, "masked_global_pool",
+    kernel = mfnet_ext.masked_pooling.masked_global_pool
+    monkeypatch.setattr(mfnet_ext.masked_pooling, "masked_global_pool",
                         lambda *args: calls.append(args[0].device.type) or kernel(*args))
     base = tiny_config.replace(device="cpu", pml_mode="off", dropout=0.0)
     selected = _train_losses(base.replace(ops="cuda", out=str(tmp_path / "cuda")))

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from mfnet.evaluation import run_protocol
+from mfnet.protocol import run_protocol
 from mfnet.metrics import FewShotMeter
 from mfnet.model.build import build_mfnet
 from mfnet.training import loop

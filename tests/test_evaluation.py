@@ -11,7 +11,7 @@ import torch
 from mfnet import evaluate as evaluate_cli
 from mfnet import train as train_cli
 from mfnet.config import Config
-from mfnet.evaluation import run_protocol
+from mfnet.protocol import run_protocol
 from mfnet.model.build import build_mfnet
 from mfnet.model.baseline import PrototypeBaseline
 

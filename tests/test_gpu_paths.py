@@ -256,7 +256,7 @@ def test_ddp_with_nccl_at_world_size_one(tiny_config) -> None:
     from torch.nn.parallel import DistributedDataParallel
     from torch.utils.data import DataLoader
 
-    from mfnet.data.benchmarks import build_episodes
+    from mfnet.data.datasets import build_episodes
     from mfnet.model.build import build_mfnet
     from mfnet.training.loop import _LossForward
     from mfnet.training.objective import compute_losses

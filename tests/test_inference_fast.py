@@ -21,7 +21,7 @@ from mfnet.model.inference import (
     FastQueryDecoder, FoldedPrototypes, adaptive_pool_matrix, border_index, constant_map_conv,
     static_adaptive_avg_pool2d,
 )
-from mfnet.model.support import SupportCache
+from mfnet.model.support import EncodedSupport
 
 
 def tiny_model(size: int = 48, **overrides):
@@ -42,7 +42,7 @@ def inputs(model, batch: int = 2, proto_batch: int = 1, seed: int = 0, size=None
 
 
 def eager(model, query, prototypes):
-    return model.decode_query(query, SupportCache(prototypes[:, :, None], prototypes))
+    return model.decode_query(query, EncodedSupport(prototypes[:, :, None], prototypes))
 
 
 def assert_same_logits(fast: torch.Tensor, reference: torch.Tensor, rtol: float = 1e-5) -> None:

@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from mfnet.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
-from mfnet.data.benchmarks import build_episodes
+from mfnet.data.datasets import build_episodes
 from mfnet.model.build import build_mfnet
 from mfnet.training import loop
 from mfnet.checkpoint import save_checkpoint

@@ -15,7 +15,7 @@ from torch import nn
 
 from mfnet.model.mfnet import MFNet
 from mfnet.model.naive import NaiveMultiWay
-from mfnet.model.support import RelationalSupportAttention, SupportCache
+from mfnet.model.support import RelationalSupportAttention, EncodedSupport
 
 from .context import Env, Prepared
 from .workload import WayContext, make_fast_decoder, plain_labels
@@ -94,7 +94,7 @@ def fast_labels(decoder: nn.Module, prototypes: torch.Tensor
     return run
 
 
-def naive_labels(model: MFNet, caches: list[SupportCache]
+def naive_labels(model: MFNet, caches: list[EncodedSupport]
                  ) -> Callable[[torch.Tensor], torch.Tensor]:
     """A 1-way model run once per class; per pixel the most probable label over the runs
     (any run's background included), as ``NaiveMultiWay`` and the paper do.

@@ -20,7 +20,7 @@ from mfnet.model.backbone import feature_size
 from mfnet.model.build import build_mfnet
 from mfnet.model.inference import FastQueryDecoder
 from mfnet.model.mfnet import MFNet
-from mfnet.model.support import SupportCache
+from mfnet.model.support import EncodedSupport
 
 from .variants import SUPPORT_SHOTS
 
@@ -35,8 +35,8 @@ class WayContext:
     naive: MFNet
     data: dict[str, Any]
     prototypes: torch.Tensor  # [1, N, C] (K = 1)
-    cache: SupportCache
-    naive_caches: list[SupportCache]
+    cache: EncodedSupport
+    naive_caches: list[EncodedSupport]
     reference: dict[int, np.ndarray] = field(default_factory=dict)  # batch -> uint8 [B, S, S]
     flops: dict[str, Any] = field(default_factory=dict)
     params: dict[str, int] = field(default_factory=dict)
@@ -162,7 +162,7 @@ def model_flops(model: MFNet, size: int, way: int, shots: int = 1) -> dict[str, 
     meta = copy.deepcopy(model).to("meta")
     channels = model.config.channels
     prototypes = torch.empty(1, way, channels, device="meta")
-    cache = SupportCache(prototypes[:, :, None], prototypes)
+    cache = EncodedSupport(prototypes[:, :, None], prototypes)
     query = torch.empty(1, 3, size, size, device="meta")
     decoder = count_flops(lambda: meta.decode_query(query, cache))
     images = torch.empty(way * shots, 3, size, size, device="meta")
@@ -179,7 +179,7 @@ def make_fast_decoder(model: MFNet) -> FastQueryDecoder:
     return FastQueryDecoder(model, static_pooling=True, fold_prototypes=True).eval()
 
 
-def plain_labels(model: MFNet, cache: SupportCache) -> Callable[[torch.Tensor], torch.Tensor]:
+def plain_labels(model: MFNet, cache: EncodedSupport) -> Callable[[torch.Tensor], torch.Tensor]:
     """query float [B, 3, S, S] -> labels uint8 [B, S, S] through decode_query."""
     return lambda query: model.decode_query(query, cache).argmax(dim=1).to(torch.uint8)
 
@@ -199,7 +199,7 @@ class strict_fp32:
 
 
 def set_up_way(args: argparse.Namespace, way: int, device: torch.device, naive: MFNet,
-               naive_cache_source: Callable[[torch.Tensor, torch.Tensor], SupportCache]
+               naive_cache_source: Callable[[torch.Tensor, torch.Tensor], EncodedSupport]
                ) -> WayContext:
     """Build the model, data, K = 1 support caches (N-way and the naive 1-way per class), FP32
     reference labels of every batch and the FLOP / parameter counts of N = ``way``."""

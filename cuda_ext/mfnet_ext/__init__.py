@@ -2,14 +2,15 @@
 
 Importing this package needs no CUDA and compiles nothing. The operators live in
 ``torch.ops.mfnet_ext`` once ``load()`` has found or built the compiled library (see
-``_loader``); ``mfnet_ext.ops`` is the typed Python API. The pure-PyTorch references, which are
-the specification and the fallback, are in ``mfnet.ops``; ``mfnet.ops.*(impl=...)`` chooses.
+``_loader``); ``mfnet_ext.masked_pooling`` and ``mfnet_ext.triplet_sampling`` are their typed
+Python APIs. The pure-PyTorch references, which are the specification and the fallback, are in
+``mfnet.ops``; ``mfnet.ops.*(impl=...)`` chooses.
 
 Command line: ``python -m mfnet_ext build`` (compile into the cache now) and
 ``python -m mfnet_ext info`` (what would be loaded, from where). See docs/cuda_ext.md.
 """
 
-from . import ops
+from . import masked_pooling
 from ._loader import (
     AOT_COMMAND,
     BUILD_COMMAND,
@@ -36,7 +37,7 @@ __all__ = [
     "is_loaded",
     "library_path",
     "load",
-    "ops",
+    "masked_pooling",
     "reset",
     "sources",
 ]

@@ -11,7 +11,7 @@
    and torch version; concurrent processes wait for one build through torch's lock file).
 
 After the library is loaded, ``register_python_kernels()`` of every public module of the package
-that defines one (``mfnet_ext.ops``, ``mfnet_ext.triplet_sampling``, ...) is called once: that is
+that defines one (``mfnet_ext.masked_pooling``, ``mfnet_ext.triplet_sampling``, ...) is called once: that is
 where each operator's fake (meta) kernel and autograd formula are registered with
 ``torch.library``.
 
@@ -41,7 +41,7 @@ from typing import Iterator
 
 import torch
 
-logger = logging.getLogger("mfnet_ext")
+log = logging.getLogger("mfnet_ext")
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 CSRC = PACKAGE_DIR / "csrc"
@@ -224,7 +224,7 @@ def _import_aot() -> Extension | None:
             return None  # not built ahead of time: the usual case
         raise
     except ImportError as error:  # built, but not loadable (e.g. against another torch)
-        logger.warning(
+        log.warning(
             "mfnet_ext._C is installed but cannot be loaded (%s); rebuild it with `%s`; "
             "trying the just-in-time build instead", error, AOT_COMMAND,
         )
@@ -295,7 +295,7 @@ def _build(directory: Path, verbose: bool) -> Extension:
         ) from error
     arches = arch_list()
     directory.mkdir(parents=True, exist_ok=True)
-    logger.warning(
+    log.warning(
         "compiling the mfnet_ext CUDA extension (first use of these sources: 1-3 minutes) "
         "into %s with CUDA_HOME=%s, TORCH_CUDA_ARCH_LIST=%s", directory, home, arches,
     )
@@ -319,14 +319,14 @@ def _build(directory: Path, verbose: bool) -> Extension:
         ) from error
     seconds = time.perf_counter() - started
     _register_python_kernels()
-    logger.warning("mfnet_ext compiled in %.0f s: %s", seconds, directory)
+    log.warning("mfnet_ext compiled in %.0f s: %s", seconds, directory)
     return Extension("jit", str(directory / f"{LIBRARY_NAME}.so"), seconds)
 
 
 @functools.cache
 def _register_python_kernels() -> None:
     """Call ``register_python_kernels()`` of every public module of the package that has one
-    (``ops``, ``triplet_sampling``, ...: fake kernels, autograd), once per process, after the
+    (``masked_pooling``, ``triplet_sampling``, ...: fake kernels, autograd), once per process, after the
     library is loaded."""
     names = sorted(
         info.name for info in pkgutil.iter_modules([str(PACKAGE_DIR)])

@@ -14,7 +14,7 @@ from torch import nn
 
 from ..model.inference import FastQueryDecoder
 from ..model.mfnet import MFNet
-from ..model.support import SupportCache
+from ..model.support import EncodedSupport
 
 
 def _to_model_images(frames: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -85,7 +85,7 @@ class QueryDecoder(nn.Module):
             logits = self.fast(images, prototypes[None])  # [B, N+1, H, W]
         else:
             # The decoder reads only the prototypes; the per-shot view is the K = 1 cache shape.
-            cache = SupportCache(prototypes[None, :, None, :], prototypes[None])
+            cache = EncodedSupport(prototypes[None, :, None, :], prototypes[None])
             logits = self.model.decode_query(images, cache)
         logits = logits.float()  # [B, N+1, H, W]
         labels = logits.argmax(dim=1).to(torch.uint8)  # [B, H, W]

@@ -1,7 +1,7 @@
 """MFNet: multi-way encoding and decoding (paper Sec. III, Fig. 2), composed from its parts.
 
 The model is split where deployment needs it: ``encode_support`` (run once per support set)
-returns an immutable ``SupportCache``; ``decode_query`` (run per frame) takes a query and a cache.
+returns an immutable ``EncodedSupport``; ``decode_query`` (run per frame) takes a query and a cache.
 ``forward`` is exactly ``decode_query(query, encode_support(...))``.
 
 Images enter as float RGB in [0, 1], [.., 3, H, W]; normalisation happens inside the model.
@@ -21,7 +21,7 @@ from ..ops.masked_pooling import mask_area, masked_global_pool
 from .backbone import Backbone, feature_size
 from .decoder import Decoder
 from .scale_attention import ScaleAttention
-from .support import RelationalSupportAttention, SupportCache
+from .support import RelationalSupportAttention, EncodedSupport
 
 
 @dataclass(frozen=True)
@@ -133,19 +133,19 @@ class MFNet(nn.Module):
             shot_features = self.support_attention(shot_features)
         return shot_features.mean(dim=2)
 
-    def encode_support(self, images: torch.Tensor, masks: torch.Tensor) -> SupportCache:
-        """Support images + masks -> ``SupportCache`` (per-shot features and prototypes).
+    def encode_support(self, images: torch.Tensor, masks: torch.Tensor) -> EncodedSupport:
+        """Support images + masks -> ``EncodedSupport`` (per-shot features and prototypes).
 
         Args:
             images: [B, N, K, 3, H, W] (or [N, K, 3, H, W] for one support set), RGB in [0, 1].
             masks: [B, N, K, H, W] (or [N, K, H, W]): 1 = the shot's class, 0 = not, 255 = ignore.
         """
         shot_features = self.encode_shots(images, masks)
-        return SupportCache(shot_features, self.aggregate_prototypes(shot_features))
+        return EncodedSupport(shot_features, self.aggregate_prototypes(shot_features))
 
-    def cache_from_shots(self, shot_features: torch.Tensor) -> SupportCache:
+    def cache_from_shots(self, shot_features: torch.Tensor) -> EncodedSupport:
         """Rebuild a cache from (edited) per-shot features [B, N, K, C] without the backbone."""
-        return SupportCache(shot_features, self.aggregate_prototypes(shot_features))
+        return EncodedSupport(shot_features, self.aggregate_prototypes(shot_features))
 
     # ------------------------------------------------------------------------------- query side
     def pyramid_bins(self, feature_size: int) -> list[int]:
@@ -155,7 +155,7 @@ class MFNet(nn.Module):
         return [max(1, math.ceil(feature_size * f)) for f in self.config.pyramid]
 
     def decode_query(
-        self, query: torch.Tensor, cache: SupportCache, return_aux: bool = False
+        self, query: torch.Tensor, cache: EncodedSupport, return_aux: bool = False
     ) -> torch.Tensor | QueryOutput:
         """Segment query images with cached class prototypes.
 

@@ -10,7 +10,7 @@ from torch import nn
 
 
 @dataclass(frozen=True)
-class SupportCache:
+class EncodedSupport:
     """What the query decoder needs from a support set; immutable, returned and passed in.
 
     Attributes:

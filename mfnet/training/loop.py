@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from ..config import Config
-from ..data.benchmarks import build_episodes
+from ..data.datasets import build_episodes
 from ..device import resolve_device
 from ..model.build import build_mfnet
 from ..checkpoint import CheckpointError, load_checkpoint, save_checkpoint
@@ -163,15 +163,15 @@ def train(
     """
     run, start = _set_up(config, context or DistContext(), resume)
     _log_start(run, start, resume)
-    logger = TrainLogger(run.out_dir, enabled=run.context.is_main,
+    train_log = TrainLogger(run.out_dir, enabled=run.context.is_main,
                          resume_step=start.step if resume is not None else None)
-    with contextlib.closing(logger), _StopSignals() as signals:
+    with contextlib.closing(train_log), _StopSignals() as signals:
         for number in range(start.epoch, config.train.epochs):
-            _train_epoch(run, number, start, logger, signals, progress and run.context.is_main)
+            _train_epoch(run, number, start, train_log, signals, progress and run.context.is_main)
     if run.context.enabled:
         broadcast_buffers(run.model)
     if run.context.is_main:
-        plot_curves(logger.csv_path, run.out_dir / "curves.png")
+        plot_curves(train_log.csv_path, run.out_dir / "curves.png")
     return run.model.eval(), run.checkpoint_path
 
 
@@ -230,7 +230,7 @@ def _log_start(run: _Run, start: _Start, resume: str | Path | None) -> None:
                     first + 1, first, config.train.epochs, first + 1)
 
 
-def _train_epoch(run: _Run, number: int, start: _Start, logger: TrainLogger,
+def _train_epoch(run: _Run, number: int, start: _Start, train_log: TrainLogger,
                  signals: _StopSignals, progress: bool) -> None:
     """Epoch ``number`` (0-based): its optimisation steps, then its log line and checkpoint.
     Raises ``TrainingInterrupted`` after the step in which a stop signal arrived."""
@@ -242,7 +242,7 @@ def _train_epoch(run: _Run, number: int, start: _Start, logger: TrainLogger,
     every = run.config.train.save_every_steps
     for batch in bar:
         losses, lr, stop = _optimisation_step(run, epoch, batch, signals)
-        _record_step(run, epoch, losses, lr, logger, bar)
+        _record_step(run, epoch, losses, lr, train_log, bar)
         if stop:
             _save(run, epoch, epochs_done=number, steps_in_epoch=epoch.done)
             raise TrainingInterrupted(signals.received or signal.SIGTERM, run.checkpoint_path,
@@ -320,7 +320,7 @@ def _optimisation_step(run: _Run, epoch: _Epoch, batch: dict[str, torch.Tensor],
     return losses, lr, stop
 
 
-def _record_step(run: _Run, epoch: _Epoch, losses: StepLosses, lr: float, logger: TrainLogger,
+def _record_step(run: _Run, epoch: _Epoch, losses: StepLosses, lr: float, train_log: TrainLogger,
                  bar: ProgressLines | tqdm) -> None:
     """Count the step done, update the running loss (EMA 0.95), write its log row and show the
     losses beside the progress."""
@@ -329,7 +329,7 @@ def _record_step(run: _Run, epoch: _Epoch, losses: StepLosses, lr: float, logger
     epoch.running = value if epoch.running is None else 0.95 * epoch.running + 0.05 * value
     metric = None if losses.metric is None else losses.metric.item()
     segmentation = losses.segmentation.item()
-    logger.step(run.step, epoch.number + 1, value, segmentation, metric, lr)
+    train_log.step(run.step, epoch.number + 1, value, segmentation, metric, lr)
     postfix = {"loss": f"{epoch.running:.4f}", "seg": f"{segmentation:.4f}", "lr": f"{lr:.2e}"}
     if metric is not None:
         postfix["pml"] = f"{metric:.4f}"

@@ -2,7 +2,7 @@
 //
 // Every operator of the extension is declared here; each backend registers its kernels with
 // TORCH_LIBRARY_IMPL(mfnet_ext, CPU | CUDA, m) in its own file, and the Python side
-// (mfnet_ext/ops.py) adds the fake (meta) kernels and the autograd formulas with torch.library.
+// (mfnet_ext/masked_pooling.py) adds the fake (meta) kernels and the autograd formulas with torch.library.
 // To add an operator: declare its schema below, implement it in csrc/<op>.cu (+ <op>_cpu.cpp),
 // register fake/autograd in Python. Every csrc/*.cpp and csrc/*.cu is compiled (the loader and
 // setup.py glob them), so a new file needs no build change.
@@ -29,7 +29,7 @@ TORCH_LIBRARY(mfnet_ext, m) {
         {at::Tag::pt2_compliant_tag});
   // Its gradient with respect to the features: grad_pooled [B, C] -> [B, C, h, w] in
   // grad_pooled's dtype, grad * weight / max(area, 1e-5). Linear in grad_pooled; its own
-  // gradient is masked_global_pool (registered in ops.py), so double backward works too.
+  // gradient is masked_global_pool (registered in masked_pooling.py), so double backward works too.
   m.def("masked_global_pool_backward(Tensor grad_pooled, Tensor masks, SymInt h, SymInt w) -> Tensor",
         {at::Tag::pt2_compliant_tag});
 
