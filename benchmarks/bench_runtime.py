@@ -28,9 +28,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import now_utc, time_calls, versions, write_json  # noqa: E402
-
-from mfnet.threads import add_threads_argument, set_torch_threads  # noqa: E402
 from mfnet.checkpoint import model_from_checkpoint  # noqa: E402
+from mfnet.threads import add_threads_argument, set_torch_threads  # noqa: E402
 from mfnet_runtime import Segmenter  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"

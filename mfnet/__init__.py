@@ -6,13 +6,12 @@ except ImportError:
     raise ImportError("mfnet needs its runtime package mfnet_runtime, which is not installed: "
                       "pip install -e ./runtime (from the repository root)") from None
 
+from .checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from .config import Config, DataConfig, EvalConfig, LossConfig, ModelConfig, TrainConfig, preset
 from .metrics import FewShotMeter
 from .model.build import build_mfnet, count_learnable_parameters
 from .model.mfnet import MFNet, QueryOutput
 from .model.support import EncodedSupport
-from .checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
-
 
 __all__ = [
     "Config", "DataConfig", "EvalConfig", "LossConfig", "ModelConfig", "TrainConfig", "preset",

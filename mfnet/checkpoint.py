@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from mfnet_runtime.atomic import atomic_write_bytes
 from mfnet_runtime.boundary import scrub_unsafe_advice
 

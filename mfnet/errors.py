@@ -17,7 +17,11 @@ user's to fix.
 from __future__ import annotations
 
 from mfnet_runtime.boundary import (
-    EXIT_INPUT_ERROR, EXIT_INTERRUPTED, command_boundary, error_line, scrub_unsafe_advice,
+    EXIT_INPUT_ERROR,
+    EXIT_INTERRUPTED,
+    command_boundary,
+    error_line,
+    scrub_unsafe_advice,
 )
 from mfnet_runtime.errors import EngineError, MissingDependencyError, require
 

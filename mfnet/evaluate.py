@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import torch
+
 from mfnet_runtime import options
 from mfnet_runtime.atomic import atomic_write_bytes
 from mfnet_runtime.console import configure_logging
@@ -24,12 +25,16 @@ from .checkpoint import load_checkpoint, model_from_checkpoint
 from .config import Config, add_config_arguments, overrides_from_args
 from .device import resolve_device
 from .errors import mfnet_command
-from .protocol import (
-    ProtocolResult, fold_table, format_results, protocol_description, run_protocol,
-)
 from .model.baseline import PrototypeBaseline
 from .model.mfnet import MFNet
 from .model.naive import NaiveMultiWay
+from .protocol import (
+    ProtocolResult,
+    fold_table,
+    format_results,
+    protocol_description,
+    run_protocol,
+)
 from .threads import add_threads_argument, set_torch_threads
 from .training.distributed import DistContext
 

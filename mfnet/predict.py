@@ -21,11 +21,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from PIL import Image
+
 from mfnet_runtime import options
 from mfnet_runtime.images import fit
 from mfnet_runtime.pipeline import add_io_arguments, run_and_report
 from mfnet_runtime.spec import load_support_spec
-from PIL import Image
 
 from .checkpoint import model_from_checkpoint
 from .data.transforms import check_pair

@@ -30,21 +30,25 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+
 from mfnet_runtime import options
 from mfnet_runtime.console import configure_logging
 
 from .config import PRESETS, Config, add_config_arguments, overrides_from_args, preset
 from .device import resolve_device
-from .evaluate import evaluate_model, write_results
 from .errors import mfnet_command
-from .protocol import ProtocolResult, format_results, protocol_description
+from .evaluate import evaluate_model, write_results
 from .model.mfnet import MFNet
+from .protocol import ProtocolResult, format_results, protocol_description
 from .threads import add_threads_argument, set_torch_threads
 from .training.distributed import DistContext, init_distributed
 from .training.logs import write_eval_scalars
 from .training.loop import TrainingInterrupted, train
 from .training.resume import (
-    CHANGEABLE_ON_RESUME, ResumeError, check_new_run_folder, resume_config,
+    CHANGEABLE_ON_RESUME,
+    ResumeError,
+    check_new_run_folder,
+    resume_config,
 )
 
 SECTIONS = ("model", "loss", "data", "train", "eval")

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from mfnet.checkpoint import save_checkpoint
 from mfnet.config import preset
 from mfnet.model.build import build_mfnet
-from mfnet.checkpoint import save_checkpoint
 
 SIZE, CHANNELS = 48, 16
 

@@ -25,13 +25,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mfnet.checkpoint import save_checkpoint
 from mfnet.config import preset
 from mfnet.data.episodes import synthetic_episodes
 from mfnet.export.onnx_export import ExportLimits, export_onnx
 from mfnet.model.backbone import feature_size
 from mfnet.model.build import build_mfnet
 from mfnet.model.mfnet import MFNet
-from mfnet.checkpoint import save_checkpoint
 
 LIMITS = ExportLimits(max_batch=4, max_support=16, max_shots=8)
 CHECK_EPISODES = 3  # held-out queries on which varied_model checks its guarantee

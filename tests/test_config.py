@@ -8,7 +8,11 @@ import dataclasses
 import pytest
 
 from mfnet.config import (
-    Config, ModelConfig, add_config_arguments, overrides_from_args, preset,
+    Config,
+    ModelConfig,
+    add_config_arguments,
+    overrides_from_args,
+    preset,
 )
 
 SECTIONS = ("model", "loss", "data", "train", "eval")

@@ -21,7 +21,10 @@ import torch
 import mfnet_ext
 from mfnet.ops import extension as ext_dispatch
 from mfnet.ops.masked_pooling import (
-    EMPTY_MASK_EPS, masked_global_pool, masked_global_pool_reference, resize_mask,
+    EMPTY_MASK_EPS,
+    masked_global_pool,
+    masked_global_pool_reference,
+    resize_mask,
 )
 from mfnet_ext import _loader
 

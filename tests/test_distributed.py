@@ -10,9 +10,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from mfnet.protocol import run_protocol
 from mfnet.metrics import FewShotMeter
 from mfnet.model.build import build_mfnet
+from mfnet.protocol import run_protocol
 from mfnet.training import loop
 from mfnet.training.distributed import DistContext, init_distributed, shard_indices
 

@@ -21,21 +21,26 @@ from export import to_onnx as to_onnx_cli
 from export import to_trt as to_trt_cli
 from export import verify as verify_cli
 from fault_fixtures import (
-    disk_full, one_error_line, snapshot, tiny_config, usage_error, valid_manifest,
-    write_checkpoint, write_manifest,
+    disk_full,
+    one_error_line,
+    snapshot,
+    tiny_config,
+    usage_error,
+    valid_manifest,
+    write_checkpoint,
+    write_manifest,
 )
 from mfnet import evaluate as evaluate_cli
 from mfnet import predict as predict_cli
 from mfnet import train as train_cli
-from mfnet.checkpoint import CheckpointError, model_from_checkpoint
+from mfnet.checkpoint import CheckpointError, model_from_checkpoint, save_checkpoint
 from mfnet.config import Config, ConfigError
 from mfnet.data.errors import DatasetError
+from mfnet.device import DeviceUnavailable, resolve_device
 from mfnet.errors import MFNET_ERRORS, mfnet_command
 from mfnet.export import onnx_export
 from mfnet.export.onnx_export import ExportError, ExportLimits, export_onnx
 from mfnet.model.backbone import WeightsUnavailableError, build_backbone
-from mfnet.device import DeviceUnavailable, resolve_device
-from mfnet.checkpoint import save_checkpoint
 from mfnet_runtime import cli as runtime_cli
 from mfnet_runtime.atomic import atomic_write_bytes
 from mfnet_runtime.boundary import command_boundary, error_line, scrub_unsafe_advice
@@ -343,8 +348,9 @@ def case_disk_full(tmp_path, capsys, monkeypatch):
     assert "No space left on device" in line and "the disk is full" in line and "last.pt" in line
     monkeypatch.undo()
     # frame outputs: a frame written by an earlier run survives a full disk
-    import mfnet_runtime.atomic as runtime_atomic
     from PIL import Image
+
+    import mfnet_runtime.atomic as runtime_atomic
 
     rng = np.random.default_rng(0)
     for name in ("red", "blue"):

@@ -11,9 +11,9 @@ import torch
 from mfnet import evaluate as evaluate_cli
 from mfnet import train as train_cli
 from mfnet.config import Config
-from mfnet.protocol import run_protocol
-from mfnet.model.build import build_mfnet
 from mfnet.model.baseline import PrototypeBaseline
+from mfnet.model.build import build_mfnet
+from mfnet.protocol import run_protocol
 
 
 def test_baseline_matches_prototypes_on_an_easy_case() -> None:

@@ -13,19 +13,23 @@ onnxruntime = pytest.importorskip("onnxruntime")
 
 from export import to_onnx as to_onnx_cli  # noqa: E402
 from export import verify as verify_cli  # noqa: E402
-from mfnet.checkpoint import model_from_checkpoint  # noqa: E402
+from mfnet.checkpoint import model_from_checkpoint, save_checkpoint  # noqa: E402
 from mfnet.config import preset  # noqa: E402
 from mfnet.data.episodes import synthetic_episodes  # noqa: E402
 from mfnet.export.onnx_export import ExportLimits, export_onnx  # noqa: E402
 from mfnet.export.verify import verification_inputs, verify_export  # noqa: E402
 from mfnet.export.wrappers import (  # noqa: E402
-    PrototypeAggregator, QueryDecoder, SupportEncoder,
+    PrototypeAggregator,
+    QueryDecoder,
+    SupportEncoder,
 )
 from mfnet.model.build import build_mfnet  # noqa: E402
-from mfnet.checkpoint import save_checkpoint  # noqa: E402
 from mfnet_runtime.errors import EngineError  # noqa: E402
 from mfnet_runtime.manifest import (  # noqa: E402
-    manifest_json, read_manifest, sha256_of, verify_files,
+    manifest_json,
+    read_manifest,
+    sha256_of,
+    verify_files,
 )
 from runtime_fixtures import assert_labels_vary  # noqa: E402
 

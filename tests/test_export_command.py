@@ -80,13 +80,12 @@ def test_scripts_are_wrappers_without_path_edits(name, monkeypatch) -> None:
 
 def test_the_artifact_contract_exists_once() -> None:
     """mfnet has no manifest module, reader, hash or atomic writer of its own."""
+    import mfnet
+    import mfnet.export
     import mfnet_runtime.atomic as runtime_atomic
     import mfnet_runtime.manifest as runtime_manifest
     from mfnet.export import onnx_export, tensorrt
     from mfnet_runtime.backends import tensorrt as trt_backend
-
-    import mfnet
-    import mfnet.export
 
     assert "atomic" not in {m.name for m in pkgutil.iter_modules(mfnet.__path__)}
     assert "manifest" not in {m.name for m in pkgutil.iter_modules(mfnet.export.__path__)}
@@ -100,7 +99,11 @@ def test_the_artifact_contract_exists_once() -> None:
 
 def test_an_export_round_trips_through_the_runtime_reader(varied_export) -> None:
     from mfnet_runtime.manifest import (
-        CheckpointInfo, GraphInfo, Manifest, ModelInfo, read_manifest,
+        CheckpointInfo,
+        GraphInfo,
+        Manifest,
+        ModelInfo,
+        read_manifest,
     )
 
     engines, checkpoint, manifest = varied_export(2, 1)

@@ -15,8 +15,8 @@ import torch
 
 from mfnet import evaluate as evaluate_cli
 from mfnet import train as train_cli
-from mfnet.config import preset
 from mfnet.checkpoint import load_checkpoint
+from mfnet.config import preset
 from mfnet.training.logs import read_log
 
 ROOT = Path(__file__).resolve().parents[1]

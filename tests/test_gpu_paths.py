@@ -35,6 +35,7 @@ except ImportError:
     sys.path.insert(0, str(ROOT / "runtime"))
 
 import onnxruntime  # noqa: E402
+
 from mfnet_runtime import Segmenter  # noqa: E402
 from mfnet_runtime.backends import open_backend  # noqa: E402
 from mfnet_runtime.manifest import read_manifest  # noqa: E402
@@ -208,8 +209,8 @@ def test_fp16_autocast_training_with_a_grad_scaler(tiny_config) -> None:
 
 
 def test_resume_restores_the_cuda_rng_streams_exactly(tiny_config, monkeypatch) -> None:
-    from mfnet.training import loop
     from mfnet.checkpoint import save_checkpoint
+    from mfnet.training import loop
 
     config = tiny_config.replace(device="cuda", epochs=2, dropout=0.3)
     states: list[torch.Tensor] = []

@@ -18,7 +18,11 @@ import torch.nn.functional as F
 from mfnet.config import ModelConfig
 from mfnet.model.build import build_mfnet
 from mfnet.model.inference import (
-    FastQueryDecoder, FoldedPrototypes, adaptive_pool_matrix, border_index, constant_map_conv,
+    FastQueryDecoder,
+    FoldedPrototypes,
+    adaptive_pool_matrix,
+    border_index,
+    constant_map_conv,
     static_adaptive_avg_pool2d,
 )
 from mfnet.model.support import EncodedSupport
@@ -245,9 +249,8 @@ def test_exported_optimised_decoder_equals_eager(tmp_path, precision) -> None:
     import copy
 
     from mfnet.export.onnx_export import _export_graph
-    from mfnet.export.wrappers import QueryDecoder
-
     from mfnet.export.verify import verification_inputs
+    from mfnet.export.wrappers import QueryDecoder
     from runtime_fixtures import assert_labels_vary, varied_model
 
     model, _ = varied_model(way=2, shot=1, size=72)  # calibrated: its labels vary
@@ -285,9 +288,9 @@ def test_exported_optimised_decoder_equals_eager(tmp_path, precision) -> None:
 
 
 def test_manifest_records_the_decoder_form(tmp_path) -> None:
+    from mfnet.checkpoint import save_checkpoint
     from mfnet.config import preset
     from mfnet.export.onnx_export import ExportLimits, export_onnx
-    from mfnet.checkpoint import save_checkpoint
 
     runtime_manifest = pytest.importorskip("mfnet_runtime.manifest")
     torch.manual_seed(0)

@@ -24,14 +24,14 @@ from hypothesis.extra import numpy as hnp  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from fault_fixtures import snapshot, tiny_config, valid_manifest, write_checkpoint  # noqa: E402
-from mfnet.config import Config, ConfigError  # noqa: E402
 from mfnet.checkpoint import CheckpointError, model_from_checkpoint  # noqa: E402
+from mfnet.config import Config, ConfigError  # noqa: E402
 from mfnet_runtime import cli as runtime_cli  # noqa: E402
 from mfnet_runtime.errors import EngineError, RuntimeInputError  # noqa: E402
 from mfnet_runtime.images import as_mask_array, prepare_image  # noqa: E402
 from mfnet_runtime.manifest import read_manifest  # noqa: E402
-from mfnet_runtime.spec import load_support_spec  # noqa: E402
 from mfnet_runtime.shots import prepare_shot  # noqa: E402
+from mfnet_runtime.spec import load_support_spec  # noqa: E402
 
 COMMON = dict(derandomize=True, deadline=None, database=None, print_blob=True,
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,

@@ -36,9 +36,9 @@ from runtime_fixtures import assert_labels_vary  # noqa: E402
 AUTO_BACKEND = ("onnxruntime-cuda" if "CUDAExecutionProvider"
                 in __import__("onnxruntime").get_available_providers() else "onnxruntime-cpu")
 
+from mfnet.checkpoint import model_from_checkpoint  # noqa: E402
 from mfnet.data.episodes import synthetic_episodes  # noqa: E402
 from mfnet.data.transforms import TestResize  # noqa: E402
-from mfnet.checkpoint import model_from_checkpoint  # noqa: E402
 
 
 @pytest.fixture(scope="session")

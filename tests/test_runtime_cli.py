@@ -27,8 +27,8 @@ from mfnet import predict  # noqa: E402
 from mfnet_runtime import Segmenter, cli  # noqa: E402
 from mfnet_runtime.errors import RuntimeInputError  # noqa: E402
 from mfnet_runtime.overlay import PALETTE, overlay  # noqa: E402
-from mfnet_runtime.spec import SupportSpecError, load_support_spec  # noqa: E402
 from mfnet_runtime.pipeline import segment_video  # noqa: E402
+from mfnet_runtime.spec import SupportSpecError, load_support_spec  # noqa: E402
 from mfnet_runtime.video import open_source  # noqa: E402
 from tests.runtime_fixtures import assert_labels_vary  # noqa: E402
 

@@ -27,7 +27,12 @@ except ImportError:  # a source checkout without the runtime installed
     sys.path.insert(0, str(ROOT / "runtime"))
 
 from gpu_fakes import (  # noqa: E402
-    Device, DevicePointer, FakeCudart, FakeOnnxRuntime, FakeTensorRT, add_fake_engines,
+    Device,
+    DevicePointer,
+    FakeCudart,
+    FakeOnnxRuntime,
+    FakeTensorRT,
+    add_fake_engines,
 )
 from mfnet_runtime import EngineError, Segmenter  # noqa: E402
 from mfnet_runtime.backends import onnxruntime as ort_backend  # noqa: E402

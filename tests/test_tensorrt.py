@@ -24,7 +24,13 @@ from mfnet.export import tensorrt as trt_export
 from mfnet_runtime.backends.tensorrt import engine_mismatch, select_engines
 from mfnet_runtime.errors import EngineError
 from mfnet_runtime.manifest import (
-    MANIFEST_NAME, GraphInfo, Manifest, ModelInfo, TensorInfo, read_manifest, sha256_of,
+    MANIFEST_NAME,
+    GraphInfo,
+    Manifest,
+    ModelInfo,
+    TensorInfo,
+    read_manifest,
+    sha256_of,
     write_manifest,
 )
 

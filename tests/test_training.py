@@ -14,11 +14,15 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from mfnet.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+from mfnet.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    model_from_checkpoint,
+    save_checkpoint,
+)
 from mfnet.data.datasets import build_episodes
 from mfnet.model.build import build_mfnet
 from mfnet.training import loop
-from mfnet.checkpoint import save_checkpoint
 from mfnet.training.logs import read_log
 from mfnet.training.loop import train
 from mfnet.training.objective import StepLosses, compute_losses

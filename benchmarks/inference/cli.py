@@ -37,13 +37,13 @@ import json
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
-from mfnet_runtime.console import configure_logging
 
 from mfnet.threads import set_torch_threads
+from mfnet_runtime.console import configure_logging
 
 from .._common import device_info, write_json
 from .context import Budget, Env, measured, progress

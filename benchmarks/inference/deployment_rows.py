@@ -7,15 +7,16 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 
+from mfnet.checkpoint import save_checkpoint
 from mfnet.export.onnx_export import ExportLimits, export_onnx
 from mfnet.export.tensorrt import build_engines
-from mfnet.checkpoint import save_checkpoint
 from mfnet_runtime import Segmenter
 
 from .context import Env, NotMeasured, Prepared, progress

@@ -5,7 +5,8 @@ max(FLOPs / matrix peak, bytes / copy bandwidth[, host transfer / PCIe bandwidth
 from __future__ import annotations
 
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 

@@ -3,7 +3,8 @@ N x 1-way comparisons, and the DESIGN.md section 6 targets (H100, 473 x 473, N =
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from .context import measured
 

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import copy
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -15,7 +16,7 @@ from torch import nn
 
 from mfnet.model.mfnet import MFNet
 from mfnet.model.naive import NaiveMultiWay
-from mfnet.model.support import RelationalSupportAttention, EncodedSupport
+from mfnet.model.support import EncodedSupport, RelationalSupportAttention
 
 from .context import Env, Prepared
 from .workload import WayContext, make_fast_decoder, plain_labels

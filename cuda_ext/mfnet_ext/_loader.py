@@ -35,9 +35,9 @@ import logging
 import os
 import pkgutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import torch
 

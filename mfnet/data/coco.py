@@ -23,10 +23,10 @@ from types import MappingProxyType
 from typing import Any
 
 import numpy as np
-from mfnet_runtime.atomic import atomic_write_bytes
 from PIL import Image
 
 from mfnet.data.synthetic import IGNORE_INDEX
+from mfnet_runtime.atomic import atomic_write_bytes
 
 from ..progress import progress_bar
 from .errors import DatasetArgumentError, DatasetError

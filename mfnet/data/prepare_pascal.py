@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from mfnet_runtime.console import configure_logging
 from PIL import Image
 
 from mfnet.data.pascal import (
@@ -45,6 +44,7 @@ from mfnet.data.pascal import (
     voc_palette,
 )
 from mfnet.progress import progress_bar
+from mfnet_runtime.console import configure_logging
 
 VOC_LABEL_DIR = "SegmentationClass"
 VOC_LIST_DIR = Path("ImageSets") / "Segmentation"

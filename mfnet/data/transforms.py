@@ -16,8 +16,9 @@ values after a transform is a subset of the values before, plus 255.
 from __future__ import annotations
 
 import numpy as np
-from mfnet_runtime.images import content_shape
 from PIL import Image, ImageFilter
+
+from mfnet_runtime.images import content_shape
 
 IGNORE_INDEX = 255
 # ImageNet mean colour in 0..255, the fill PFENet uses for rotated and padded image borders.

@@ -31,9 +31,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from mfnet_runtime.atomic import staged_directory
 from mfnet_runtime.manifest import (
-    MANIFEST_NAME, CheckpointInfo, GraphInfo, Manifest, ModelInfo, TensorInfo, sha256_of,
+    MANIFEST_NAME,
+    CheckpointInfo,
+    GraphInfo,
+    Manifest,
+    ModelInfo,
+    TensorInfo,
+    sha256_of,
     write_manifest,
 )
 

@@ -24,7 +24,12 @@ from pathlib import Path
 from mfnet_runtime.atomic import atomic_write_bytes, staged_directory
 from mfnet_runtime.errors import EXPORT_COMMAND, EngineError, reexport_hint
 from mfnet_runtime.manifest import (
-    GraphInfo, Manifest, read_manifest, sha256_of, verify_files, write_manifest,
+    GraphInfo,
+    Manifest,
+    read_manifest,
+    sha256_of,
+    verify_files,
+    write_manifest,
 )
 
 log = logging.getLogger(__name__)

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import torch
+
 from mfnet_runtime.manifest import Manifest
 
 from ..data.episodes import synthetic_episodes

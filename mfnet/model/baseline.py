@@ -9,7 +9,7 @@ clearly, its attention, decoder and metric learning add nothing over prototype m
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F

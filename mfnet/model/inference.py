@@ -38,8 +38,8 @@ says why and the decoder falls back to the model's eager fusion (``_fuse_query_c
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F

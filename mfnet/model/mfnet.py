@@ -21,7 +21,7 @@ from ..ops.masked_pooling import mask_area, masked_global_pool
 from .backbone import Backbone, feature_size
 from .decoder import Decoder
 from .scale_attention import ScaleAttention
-from .support import RelationalSupportAttention, EncodedSupport
+from .support import EncodedSupport, RelationalSupportAttention
 
 
 @dataclass(frozen=True)

@@ -25,18 +25,18 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
+from ..checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from ..config import Config
 from ..data.datasets import build_episodes
 from ..device import resolve_device
 from ..model.build import build_mfnet
-from ..checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from ..model.mfnet import MFNet
 from ..progress import ProgressLines, progress_bar
-from .rng_state import capture_rng_state, restore_rng_state
 from .distributed import DistContext, broadcast_buffers, shard_indices
 from .logs import TrainLogger, plot_curves
 from .objective import StepLosses, autocast_context, compute_losses
 from .resume import RESUME_FREE
+from .rng_state import capture_rng_state, restore_rng_state
 from .schedule import poly_lr
 
 log = logging.getLogger(__name__)

@@ -12,8 +12,8 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from ..config import Config, EvalConfig
 from ..checkpoint import load_checkpoint
+from ..config import Config, EvalConfig
 
 CHECKPOINT_NAME = "last.pt"
 # Options a resumed run may change: the run length, the device, I/O, the evaluation protocol.
