@@ -8,15 +8,15 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset, default_collate
 
 from .config import Config
-from .data.benchmarks import build_episodes, describe, novel_class_ids
+from .data.datasets import build_episodes, describe, novel_class_ids
 from .metrics import FewShotMeter
 from .progress import progress_bar
 from .training.distributed import DistContext, all_reduce_sum, shard_indices

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from .config import Config
-from .data.benchmarks import build_episodes
+from .data.datasets import build_episodes
 from .metrics import IGNORE_INDEX
 from .model.mfnet import MFNet
 

@@ -14,12 +14,12 @@ from PIL import Image
 from mfnet import evaluate as evaluate_cli
 from mfnet import train as train_cli
 from mfnet.config import PRESETS, preset
-from mfnet.data import benchmarks
+from mfnet.data import datasets
 from mfnet.data.pascal import voc_palette
 from mfnet.data.prepare_pascal import prepare
-from mfnet.protocol import ProtocolResult, fold_table, score_maps
 from mfnet.model.build import build_mfnet
 from mfnet.model.naive import NaiveMultiWay
+from mfnet.protocol import ProtocolResult, fold_table, score_maps
 from mfnet.training.objective import compute_losses
 
 # (classes per image); fold 0: novel 1..5, base 6..20. Train images hold base classes (and one
@@ -104,12 +104,12 @@ def test_pascal_episodes_remap_labels_and_keep_original(tmp_path) -> None:
     voc = make_voc(tmp_path)
     config = preset("synthetic-cpu", dataset="pascal", data_root=str(voc), image_size=48,
                     eval_resolution="original")
-    train = benchmarks.build_episodes(config, "train", 1, 6, seed=0)
+    train = datasets.build_episodes(config, "train", 1, 6, seed=0)
     for index in range(len(train)):
         episode = train[index]
         assert set(episode["episode_classes"].tolist()) <= set(range(6, 21))
         assert set(episode["query_label"].unique().tolist()) <= {0, 1, 2, 255}
-    test = benchmarks.build_episodes(config, "test", 1, 6, seed=0)
+    test = datasets.build_episodes(config, "test", 1, 6, seed=0)
     for index in range(len(test)):
         episode = test[index]
         assert set(episode["episode_classes"].tolist()) <= set(range(1, 6))
@@ -124,7 +124,7 @@ def test_metaseg_needs_person_among_the_novel_classes(tmp_path) -> None:
     voc = make_voc(tmp_path)
     config = preset("synthetic-cpu", dataset="pascal", data_root=str(voc), protocol="metaseg")
     with pytest.raises(ValueError, match="use --fold 2"):
-        benchmarks.build_episodes(config, "test", 1, 2, seed=0)
+        datasets.build_episodes(config, "test", 1, 2, seed=0)
 
 
 def test_coco_dispatch_uses_the_configured_split_and_folds(monkeypatch) -> None:
@@ -135,18 +135,18 @@ def test_coco_dispatch_uses_the_configured_split_and_folds(monkeypatch) -> None:
             calls.append((args, kwargs))
             raise RuntimeError("recorded")
 
-    monkeypatch.setattr(benchmarks.coco, "CocoImages", Recorder)
+    monkeypatch.setattr(datasets.coco, "CocoImages", Recorder)
     config = preset("coco-2way-1shot", data_root="/coco", fold_split="B", fold=3,
                     min_object_pixels=2048)
     for split in ("train", "test"):
         with pytest.raises(RuntimeError, match="recorded"):
-            benchmarks.build_episodes(config, split, 1, 1, seed=0)
+            datasets.build_episodes(config, split, 1, 1, seed=0)
     assert calls[0] == (("/coco", "train", 3, "train"),
                         {"fold_split": "B", "min_object_pixels": 2048})
     assert calls[1] == (("/coco", "val", 3, "test"),
                         {"fold_split": "B", "min_object_pixels": 2048})
-    assert benchmarks.novel_class_ids(config) == tuple(4 * k + 4 for k in range(20))
-    assert "COCO-20i split B, fold 3" in benchmarks.describe(config)
+    assert datasets.novel_class_ids(config) == tuple(4 * k + 4 for k in range(20))
+    assert "COCO-20i split B, fold 3" in datasets.describe(config)
 
 
 def test_score_maps_maps_the_content_back_to_the_original_size() -> None:
@@ -206,7 +206,7 @@ def test_binary_branches_baseline_trains_and_decodes(tiny_config) -> None:
     model = build_mfnet(config.model).train()
     assert model.decoder.classifier.out_channels == 2
     batch = next(iter(torch.utils.data.DataLoader(
-        benchmarks.build_episodes(config, "train", 1, 2, seed=0), batch_size=2)))
+        datasets.build_episodes(config, "train", 1, 2, seed=0), batch_size=2)))
     losses = compute_losses(model, batch, config, use_metric_loss=True)
     assert losses.metric is None  # no PML in this baseline (paper Sec. IV-C)
     losses.total.backward()
