@@ -95,7 +95,10 @@ setup(
         "data": ["scipy", "pycocotools"],
         # the just-in-time build of the CUDA extension (torch's cpp_extension runs ninja)
         "cuda": ["ninja"],
-        "test": ["pytest", "hypothesis", "onnx", "onnxscript", "onnxruntime", "scipy", "pycocotools", "ninja"],
+        "test": [
+            "pytest", "hypothesis", "onnx", "onnxscript", "onnxruntime", "scipy", "pycocotools",
+            "ninja",
+        ],
     },
     license="MIT",
     **cuda_extension_kwargs(),

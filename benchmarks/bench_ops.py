@@ -6,11 +6,12 @@
 
 Sections (both implementations timed in the same run, on the same inputs):
 
-- ``pooling``: masked global pooling of the support shots, ``mfnet_ext.masked_pooling.masked_global_pool``
-  (fused kernel) vs ``mfnet.ops.masked_pooling.masked_global_pool_reference``, forward alone
-  (no autograd) and forward + backward (gradient with respect to the features). Paper sizes:
-  C = 256 channels, 60 x 60 features, 473 x 473 masks, M = batch x N x K shots with N in
-  {1, 2, 5}, K in {1, 5}, batch in {4, 8}; float32, float16 and bfloat16 features.
+- ``pooling``: masked global pooling of the support shots,
+  ``mfnet_ext.masked_pooling.masked_global_pool`` (fused kernel) vs
+  ``mfnet.ops.masked_pooling.masked_global_pool_reference``, forward alone (no autograd) and
+  forward + backward (gradient with respect to the features). Paper sizes: C = 256 channels,
+  60 x 60 features, 473 x 473 masks, M = batch x N x K shots with N in {1, 2, 5}, K in {1, 5},
+  batch in {4, 8}; float32, float16 and bfloat16 features.
   Target (DESIGN.md section 6): forward + backward >= 3x the reference.
 - ``sampler``: the PML triplet sampler, ``mfnet.ops.triplet_sampling.sample_triplets`` with
   ``impl="cuda"`` vs ``impl="reference"`` ("spatial" mode, Nt = 20, the label checks included,
@@ -90,7 +91,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _timer(args: argparse.Namespace, device: torch.device) -> Callable[[Callable[[], object]], dict]:
+def _timer(
+    args: argparse.Namespace, device: torch.device
+) -> Callable[[Callable[[], object]], dict]:
     def timed(call: Callable[[], object]) -> dict[str, Any]:
         return time_calls(call, args.warmup, args.iterations, cuda=device.type == "cuda",
                           max_seconds=args.max_row_s)
@@ -265,7 +268,9 @@ def main(argv: list[str] | None = None) -> int:
     payload = {
         "benchmark": "bench_ops",
         "created": now_utc(),
-        "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
+        "command": " ".join(
+            [Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]
+        ),
         "device": device_info(args.device),
         "versions": versions(),
         "extension": status,
@@ -287,7 +292,8 @@ def main(argv: list[str] | None = None) -> int:
     write_json(path, payload)
     for row in pooling + sampler:
         label = (f"{row['op']:<20} {row.get('pass', ''):<17} {row.get('dtype', ''):<9} "
-                 f"B={row['batch']} N={row['way']}" + (f" K={row['shot']}" if "shot" in row else ""))
+                 f"B={row['batch']} N={row['way']}"
+                 + (f" K={row['shot']}" if "shot" in row else ""))
         ratio = f"{row['speedup']:.2f}x" if "speedup" in row else str(row.get("kernel"))
         print(f"{label:<70} {ratio}")
     print(f"results written to {path}")

@@ -119,7 +119,9 @@ class ModelConfig:
         (1.0, 0.5, 0.25, 0.125),
         "query pyramid bins as fractions of the feature size (Z = 4: 60, 30, 15, 8 at 473 input)",
     )
-    query_fusion: str = _opt("add", "fusion of class prototype and query feature ('A' in A+C)", FUSIONS)
+    query_fusion: str = _opt(
+        "add", "fusion of class prototype and query feature ('A' in A+C)", FUSIONS
+    )
     class_fusion: str = _opt(
         "concat",
         "fusion across the N class features ('C' in A+C); 'binary' = the N-binary-branches "
@@ -135,7 +137,9 @@ class ModelConfig:
     )
     dropout: float = _opt(0.5, "Dropout2d rate after the middle-level feature reduction")
     image_size: int = _opt(473, "square network input size in pixels")
-    mean: tuple[float, ...] = _opt((0.485, 0.456, 0.406), "RGB normalisation mean (inputs in [0, 1])")
+    mean: tuple[float, ...] = _opt(
+        (0.485, 0.456, 0.406), "RGB normalisation mean (inputs in [0, 1])"
+    )
     std: tuple[float, ...] = _opt((0.229, 0.224, 0.225), "RGB normalisation std")
 
     def __post_init__(self) -> None:

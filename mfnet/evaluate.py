@@ -92,12 +92,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="data-loader worker processes (default: the checkpoint's setting)")
     parser.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
                         help="also score the training-free prototype baseline on the same episodes")
-    parser.add_argument("--json", type=options.output_file, default=None, help="write the results to this file")
+    parser.add_argument("--json", type=options.output_file, default=None,
+                        help="write the results to this file")
     parser.add_argument("--table", type=options.output_file, default=None,
                         help="with --folds: write the table to TABLE.md and TABLE.csv")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                         help="show progress bars")
-    parser.add_argument("--save-visuals", type=options.output_directory, default=None, metavar="DIR",
+    parser.add_argument("--save-visuals", type=options.output_directory, default=None,
+                        metavar="DIR",
                         help="also draw the first --num-visuals episodes of run 0 (supports, "
                              "query, ground truth, prediction) to DIR/fold{fold}.png")
     parser.add_argument("--num-visuals", type=options.positive_int, default=4,

@@ -151,8 +151,8 @@ class FewShotMeter:
             "miou_star": _nanmean(per_star),
             "miou": _nanmean(per_panet),
             "fbiou": _nanmean(fb),
-            "per_class_star": dict(zip(self.class_ids, per_star)),
-            "per_class": dict(zip(self.class_ids, per_panet)),
+            "per_class_star": dict(zip(self.class_ids, per_star, strict=True)),
+            "per_class": dict(zip(self.class_ids, per_panet, strict=True)),
         }
 
     def _check_episode_classes(self, episode_classes: Sequence[int] | torch.Tensor) -> list[int]:
@@ -214,7 +214,8 @@ def _check_label_maps(
 def _iou(counts: torch.Tensor) -> list[float]:
     """IoU per column of a [3, K] (TP, FP, FN) count tensor; NaN where the denominator is 0."""
     tp, fp, fn = counts.tolist()
-    return [t / (t + p + n) if t + p + n > 0 else math.nan for t, p, n in zip(tp, fp, fn)]
+    return [t / (t + p + n) if t + p + n > 0 else math.nan
+            for t, p, n in zip(tp, fp, fn, strict=True)]
 
 
 def _nanmean(values: Sequence[float]) -> float:

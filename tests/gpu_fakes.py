@@ -423,7 +423,8 @@ class _FakeContext:
     def set_input_shape(self, name, shape):
         shape = tuple(int(d) for d in shape)
         low, _, high = self.engine.profile_of(name)
-        if len(shape) != len(high) or any(s < lo or s > hi for s, lo, hi in zip(shape, low, high)):
+        if len(shape) != len(high) or any(
+                s < lo or s > hi for s, lo, hi in zip(shape, low, high, strict=False)):
             return False  # TensorRT logs and keeps the previous shape
         self.shapes[name] = shape
         return True
@@ -433,7 +434,7 @@ class _FakeContext:
             return self.shapes[name]
         symbols = {}
         for spec in self.engine.inputs:
-            for dim, size in zip(spec["shape"], self.shapes.get(spec["name"], ())):
+            for dim, size in zip(spec["shape"], self.shapes.get(spec["name"], ()), strict=False):
                 symbols[dim] = size
         spec = self.engine.spec(name)
         return tuple(symbols.get(d, -1) if isinstance(d, str) else d for d in spec["shape"])
@@ -479,7 +480,7 @@ class _FakeContext:
                 raw = device.read(addresses[spec["name"]], int(np.prod(shape)) * dtype.itemsize)
                 feeds[spec["name"]] = np.frombuffer(raw, dtype).reshape(shape)
             outputs = self.engine.session.run(None, feeds)
-            for spec, value in zip(self.engine.outputs, outputs):
+            for spec, value in zip(self.engine.outputs, outputs, strict=False):
                 data = np.ascontiguousarray(value, np.dtype(spec["dtype"])).tobytes()
                 device.view(addresses[spec["name"]], len(data))[:] = data
             device.kernels_run += 1
@@ -753,7 +754,7 @@ class _FakeSession:
                     raw = device.read(value.pointer, value.nbytes())
                     feeds[name] = np.frombuffer(raw, value._dtype).reshape(value._shape)
             outputs = self.real.run(fetch, feeds)
-            for name, array in zip(fetch, outputs):
+            for name, array in zip(fetch, outputs, strict=True):
                 array = np.ascontiguousarray(array)
                 target = targets[name]
                 if target is None:  # bound to the device by name: ORT allocates it

@@ -114,7 +114,8 @@ def test_no_import_cycles(graph):
 
 
 def test_runtime_imports_only_itself(graph):
-    outside = {(module, target) for module, targets in graph.items() if module.startswith("mfnet_runtime")
+    outside = {(module, target) for module, targets in graph.items()
+               if module.startswith("mfnet_runtime")
                for target in targets if not target.startswith("mfnet_runtime")}
     assert outside == set()
 

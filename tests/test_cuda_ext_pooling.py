@@ -197,11 +197,13 @@ def test_non_contiguous_and_empty_inputs(cuda_ext, device):
     torch.testing.assert_close(mfnet_ext.masked_pooling.masked_global_pool(channels_last, masks),
                                masked_global_pool_reference(features, masks), rtol=1e-5, atol=1e-6)
     transposed_masks = masks.transpose(1, 2).contiguous().transpose(1, 2)
-    torch.testing.assert_close(mfnet_ext.masked_pooling.masked_global_pool(features, transposed_masks),
-                               masked_global_pool_reference(features, masks), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        mfnet_ext.masked_pooling.masked_global_pool(features, transposed_masks),
+        masked_global_pool_reference(features, masks), rtol=1e-5, atol=1e-6)
     assert mfnet_ext.masked_pooling.masked_global_pool(features[:0], masks[:0]).shape == (0, 8)
     assert mfnet_ext.masked_pooling.masked_global_pool(features[:, :0], masks).shape == (3, 0)
-    empty_grad = mfnet_ext.masked_pooling.masked_global_pool_backward(features[:0, :, 0, 0], masks[:0], 9, 10)
+    empty_grad = mfnet_ext.masked_pooling.masked_global_pool_backward(
+        features[:0, :, 0, 0], masks[:0], 9, 10)
     assert empty_grad.shape == (0, 8, 9, 10)
 
 
@@ -221,7 +223,7 @@ def side_stream_results(run, outputs_like: list[torch.Tensor]) -> list[torch.Ten
     torch.cuda._sleep(2_000_000_000)  # about a second on the default stream
     with torch.cuda.stream(side):
         outputs = run()
-        for host, out in zip(hosts, outputs):
+        for host, out in zip(hosts, outputs, strict=True):
             host.copy_(out, non_blocking=True)
         done = torch.cuda.Event()
         done.record(side)

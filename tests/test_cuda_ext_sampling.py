@@ -351,7 +351,7 @@ def exact_probabilities(pred: torch.Tensor, target: torch.Tensor, tau: float) ->
         hp = [int(q) for q in torch.nonzero((t == n) & (p != n)).flatten()]
         weights = [math.exp(-math.dist(divmod(a, w), divmod(q, w)) / (tau * max(h, w)))
                    for q in hp]
-        out["positive"][a] = {q: wt / sum(weights) for q, wt in zip(hp, weights)}
+        out["positive"][a] = {q: wt / sum(weights) for q, wt in zip(hp, weights, strict=True)}
         hn = [int(q) for q in torch.nonzero((p == n) & (t != n) & (t != 255)).flatten()]
         out["negative"][n] = {q: 1.0 / len(hn) for q in hn}
     return out
@@ -375,7 +375,7 @@ def goodness_of_fit(samples: TripletSample, pred: torch.Tensor, exact: dict) -> 
                                       ("negative", neg, cls, exact["negative"])):
         total, dof = 0.0, 0
         for cond, probs in table.items():
-            picked = [d for d, g in zip(draws, given) if g == cond]
+            picked = [d for d, g in zip(draws, given, strict=True) if g == cond]
             counts = np.array([picked.count(q) for q in sorted(probs)], dtype=np.float64)
             assert counts.sum() == len(picked)  # nothing outside the pool
             expected = len(picked) * np.array([probs[q] for q in sorted(probs)])
@@ -390,7 +390,7 @@ def homogeneity(first: TripletSample, second: TripletSample) -> float:
     from one distribution."""
     def codes(s: TripletSample) -> list[tuple[int, int, int]]:
         return list(zip(s.anchor.flatten().tolist(), s.positive.flatten().tolist(),
-                        s.negative.flatten().tolist()))
+                        s.negative.flatten().tolist(), strict=True))
 
     c1, c2 = Counter(codes(first)), Counter(codes(second))
     outcomes = sorted(set(c1) | set(c2))

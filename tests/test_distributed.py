@@ -72,8 +72,9 @@ def _worker(rank: int, world: int, port: int, config, out_dir: str) -> None:
 
 
 def test_two_process_ddp_trains_in_sync_on_disjoint_episodes(tiny_config, tmp_path) -> None:
-    config = tiny_config.replace(device="cpu", epochs=2, episodes_per_epoch=16, batch_size=2, eval_batch_size=1,
-                                 eval_runs=2, eval_episodes=5)  # 5: uneven shards (3 + 2)
+    # eval_episodes=5: uneven shards (3 + 2)
+    config = tiny_config.replace(device="cpu", epochs=2, episodes_per_epoch=16, batch_size=2,
+                                 eval_batch_size=1, eval_runs=2, eval_episodes=5)
     mp.spawn(_worker, args=(2, _free_port(), config, str(tmp_path)), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
     for name, value in ranks[0]["params"].items():

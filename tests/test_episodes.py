@@ -102,7 +102,7 @@ def test_test_episodes_only_use_novel_classes() -> None:
     source, ds = _recorded(1, "test", way=2, shot=1, n=6)
     for i in range(len(ds)):
         ds[i]
-    for present, distractors, label in source.calls:
+    for _present, _distractors, label in source.calls:
         assert set(np.unique(label).tolist()) - {0, 255} <= set(novel_classes(1))
 
 

@@ -203,7 +203,7 @@ def test_fp16_autocast_training_with_a_grad_scaler(tiny_config) -> None:
     torch.manual_seed(config.train.seed)
     initial = build_mfnet(config.model)
     moved = [not torch.equal(a.cpu(), b) for a, b in zip(model.state_dict().values(),
-                                                         initial.state_dict().values())
+                                                         initial.state_dict().values(), strict=True)
              if a.dtype.is_floating_point]
     assert any(moved)  # the scaled steps updated the weights (not every step was skipped)
 
@@ -240,9 +240,10 @@ def test_resume_restores_the_cuda_rng_streams_exactly(tiny_config, monkeypatch) 
     resumed, _ = loop.train(config.replace(out=config.train.out + "-resumed"),
                             resume=snapshots[0], progress=False)
     assert len(states) == len(straight_states) - half
-    for a, b in zip(states, straight_states[half:]):
+    for a, b in zip(states, straight_states[half:], strict=True):
         assert torch.equal(a, b)  # the epoch-2 steps draw exactly the uninterrupted run's numbers
-    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(),
+                            strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)  # atomics: not bitwise
 
 
@@ -281,7 +282,7 @@ def test_ddp_with_nccl_at_world_size_one(tiny_config) -> None:
         compute_losses(plain, batch, config, use_metric_loss=False).total.backward()
         wrapped(batch, False, None).total.backward()  # all-reduced over NCCL (world size 1)
         compared = 0
-        for (name, a), b in zip(plain.named_parameters(), inner.parameters()):
+        for (name, a), b in zip(plain.named_parameters(), inner.parameters(), strict=True):
             if a.grad is not None:
                 torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6, msg=name)
                 compared += 1
@@ -312,6 +313,6 @@ def test_segmenter_on_cuda_matches_cpu_end_to_end(exported) -> None:
     ours = gpu.segment_batch(frames, support)
     theirs = cpu.segment_batch(frames, support)
     assert len(np.unique(theirs[0])) >= 2
-    for a, b in zip(ours, theirs):
+    for a, b in zip(ours, theirs, strict=True):
         assert (a == b).mean() >= 0.999
     gpu.close()

@@ -117,7 +117,7 @@ def test_backbones_declare_their_levels_at_stride_8(name: str, levels) -> None:
     assert [(level.name, level.channels) for level in trunk.feature_levels] == levels
     with torch.no_grad():
         outputs = trunk.eval()(torch.rand(1, 3, 64, 64))
-    for output, level in zip(outputs, trunk.feature_levels):
+    for output, level in zip(outputs, trunk.feature_levels, strict=True):
         assert level.stride == 8
         assert output.shape == (1, level.channels, 8, 8)
     for size in (473, 97, 48):  # the declared feature size is the real one

@@ -112,7 +112,8 @@ def spec_files(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("spec")
     rng = np.random.default_rng(0)
     for name in ("a", "b"):
-        Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(root / f"{name}.png")
+        image = rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)
+        Image.fromarray(image).save(root / f"{name}.png")
         mask = np.zeros((20, 24), np.uint8)
         mask[5:15, 4:20] = 1
         Image.fromarray(mask).save(root / f"{name}.mask.png")

@@ -28,7 +28,7 @@ def render(slots: tuple[int, ...], index: int) -> tuple[np.ndarray, np.ndarray]:
     """A 40x60 gray scene with one coloured rectangle per non-zero slot class."""
     image = np.full((H, W, 3), 100 + index, np.uint8)  # a per-image shade tells images apart
     label = np.zeros((H, W), np.uint8)
-    for (rows, cols), c in zip(SLOTS, slots):
+    for (rows, cols), c in zip(SLOTS, slots, strict=True):
         if c:
             band = (slice(rows.start - 1, rows.stop + 1), slice(cols.start - 1, cols.stop + 1))
             label[band] = IGNORE_INDEX

@@ -208,13 +208,13 @@ def test_non_square_frame_matches_pytorch_stretch_resize(exported, tmp_path) -> 
         assert geometry == [(height, width, 48, 48)]
         with torch.no_grad():
             logits = model.decode_query(
-                torch.from_numpy(stretched.copy()).permute(2, 0, 1)[None].float() / 255, support_cache(
-                    model, episode))
+                torch.from_numpy(stretched.copy()).permute(2, 0, 1)[None].float() / 255,
+                support_cache(model, episode))
         reference = logits.argmax(1)[0].to(torch.uint8).numpy()
         references.append(np.asarray(Image.fromarray(reference).resize(
             (width, height), Image.Resampling.NEAREST)))
     assert_labels_vary(references, frames)
-    for frame, reference in zip(frames, references):
+    for frame, reference in zip(frames, references, strict=True):
         labels = segmenter.segment(frame, support)
         assert labels.shape == frame.shape[:2]
         assert (labels == reference).mean() >= 0.999
@@ -306,7 +306,7 @@ def test_save_load_round_trip_and_foreign_sets(segmenter2, exported, tmp_path) -
     assert path.is_file() and not list(path.parent.glob(".*tmp"))
     loaded = segmenter2.load_support(path)
     assert loaded.class_names == ("cat", "dog") and loaded.engine_id == segmenter2.engine_id
-    for a, b in zip(loaded.shot_features, support.shot_features):
+    for a, b in zip(loaded.shot_features, support.shot_features, strict=True):
         np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(loaded.prototypes, support.prototypes)
     frame = scene_frame(33)

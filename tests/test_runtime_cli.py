@@ -114,7 +114,8 @@ def test_folder_and_json_specs_parse_to_the_same_thing(spec_dir, tmp_path) -> No
     from_folder, from_json = load_support_spec(spec_dir), load_support_spec(tmp_path / "spec.json")
     assert list(from_folder) == list(from_json) == ["red", "green"]  # classes.txt order
     for name in from_folder:
-        for (image_a, mask_a), (image_b, mask_b) in zip(from_folder[name], from_json[name]):
+        for (image_a, mask_a), (image_b, mask_b) in zip(from_folder[name], from_json[name],
+                                                        strict=True):
             assert image_a.dtype == np.uint8 and image_a.shape == (HEIGHT, WIDTH, 3)
             np.testing.assert_array_equal(image_a, image_b)
             np.testing.assert_array_equal(mask_a, mask_b)

@@ -277,7 +277,7 @@ def test_onnxruntime_cuda_paths_against_the_cpu_provider(exported_2shot, monkeyp
                                precision="fp32", cuda_graph_batch=graph_batch)
     assert segmenter.backend_name == "onnxruntime-cuda"
     outputs = []
-    for frames, theirs in zip(calls, expected):
+    for frames, theirs in zip(calls, expected, strict=True):
         ours = segmenter.segment_batch(frames, support)
         for a, b in zip(ours, theirs, strict=True):
             np.testing.assert_array_equal(a, b)

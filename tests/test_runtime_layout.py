@@ -66,7 +66,7 @@ def test_a_support_set_is_edited_saved_and_loaded_without_an_engine(tmp_path) ->
     for loaded in (SupportSet.load(path), SupportSet.from_bytes(added.to_bytes())):
         assert loaded.class_names == added.class_names and loaded.engine_id == ENGINE_ID
         np.testing.assert_array_equal(loaded.prototypes, added.prototypes)
-        for a, b in zip(loaded.shot_features, added.shot_features):
+        for a, b in zip(loaded.shot_features, added.shot_features, strict=True):
             np.testing.assert_array_equal(a, b)
     with pytest.raises(RuntimeInputError, match="inconsistent support set"):
         support.with_class("cat", np.ones((2, 5), np.float32), np.ones(4))  # 5 != 4 channels

@@ -87,7 +87,8 @@ def test_profiles_and_names() -> None:
         "shot_features": ((2, 2, 256), (2, 5, 256), (2, 32, 256))}
     static = entry_with_inputs("s.onnx", (TensorInfo("x", (2, 1, 256), "float32"),))
     assert trt_export.profile_shapes(static) == {}
-    assert trt_export.engine_file_name("r", "fp32", H100, "10.13.3.9", {}).endswith(".static.engine")
+    static_name = trt_export.engine_file_name("r", "fp32", H100, "10.13.3.9", {})
+    assert static_name.endswith(".static.engine")
     with pytest.raises(EngineError, match="unknown dynamic dimension"):
         trt_export.profile_shapes(entry_with_inputs("f", (TensorInfo("x", ("Q",), "uint8"),)))
 

@@ -99,7 +99,8 @@ def test_resume_repeats_an_uninterrupted_run(tiny_config, monkeypatch) -> None:
     resumed, path = train(config.replace(out=config.train.out + "-resumed"), resume=snapshots[0],
                           progress=False)
     assert load_checkpoint(path)["epoch"] == 2
-    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(),
+                            strict=True):
         assert torch.equal(a, b), name
     with pytest.raises(CheckpointError, match="fold is 0 in the checkpoint but 1 now"):
         train(config.replace(fold=1), resume=snapshots[0], progress=False)

@@ -51,8 +51,8 @@ def evaluate_targets(rows: list[dict], info: dict[str, Any], ways: list[int]) ->
     gpu = info.get("gpu")
     where = gpu or f"the CPU ({info.get('cpu')})"
     on_gpu = gpu is not None
-    decoder = lambda r: (r["group"] in ("torch decoder", "torch optimised", "onnxruntime",  # noqa: E731
-                                        "tensorrt"))
+    decoder_groups = ("torch decoder", "torch optimised", "onnxruntime", "tensorrt")
+    decoder = lambda r: r["group"] in decoder_groups  # noqa: E731
     fp16_decoder = lambda r: decoder(r) and r["precision"] == "fp16"  # noqa: E731
     e2e = lambda r: r["group"] == "end to end"  # noqa: E731
     index = {(r["variant"], r["way"], r["batch"]): r for r in rows}

@@ -11,8 +11,8 @@
    and torch version; concurrent processes wait for one build through torch's lock file).
 
 After the library is loaded, ``register_python_kernels()`` of every public module of the package
-that defines one (``mfnet_ext.masked_pooling``, ``mfnet_ext.triplet_sampling``, ...) is called once: that is
-where each operator's fake (meta) kernel and autograd formula are registered with
+that defines one (``mfnet_ext.masked_pooling``, ``mfnet_ext.triplet_sampling``, ...) is called
+once: that is where each operator's fake (meta) kernel and autograd formula are registered with
 ``torch.library``.
 
 Failures raise ``ExtensionUnavailable`` naming the cause and the command to retry. The outcome,
@@ -114,7 +114,9 @@ def arch_list() -> str:
     if given:
         return given
     if torch.cuda.is_available():
-        capabilities = {torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())}
+        capabilities = {
+            torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())
+        }
         return ";".join(f"{major}.{minor}" for major, minor in sorted(capabilities))
     return DEFAULT_ARCH_LIST
 
@@ -326,8 +328,8 @@ def _build(directory: Path, verbose: bool) -> Extension:
 @functools.cache
 def _register_python_kernels() -> None:
     """Call ``register_python_kernels()`` of every public module of the package that has one
-    (``masked_pooling``, ``triplet_sampling``, ...: fake kernels, autograd), once per process, after the
-    library is loaded."""
+    (``masked_pooling``, ``triplet_sampling``, ...: fake kernels, autograd), once per process,
+    after the library is loaded."""
     names = sorted(
         info.name for info in pkgutil.iter_modules([str(PACKAGE_DIR)])
         if not info.name.startswith("_")

@@ -149,7 +149,8 @@ def import_tensorrt():
 def build_engine(onnx_path: Path, engine_path: Path, *, plan: BuildPlan,
                  shapes: dict[str, tuple[tuple[int, ...], ...]], timing_cache: Path,
                  workspace_bytes: int = 4 << 30) -> None:
-    """Parse ``onnx_path``, build a serialized engine, write it (and the timing cache) atomically."""
+    """Parse ``onnx_path``, build a serialized engine, write it (and the timing cache)
+    atomically."""
     trt = import_tensorrt()
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)

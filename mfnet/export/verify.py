@@ -108,7 +108,8 @@ def _compare(name: str, ort_out: np.ndarray, ref: np.ndarray, tolerance: Toleran
     """One output of one graph against the reference: the check's numbers and ``passed``."""
     if ort_out.shape != ref.shape or ort_out.dtype != ref.dtype:
         return {"output": name, "passed": False,
-                "problem": f"shape/dtype {ort_out.shape} {ort_out.dtype} != {ref.shape} {ref.dtype}"}
+                "problem": f"shape/dtype {ort_out.shape} {ort_out.dtype} "
+                           f"!= {ref.shape} {ref.dtype}"}
     if ref.dtype == np.uint8:  # labels
         agreement = float((ort_out == ref).mean())
         return {"output": name, "label_agreement": agreement,
@@ -121,7 +122,8 @@ def _compare(name: str, ort_out: np.ndarray, ref: np.ndarray, tolerance: Toleran
                 "excess_over_tolerance": excess,
                 "passed": bool(np.isfinite(ort_out).all()) and excess <= 0.0}
     excess = float((difference - tolerance.rtol * np.abs(ref)).max())
-    return {"output": name, "max_abs_diff": float(difference.max()), "excess_over_tolerance": excess,
+    return {"output": name, "max_abs_diff": float(difference.max()),
+            "excess_over_tolerance": excess,
             "passed": bool(np.isfinite(ort_out).all()) and excess <= tolerance.atol}
 
 
@@ -151,14 +153,15 @@ def verify_export(
         reference = WRAPPERS[graph.role](model, **REFERENCE_OPTIONS.get(graph.role, {}))
         reference = reference.eval()
         for input_set, tensors in inputs[graph.role].items():
-            feed = {spec.name: t.numpy() for spec, t in zip(graph.inputs, tensors)}
+            feed = {spec.name: t.numpy() for spec, t in zip(graph.inputs, tensors, strict=False)}
             ort_outputs = session.run(None, feed)
             with torch.no_grad():
                 ref_outputs = reference(*tensors)
             if isinstance(ref_outputs, torch.Tensor):
                 ref_outputs = (ref_outputs,)
             checks = [_compare(spec.name, got, want.numpy(), tolerance)
-                      for spec, got, want in zip(graph.outputs, ort_outputs, ref_outputs)]
+                      for spec, got, want in zip(graph.outputs, ort_outputs, ref_outputs,
+                                                 strict=False)]
             passed = all(check["passed"] for check in checks)
             results.append({"file": graph.file, "inputs": input_set, "passed": passed,
                             "providers": session.get_providers(), "checks": checks})

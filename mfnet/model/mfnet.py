@@ -40,7 +40,10 @@ class QueryOutput:
 
 
 class MiddleLevelNeck(nn.Module):
-    """concat(levels) -> 1x1 conv (no bias) -> ReLU -> Dropout2d: [M, sum C_l, h, w] -> [M, C, h, w]."""
+    """concat(levels) -> 1x1 conv (no bias) -> ReLU -> Dropout2d.
+
+    [M, sum C_l, h, w] -> [M, C, h, w].
+    """
 
     def __init__(self, in_channels: int, channels: int, dropout: float) -> None:
         super().__init__()
@@ -125,10 +128,14 @@ class MFNet(nn.Module):
 
     def feature_side(self, height: int, width: int) -> tuple[int, int]:
         """(h, w) of the feature maps for an H x W input."""
-        return (feature_size(self.config.backbone, height), feature_size(self.config.backbone, width))
+        return (
+            feature_size(self.config.backbone, height),
+            feature_size(self.config.backbone, width),
+        )
 
     def aggregate_prototypes(self, shot_features: torch.Tensor) -> torch.Tensor:
-        """[B, N, K, C] -> prototypes [B, N, C]: A_S modulation (K > 1), then the mean over shots."""
+        """[B, N, K, C] -> prototypes [B, N, C]: A_S modulation (K > 1), then the mean over
+        shots."""
         if self.support_attention is not None and shot_features.shape[2] > 1:
             shot_features = self.support_attention(shot_features)
         return shot_features.mean(dim=2)
@@ -173,7 +180,8 @@ class MFNet(nn.Module):
         if cache.way != self.way:
             raise ValueError(
                 f"the support set has {cache.way} classes but this model is {self.way}-way; "
-                f"give exactly {self.way} classes (the number of classes is fixed by the checkpoint)"
+                f"give exactly {self.way} classes "
+                "(the number of classes is fixed by the checkpoint)"
             )
         B, _, H, W = query.shape
         if cache.batch not in (1, B):
@@ -259,10 +267,13 @@ def _check_support(images: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Ten
         masks = masks.unsqueeze(0)
     if images.dim() != 6 or images.shape[3] != 3:
         raise ValueError(
-            f"support images must be [B, N, K, 3, H, W] or [N, K, 3, H, W], got {tuple(images.shape)}"
+            "support images must be [B, N, K, 3, H, W] or [N, K, 3, H, W], "
+            f"got {tuple(images.shape)}"
         )
     if masks.dim() != 5:
-        raise ValueError(f"support masks must be [B, N, K, H, W] or [N, K, H, W], got {tuple(masks.shape)}")
+        raise ValueError(
+            f"support masks must be [B, N, K, H, W] or [N, K, H, W], got {tuple(masks.shape)}"
+        )
     if images.shape[:3] != masks.shape[:3] or images.shape[-2:] != masks.shape[-2:]:
         raise ValueError(
             f"support images {tuple(images.shape)} and masks {tuple(masks.shape)} do not match: "

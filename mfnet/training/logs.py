@@ -131,9 +131,9 @@ def plot_curves(csv_path: str | Path, png_path: str | Path) -> Path:
     steps = [int(row["step"]) for row in rows]
     figure, (losses, rates) = plt.subplots(1, 2, figsize=(11, 4))
     for name in ("loss", "seg", "pml"):
-        points = [(s, float(row[name])) for s, row in zip(steps, rows) if row[name]]
+        points = [(s, float(row[name])) for s, row in zip(steps, rows, strict=True) if row[name]]
         if points:
-            xs, ys = zip(*points)
+            xs, ys = zip(*points, strict=True)
             losses.plot(xs, _smooth(ys), label=name, linewidth=1)
     losses.set_xlabel("step")
     losses.set_ylabel("loss (moving average)")

@@ -165,7 +165,7 @@ def _scene(rng: np.random.Generator, names: tuple[str, ...], height: int, width:
     spots = [(0.3, 0.3), (0.62, 0.68), (0.3, 0.75), (0.68, 0.3)]
     order = rng.permutation(len(spots))
     objects = []
-    for name, spot in zip(names, order):
+    for name, spot in zip(names, order, strict=False):
         cy, cx = spots[spot]
         centre = (cy * height / side + rng.uniform(-0.04, 0.04),
                   cx * width / side + rng.uniform(-0.04, 0.04))
@@ -250,7 +250,7 @@ def _clip(rng: np.random.Generator, classes: tuple[str, ...], frames: int, heigh
     for step in range(frames):
         swing = math.sin(2 * math.pi * step / max(frames, 1))  # there and back again
         moved = [obj.moved(vy * frames / 4 * swing, vx * frames / 4 * swing)
-                 for obj, (vy, vx) in zip(objects, velocities)]
+                 for obj, (vy, vx) in zip(objects, velocities, strict=True)]
         image, _ = render(background, moved, rng)
         clip.append(image)
     return clip

@@ -318,7 +318,8 @@ class Segmenter:
         on batches of up to ``max_batch`` frames."""
         batch, geometry = self.prepare_frames(frames, color)
         labels = self.decode_prepared(batch, support)
-        return [self.restore_labels(one, shape) for one, shape in zip(labels, geometry)]
+        return [self.restore_labels(one, shape)
+                for one, shape in zip(labels, geometry, strict=False)]
 
     def probabilities(self, frame: ImageInput, support: SupportSet, color: str = "rgb"
                       ) -> np.ndarray:

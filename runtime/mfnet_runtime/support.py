@@ -62,7 +62,8 @@ class SupportSet:
         return tuple(f.shape[0] for f in self.shot_features)
 
     def __repr__(self) -> str:
-        classes = ", ".join(f"{n!r}: {k}" for n, k in zip(self.class_names, self.shot_counts))
+        classes = ", ".join(f"{n!r}: {k}"
+                            for n, k in zip(self.class_names, self.shot_counts, strict=True))
         return f"SupportSet({{{classes}}}, engine_id={self.engine_id[:12]}...)"
 
     def _with(self, names: tuple[str, ...], features: tuple[np.ndarray, ...],

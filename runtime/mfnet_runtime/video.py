@@ -74,7 +74,7 @@ class ImageFilesSource(FrameSource):
         stems = [path.stem for path in self.paths]
         # a.jpg and a.png in one folder would both become a.png: keep their extensions apart
         self._names = [stem if stems.count(stem) == 1 else f"{stem}_{path.suffix[1:]}"
-                       for stem, path in zip(stems, self.paths)]
+                       for stem, path in zip(stems, self.paths, strict=True)]
 
     def frames(self) -> Iterator[np.ndarray]:
         for path in self.paths:

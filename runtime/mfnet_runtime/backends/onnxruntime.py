@@ -4,9 +4,9 @@ Sessions are created on first use of each graph (a saved support set needs no en
 graph optimisations and the intra-op threads ``Segmenter.load`` sets (the free cores). On CUDA
 the query decoder runs through IOBinding: the frames are copied in, the outputs are bound on the
 device, and only ``labels`` (uint8, 4x smaller than the float probabilities) is bound and copied
-back unless the probabilities are asked for. With ``cuda_graph_batch = B`` the decoder is also captured as a CUDA
-graph (ONNX Runtime's ``enable_cuda_graph``) for calls of exactly B frames, with inputs and
-outputs bound once to fixed device buffers.
+back unless the probabilities are asked for. With ``cuda_graph_batch = B`` the decoder is also
+captured as a CUDA graph (ONNX Runtime's ``enable_cuda_graph``) for calls of exactly B frames,
+with inputs and outputs bound once to fixed device buffers.
 
 Tested here on the CPU provider, and the CUDA paths (IOBinding, CUDA graphs) on a fake of
 ONNX Runtime's OrtValue / IOBinding surface with device semantics (tests/gpu_fakes.py); their

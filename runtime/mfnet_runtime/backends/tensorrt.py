@@ -88,7 +88,7 @@ def check_driver(cudart: Any) -> None:
 
 
 def _sm(capability: Any) -> str:
-    """"sm90" for the compute capability (9, 0)."""
+    """The SM name, e.g. "sm90" for the compute capability (9, 0)."""
     return "sm" + "".join(map(str, capability))
 
 
@@ -260,10 +260,10 @@ class _Engine:
         """``EngineError`` when a feed lies outside the optimisation profile (either end)."""
         for name, shape in shapes.items():
             low, high = self.min_shapes[name], self.max_shapes[name]
-            if len(shape) != len(high) or any(s > m for s, m in zip(shape, high)):
+            if len(shape) != len(high) or any(s > m for s, m in zip(shape, high, strict=True)):
                 raise EngineError(f"{name} of shape {shape} exceeds the profile of "
                                   f"{self.file} (largest {high})")
-            if any(s < m for s, m in zip(shape, low)):
+            if any(s < m for s, m in zip(shape, low, strict=False)):
                 raise EngineError(f"{name} of shape {shape} is below the profile of "
                                   f"{self.file} (smallest {low}): e.g. fewer shots per class "
                                   f"than the engine was built for")
