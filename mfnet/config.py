@@ -340,7 +340,7 @@ class Config:
             raise ConfigError(f"unknown config sections: {sorted(map(str, unknown_sections))}")
         sections = {}
         for section in dataclasses.fields(cls):
-            section_cls = section.default_factory  # type: ignore[misc]
+            section_cls = _section_class(section)
             if not isinstance(data.get(section.name, {}), dict):
                 raise ConfigError(f"config section {section.name!r} must be a dict, got "
                                   f"{type(data[section.name]).__name__}")
@@ -376,11 +376,17 @@ def _plain(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
 
+def _section_class(section: dataclasses.Field[Any]) -> type[Any]:
+    """The dataclass of a ``Config`` section: the section field's default factory."""
+    # typed as a callable or MISSING; every Config field is field(default_factory=<section>)
+    return typing.cast("type[Any]", section.default_factory)
+
+
 def _field_owners() -> dict[str, str]:
     """Field name -> section name; field names are unique across sections by design."""
     owners: dict[str, str] = {}
     for section in dataclasses.fields(Config):
-        for f in dataclasses.fields(section.default_factory):  # type: ignore[arg-type]
+        for f in dataclasses.fields(_section_class(section)):
             if f.name in owners:
                 raise AssertionError(f"config field {f.name!r} is declared twice")
             owners[f.name] = section.name
@@ -461,7 +467,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, sections: tuple[str, .
     for section in dataclasses.fields(Config):
         if section.name not in sections:
             continue
-        section_cls = section.default_factory  # type: ignore[misc]
+        section_cls = _section_class(section)
         group = parser.add_argument_group(f"{section.name} options", section_cls.__doc__)
         hints = typing.get_type_hints(section_cls)
         values = getattr(defaults, section.name) if defaults is not None else None

@@ -29,6 +29,7 @@ from .model.baseline import PrototypeBaseline
 from .model.mfnet import MFNet
 from .model.naive import NaiveMultiWay
 from .protocol import (
+    Predictor,
     ProtocolResult,
     fold_table,
     format_results,
@@ -53,7 +54,8 @@ def evaluate_model(
     counts summed (every rank must call this; all get the same results).
     """
     model = model.to(device).eval()
-    predictors = {"MFNet 1-way x N" if naive else "MFNet": NaiveMultiWay(model) if naive else model}
+    predictors: dict[str, Predictor] = {
+        "MFNet 1-way x N" if naive else "MFNet": NaiveMultiWay(model) if naive else model}
     if baseline:
         predictors["baseline"] = PrototypeBaseline(model.extract_features)
     return run_protocol(predictors, config, device, progress=progress, context=context)

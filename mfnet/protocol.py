@@ -82,10 +82,11 @@ def run_protocol(
     class_ids = novel_class_ids(config)
     results: dict[str, list[dict]] = {name: [] for name in predictors}
     for run in range(ev.eval_runs):
-        episodes = build_episodes(config, "test", shot, ev.eval_episodes, ev.eval_seed + run)
+        run_episodes = build_episodes(config, "test", shot, ev.eval_episodes, ev.eval_seed + run)
+        episodes: Dataset = run_episodes
         if context.enabled:
-            episodes = Subset(episodes, shard_indices(len(episodes), context.rank,
-                                                      context.world_size))
+            episodes = Subset(run_episodes, shard_indices(len(run_episodes), context.rank,
+                                                          context.world_size))
         meters = _score_run(predictors, episodes, config, device, class_ids,
                             f"eval run {run + 1}/{ev.eval_runs}", progress and context.is_main)
         for name, meter in meters.items():

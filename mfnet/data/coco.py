@@ -163,7 +163,8 @@ def _read_annotations(path: Path) -> dict[str, Any]:
         )
     for cat in data["categories"]:
         cat_id, name = (cat.get("id"), cat.get("name")) if isinstance(cat, dict) else (cat, None)
-        class_id = CATEGORY_TO_CLASS.get(cat_id)
+        # cat_id is any JSON value; one that is not a category id gets None
+        class_id = CATEGORY_TO_CLASS.get(cat_id)  # type: ignore[arg-type]
         if class_id is None or COCO_CLASS_NAMES[class_id - 1] != name:
             raise DatasetError(
                 f"{path}: category {cat_id!r} ({name!r}) is not a COCO 2014 instance category; "

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from torch.utils.data import Dataset
-
 from ..config import Config
 from ..model.backbone import feature_size
 from . import coco, pascal, synthetic
-from .episodes import synthetic_episodes
+from .episodes import EpisodeDataset, synthetic_episodes
 from .real_episodes import ImageEpisodes
 from .transforms import TestResize, TrainAugment
 
@@ -42,7 +40,8 @@ def _real_images(config: Config, split: str):
     )
 
 
-def build_episodes(config: Config, split: str, shot: int, num_episodes: int, seed: int) -> Dataset:
+def build_episodes(config: Config, split: str, shot: int, num_episodes: int, seed: int
+                   ) -> EpisodeDataset | ImageEpisodes:
     """N-way K-shot episodes of the configured benchmark.
 
     ``split`` "train" draws from the fold's base classes (with augmentation on real data),

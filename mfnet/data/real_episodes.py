@@ -19,15 +19,15 @@ from __future__ import annotations
 
 import itertools
 import operator
-from collections.abc import Callable
-from typing import Protocol, runtime_checkable
+from collections.abc import Callable, Sequence
+from typing import Protocol, cast, runtime_checkable
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from mfnet.data.episodes import episode_rng, pack_episode, query_label_lut, survives_pooling
-from mfnet.data.transforms import IGNORE_INDEX
+from mfnet.data.transforms import IGNORE_INDEX, TestResize
 
 PROTOCOLS = ("panet", "metaseg")
 MAX_DRAWS = 30  # re-draws of one support shot or of the query before giving up
@@ -212,7 +212,8 @@ class ImageEpisodes(Dataset):
         the transform removes every episode class ("panet") or any of them ("metaseg")."""
         if self.protocol == "metaseg":
             others = [self.sets[c] for c in classes[1:]]
-            candidates = [i for i in self.lists[classes[0]] if all(i in s for s in others)]
+            candidates: Sequence[str] = [i for i in self.lists[classes[0]]
+                                         if all(i in s for s in others)]
         for _ in range(MAX_DRAWS):
             if self.protocol == "panet":
                 candidates = self.lists[classes[int(rng.integers(self.way))]]
@@ -279,6 +280,8 @@ class ImageEpisodes(Dataset):
             _, original = self.images.load(query_id)
             lut = query_label_lut(classes)
             episode["query_label_original"] = torch.from_numpy(lut[original])  # [H0, W0]
-            content = self.transform.resized_shape(*original.shape)  # (h, w) inside [S, S]
+            # __init__ refused a transform without resized_shape (a TestResize)
+            test_resize = cast(TestResize, self.transform)
+            content = test_resize.resized_shape(*original.shape)  # (h, w) inside [S, S]
             episode["query_content"] = torch.tensor(content, dtype=torch.int64)
         return episode

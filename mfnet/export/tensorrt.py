@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,7 +95,7 @@ def build_plan(tensorrt_version: str, precision: str) -> BuildPlan:
 
 
 def engine_file_name(role: str, precision: str, gpu: GpuInfo, tensorrt_version: str,
-                     shapes: dict[str, tuple[tuple[int, ...], ...]]) -> str:
+                     shapes: Mapping[str, tuple[tuple[int, ...], ...]]) -> str:
     """E.g. ``query_decoder.fp16.nvidia-h100-80gb-hbm3.sm90.trt11.4.0.B1-16.engine``."""
     gpu_slug = re.sub(r"[^a-z0-9]+", "-", gpu.name.lower()).strip("-")
     major, minor = gpu.compute_capability
@@ -124,15 +125,21 @@ def profile_shapes(graph: GraphInfo, opt_batch: int = 1
     for spec in graph.inputs:
         if all(isinstance(d, int) for d in spec.shape):
             continue
-        low, opt, high = [], [], []
+        low: list[int] = []
+        opt: list[int] = []
+        high: list[int] = []
         for dim in spec.shape:
             if isinstance(dim, int):
-                low.append(dim), opt.append(dim), high.append(dim)
+                low.append(dim)
+                opt.append(dim)
+                high.append(dim)
                 continue
             if dim not in ranges:
                 raise EngineError(f"unknown dynamic dimension {dim!r} in {graph.file}")
             lo, op, hi = ranges[dim]
-            low.append(lo), opt.append(min(max(op, lo), hi)), high.append(hi)
+            low.append(lo)
+            opt.append(min(max(op, lo), hi))
+            high.append(hi)
         shapes[spec.name] = (tuple(low), tuple(opt), tuple(high))
     return shapes
 
@@ -147,7 +154,7 @@ def import_tensorrt():
 
 
 def build_engine(onnx_path: Path, engine_path: Path, *, plan: BuildPlan,
-                 shapes: dict[str, tuple[tuple[int, ...], ...]], timing_cache: Path,
+                 shapes: Mapping[str, tuple[tuple[int, ...], ...]], timing_cache: Path,
                  workspace_bytes: int = 4 << 30) -> None:
     """Parse ``onnx_path``, build a serialized engine, write it (and the timing cache)
     atomically."""

@@ -73,7 +73,8 @@ def verification_inputs(model: MFNet, seed: int = 0) -> dict[str, dict[str, list
     episodes = synthetic_episodes(fold=0, split="test", way=way, shot=shot, num_episodes=3,
                                   seed=seed, image_size=size)
     episode = episodes[0]  # its support set; the queries of all three are decoded with it
-    queries = _as_uint8(torch.stack([e["query_image"] for e in episodes]))  # [3, H, W, 3]
+    queries = _as_uint8(torch.stack([episodes[i]["query_image"]
+                                     for i in range(len(episodes))]))  # [3, H, W, 3]
     support_images = _as_uint8(episode["support_images"]).flatten(0, 1)  # [N*K, H, W, 3]
     support_masks = episode["support_masks"].flatten(0, 1)  # [N*K, H, W]
     with torch.no_grad():

@@ -38,8 +38,10 @@ says why and the decoder falls back to the model's eager fusion (``_fuse_query_c
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -152,7 +154,8 @@ def _split_first(sequence: nn.Module) -> tuple[nn.Conv2d, nn.Sequential] | str:
     problem = _foldable_conv(conv)
     if problem is not None:
         return problem
-    return conv, nn.Sequential(*list(first)[1:], *list(sequence)[1:])
+    # _foldable_conv accepted it: exactly an nn.Conv2d
+    return cast(nn.Conv2d, conv), nn.Sequential(*list(first)[1:], *list(sequence)[1:])
 
 
 class _FoldedScaleBranch(nn.Module):
@@ -192,8 +195,15 @@ class _FoldedScaleAttention(nn.Module):
 
     def __init__(self, scale_attention: ScaleAttention) -> None:
         super().__init__()
-        self.branches = nn.ModuleList(_FoldedScaleBranch(b) for b in scale_attention.branches)
+        # nn.ModuleList types its items as nn.Module: these are ScaleAttention's ScaleBranches
+        self.branches = nn.ModuleList(_FoldedScaleBranch(cast(ScaleBranch, b))
+                                      for b in scale_attention.branches)
         self.num_scales = scale_attention.num_scales
+
+    def branch(self, z: int) -> _FoldedScaleBranch:
+        """The folded branch of scale ``z`` (as ``ScaleAttention.forward`` picks it)."""
+        # nn.ModuleList types its items as nn.Module: each is a _FoldedScaleBranch
+        return cast(_FoldedScaleBranch, self.branches[z % len(self.branches)])
 
 
 class _NotFoldable(Exception):
@@ -291,10 +301,12 @@ class FastQueryDecoder(nn.Module):
 
     def _fold_pads(self) -> set[int]:
         """Paddings (k // 2) of the folded first convs that need border indices (k > 1)."""
-        if self.folded_attention is None:
+        attention = self.folded_attention
+        if attention is None:
             return set()
-        convs = [c for b in self.folded_attention.branches
-                 for c in (b.attention_first, b.transform_first) if c is not None]
+        branches = [attention.branch(z) for z in range(len(attention.branches))]
+        convs = [c for b in branches for c in (b.attention_first, b.transform_first)
+                 if c is not None]
         return {c.kernel_size[0] // 2 for c in convs} - {0}
 
     @property
@@ -355,7 +367,8 @@ class FastQueryDecoder(nn.Module):
         prototypes [Bp, N, C] or [N, C]; feature_size (h, w) of the query features (default:
         those of the configured input size). Cost: one conv over N tiny constant maps per scale.
         """
-        if not self.folded:
+        attention = self.folded_attention
+        if attention is None:  # not self.folded
             raise RuntimeError(f"prototype folding is off ({self.fold_reason})")
         prototypes = self._check_prototypes(prototypes)
         if feature_size is None:
@@ -365,24 +378,26 @@ class FastQueryDecoder(nn.Module):
         flat = prototypes.reshape(batch * way, channels)
         terms = []
         for z, (_, h_z, w_z) in enumerate(self._scale_sizes(*feature_size)):
-            branch = self.folded_attention.branches[z % len(self.folded_attention.branches)]
+            branch = attention.branch(z)
             upper = None
             if branch.attention_first is not None:
                 upper = self._prototype_term(branch.attention_first, flat, (h_z, w_z))
                 upper = upper.view(batch, way, *upper.shape[1:])  # [Bp, N, C, h_z, w_z]
             lower = self._prototype_term(branch.transform_first, flat, (h_z, w_z))
             terms.append((upper, lower.view(batch, way, *lower.shape[1:])))  # [Bp, N, C, 1, 1]
-        return FoldedPrototypes(tuple(terms), tuple(feature_size))
+        h, w = feature_size
+        return FoldedPrototypes(tuple(terms), (h, w))
 
     def _prototype_term(self, conv: nn.Conv2d, vectors: torch.Tensor, size: tuple[int, int]
                         ) -> torch.Tensor:
         """conv_p(expand(vectors)) without bias: [M, C_in] -> [M, C, h_z, w_z] (or [M, C, 1, 1])."""
         pad = conv.kernel_size[0] // 2
-        index = [None, None]  # border indices, only where a side exceeds 2p + 1
+        # border indices, only where a side exceeds 2p + 1
+        index: list[torch.Tensor | None] = [None, None]
         for axis, side in enumerate(size):
             if pad and side > 2 * pad + 1:
                 index[axis] = self._constant(f"border_{side}_{pad}",
-                                             lambda side=side: border_index(side, pad), vectors)
+                                             functools.partial(border_index, side, pad), vectors)
         return constant_map_conv(vectors, self._split_weight(conv)[1], size, *index)
 
     @staticmethod
@@ -407,6 +422,7 @@ class FastQueryDecoder(nn.Module):
         h, w = features.shape[-2:]
         sizes = self._scale_sizes(h, w)
 
+        folded: FoldedPrototypes | None
         if isinstance(prototypes, FoldedPrototypes):
             folded = prototypes
             if not self.folded:
@@ -425,23 +441,27 @@ class FastQueryDecoder(nn.Module):
         pooled_scales = [features if bins >= max(h, w) else self._pool(features, bins)
                          for bins, _, _ in sizes]  # [B, C, h_z, w_z]
         if folded is None:  # the model's eager fusion (folding off or not applicable)
+            assert isinstance(prototypes, torch.Tensor)  # folded ones take the other branch
             expanded = prototypes.expand(B, -1, -1)  # [B, N, C]
             scales = [model._fuse_query_class(x, expanded) for x in pooled_scales]
             per_class = model.scale_attention(scales, (h, w))  # [B*N, C, h, w]
         else:
-            scales = []
+            attention = self.folded_attention
+            assert attention is not None  # prototypes are folded only while folding is on
+            pre_activations = []  # (upper, lower) per scale
             for z, x in enumerate(pooled_scales):
-                branch = self.folded_attention.branches[z % len(self.folded_attention.branches)]
+                branch = attention.branch(z)
                 upper_term, lower_term = folded.terms[z]
                 upper = None
                 if branch.attention_first is not None:
+                    assert upper_term is not None  # prepare() made one for each upper conv
                     query_term = self._query_term(
                         branch.attention_first, self._split_weight(branch.attention_first)[0], x)
                     upper = (query_term.unsqueeze(1) + upper_term).flatten(0, 1)  # [B*N, C, hz, wz]
                 query_term = self._query_term(
                     branch.transform_first, self._split_weight(branch.transform_first)[0], x)
                 lower = (query_term.unsqueeze(1) + lower_term).flatten(0, 1)  # [B*N, C, h_z, w_z]
-                scales.append((upper, lower))
-            per_class = self.folded_attention(scales, (h, w))  # [B*N, C, h, w]
+                pre_activations.append((upper, lower))
+            per_class = attention(pre_activations, (h, w))  # [B*N, C, h, w]
 
         return model.decode_classes(per_class, B, (H, W))  # the model's own tail

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal, overload
 
 import torch
 import torch.nn.functional as F
@@ -55,6 +56,9 @@ class MiddleLevelNeck(nn.Module):
 
 
 class MFNet(nn.Module):
+    mean: torch.Tensor  # buffers [1, 3, 1, 1] (nn.Module types attributes as Tensor | Module)
+    std: torch.Tensor
+
     def __init__(
         self,
         config: ModelConfig,
@@ -161,6 +165,19 @@ class MFNet(nn.Module):
             return [feature_size]
         return [max(1, math.ceil(feature_size * f)) for f in self.config.pyramid]
 
+    # return_aux decides the result: logits, or a QueryOutput
+    @overload
+    def decode_query(
+        self, query: torch.Tensor, cache: EncodedSupport, return_aux: Literal[False] = False
+    ) -> torch.Tensor: ...
+    @overload
+    def decode_query(
+        self, query: torch.Tensor, cache: EncodedSupport, return_aux: Literal[True]
+    ) -> QueryOutput: ...
+    @overload
+    def decode_query(
+        self, query: torch.Tensor, cache: EncodedSupport, return_aux: bool
+    ) -> torch.Tensor | QueryOutput: ...
     def decode_query(
         self, query: torch.Tensor, cache: EncodedSupport, return_aux: bool = False
     ) -> torch.Tensor | QueryOutput:
@@ -196,6 +213,19 @@ class MFNet(nn.Module):
         per_class = self.scale_attention(scales, (h, w))  # [B*N, C, h, w]
         return self.decode_classes(per_class, B, (H, W), return_aux)
 
+    @overload
+    def decode_classes(
+        self, per_class: torch.Tensor, batch: int, size: tuple[int, int],
+        return_aux: Literal[False] = False,
+    ) -> torch.Tensor: ...
+    @overload
+    def decode_classes(
+        self, per_class: torch.Tensor, batch: int, size: tuple[int, int], return_aux: Literal[True]
+    ) -> QueryOutput: ...
+    @overload
+    def decode_classes(
+        self, per_class: torch.Tensor, batch: int, size: tuple[int, int], return_aux: bool
+    ) -> torch.Tensor | QueryOutput: ...
     def decode_classes(
         self, per_class: torch.Tensor, batch: int, size: tuple[int, int], return_aux: bool = False
     ) -> torch.Tensor | QueryOutput:

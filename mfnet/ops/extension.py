@@ -52,12 +52,14 @@ def extension_for(impl: str, device: torch.device) -> ModuleType | None:
     try:
         extension = importlib.import_module("mfnet_ext")
     except ImportError as error:
-        return _unavailable(impl, f"the package mfnet_ext is not importable ({error}); it is "
-                                  "installed with mfnet (`pip install -e .`)", error)
+        _unavailable(impl, f"the package mfnet_ext is not importable ({error}); it is "
+                           "installed with mfnet (`pip install -e .`)", error)
+        return None
     try:
         extension.load()
     except extension.ExtensionUnavailable as error:
-        return _unavailable(impl, str(error), error)
+        _unavailable(impl, str(error), error)
+        return None
     return extension
 
 

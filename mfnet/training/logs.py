@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import math
 from pathlib import Path
+from typing import Any, TextIO
 
 CSV_FIELDS = ("step", "epoch", "loss", "seg", "pml", "lr")
 TENSORBOARD_EVERY = 10  # steps averaged per TensorBoard point (an event costs ~0.1 ms a scalar)
@@ -28,8 +29,8 @@ class TrainLogger:
                  tensorboard: bool = True) -> None:
         self.out_dir = Path(out_dir)
         self.enabled = enabled
-        self._writer = None
-        self._csv = None
+        self._writer: Any = None  # TensorBoard's SummaryWriter (imported on use), or None
+        self._csv: TextIO | None = None
         self._pending: dict[str, list[float]] = {}
         self._last_step = 0
         if not enabled:
@@ -58,7 +59,7 @@ class TrainLogger:
         """Record optimiser step ``step`` (1-based) of epoch ``epoch`` (1-based): a CSV row, and
         every ``TENSORBOARD_EVERY`` steps the means since the last TensorBoard point."""
         self._last_step = step
-        if not self.enabled:
+        if self._csv is None:  # not enabled
             return
         self._table.writerow([step, epoch, repr(loss), repr(seg),
                               "" if pml is None else repr(pml), repr(lr)])

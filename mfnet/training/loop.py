@@ -282,6 +282,7 @@ def _begin_epoch(run: _Run, number: int, start: _Start) -> tuple[_Epoch, Iterato
     generator = torch.Generator(device=run.device).manual_seed(epoch_seed)
     if skip:
         batches = iter(loader)
+        assert start.rng is not None  # _restore refuses a mid-epoch checkpoint without them
         restore_rng_state(start.rng, generator)
         return _Epoch(number, use_metric, generator, skip, skip, start.running_loss), batches
     torch.manual_seed(epoch_seed)

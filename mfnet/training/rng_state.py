@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 import random
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -17,7 +17,9 @@ def capture_rng_state(generator: torch.Generator | None = None) -> dict[str, Any
     torch's CPU generator, the CUDA generators (when CUDA is available) and ``generator`` (the
     triplet sampler's). Plain data and tensors only (``weights_only`` loading)."""
     version, internal, gauss = random.getstate()
-    name, keys, position, has_gauss, cached = np.random.get_state()
+    # the global generator is numpy's MT19937, whose legacy state is this tuple
+    legacy = cast("tuple[str, np.ndarray, int, int, float]", np.random.get_state())
+    name, keys, position, has_gauss, cached = legacy
     state: dict[str, Any] = {
         "python": [version, list(internal), gauss],
         "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)),

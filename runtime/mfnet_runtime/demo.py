@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import colorsys
 import math
+import types
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -120,8 +121,9 @@ def _background(rng: np.random.Generator, height: int, width: int) -> np.ndarray
     rgb = np.array([colorsys.hsv_to_rgb(*p) for p in grid.reshape(-1, 3)], np.float32)
     field = Image.fromarray((rgb.reshape(3, 3, 3) * 255).astype(np.uint8))
     image = np.asarray(field.resize((width, height), Image.Resampling.BILINEAR), np.float32)
-    noise = Image.fromarray((rng.random((6, 6)) * 255).astype(np.uint8))
-    noise = np.asarray(noise.resize((width, height), Image.Resampling.BILINEAR), np.float32)
+    noise_field = Image.fromarray((rng.random((6, 6)) * 255).astype(np.uint8))
+    noise = np.asarray(noise_field.resize((width, height), Image.Resampling.BILINEAR),
+                       np.float32)
     return np.clip((image / 255.0) * (0.8 + 0.4 * noise[..., None] / 255.0), 0.0, 1.0)
 
 
@@ -218,7 +220,7 @@ def write_demo(out: str | Path, classes: tuple[str, ...] = DEFAULT_CLASSES, *,
         image, _, _, _ = _scene(rng, present, height, width)
         Image.fromarray(image).save(query_dir / f"query{i:02d}.png")
     clip = _clip(rng, classes, frames, height, width)
-    cv2 = None
+    cv2: types.ModuleType | None = None
     if use_opencv:
         try:
             import cv2

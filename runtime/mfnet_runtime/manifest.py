@@ -116,7 +116,7 @@ class Manifest:
     @property
     def required_roles(self) -> tuple[str, ...]:
         """Roles a complete set of graphs has (the K = 1 aggregator only for models with A_S)."""
-        roles = ("support_encoder", "prototype_aggregator", "query_decoder")
+        roles: tuple[str, ...] = ("support_encoder", "prototype_aggregator", "query_decoder")
         if self.model.support_attention:
             roles += ("prototype_aggregator_single",)
         return roles
@@ -276,9 +276,9 @@ def _rgb_triple(path: Path, data: Mapping[str, Any], key: str, positive: bool
     value = data.get(key)
     ok = (isinstance(value, list) and len(value) == 3 and all(map(_is_number, value))
           and (not positive or min(value) > 0))
-    _require(path, f"model.{key}", value, ok,
-             "a list of three finite numbers" + (" > 0" if positive else ""))
-    return tuple(float(v) for v in value)
+    triple = _require(path, f"model.{key}", value, ok,
+                      "a list of three finite numbers" + (" > 0" if positive else ""))
+    return tuple(float(v) for v in triple)
 
 
 def _model(path: Path, data: Any) -> ModelInfo:

@@ -21,7 +21,7 @@ import logging
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -93,7 +93,8 @@ class Segmenter:
         opened = open_backend(manifest, backend, device, precision, verify_hashes,
                               cuda_graph_batch, device_id)
         if opened.name.startswith("onnxruntime"):
-            opened.intra_op_threads = policy.threads  # read when each session is created
+            # ONNX Runtime backends read it when each session is created (not in Backend)
+            opened.intra_op_threads = policy.threads  # type: ignore[attr-defined]
         logger.info(policy.describe())
         logger.info("%s backend, %s graphs, %d-way, %dx%d input, from %s",
                     opened.name, opened.precision, manifest.model.way,
@@ -278,7 +279,9 @@ class Segmenter:
             probabilities.append(out_probabilities)
         if not labels:
             return np.zeros((0, size, size), np.uint8), None
-        stacked = np.concatenate(probabilities) if with_probabilities else None
+        # backends return an array for every part when asked for the probabilities
+        stacked = (np.concatenate(cast("list[np.ndarray]", probabilities))
+                   if with_probabilities else None)
         return np.concatenate(labels), stacked
 
     def decode_prepared(self, batch: np.ndarray, support: SupportSet) -> np.ndarray:
@@ -291,7 +294,7 @@ class Segmenter:
         """uint8 [B, S, S, 3] prepared frames -> (labels uint8 [B, S, S], probabilities
         float32 [B, N+1, S, S]), for ``restore_smooth``."""
         labels, probabilities = self._decode(batch, support, True)
-        return labels, probabilities
+        return labels, probabilities  # type: ignore[return-value]  # None only when B = 0
 
     def restore_smooth(self, probabilities_s: np.ndarray, geometry: Geometry) -> np.ndarray:
         """float32 [N+1, S, S] -> uint8 [orig_h, orig_w] labels: bilinear upsampling of the
@@ -326,4 +329,5 @@ class Segmenter:
         """One frame -> float32 [N+1, H, W] softmax (channel 0 = background) at its size."""
         batch, geometry = self.prepare_frames([frame], color)
         _, probabilities = self._decode(batch, support, True)
+        assert probabilities is not None  # one frame: never an empty batch
         return restore_probabilities(probabilities[0], geometry[0])

@@ -387,8 +387,9 @@ class TensorRTBackend:
 
     def _capture_decoder(self, batch: int, manifest: Manifest) -> None:
         size, way = manifest.model.input_size, manifest.model.way
-        feeds = {"frames": np.zeros((batch, size, size, 3), np.uint8),
-                 "prototypes": np.zeros((way, manifest.model.channels), np.float32)}
+        feeds: dict[str, np.ndarray] = {
+            "frames": np.zeros((batch, size, size, 3), np.uint8),
+            "prototypes": np.zeros((way, manifest.model.channels), np.float32)}
         try:
             self._engines["query_decoder"].capture(feeds)
         except EngineError as error:  # capture is an optimisation: fall back to plain enqueue
