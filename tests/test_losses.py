@@ -214,7 +214,9 @@ def test_triplet_uses_plugged_sampler_and_detached_embedding_in_feature_mode() -
         seen.update(kwargs)
         idx = torch.tensor([[0, 0]])
         return TripletSample(
-            anchor=idx, positive=torch.tensor([[1, 2]]), negative=torch.tensor([[2, 1]]),
+            anchor=idx,
+            positive=torch.tensor([[1, 2]]),
+            negative=torch.tensor([[2, 1]]),
             valid=torch.tensor([[True, False]]),
         )
 

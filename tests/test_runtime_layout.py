@@ -37,15 +37,26 @@ def pure_set() -> SupportSet:
 
 def test_a_support_set_holds_data_only() -> None:
     assert [f.name for f in dataclasses.fields(SupportSet)] == [
-        "class_names", "shot_features", "prototypes", "engine_id"]
+        "class_names",
+        "shot_features",
+        "prototypes",
+        "engine_id",
+    ]
     imported = set()
     for node in ast.walk(ast.parse((RUNTIME / "support.py").read_text())):
         if isinstance(node, ast.Import):
             imported.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
             imported.add("." * node.level + (node.module or ""))
-    assert imported <= {"__future__", "io", "dataclasses", "pathlib", "numpy", ".atomic",
-                        ".errors"}, imported  # no segmenter, no backend, no image code
+    assert imported <= {
+        "__future__",
+        "io",
+        "dataclasses",
+        "pathlib",
+        "numpy",
+        ".atomic",
+        ".errors",
+    }, imported  # no segmenter, no backend, no image code
 
 
 def test_a_support_set_is_edited_saved_and_loaded_without_an_engine(tmp_path) -> None:

@@ -228,7 +228,9 @@ def _import_aot() -> Extension | None:
     except ImportError as error:  # built, but not loadable (e.g. against another torch)
         log.warning(
             "mfnet_ext._C is installed but cannot be loaded (%s); rebuild it with `%s`; "
-            "trying the just-in-time build instead", error, AOT_COMMAND,
+            "trying the just-in-time build instead",
+            error,
+            AOT_COMMAND,
         )
         return None
     _register_python_kernels()
@@ -284,8 +286,11 @@ def _build(directory: Path, verbose: bool) -> Extension:
     if home is None or not Path(home, "bin", "nvcc").is_file():
         raise ExtensionUnavailable(
             "no CUDA compiler to build the mfnet_ext extension: "
-            + ("CUDA_HOME is not set and /usr/local/cuda does not exist"
-               if home is None else f"{Path(home, 'bin', 'nvcc')} does not exist")
+            + (
+                "CUDA_HOME is not set and /usr/local/cuda does not exist"
+                if home is None
+                else f"{Path(home, 'bin', 'nvcc')} does not exist"
+            )
             + f"; set CUDA_HOME to the CUDA toolkit (the folder holding bin/nvcc) and {retry}"
         )
     try:
@@ -299,7 +304,10 @@ def _build(directory: Path, verbose: bool) -> Extension:
     directory.mkdir(parents=True, exist_ok=True)
     log.warning(
         "compiling the mfnet_ext CUDA extension (first use of these sources: 1-3 minutes) "
-        "into %s with CUDA_HOME=%s, TORCH_CUDA_ARCH_LIST=%s", directory, home, arches,
+        "into %s with CUDA_HOME=%s, TORCH_CUDA_ARCH_LIST=%s",
+        directory,
+        home,
+        arches,
     )
     started = time.perf_counter()
     try:
@@ -331,7 +339,8 @@ def _register_python_kernels() -> None:
     (``masked_pooling``, ``triplet_sampling``, ...: fake kernels, autograd), once per process,
     after the library is loaded."""
     names = sorted(
-        info.name for info in pkgutil.iter_modules([str(PACKAGE_DIR)])
+        info.name
+        for info in pkgutil.iter_modules([str(PACKAGE_DIR)])
         if not info.name.startswith("_")
     )
     for name in names:

@@ -152,8 +152,9 @@ def read_sbd_label(path: Path) -> np.ndarray:
     values 0..20 (SBD has no 255 boundary band)."""
     from mfnet_runtime.errors import require  # scipy is needed only here, for SBD's .mat files
 
-    loadmat = require("scipy.io", "reading SBD's MATLAB label files",
-                      "pip install 'mfnet[data]'").loadmat
+    loadmat = require(
+        "scipy.io", "reading SBD's MATLAB label files", "pip install 'mfnet[data]'"
+    ).loadmat
 
     try:
         segmentation = np.asarray(loadmat(str(path))["GTcls"]["Segmentation"][0, 0])

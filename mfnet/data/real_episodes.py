@@ -32,9 +32,7 @@ from mfnet.data.transforms import IGNORE_INDEX, TestResize
 PROTOCOLS = ("panet", "metaseg")
 MAX_DRAWS = 30  # re-draws of one support shot or of the query before giving up
 
-Transform = Callable[
-    [np.ndarray, np.ndarray, np.random.Generator], tuple[np.ndarray, np.ndarray]
-]
+Transform = Callable[[np.ndarray, np.ndarray, np.random.Generator], tuple[np.ndarray, np.ndarray]]
 
 
 @runtime_checkable
@@ -116,8 +114,10 @@ class ImageEpisodes(Dataset):
         self.fixed_classes = fixed
         self.feature_size = feature_size
         if keep_original_label and not hasattr(transform, "resized_shape"):
-            raise ValueError("keep_original_label needs a transform with resized_shape "
-                             "(TestResize): the prediction is mapped back through it")
+            raise ValueError(
+                "keep_original_label needs a transform with resized_shape "
+                "(TestResize): the prediction is mapped back through it"
+            )
         self.keep_original_label = keep_original_label
         self.lists = {c: tuple(images.images_with(c)) for c in classes}
         self.sets = {c: frozenset(ids) for c, ids in self.lists.items()}  # fast membership
@@ -212,8 +212,9 @@ class ImageEpisodes(Dataset):
         the transform removes every episode class ("panet") or any of them ("metaseg")."""
         if self.protocol == "metaseg":
             others = [self.sets[c] for c in classes[1:]]
-            candidates: Sequence[str] = [i for i in self.lists[classes[0]]
-                                         if all(i in s for s in others)]
+            candidates: Sequence[str] = [
+                i for i in self.lists[classes[0]] if all(i in s for s in others)
+            ]
         for _ in range(MAX_DRAWS):
             if self.protocol == "panet":
                 candidates = self.lists[classes[int(rng.integers(self.way))]]
@@ -274,8 +275,9 @@ class ImageEpisodes(Dataset):
         shapes = {m.shape for m in support_masks} | {query_raw.shape}
         if len(shapes) != 1:
             raise ValueError(f"transform returned several sizes {sorted(shapes)}; need one S")
-        episode = pack_episode(classes, self.shot, support_images, support_masks, query_image,
-                               query_raw)
+        episode = pack_episode(
+            classes, self.shot, support_images, support_masks, query_image, query_raw
+        )
         if self.keep_original_label:  # evaluation at the original resolution (PFENet)
             _, original = self.images.load(query_id)
             lut = query_label_lut(classes)

@@ -52,9 +52,7 @@ def _probability(name: str, p: float) -> float:
     return float(p)
 
 
-def _pad_centred(
-    image: np.ndarray, label: np.ndarray, size: int
-) -> tuple[np.ndarray, np.ndarray]:
+def _pad_centred(image: np.ndarray, label: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
     """Pad (as PFENet's Crop: half before, half after) to at least size x size; image with the
     mean colour, label with 255."""
     h, w = label.shape

@@ -28,8 +28,9 @@ class PrototypeBaseline(nn.Module):
             not change the argmax, only the softness of the returned logits.
     """
 
-    def __init__(self, extract_features: Callable[[torch.Tensor], torch.Tensor],
-                 scale: float = 20.0) -> None:
+    def __init__(
+        self, extract_features: Callable[[torch.Tensor], torch.Tensor], scale: float = 20.0
+    ) -> None:
         super().__init__()
         self.extract_features = extract_features
         self.scale = scale

@@ -215,7 +215,10 @@ class MFNet(nn.Module):
 
     @overload
     def decode_classes(
-        self, per_class: torch.Tensor, batch: int, size: tuple[int, int],
+        self,
+        per_class: torch.Tensor,
+        batch: int,
+        size: tuple[int, int],
         return_aux: Literal[False] = False,
     ) -> torch.Tensor: ...
     @overload
@@ -260,15 +263,18 @@ class MFNet(nn.Module):
         branch, embedding = self.decoder(per_class)  # [B*N, 2, h, w]
         branch = branch.view(batch, self.way, 2, *branch.shape[-2:])  # [B, N, 2, h, w]
         log_probs = torch.log_softmax(branch, dim=2)
-        scores = torch.cat([log_probs[:, :, 0].amax(dim=1, keepdim=True), log_probs[:, :, 1]],
-                           dim=1)  # [B, N+1, h, w]
+        scores = torch.cat(
+            [log_probs[:, :, 0].amax(dim=1, keepdim=True), log_probs[:, :, 1]], dim=1
+        )  # [B, N+1, h, w]
         logits = F.interpolate(scores, size=size, mode="bilinear", align_corners=True)
         if not return_aux:
             return logits
-        upsampled = F.interpolate(branch.flatten(0, 1), size=size, mode="bilinear",
-                                  align_corners=True)  # [B*N, 2, H, W]
-        return QueryOutput(logits, scores, embedding,
-                           branch_logits=upsampled.view(batch, self.way, 2, *size))
+        upsampled = F.interpolate(
+            branch.flatten(0, 1), size=size, mode="bilinear", align_corners=True
+        )  # [B*N, 2, H, W]
+        return QueryOutput(
+            logits, scores, embedding, branch_logits=upsampled.view(batch, self.way, 2, *size)
+        )
 
     def _fuse_query_class(self, scale: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
         """scale [B, C, h_z, w_z] + prototypes [B, N, C] -> X_n^z [B*N, C or 2C, h_z, w_z]."""

@@ -17,7 +17,11 @@ from .extension import IMPLS, extension_for
 EMPTY_MASK_EPS = 1e-5
 
 __all__ = [
-    "EMPTY_MASK_EPS", "IMPLS", "mask_area", "masked_global_pool", "masked_global_pool_reference",
+    "EMPTY_MASK_EPS",
+    "IMPLS",
+    "mask_area",
+    "masked_global_pool",
+    "masked_global_pool_reference",
     "resize_mask",
 ]
 

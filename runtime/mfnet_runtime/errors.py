@@ -37,7 +37,8 @@ def require(module: str, feature: str, install: str):
     except ImportError as error:
         raise MissingDependencyError(
             f"{feature} needs the {module.split('.')[0]} package, which is not installed: "
-            f"{install} (import failed: {error})") from error
+            f"{install} (import failed: {error})"
+        ) from error
 
 
 # The commands that recreate artifacts: the training package's export command, which works
