@@ -46,10 +46,12 @@ def cuda_extension_kwargs() -> dict:
     import torch
 
     if not os.environ.get("TORCH_CUDA_ARCH_LIST"):  # the visible GPUs, else the H100 / H200
-        capabilities = sorted({torch.cuda.get_device_capability(i)
-                               for i in range(torch.cuda.device_count())})
+        capabilities = sorted(
+            {torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())}
+        )
         os.environ["TORCH_CUDA_ARCH_LIST"] = (
-            ";".join(f"{major}.{minor}" for major, minor in capabilities) or "9.0")
+            ";".join(f"{major}.{minor}" for major, minor in capabilities) or "9.0"
+        )
     sources = sorted(
         str(path.relative_to(HERE))
         for pattern in ("*.cpp", "*.cu")
@@ -95,7 +97,16 @@ setup(
         "data": ["scipy", "pycocotools"],
         # the just-in-time build of the CUDA extension (torch's cpp_extension runs ninja)
         "cuda": ["ninja"],
-        "test": ["pytest", "hypothesis", "onnx", "onnxscript", "onnxruntime", "scipy", "pycocotools", "ninja"],
+        "test": [
+            "pytest",
+            "hypothesis",
+            "onnx",
+            "onnxscript",
+            "onnxruntime",
+            "scipy",
+            "pycocotools",
+            "ninja",
+        ],
     },
     license="MIT",
     **cuda_extension_kwargs(),

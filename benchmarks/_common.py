@@ -16,16 +16,29 @@ import shutil
 import statistics
 import subprocess
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
-PACKAGES = ("torch", "torchvision", "numpy", "onnx", "onnxscript", "onnxruntime",
-            "onnxruntime-gpu", "tensorrt", "triton", "opencv-python-headless", "matplotlib",
-            "mfnet", "mfnet-runtime")
+PACKAGES = (
+    "torch",
+    "torchvision",
+    "numpy",
+    "onnx",
+    "onnxscript",
+    "onnxruntime",
+    "onnxruntime-gpu",
+    "tensorrt",
+    "triton",
+    "opencv-python-headless",
+    "matplotlib",
+    "mfnet",
+    "mfnet-runtime",
+)
 
 
 def percentile(ordered: list[float], fraction: float) -> float:
@@ -46,8 +59,13 @@ def summarize(samples_ms: list[float]) -> dict[str, float]:
     }
 
 
-def time_calls(call: Callable[[], object], warmup: int, iterations: int, cuda: bool,
-               max_seconds: float | None = None) -> dict[str, Any]:
+def time_calls(
+    call: Callable[[], object],
+    warmup: int,
+    iterations: int,
+    cuda: bool,
+    max_seconds: float | None = None,
+) -> dict[str, Any]:
     """Time ``call`` ``iterations`` times after ``warmup`` calls.
 
     On CUDA every call is bracketed by ``torch.cuda.synchronize()`` and two CUDA events on the
@@ -77,8 +95,7 @@ def time_calls(call: Callable[[], object], warmup: int, iterations: int, cuda: b
             host_start = time.perf_counter()
             call()
             host_ms.append((time.perf_counter() - host_start) * 1e3)
-        if (max_seconds is not None and index >= 4
-                and time.perf_counter() - started > max_seconds):
+        if max_seconds is not None and index >= 4 and time.perf_counter() - started > max_seconds:
             break
     stats = summarize(device_ms if cuda else host_ms)
     stats["timer"] = "cuda_events" if cuda else "perf_counter"
@@ -95,8 +112,13 @@ def _nvidia_smi(query: str) -> str | None:
     if shutil.which("nvidia-smi") is None:
         return None
     try:
-        out = subprocess.run(["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=20, check=True).stdout
+        out = subprocess.run(
+            ["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=True,
+        ).stdout
     except (OSError, subprocess.SubprocessError):
         return None
     return out.strip().splitlines()[0].strip() if out.strip() else None
@@ -170,15 +192,17 @@ def device_info(device: str) -> dict[str, Any]:
     if device == "cuda" and torch.cuda.is_available():
         index = torch.cuda.current_device()
         props = torch.cuda.get_device_properties(index)
-        info.update({
-            "gpu": torch.cuda.get_device_name(index),
-            "compute_capability": list(torch.cuda.get_device_capability(index)),
-            "multiprocessors": props.multi_processor_count,
-            "gpu_memory_gib": round(props.total_memory / 2**30, 2),
-            "driver": driver_version(),
-            "nvidia_smi_clocks": _nvidia_smi("clocks.sm,clocks.max.sm,clocks.mem"),
-            "nvidia_smi_power": _nvidia_smi("power.draw,power.limit"),
-        })
+        info.update(
+            {
+                "gpu": torch.cuda.get_device_name(index),
+                "compute_capability": list(torch.cuda.get_device_capability(index)),
+                "multiprocessors": props.multi_processor_count,
+                "gpu_memory_gib": round(props.total_memory / 2**30, 2),
+                "driver": driver_version(),
+                "nvidia_smi_clocks": _nvidia_smi("clocks.sm,clocks.max.sm,clocks.mem"),
+                "nvidia_smi_power": _nvidia_smi("power.draw,power.limit"),
+            }
+        )
     return info
 
 

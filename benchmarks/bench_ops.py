@@ -6,11 +6,12 @@
 
 Sections (both implementations timed in the same run, on the same inputs):
 
-- ``pooling``: masked global pooling of the support shots, ``mfnet_ext.masked_pooling.masked_global_pool``
-  (fused kernel) vs ``mfnet.ops.masked_pooling.masked_global_pool_reference``, forward alone
-  (no autograd) and forward + backward (gradient with respect to the features). Paper sizes:
-  C = 256 channels, 60 x 60 features, 473 x 473 masks, M = batch x N x K shots with N in
-  {1, 2, 5}, K in {1, 5}, batch in {4, 8}; float32, float16 and bfloat16 features.
+- ``pooling``: masked global pooling of the support shots,
+  ``mfnet_ext.masked_pooling.masked_global_pool`` (fused kernel) vs
+  ``mfnet.ops.masked_pooling.masked_global_pool_reference``, forward alone (no autograd) and
+  forward + backward (gradient with respect to the features). Paper sizes: C = 256 channels,
+  60 x 60 features, 473 x 473 masks, M = batch x N x K shots with N in {1, 2, 5}, K in {1, 5},
+  batch in {4, 8}; float32, float16 and bfloat16 features.
   Target (DESIGN.md section 6): forward + backward >= 3x the reference.
 - ``sampler``: the PML triplet sampler, ``mfnet.ops.triplet_sampling.sample_triplets`` with
   ``impl="cuda"`` vs ``impl="reference"`` ("spatial" mode, Nt = 20, the label checks included,
@@ -29,8 +30,9 @@ import argparse
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -54,31 +56,41 @@ def _ints(text: str) -> list[int]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
-    parser.add_argument("--sections", default="pooling,sampler",
-                        help="comma-separated sections to run (default: pooling,sampler)")
+    parser.add_argument(
+        "--sections",
+        default="pooling,sampler",
+        help="comma-separated sections to run (default: pooling,sampler)",
+    )
     parser.add_argument("--channels", type=int, default=256, help="C (default 256)")
     parser.add_argument("--feature-size", type=int, default=60, help="h = w (default 60)")
     parser.add_argument("--mask-size", type=int, default=473, help="H = W (default 473)")
     parser.add_argument("--batches", default="4,8", help="episodes per batch (default 4,8)")
     parser.add_argument("--ways", default="1,2,5", help="N (default 1,2,5)")
     parser.add_argument("--shots", default="1,5", help="K (default 1,5)")
-    parser.add_argument("--dtypes", default="float32,float16,bfloat16",
-                        help="feature dtypes of the pooling rows")
+    parser.add_argument(
+        "--dtypes", default="float32,float16,bfloat16", help="feature dtypes of the pooling rows"
+    )
     parser.add_argument("--sampler-batches", default="4,8", help="B of the sampler rows")
     parser.add_argument("--sampler-ways", default="1,2,5", help="N of the sampler rows")
     parser.add_argument("--sampler-size", type=int, default=60, help="label side (default 60)")
     parser.add_argument("--triplets", type=int, default=20, help="Nt (default 20)")
     parser.add_argument("--warmup", type=int, default=10, help="warm-up calls per timing")
     parser.add_argument("--iterations", type=int, default=50, help="timed calls per timing")
-    parser.add_argument("--max-row-s", type=float, default=10.0,
-                        help="cap on the timed loop of one timing (at least 5 calls)")
+    parser.add_argument(
+        "--max-row-s",
+        type=float,
+        default=10.0,
+        help="cap on the timed loop of one timing (at least 5 calls)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(RESULTS), help="results folder")
-    parser.add_argument("--name", default=None,
-                        help="result file stem (default bench_ops_<device>)")
+    parser.add_argument(
+        "--name", default=None, help="result file stem (default bench_ops_<device>)"
+    )
     add_threads_argument(parser)
     args = parser.parse_args(argv)
     unknown = set(args.sections.split(",")) - {"pooling", "sampler"}
@@ -89,10 +101,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _timer(args: argparse.Namespace, device: torch.device) -> Callable[[Callable[[], object]], dict]:
+def _timer(
+    args: argparse.Namespace, device: torch.device
+) -> Callable[[Callable[[], object]], dict]:
     def timed(call: Callable[[], object]) -> dict[str, Any]:
-        return time_calls(call, args.warmup, args.iterations, cuda=device.type == "cuda",
-                          max_seconds=args.max_row_s)
+        return time_calls(
+            call,
+            args.warmup,
+            args.iterations,
+            cuda=device.type == "cuda",
+            max_seconds=args.max_row_s,
+        )
 
     return timed
 
@@ -120,15 +139,28 @@ def pooling_rows(args: argparse.Namespace, device: torch.device, extension) -> l
             for way in _ints(args.ways):
                 for shot in _ints(args.shots):
                     shots = batch * way * shot
-                    features = torch.randn(shots, args.channels, args.feature_size,
-                                           args.feature_size, generator=generator)
+                    features = torch.randn(
+                        shots,
+                        args.channels,
+                        args.feature_size,
+                        args.feature_size,
+                        generator=generator,
+                    )
                     features = features.to(device=device, dtype=dtype)
                     masks = random_masks(shots, args.mask_size, device, generator)
                     grad_out = torch.randn(shots, args.channels, generator=generator)
                     grad_out = grad_out.to(device=device, dtype=dtype)
-                    base = {"op": "masked_global_pool", "dtype": dtype_name, "batch": batch,
-                            "way": way, "shot": shot, "M": shots, "C": args.channels,
-                            "feature_size": args.feature_size, "mask_size": args.mask_size}
+                    base = {
+                        "op": "masked_global_pool",
+                        "dtype": dtype_name,
+                        "batch": batch,
+                        "way": way,
+                        "shot": shot,
+                        "M": shots,
+                        "C": args.channels,
+                        "feature_size": args.feature_size,
+                        "mask_size": args.mask_size,
+                    }
                     impls = {"reference": masked_global_pool_reference}
                     if extension is not None:
                         impls["kernel"] = extension.ops.masked_global_pool
@@ -189,42 +221,71 @@ def sampler_rows(args: argparse.Namespace, device: torch.device, extension) -> l
         for way in _ints(args.sampler_ways):
             target = torch.randint(0, way + 1, (batch, side, side), generator=generator)
             target[torch.rand(batch, side, side, generator=generator) < 0.05] = 255
-            pred = torch.where(torch.rand(batch, side, side, generator=generator) < 0.7,
-                               target.clamp(max=way),
-                               torch.randint(0, way + 1, (batch, side, side), generator=generator))
+            pred = torch.where(
+                torch.rand(batch, side, side, generator=generator) < 0.7,
+                target.clamp(max=way),
+                torch.randint(0, way + 1, (batch, side, side), generator=generator),
+            )
             pred, target = pred.to(device), target.to(device)
-            row: dict[str, Any] = {"op": "sample_triplets", "positive_mode": "spatial",
-                                   "batch": batch, "way": way, "size": side,
-                                   "triplets": args.triplets}
+            row: dict[str, Any] = {
+                "op": "sample_triplets",
+                "positive_mode": "spatial",
+                "batch": batch,
+                "way": way,
+                "size": side,
+                "triplets": args.triplets,
+            }
             sample_generator = torch.Generator(device=device).manual_seed(args.seed)
             impls = ["reference"] + (["cuda"] if extension is not None else [])
             valid = {}
             for impl in impls:
-                def call(impl: str = impl, pred: torch.Tensor = pred, target: torch.Tensor = target,
-                         way: int = way, generator: torch.Generator = sample_generator):
-                    return sample_triplets(pred, target, way, args.triplets, "spatial", 0.1,
-                                           generator, impl=impl)
+
+                def call(
+                    impl: str = impl,
+                    pred: torch.Tensor = pred,
+                    target: torch.Tensor = target,
+                    way: int = way,
+                    generator: torch.Generator = sample_generator,
+                ):
+                    return sample_triplets(
+                        pred, target, way, args.triplets, "spatial", 0.1, generator, impl=impl
+                    )
 
                 try:
                     valid[impl] = call().valid.float().mean().item()
                     row["reference" if impl == "reference" else "kernel"] = timed(call)
                 except Exception as error:  # noqa: BLE001 - recorded in the JSON, run goes on
                     row["reference" if impl == "reference" else "kernel"] = (
-                        f"failed: {type(error).__name__}: {error}")
+                        f"failed: {type(error).__name__}: {error}"
+                    )
                     traceback.print_exc()
             if extension is not None and isinstance(row.get("kernel"), dict):
                 # the label-value checks cost device syncs; the kernel alone is timed without them
-                def unchecked(pred: torch.Tensor = pred, target: torch.Tensor = target,
-                              way: int = way, generator: torch.Generator = sample_generator):
-                    return sample_triplets(pred, target, way, args.triplets, "spatial", 0.1,
-                                           generator, impl="cuda", check_labels=False)
+                def unchecked(
+                    pred: torch.Tensor = pred,
+                    target: torch.Tensor = target,
+                    way: int = way,
+                    generator: torch.Generator = sample_generator,
+                ):
+                    return sample_triplets(
+                        pred,
+                        target,
+                        way,
+                        args.triplets,
+                        "spatial",
+                        0.1,
+                        generator,
+                        impl="cuda",
+                        check_labels=False,
+                    )
 
                 row["kernel_unchecked"] = timed(unchecked)
             if extension is None:
                 row["kernel"] = "not measured: the mfnet_ext extension is unavailable"
             elif isinstance(row.get("kernel"), dict) and isinstance(row.get("reference"), dict):
-                row["speedup_unchecked"] = (row["reference"]["median_ms"]
-                                            / row["kernel_unchecked"]["median_ms"])
+                row["speedup_unchecked"] = (
+                    row["reference"]["median_ms"] / row["kernel_unchecked"]["median_ms"]
+                )
                 row["speedup"] = row["reference"]["median_ms"] / row["kernel"]["median_ms"]
                 row["target_speedup"] = SAMPLER_TARGET
                 row["meets_target"] = row["speedup"] >= SAMPLER_TARGET
@@ -234,15 +295,25 @@ def sampler_rows(args: argparse.Namespace, device: torch.device, extension) -> l
 
 
 def _summary(rows: list[dict], op: str, passes: str | None) -> dict[str, Any]:
-    speedups = [row["speedup"] for row in rows
-                if row["op"] == op and "speedup" in row
-                and (passes is None or row.get("pass") == passes)]
+    speedups = [
+        row["speedup"]
+        for row in rows
+        if row["op"] == op and "speedup" in row and (passes is None or row.get("pass") == passes)
+    ]
     if not speedups:
         return {"rows": 0}
-    return {"rows": len(speedups), "min_speedup": min(speedups), "max_speedup": max(speedups),
-            "all_meet_target": all(row.get("meets_target", False) for row in rows
-                                   if row["op"] == op and "speedup" in row
-                                   and (passes is None or row.get("pass") == passes))}
+    return {
+        "rows": len(speedups),
+        "min_speedup": min(speedups),
+        "max_speedup": max(speedups),
+        "all_meet_target": all(
+            row.get("meets_target", False)
+            for row in rows
+            if row["op"] == op
+            and "speedup" in row
+            and (passes is None or row.get("pass") == passes)
+        ),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -264,19 +335,23 @@ def main(argv: list[str] | None = None) -> int:
     payload = {
         "benchmark": "bench_ops",
         "created": now_utc(),
-        "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
+        "command": " ".join(
+            [Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]
+        ),
         "device": device_info(args.device),
         "versions": versions(),
         "extension": status,
         "settings": {key: value for key, value in vars(args).items() if key not in ("out", "name")},
-        "kernel_note": ("kernel = the CUDA kernels" if device.type == "cuda" else
-                        "kernel = the extension's C++ CPU twin (checks the script, not the GPU)"),
+        "kernel_note": (
+            "kernel = the CUDA kernels"
+            if device.type == "cuda"
+            else "kernel = the extension's C++ CPU twin (checks the script, not the GPU)"
+        ),
         "pooling": pooling,
         "sampler": sampler,
         "summary": {
             "pooling_forward": _summary(pooling, "masked_global_pool", "forward"),
-            "pooling_forward_backward": _summary(pooling, "masked_global_pool",
-                                                 "forward_backward"),
+            "pooling_forward_backward": _summary(pooling, "masked_global_pool", "forward_backward"),
             "sampler": _summary(sampler, "sample_triplets", None),
             "targets": {"pooling_forward_backward": POOLING_TARGET, "sampler": SAMPLER_TARGET},
         },
@@ -285,8 +360,10 @@ def main(argv: list[str] | None = None) -> int:
     path = Path(args.out) / f"{args.name or 'bench_ops_' + args.device}.json"
     write_json(path, payload)
     for row in pooling + sampler:
-        label = (f"{row['op']:<20} {row.get('pass', ''):<17} {row.get('dtype', ''):<9} "
-                 f"B={row['batch']} N={row['way']}" + (f" K={row['shot']}" if "shot" in row else ""))
+        label = (
+            f"{row['op']:<20} {row.get('pass', ''):<17} {row.get('dtype', ''):<9} "
+            f"B={row['batch']} N={row['way']}" + (f" K={row['shot']}" if "shot" in row else "")
+        )
         ratio = f"{row['speedup']:.2f}x" if "speedup" in row else str(row.get("kernel"))
         print(f"{label:<70} {ratio}")
     print(f"results written to {path}")

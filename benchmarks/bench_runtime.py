@@ -28,27 +28,36 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import now_utc, time_calls, versions, write_json  # noqa: E402
-
-from mfnet.threads import add_threads_argument, set_torch_threads  # noqa: E402
 from mfnet.checkpoint import model_from_checkpoint  # noqa: E402
+from mfnet.threads import add_threads_argument, set_torch_threads  # noqa: E402
 from mfnet_runtime import Segmenter  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--engines", required=True, help="export directory of that checkpoint")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--frame-size", type=int, nargs=2, default=None, metavar=("H", "W"),
-                        help="frame size (default: the network input, square)")
+    parser.add_argument(
+        "--frame-size",
+        type=int,
+        nargs=2,
+        default=None,
+        metavar=("H", "W"),
+        help="frame size (default: the network input, square)",
+    )
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--iterations", type=int, default=100)
     parser.add_argument("--name", default=None, help="result file name (default: derived)")
-    parser.add_argument("--smooth", action="store_true",
-                        help="also time runtime_segment_smooth (bilinear probabilities, argmax)")
+    parser.add_argument(
+        "--smooth",
+        action="store_true",
+        help="also time runtime_segment_smooth (bilinear probabilities, argmax)",
+    )
     add_threads_argument(parser)
     args = parser.parse_args(argv)
     policy = set_torch_threads(args.threads)
@@ -63,13 +72,17 @@ def main(argv: list[str] | None = None) -> int:
     way, shot = model.way, config.model.shot
     support_images = rng.integers(0, 256, (way, shot, size, size, 3), dtype=np.uint8)
     support_masks = np.zeros((way, shot, size, size), np.uint8)
-    support_masks[..., size // 4: 3 * size // 4, size // 4: 3 * size // 4] = 1
+    support_masks[..., size // 4 : 3 * size // 4, size // 4 : 3 * size // 4] = 1
     frame = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
 
     images_t = torch.from_numpy(support_images).permute(0, 1, 4, 2, 3).float().div(255).to(device)
     masks_t = torch.from_numpy(support_masks).to(device)
-    query_t = torch.from_numpy(rng.integers(0, 256, (1, 3, size, size), dtype=np.uint8)
-                               ).float().div(255).to(device)
+    query_t = (
+        torch.from_numpy(rng.integers(0, 256, (1, 3, size, size), dtype=np.uint8))
+        .float()
+        .div(255)
+        .to(device)
+    )
     with torch.no_grad():
         cache = model.encode_support(images_t, masks_t)
 
@@ -82,10 +95,12 @@ def main(argv: list[str] | None = None) -> int:
             model.decode_query(query_t, cache).argmax(1).cpu()
 
     segmenter = Segmenter.load(args.engines, device=args.device, threads=policy.threads)
-    support = segmenter.encode_support({
-        f"class{n}": [(support_images[n, k], support_masks[n, k]) for k in range(shot)]
-        for n in range(way)
-    })
+    support = segmenter.encode_support(
+        {
+            f"class{n}": [(support_images[n, k], support_masks[n, k]) for k in range(shot)]
+            for n in range(way)
+        }
+    )
     batch, _ = segmenter.prepare_frames([frame])
     variants = {
         "torch_full": torch_full,
@@ -94,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         "runtime_decoder": lambda: segmenter.decode_prepared(batch, support),
     }
     if args.smooth:
+
         def segment_smooth() -> np.ndarray:
             prepared, geometry = segmenter.prepare_frames([frame])
             _, probabilities = segmenter.decode_with_probabilities(prepared, support)
@@ -115,8 +131,13 @@ def main(argv: list[str] | None = None) -> int:
         "cpu_count": policy.cores,
         "threads": policy.threads,
         "runtime_backend": f"{segmenter.backend_name} ({segmenter.precision})",
-        "model": {"backbone": config.model.backbone, "way": way, "shot": shot,
-                  "input_size": size, "channels": config.model.channels},
+        "model": {
+            "backbone": config.model.backbone,
+            "way": way,
+            "shot": shot,
+            "input_size": size,
+            "channels": config.model.channels,
+        },
         "frame": [height, width],
         "versions": versions(),
         "results": results,
@@ -127,8 +148,10 @@ def main(argv: list[str] | None = None) -> int:
     out = RESULTS / f"{name}.json"
     write_json(out, payload)
     for variant, r in results.items():
-        print(f"{variant:<16} median {r['median_ms']:8.2f} ms  p10 {r['p10_ms']:8.2f}  "
-              f"p90 {r['p90_ms']:8.2f}  ({base / r['median_ms']:.2f}x torch_full)")
+        print(
+            f"{variant:<16} median {r['median_ms']:8.2f} ms  p10 {r['p10_ms']:8.2f}  "
+            f"p90 {r['p90_ms']:8.2f}  ({base / r['median_ms']:.2f}x torch_full)"
+        )
     print(f"wrote {out}")
     return 0
 

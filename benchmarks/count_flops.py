@@ -18,8 +18,8 @@ import argparse
 import json
 import platform
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -47,12 +47,20 @@ def _part(per_module: dict[str, int], name: str) -> int:
     return per_module.get(name, 0)
 
 
-def count_query_path(backbone: str, size: int, channels: int, way: int, shot: int = 1,
-                     **config: object) -> dict[str, object]:
+def count_query_path(
+    backbone: str, size: int, channels: int, way: int, shot: int = 1, **config: object
+) -> dict[str, object]:
     """MACs per frame (batch 1) of one N-way configuration, eager and folded."""
     torch.manual_seed(0)
-    model_config = ModelConfig(backbone=backbone, weights="none", channels=channels, way=way,
-                               shot=shot, image_size=size, **config)
+    model_config = ModelConfig(
+        backbone=backbone,
+        weights="none",
+        channels=channels,
+        way=way,
+        shot=shot,
+        image_size=size,
+        **config,
+    )
     model = build_mfnet(model_config).eval().to("meta")
     fast = FastQueryDecoder(model).to("meta")
     query = torch.empty(1, 3, size, size, device="meta")
@@ -70,27 +78,40 @@ def count_query_path(backbone: str, size: int, channels: int, way: int, shot: in
         "backbone_to_layer3": trunk,
         "neck": features - trunk,
         "features": features,  # backbone + neck: once per frame, independent of N
-        "eager": {"total": eager, "scale_attention": _part(eager_parts, "ScaleAttention"),
-                  "decoder": decoder, "head": eager - features},
+        "eager": {
+            "total": eager,
+            "scale_attention": _part(eager_parts, "ScaleAttention"),
+            "decoder": decoder,
+            "head": eager - features,
+        },
         # folded: the A_M figure includes the once-per-frame query terms of the first convs,
         # the prototype terms (computed in the graph from [N, C]) and the pooling MatMuls
-        "folded": {"total": folded, "scale_attention": folded - features - decoder,
-                   "decoder": decoder, "head": folded - features,
-                   "prototype_terms": prepare},
+        "folded": {
+            "total": folded,
+            "scale_attention": folded - features - decoder,
+            "decoder": decoder,
+            "head": folded - features,
+            "prototype_terms": prepare,
+        },
         "saved_by_folding": eager - folded,
         "support_backbone_per_shot": features,  # one support image through backbone + neck
     }
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--backbone", default="resnet50")
     parser.add_argument("--size", type=int, default=473)
     parser.add_argument("--channels", type=int, default=256)
     parser.add_argument("--ways", type=int, nargs="+", default=[1, 2, 5])
-    parser.add_argument("--out", type=Path, default=None, help="JSON file (default: "
-                        "benchmarks/results/flops_<backbone>_<size>.json)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="JSON file (default: benchmarks/results/flops_<backbone>_<size>.json)",
+    )
     args = parser.parse_args(argv)
     ways = sorted(set(args.ways) | {1})  # the naive baseline needs the 1-way model
     counts = {way: count_query_path(args.backbone, args.size, args.channels, way) for way in ways}
@@ -113,20 +134,28 @@ def main(argv: list[str] | None = None) -> int:
         }
         rows.append(c)
         g = 1e9
-        print(f"N={way}: features {c['features'] / g:.2f} GMAC (trunk "
-              f"{c['backbone_to_layer3'] / g:.2f} + neck {c['neck'] / g:.2f}); head eager "
-              f"{c['eager']['head'] / g:.2f} (A_M {c['eager']['scale_attention'] / g:.2f}, "
-              f"decoder {c['eager']['decoder'] / g:.2f}), "
-              f"folded {c['folded']['head'] / g:.2f}; total eager {c['eager']['total'] / g:.2f}, "
-              f"folded {c['folded']['total'] / g:.2f}; naive cached {naive_cached / g:.2f} "
-              f"({c['ratios']['naive_cached / folded']:.2f}x folded), naive with support "
-              f"{naive_paper / g:.2f} ({c['ratios']['naive_support_every_frame / folded']:.2f}x)")
+        print(
+            f"N={way}: features {c['features'] / g:.2f} GMAC (trunk "
+            f"{c['backbone_to_layer3'] / g:.2f} + neck {c['neck'] / g:.2f}); head eager "
+            f"{c['eager']['head'] / g:.2f} (A_M {c['eager']['scale_attention'] / g:.2f}, "
+            f"decoder {c['eager']['decoder'] / g:.2f}), "
+            f"folded {c['folded']['head'] / g:.2f}; total eager {c['eager']['total'] / g:.2f}, "
+            f"folded {c['folded']['total'] / g:.2f}; naive cached {naive_cached / g:.2f} "
+            f"({c['ratios']['naive_cached / folded']:.2f}x folded), naive with support "
+            f"{naive_paper / g:.2f} ({c['ratios']['naive_support_every_frame / folded']:.2f}x)"
+        )
     result = {
         "what": "MACs per frame (batch 1), FlopCounterMode (convs + matmuls), "
-                "query path with cached prototypes unless stated",
-        "config": {"backbone": args.backbone, "size": args.size, "channels": args.channels,
-                   "shot": 1, "query_fusion": "add", "class_fusion": "concat",
-                   "scale_attention_shared": False},
+        "query path with cached prototypes unless stated",
+        "config": {
+            "backbone": args.backbone,
+            "size": args.size,
+            "channels": args.channels,
+            "shot": 1,
+            "query_fusion": "add",
+            "class_fusion": "concat",
+            "scale_attention_shared": False,
+        },
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
         "counts": rows,
     }

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from mfnet_runtime.atomic import atomic_write_bytes
 from mfnet_runtime.boundary import scrub_unsafe_advice
 
@@ -61,11 +62,13 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     """Read a checkpoint with ``weights_only=True`` and check that it is an MFNet checkpoint."""
     path = Path(path)
     if path.is_dir():
-        raise CheckpointError(f"checkpoint {path} is a directory, expected a file (e.g. "
-                              f"{path / 'last.pt'})")
+        raise CheckpointError(
+            f"checkpoint {path} is a directory, expected a file (e.g. {path / 'last.pt'})"
+        )
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist; train one with "
-                              "python -m mfnet.train")
+        raise CheckpointError(
+            f"checkpoint {path} does not exist; train one with python -m mfnet.train"
+        )
     payload = safe_torch_load(path, map_location, "checkpoint")
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
@@ -87,8 +90,9 @@ def model_from_checkpoint(
     # The trunk's weights are in the checkpoint: build it uninitialised instead of downloading.
     model = build_mfnet(dataclasses.replace(config.model, weights="none"), pool_impl)
     model.config = config.model
-    check_state_dict(payload["model"], model.state_dict(), f"checkpoint {path}",
-                     "does not match its own config")
+    check_state_dict(
+        payload["model"], model.state_dict(), f"checkpoint {path}", "does not match its own config"
+    )
     model.load_state_dict(payload["model"])
     return model.to(map_location).eval(), config
 
@@ -99,27 +103,42 @@ def config_from_checkpoint(path: str | Path, payload: dict[str, Any]) -> Config:
     try:
         return Config.from_dict(payload["config"])
     except ConfigError as error:
-        raise CheckpointError(f"checkpoint {path} has an invalid config: {error}; it was not "
-                              "written by this version of mfnet.train, or was edited") from error
+        raise CheckpointError(
+            f"checkpoint {path} has an invalid config: {error}; it was not "
+            "written by this version of mfnet.train, or was edited"
+        ) from error
 
 
-def check_state_dict(state: Any, expected: dict[str, torch.Tensor], what: str, problem: str,
-                     optional: tuple[str, ...] = ()) -> None:
+def check_state_dict(
+    state: Any,
+    expected: dict[str, torch.Tensor],
+    what: str,
+    problem: str,
+    optional: tuple[str, ...] = (),
+) -> None:
     """Raise ``CheckpointError`` in one sentence unless ``state`` is a dict of tensors with
     ``expected``'s keys and shapes (keys starting with ``optional`` may be missing): counts and
     the first few offenders, not one line per tensor."""
     if not isinstance(state, dict):
-        raise CheckpointError(f"{what} holds a {type(state).__name__}, not a state dict "
-                              "(a dict of parameter names to tensors)")
+        raise CheckpointError(
+            f"{what} holds a {type(state).__name__}, not a state dict "
+            "(a dict of parameter names to tensors)"
+        )
     not_tensors = sorted(str(k) for k, v in state.items() if not isinstance(v, torch.Tensor))
     missing = sorted(k for k in expected if k not in state and not k.startswith(optional))
     unexpected = sorted(str(k) for k in state if k not in expected)
-    shapes = [f"{k} {list(state[k].shape)} vs {list(v.shape)}" for k, v in expected.items()
-              if isinstance(state.get(k), torch.Tensor) and state[k].shape != v.shape]
+    shapes = [
+        f"{k} {list(state[k].shape)} vs {list(v.shape)}"
+        for k, v in expected.items()
+        if isinstance(state.get(k), torch.Tensor) and state[k].shape != v.shape
+    ]
     parts = []
-    for label, items in (("entries that are not tensors", not_tensors),
-                         ("missing tensors", missing), ("unexpected tensors", unexpected),
-                         ("tensors of another shape (file vs model)", shapes)):
+    for label, items in (
+        ("entries that are not tensors", not_tensors),
+        ("missing tensors", missing),
+        ("unexpected tensors", unexpected),
+        ("tensors of another shape (file vs model)", shapes),
+    ):
         if items:
             shown = ", ".join(items[:3]) + (", ..." if len(items) > 3 else "")
             parts.append(f"{len(items)} {label} ({shown})")

@@ -86,8 +86,11 @@ def _check_types(config: Any) -> None:
         value = getattr(config, f.name)
         problem = _type_problem(hints[f.name], value)
         if problem is not None:
-            raise FieldError(f.name, f"config field {section}.{f.name} must be {problem}, got "
-                              f"{value!r} ({type(value).__name__})")
+            raise FieldError(
+                f.name,
+                f"config field {section}.{f.name} must be {problem}, got "
+                f"{value!r} ({type(value).__name__})",
+            )
 
 
 def _check_choice(name: str, value: Any, choices: tuple) -> None:
@@ -119,7 +122,9 @@ class ModelConfig:
         (1.0, 0.5, 0.25, 0.125),
         "query pyramid bins as fractions of the feature size (Z = 4: 60, 30, 15, 8 at 473 input)",
     )
-    query_fusion: str = _opt("add", "fusion of class prototype and query feature ('A' in A+C)", FUSIONS)
+    query_fusion: str = _opt(
+        "add", "fusion of class prototype and query feature ('A' in A+C)", FUSIONS
+    )
     class_fusion: str = _opt(
         "concat",
         "fusion across the N class features ('C' in A+C); 'binary' = the N-binary-branches "
@@ -135,7 +140,9 @@ class ModelConfig:
     )
     dropout: float = _opt(0.5, "Dropout2d rate after the middle-level feature reduction")
     image_size: int = _opt(473, "square network input size in pixels")
-    mean: tuple[float, ...] = _opt((0.485, 0.456, 0.406), "RGB normalisation mean (inputs in [0, 1])")
+    mean: tuple[float, ...] = _opt(
+        (0.485, 0.456, 0.406), "RGB normalisation mean (inputs in [0, 1])"
+    )
     std: tuple[float, ...] = _opt((0.229, 0.224, 0.225), "RGB normalisation std")
 
     def __post_init__(self) -> None:
@@ -177,9 +184,7 @@ class LossConfig:
         "positive selection: spatial (paper), random, feature (hardest), or off",
         PML_MODES,
     )
-    pml_tau: float = _opt(
-        0.1, "spatial kernel: P(positive) ~ exp(-d / (tau * feature side))"
-    )
+    pml_tau: float = _opt(0.1, "spatial kernel: P(positive) ~ exp(-d / (tau * feature side))")
     pml_start_epoch: int = _opt(5, "epoch (0-based) from which L_PML is switched on")
 
     def __post_init__(self) -> None:
@@ -197,27 +202,56 @@ class LossConfig:
 class DataConfig:
     """Which benchmark and fold, and every protocol option that moves the numbers."""
 
-    dataset: str = _opt("synthetic", "benchmark: synthetic (embedded), pascal (PASCAL-5i), "
-                        "coco (COCO-20i)", DATASETS)
-    data_root: str = _opt("", "pascal: VOCdevkit/VOC2012 (prepared, see docs/pascal.md); "
-                          "coco: the folder holding train2014/, val2014/, annotations/")
+    dataset: str = _opt(
+        "synthetic",
+        "benchmark: synthetic (embedded), pascal (PASCAL-5i), coco (COCO-20i)",
+        DATASETS,
+    )
+    data_root: str = _opt(
+        "",
+        "pascal: VOCdevkit/VOC2012 (prepared, see docs/pascal.md); "
+        "coco: the folder holding train2014/, val2014/, annotations/",
+    )
     fold: int = _opt(0, "fold whose classes are held out as novel (0..3)")
-    fold_split: str = _opt("A", "coco: fold convention A (contiguous, the paper) or B "
-                           "(interleaved, FWB/PFENet/HSNet)", ("A", "B"))
-    test_source: str = _opt("val", "images of the test episodes: val (VOC val / COCO val2014, "
-                            "the standard) or train (PASCAL trainaug / COCO train2014, as PANet)",
-                            ("val", "train"))
-    min_object_pixels: int = _opt(0, "small-object filter: an image counts for a class only if "
-                                  "the class covers this many pixels (PFENet/OSLSM: 2048)")
-    drop_novel_images: bool = _opt(False, "drop training images that contain a novel class "
-                                   "(BAM) instead of labelling it background (PANet/PFENet)")
-    protocol: str = _opt("panet", "episodes: panet (query holds 1..N episode classes, the "
-                         "paper's default) or metaseg (query holds all N; person + a held-out "
-                         "class on PASCAL-5^2)", PROTOCOLS)
-    eval_resolution: str = _opt("network", "score at network resolution or at the original "
-                                "image size (PFENet)", EVAL_RESOLUTIONS)
-    test_resize: str = _opt("pad", "test images: pad (longer side to the input size, aspect "
-                            "kept, PFENet) or stretch (square resize, PANet)", TEST_RESIZES)
+    fold_split: str = _opt(
+        "A",
+        "coco: fold convention A (contiguous, the paper) or B (interleaved, FWB/PFENet/HSNet)",
+        ("A", "B"),
+    )
+    test_source: str = _opt(
+        "val",
+        "images of the test episodes: val (VOC val / COCO val2014, "
+        "the standard) or train (PASCAL trainaug / COCO train2014, as PANet)",
+        ("val", "train"),
+    )
+    min_object_pixels: int = _opt(
+        0,
+        "small-object filter: an image counts for a class only if "
+        "the class covers this many pixels (PFENet/OSLSM: 2048)",
+    )
+    drop_novel_images: bool = _opt(
+        False,
+        "drop training images that contain a novel class "
+        "(BAM) instead of labelling it background (PANet/PFENet)",
+    )
+    protocol: str = _opt(
+        "panet",
+        "episodes: panet (query holds 1..N episode classes, the "
+        "paper's default) or metaseg (query holds all N; person + a held-out "
+        "class on PASCAL-5^2)",
+        PROTOCOLS,
+    )
+    eval_resolution: str = _opt(
+        "network",
+        "score at network resolution or at the original image size (PFENet)",
+        EVAL_RESOLUTIONS,
+    )
+    test_resize: str = _opt(
+        "pad",
+        "test images: pad (longer side to the input size, aspect "
+        "kept, PFENet) or stretch (square resize, PANet)",
+        TEST_RESIZES,
+    )
     data_seed: int = _opt(0, "seed of the training episodes")
     max_distractors: int = _opt(2, "synthetic: most non-episode objects per image")
 
@@ -235,11 +269,15 @@ class DataConfig:
         _check_positive("data_seed", self.data_seed, allow_zero=True)
         _check_positive("min_object_pixels", self.min_object_pixels, allow_zero=True)
         if self.dataset != "synthetic" and not self.data_root:
-            raise ConfigError(f"dataset {self.dataset!r} needs --data-root (see docs/"
-                             f"{self.dataset}.md for the files and the preparation command)")
+            raise ConfigError(
+                f"dataset {self.dataset!r} needs --data-root (see docs/"
+                f"{self.dataset}.md for the files and the preparation command)"
+            )
         if self.dataset == "synthetic" and self.eval_resolution == "original":
-            raise ConfigError("the synthetic benchmark is generated at network resolution: "
-                             "eval_resolution 'original' applies to pascal and coco")
+            raise ConfigError(
+                "the synthetic benchmark is generated at network resolution: "
+                "eval_resolution 'original' applies to pascal and coco"
+            )
 
 
 @dataclass(frozen=True)
@@ -261,8 +299,10 @@ class TrainConfig:
         0, "also write last.pt every N optimiser steps (0 = only at the end of each epoch)"
     )
     amp: str = _opt(
-        "off", "mixed precision: off, bf16 (CPU or CUDA autocast) or fp16 (CUDA only, with a "
-        "GradScaler); the losses are computed in float32", AMP_MODES,
+        "off",
+        "mixed precision: off, bf16 (CPU or CUDA autocast) or fp16 (CUDA only, with a "
+        "GradScaler); the losses are computed in float32",
+        AMP_MODES,
     )
     visuals: int = _opt(
         4, "episodes drawn as a qualitative grid in <out>/visuals/ at each evaluation (0 = none)"
@@ -298,8 +338,11 @@ class EvalConfig:
     eval_episodes: int = _opt(1000, "episodes per run (PASCAL 1000, COCO 10000)")
     eval_seed: int = _opt(1234, "run r uses seed eval_seed + r (PANet convention)")
     eval_shot: int = _opt(0, "K at test time (0 = the training shot)")
-    eval_batch_size: int = _opt(8, "episodes per forward pass (metrics are per episode; only "
-                                   "the speed and memory depend on it)")
+    eval_batch_size: int = _opt(
+        8,
+        "episodes per forward pass (metrics are per episode; only "
+        "the speed and memory depend on it)",
+    )
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -336,10 +379,12 @@ class Config:
             raise ConfigError(f"unknown config sections: {sorted(map(str, unknown_sections))}")
         sections = {}
         for section in dataclasses.fields(cls):
-            section_cls = section.default_factory  # type: ignore[misc]
+            section_cls = _section_class(section)
             if not isinstance(data.get(section.name, {}), dict):
-                raise ConfigError(f"config section {section.name!r} must be a dict, got "
-                                  f"{type(data[section.name]).__name__}")
+                raise ConfigError(
+                    f"config section {section.name!r} must be a dict, got "
+                    f"{type(data[section.name]).__name__}"
+                )
             values = dict(data.get(section.name, {}))
             known = {f.name: f for f in dataclasses.fields(section_cls)}
             unknown = set(values) - set(known)
@@ -372,11 +417,17 @@ def _plain(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
 
+def _section_class(section: dataclasses.Field[Any]) -> type[Any]:
+    """The dataclass of a ``Config`` section: the section field's default factory."""
+    # typed as a callable or MISSING; every Config field is field(default_factory=<section>)
+    return typing.cast("type[Any]", section.default_factory)
+
+
 def _field_owners() -> dict[str, str]:
     """Field name -> section name; field names are unique across sections by design."""
     owners: dict[str, str] = {}
     for section in dataclasses.fields(Config):
-        for f in dataclasses.fields(section.default_factory):  # type: ignore[arg-type]
+        for f in dataclasses.fields(_section_class(section)):
             if f.name in owners:
                 raise AssertionError(f"config field {f.name!r} is declared twice")
             owners[f.name] = section.name
@@ -416,12 +467,36 @@ def _paper_presets() -> dict[str, dict[str, Any]]:
     PASCAL (about one pass over a fold's training list, 4.6k-5.9k images in PFENet's lists) and
     20000 on COCO.
     """
-    paper = dict(backbone="resnet50", weights="imagenet", channels=256, image_size=473,
-                 dropout=0.5, workers=4, eval_runs=5, eval_batch_size=8)
-    pascal = dict(paper, dataset="pascal", lr=0.0025, batch_size=4, epochs=200,
-                  episodes_per_epoch=5000, pml_start_epoch=5, eval_episodes=1000)
-    coco = dict(paper, dataset="coco", lr=0.005, batch_size=8, epochs=50,
-                episodes_per_epoch=20000, pml_start_epoch=1, eval_episodes=10000)
+    paper = dict(
+        backbone="resnet50",
+        weights="imagenet",
+        channels=256,
+        image_size=473,
+        dropout=0.5,
+        workers=4,
+        eval_runs=5,
+        eval_batch_size=8,
+    )
+    pascal = dict(
+        paper,
+        dataset="pascal",
+        lr=0.0025,
+        batch_size=4,
+        epochs=200,
+        episodes_per_epoch=5000,
+        pml_start_epoch=5,
+        eval_episodes=1000,
+    )
+    coco = dict(
+        paper,
+        dataset="coco",
+        lr=0.005,
+        batch_size=8,
+        epochs=50,
+        episodes_per_epoch=20000,
+        pml_start_epoch=1,
+        eval_episodes=10000,
+    )
     presets = {}
     for way, shot in ((1, 1), (1, 5), (2, 1), (2, 5)):  # Tables I and III
         presets[f"pascal-{way}way-{shot}shot"] = dict(pascal, way=way, shot=shot)
@@ -444,9 +519,13 @@ def preset(name: str, **overrides: Any) -> Config:
     return Config().replace(**{**PRESETS[name], **overrides})
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, sections: tuple[str, ...],
-                         exclude: tuple[str, ...] = (), defaults: Config | None = None,
-                         default_text: str | None = None) -> None:
+def add_config_arguments(
+    parser: argparse.ArgumentParser,
+    sections: tuple[str, ...],
+    exclude: tuple[str, ...] = (),
+    defaults: Config | None = None,
+    default_text: str | None = None,
+) -> None:
     """Add one ``--flag`` per field of the named sections (but ``exclude``); the parsed values
     stay None (= not given).
 
@@ -457,7 +536,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, sections: tuple[str, .
     for section in dataclasses.fields(Config):
         if section.name not in sections:
             continue
-        section_cls = section.default_factory  # type: ignore[misc]
+        section_cls = _section_class(section)
         group = parser.add_argument_group(f"{section.name} options", section_cls.__doc__)
         hints = typing.get_type_hints(section_cls)
         values = getattr(defaults, section.name) if defaults is not None else None
@@ -466,8 +545,11 @@ def add_config_arguments(parser: argparse.ArgumentParser, sections: tuple[str, .
                 continue
             flag = "--" + f.name.replace("_", "-")
             kind = hints[f.name]
-            shown = (default_text if default_text is not None
-                     else _plain(getattr(values, f.name) if values is not None else f.default))
+            shown = (
+                default_text
+                if default_text is not None
+                else _plain(getattr(values, f.name) if values is not None else f.default)
+            )
             help_text = f"{f.metadata['help']} (default: {shown})".replace("%", "%%")
             kwargs: dict[str, Any] = dict(default=None, help=help_text, dest=f.name)
             if kind is bool:
@@ -487,12 +569,14 @@ def _field_parser(section_cls: type, name: str, kind: Any) -> Any:
     """argparse ``type=`` for one field: parse with ``kind``, then run the config's own checks
     of that field alone (its ``FieldError``), so ranges fail at parse time with argparse's usage
     message; problems of combinations are left to the config built afterwards."""
+
     def parse(text: str) -> Any:
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(
-                f"expected {getattr(kind, '__name__', 'a value')}, got {text!r}") from None
+                f"expected {getattr(kind, '__name__', 'a value')}, got {text!r}"
+            ) from None
         try:
             section_cls(**{name: value})
         except FieldError as error:
@@ -501,6 +585,7 @@ def _field_parser(section_cls: type, name: str, kind: Any) -> Any:
         except ConfigError:
             pass  # a combination with the defaults of other fields: checked later
         return value
+
     parse.__name__ = getattr(kind, "__name__", "value")
     return parse
 

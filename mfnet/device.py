@@ -21,8 +21,10 @@ def resolve_device(name: str) -> torch.device:
         device = torch.device(name)
     except RuntimeError:
         raise ValueError(
-            f"unknown device {name!r}; use 'auto', 'cpu', 'cuda' or 'cuda:N'") from None
+            f"unknown device {name!r}; use 'auto', 'cpu', 'cuda' or 'cuda:N'"
+        ) from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise DeviceUnavailable(f"device {name!r} was asked for but CUDA is not available; "
-                                "use --device cpu")
+        raise DeviceUnavailable(
+            f"device {name!r} was asked for but CUDA is not available; use --device cpu"
+        )
     return device

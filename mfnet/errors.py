@@ -17,7 +17,11 @@ user's to fix.
 from __future__ import annotations
 
 from mfnet_runtime.boundary import (
-    EXIT_INPUT_ERROR, EXIT_INTERRUPTED, command_boundary, error_line, scrub_unsafe_advice,
+    EXIT_INPUT_ERROR,
+    EXIT_INTERRUPTED,
+    command_boundary,
+    error_line,
+    scrub_unsafe_advice,
 )
 from mfnet_runtime.errors import EngineError, MissingDependencyError, require
 
@@ -31,8 +35,14 @@ DATA_INSTALL = "pip install 'mfnet[data]'"
 
 # What every mfnet command reports as one line with exit code 2.
 MFNET_ERRORS: tuple[type[BaseException], ...] = (
-    CheckpointError, WeightsUnavailableError, DatasetError, EngineError, DeviceUnavailable,
-    MissingDependencyError, ValueError, OSError,
+    CheckpointError,
+    WeightsUnavailableError,
+    DatasetError,
+    EngineError,
+    DeviceUnavailable,
+    MissingDependencyError,
+    ValueError,
+    OSError,
 )
 
 
@@ -50,6 +60,15 @@ def require_export_dependencies(verify: bool = True) -> None:
         require("onnxruntime", "the verification of an ONNX export", EXPORT_INSTALL)
 
 
-__all__ = ["DATA_INSTALL", "EXIT_INPUT_ERROR", "EXIT_INTERRUPTED", "EXPORT_INSTALL",
-           "MFNET_ERRORS", "error_line", "mfnet_command", "require",
-           "require_export_dependencies", "scrub_unsafe_advice"]
+__all__ = [
+    "DATA_INSTALL",
+    "EXIT_INPUT_ERROR",
+    "EXIT_INTERRUPTED",
+    "EXPORT_INSTALL",
+    "MFNET_ERRORS",
+    "error_line",
+    "mfnet_command",
+    "require",
+    "require_export_dependencies",
+    "scrub_unsafe_advice",
+]

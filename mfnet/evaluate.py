@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import torch
+
 from mfnet_runtime import options
 from mfnet_runtime.atomic import atomic_write_bytes
 from mfnet_runtime.console import configure_logging
@@ -24,12 +25,17 @@ from .checkpoint import load_checkpoint, model_from_checkpoint
 from .config import Config, add_config_arguments, overrides_from_args
 from .device import resolve_device
 from .errors import mfnet_command
-from .protocol import (
-    ProtocolResult, fold_table, format_results, protocol_description, run_protocol,
-)
 from .model.baseline import PrototypeBaseline
 from .model.mfnet import MFNet
 from .model.naive import NaiveMultiWay
+from .protocol import (
+    Predictor,
+    ProtocolResult,
+    fold_table,
+    format_results,
+    protocol_description,
+    run_protocol,
+)
 from .threads import add_threads_argument, set_torch_threads
 from .training.distributed import DistContext
 
@@ -38,8 +44,13 @@ FIXED_BY_CHECKPOINT = ("dataset", "fold")
 
 
 def evaluate_model(
-    model: MFNet, config: Config, device: torch.device, baseline: bool = True,
-    progress: bool = True, naive: bool = False, context: DistContext | None = None,
+    model: MFNet,
+    config: Config,
+    device: torch.device,
+    baseline: bool = True,
+    progress: bool = True,
+    naive: bool = False,
+    context: DistContext | None = None,
 ) -> dict[str, ProtocolResult]:
     """Run the protocol for ``model`` (and the baseline on its features) on the same episodes.
 
@@ -48,14 +59,17 @@ def evaluate_model(
     counts summed (every rank must call this; all get the same results).
     """
     model = model.to(device).eval()
-    predictors = {"MFNet 1-way x N" if naive else "MFNet": NaiveMultiWay(model) if naive else model}
+    predictors: dict[str, Predictor] = {
+        "MFNet 1-way x N" if naive else "MFNet": NaiveMultiWay(model) if naive else model
+    }
     if baseline:
         predictors["baseline"] = PrototypeBaseline(model.extract_features)
     return run_protocol(predictors, config, device, progress=progress, context=context)
 
 
-def write_results(path: Path, results: dict[str, ProtocolResult], config: Config,
-                  extra: dict | None = None) -> None:
+def write_results(
+    path: Path, results: dict[str, ProtocolResult], config: Config, extra: dict | None = None
+) -> None:
     """Write the protocol, configuration and per-predictor summaries (+ ``extra``) as JSON,
     atomically."""
     payload = {
@@ -74,35 +88,72 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--checkpoint", required=True, type=options.file_path,
-                        help="checkpoint written by mfnet.train; with --folds, a path containing "
-                             "{fold}, e.g. runs/pascal-2way-1shot/fold{fold}/last.pt")
-    parser.add_argument("--folds", default=None, type=_folds,
-                        help="comma-separated folds, one checkpoint each, e.g. 0,1,2,3")
-    parser.add_argument("--naive-way", type=options.positive_int, default=None, metavar="N",
-                        help="evaluate a 1-way checkpoint on N-way episodes by running it N "
-                             "times (paper Table V)")
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        type=options.file_path,
+        help="checkpoint written by mfnet.train; with --folds, a path containing "
+        "{fold}, e.g. runs/pascal-2way-1shot/fold{fold}/last.pt",
+    )
+    parser.add_argument(
+        "--folds",
+        default=None,
+        type=_folds,
+        help="comma-separated folds, one checkpoint each, e.g. 0,1,2,3",
+    )
+    parser.add_argument(
+        "--naive-way",
+        type=options.positive_int,
+        default=None,
+        metavar="N",
+        help="evaluate a 1-way checkpoint on N-way episodes by running it N times (paper Table V)",
+    )
     parser.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda' or 'cuda:N'")
-    parser.add_argument("--workers", type=options.non_negative_int, default=None,
-                        help="data-loader worker processes (default: the checkpoint's setting)")
-    parser.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
-                        help="also score the training-free prototype baseline on the same episodes")
-    parser.add_argument("--json", type=options.output_file, default=None, help="write the results to this file")
-    parser.add_argument("--table", type=options.output_file, default=None,
-                        help="with --folds: write the table to TABLE.md and TABLE.csv")
-    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
-                        help="show progress bars")
-    parser.add_argument("--save-visuals", type=options.output_directory, default=None, metavar="DIR",
-                        help="also draw the first --num-visuals episodes of run 0 (supports, "
-                             "query, ground truth, prediction) to DIR/fold{fold}.png")
-    parser.add_argument("--num-visuals", type=options.positive_int, default=4,
-                        help="episodes drawn (default 4)")
-    parser.add_argument("--print-config", action="store_true",
-                        help="print the resolved configuration (the checkpoint's, with the "
-                             "options given here) as JSON and exit")
+    parser.add_argument(
+        "--workers",
+        type=options.non_negative_int,
+        default=None,
+        help="data-loader worker processes (default: the checkpoint's setting)",
+    )
+    parser.add_argument(
+        "--baseline",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also score the training-free prototype baseline on the same episodes",
+    )
+    parser.add_argument(
+        "--json", type=options.output_file, default=None, help="write the results to this file"
+    )
+    parser.add_argument(
+        "--table",
+        type=options.output_file,
+        default=None,
+        help="with --folds: write the table to TABLE.md and TABLE.csv",
+    )
+    parser.add_argument(
+        "--progress", action=argparse.BooleanOptionalAction, default=True, help="show progress bars"
+    )
+    parser.add_argument(
+        "--save-visuals",
+        type=options.output_directory,
+        default=None,
+        metavar="DIR",
+        help="also draw the first --num-visuals episodes of run 0 (supports, "
+        "query, ground truth, prediction) to DIR/fold{fold}.png",
+    )
+    parser.add_argument(
+        "--num-visuals", type=options.positive_int, default=4, help="episodes drawn (default 4)"
+    )
+    parser.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved configuration (the checkpoint's, with the "
+        "options given here) as JSON and exit",
+    )
     add_threads_argument(parser)
-    add_config_arguments(parser, ("eval", "data"), exclude=FIXED_BY_CHECKPOINT,
-                         default_text="the checkpoint's")
+    add_config_arguments(
+        parser, ("eval", "data"), exclude=FIXED_BY_CHECKPOINT, default_text="the checkpoint's"
+    )
     return parser
 
 
@@ -117,18 +168,32 @@ def _resolved_config(path: str, args: argparse.Namespace) -> Config:
     return config.replace(**overrides)
 
 
-def _evaluate_checkpoint(path: str, args: argparse.Namespace, device: torch.device
-                         ) -> tuple[dict[str, ProtocolResult], Config]:
+def _evaluate_checkpoint(
+    path: str, args: argparse.Namespace, device: torch.device
+) -> tuple[dict[str, ProtocolResult], Config]:
     """Evaluate one checkpoint and print its results (and draw its visuals on request)."""
     model, _ = model_from_checkpoint(path, map_location=device)
     config = _resolved_config(path, args)
-    results = evaluate_model(model, config, device, baseline=args.baseline,
-                             progress=args.progress, naive=args.naive_way is not None)
+    results = evaluate_model(
+        model,
+        config,
+        device,
+        baseline=args.baseline,
+        progress=args.progress,
+        naive=args.naive_way is not None,
+    )
     print(format_results(results, protocol_description(config)))
     if args.save_visuals is not None and args.naive_way is None:
         from .visualize import save_visuals
-        paths = save_visuals(model, config, device, args.save_visuals, args.num_visuals,
-                             name=f"fold{config.data.fold}")
+
+        paths = save_visuals(
+            model,
+            config,
+            device,
+            args.save_visuals,
+            args.num_visuals,
+            name=f"fold{config.data.fold}",
+        )
         print(f"qualitative results: {', '.join(map(str, paths))}")
     return results, config
 
@@ -180,9 +245,14 @@ def main(argv: list[str] | None = None) -> int:
         atomic_write_bytes(args.table.with_suffix(".csv"), csv.encode())
         print(f"table written to {args.table.with_suffix('.md')} and .csv")
     if args.json is not None:
-        atomic_write_bytes(args.json, json.dumps(
-            {str(f): {n: r.summary() for n, r in res.items()} for f, res in per_fold.items()},
-            indent=2, default=str).encode())
+        atomic_write_bytes(
+            args.json,
+            json.dumps(
+                {str(f): {n: r.summary() for n, r in res.items()} for f, res in per_fold.items()},
+                indent=2,
+                default=str,
+            ).encode(),
+        )
     return 0
 
 

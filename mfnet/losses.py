@@ -39,7 +39,7 @@ Pixel-wise triplet loss, ``pixel_triplet_loss`` (Eq. (6), Sec. III-D):
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F

@@ -30,7 +30,7 @@ Decisions:
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -123,17 +123,24 @@ class FewShotMeter:
         """The raw counts (int64 copies): ``star``, ``panet`` [3, K] and ``fb`` [3, 2], rows
         TP, FP, FN. Counts add over episodes, so the sum of several meters' states is the state
         of one meter that saw all their episodes (used to reduce a sharded evaluation)."""
-        return {"star": self._counts_star.clone(), "panet": self._counts_panet.clone(),
-                "fb": self._counts_fb.clone()}
+        return {
+            "star": self._counts_star.clone(),
+            "panet": self._counts_panet.clone(),
+            "fb": self._counts_fb.clone(),
+        }
 
     def merge(self, counts: dict[str, torch.Tensor]) -> None:
         """Add raw counts exported by ``state()`` of a meter over the same ``class_ids``."""
-        for name, mine in (("star", self._counts_star), ("panet", self._counts_panet),
-                           ("fb", self._counts_fb)):
+        for name, mine in (
+            ("star", self._counts_star),
+            ("panet", self._counts_panet),
+            ("fb", self._counts_fb),
+        ):
             other = counts[name]
             if tuple(other.shape) != tuple(mine.shape):
-                raise ValueError(f"{name} counts have shape {tuple(other.shape)}, "
-                                 f"expected {tuple(mine.shape)}")
+                raise ValueError(
+                    f"{name} counts have shape {tuple(other.shape)}, expected {tuple(mine.shape)}"
+                )
             mine += other.to("cpu", torch.int64)
 
     def compute(self) -> dict:
@@ -151,8 +158,8 @@ class FewShotMeter:
             "miou_star": _nanmean(per_star),
             "miou": _nanmean(per_panet),
             "fbiou": _nanmean(fb),
-            "per_class_star": dict(zip(self.class_ids, per_star)),
-            "per_class": dict(zip(self.class_ids, per_panet)),
+            "per_class_star": dict(zip(self.class_ids, per_star, strict=True)),
+            "per_class": dict(zip(self.class_ids, per_panet, strict=True)),
         }
 
     def _check_episode_classes(self, episode_classes: Sequence[int] | torch.Tensor) -> list[int]:
@@ -214,7 +221,9 @@ def _check_label_maps(
 def _iou(counts: torch.Tensor) -> list[float]:
     """IoU per column of a [3, K] (TP, FP, FN) count tensor; NaN where the denominator is 0."""
     tp, fp, fn = counts.tolist()
-    return [t / (t + p + n) if t + p + n > 0 else math.nan for t, p, n in zip(tp, fp, fn)]
+    return [
+        t / (t + p + n) if t + p + n > 0 else math.nan for t, p, n in zip(tp, fp, fn, strict=True)
+    ]
 
 
 def _nanmean(values: Sequence[float]) -> float:

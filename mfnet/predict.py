@@ -21,11 +21,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from PIL import Image
+
 from mfnet_runtime import options
 from mfnet_runtime.images import fit
 from mfnet_runtime.pipeline import add_io_arguments, run_and_report
 from mfnet_runtime.spec import load_support_spec
-from PIL import Image
 
 from .checkpoint import model_from_checkpoint
 from .data.transforms import check_pair
@@ -64,15 +65,18 @@ class TorchSegmenter:
         fitted_mask, _ = fit(mask, self.input_size, self.resize, Image.Resampling.NEAREST)
         return fitted, fitted_mask
 
-    def encode_support(self, classes: Mapping[str, Sequence[tuple[np.ndarray, np.ndarray]]]
-                       ) -> TorchSupportSet:
+    def encode_support(
+        self, classes: Mapping[str, Sequence[tuple[np.ndarray, np.ndarray]]]
+    ) -> TorchSupportSet:
         """``{name: [(image uint8 [H, W, 3] RGB, mask uint8 [H, W] 1/0/255), ...]}`` in class
         order -> prototypes. Classes may have different shot counts: each class is pooled and
         aggregated on its own (A_S relates the shots of one class only)."""
         if len(classes) != self.way:
-            raise ValueError(f"the checkpoint is {self.way}-way but the support set has "
-                             f"{len(classes)} classes ({', '.join(classes)}); give exactly "
-                             f"{self.way}")
+            raise ValueError(
+                f"the checkpoint is {self.way}-way but the support set has "
+                f"{len(classes)} classes ({', '.join(classes)}); give exactly "
+                f"{self.way}"
+            )
         prototypes = []
         with torch.inference_mode():
             for name, shots in classes.items():
@@ -99,8 +103,9 @@ class TorchSegmenter:
         with torch.inference_mode():
             return self._logits(batch, support).argmax(dim=1).to(torch.uint8).cpu().numpy()
 
-    def decode_with_probabilities(self, batch: np.ndarray, support: TorchSupportSet
-                                  ) -> tuple[np.ndarray, np.ndarray]:
+    def decode_with_probabilities(
+        self, batch: np.ndarray, support: TorchSupportSet
+    ) -> tuple[np.ndarray, np.ndarray]:
         """-> (labels uint8 [B, S, S], softmax probabilities float32 [B, N+1, S, S])."""
         with torch.inference_mode():
             logits = self._logits(batch, support)
@@ -111,14 +116,25 @@ class TorchSegmenter:
 def build_parser() -> argparse.ArgumentParser:
     """The parser of ``python -m mfnet.predict``: the checkpoint, the SPEC, the runtime's
     input/output options and the device."""
-    parser = argparse.ArgumentParser(prog="python -m mfnet.predict", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, type=options.file_path,
-                        help="checkpoint written by mfnet.train")
-    parser.add_argument("--support", required=True, metavar="SPEC",
-                        help="support set: a folder with one sub-folder of images and "
-                             "<image>.mask.png masks per class, or a JSON file "
-                             "(docs/support_spec.md); as many classes as the checkpoint's way")
+    parser = argparse.ArgumentParser(
+        prog="python -m mfnet.predict",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        type=options.file_path,
+        help="checkpoint written by mfnet.train",
+    )
+    parser.add_argument(
+        "--support",
+        required=True,
+        metavar="SPEC",
+        help="support set: a folder with one sub-folder of images and "
+        "<image>.mask.png masks per class, or a JSON file "
+        "(docs/support_spec.md); as many classes as the checkpoint's way",
+    )
     add_io_arguments(parser)
     parser.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda' or 'cuda:N'")
     return parser
@@ -133,8 +149,10 @@ def main(argv: list[str] | None = None) -> int:
     model, config = model_from_checkpoint(args.checkpoint, map_location=device)
     segmenter = TorchSegmenter(model, config.data.test_resize, device)
     support = segmenter.encode_support(load_support_spec(args.support))
-    print(f"support: {len(support.class_names)} classes ({', '.join(support.class_names)}) "
-          f"from {args.support}")
+    print(
+        f"support: {len(support.class_names)} classes ({', '.join(support.class_names)}) "
+        f"from {args.support}"
+    )
     return run_and_report(segmenter, support, args, f"pytorch ({device})")
 
 

@@ -19,8 +19,15 @@ class ProgressLines:
     """tqdm's ``__iter__`` / ``set_postfix`` / ``close`` as plain lines, e.g.
     ``epoch 1/3: 6/12 (50%), loss=0.2881, lr=1.90e-02``; writes nothing when not ``enabled``."""
 
-    def __init__(self, iterable: Iterable, total: int, description: str, initial: int = 0,
-                 enabled: bool = True, stream: TextIO | None = None) -> None:
+    def __init__(
+        self,
+        iterable: Iterable,
+        total: int,
+        description: str,
+        initial: int = 0,
+        enabled: bool = True,
+        stream: TextIO | None = None,
+    ) -> None:
         self.iterable, self.total, self.description = iterable, total, description
         self.enabled, self.stream = enabled, stream or sys.stderr
         self.count = self._written = initial
@@ -60,9 +67,17 @@ class ProgressLines:
             self._write()
 
 
-def progress_bar(iterable: Iterable, description: str, *, total: int | None = None,
-             unit: str = "it", initial: int = 0, enabled: bool = True, leave: bool = True,
-             stream: TextIO | None = None) -> tqdm | ProgressLines:
+def progress_bar(
+    iterable: Iterable,
+    description: str,
+    *,
+    total: int | None = None,
+    unit: str = "it",
+    initial: int = 0,
+    enabled: bool = True,
+    leave: bool = True,
+    stream: TextIO | None = None,
+) -> tqdm | ProgressLines:
     """``iterable`` wrapped to show its progress on ``stream`` (default stderr): a tqdm bar on a
     terminal, ``ProgressLines`` elsewhere. ``total`` defaults to ``len(iterable)``; ``initial``
     items were done before (a resumed epoch); ``unit`` and ``leave`` apply to the bar."""
@@ -70,7 +85,16 @@ def progress_bar(iterable: Iterable, description: str, *, total: int | None = No
     total = len(iterable) if total is None else total  # type: ignore[arg-type]
     isatty = getattr(stream, "isatty", None)
     if enabled and isatty is not None and isatty():
-        return tqdm(iterable, desc=description, total=total, initial=initial, unit=unit,
-                    leave=leave, file=stream, dynamic_ncols=True)
-    return ProgressLines(iterable, total, description, initial=initial, enabled=enabled,
-                         stream=stream)
+        return tqdm(
+            iterable,
+            desc=description,
+            total=total,
+            initial=initial,
+            unit=unit,
+            leave=leave,
+            file=stream,
+            dynamic_ncols=True,
+        )
+    return ProgressLines(
+        iterable, total, description, initial=initial, enabled=enabled, stream=stream
+    )

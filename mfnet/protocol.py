@@ -8,15 +8,15 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset, default_collate
 
 from .config import Config
-from .data.benchmarks import build_episodes, describe, novel_class_ids
+from .data.datasets import build_episodes, describe, novel_class_ids
 from .metrics import FewShotMeter
 from .progress import progress_bar
 from .training.distributed import DistContext, all_reduce_sum, shard_indices
@@ -82,20 +82,35 @@ def run_protocol(
     class_ids = novel_class_ids(config)
     results: dict[str, list[dict]] = {name: [] for name in predictors}
     for run in range(ev.eval_runs):
-        episodes = build_episodes(config, "test", shot, ev.eval_episodes, ev.eval_seed + run)
+        run_episodes = build_episodes(config, "test", shot, ev.eval_episodes, ev.eval_seed + run)
+        episodes: Dataset = run_episodes
         if context.enabled:
-            episodes = Subset(episodes, shard_indices(len(episodes), context.rank,
-                                                      context.world_size))
-        meters = _score_run(predictors, episodes, config, device, class_ids,
-                            f"eval run {run + 1}/{ev.eval_runs}", progress and context.is_main)
+            episodes = Subset(
+                run_episodes, shard_indices(len(run_episodes), context.rank, context.world_size)
+            )
+        meters = _score_run(
+            predictors,
+            episodes,
+            config,
+            device,
+            class_ids,
+            f"eval run {run + 1}/{ev.eval_runs}",
+            progress and context.is_main,
+        )
         for name, meter in meters.items():
             results[name].append(_run_metrics(meter, class_ids, context, device))
     return {name: ProtocolResult(tuple(runs)) for name, runs in results.items()}
 
 
-def _score_run(predictors: dict[str, Predictor], episodes: Dataset, config: Config,
-               device: torch.device, class_ids: tuple[int, ...], description: str,
-               progress: bool) -> dict[str, FewShotMeter]:
+def _score_run(
+    predictors: dict[str, Predictor],
+    episodes: Dataset,
+    config: Config,
+    device: torch.device,
+    class_ids: tuple[int, ...],
+    description: str,
+    progress: bool,
+) -> dict[str, FewShotMeter]:
     """Every predictor's per-class counts over the episodes of one run."""
     loader = DataLoader(
         episodes,
@@ -112,8 +127,12 @@ def _score_run(predictors: dict[str, Predictor], episodes: Dataset, config: Conf
     return meters
 
 
-def _score_batch(predictors: dict[str, Predictor], batch: dict,
-                 meters: dict[str, FewShotMeter], device: torch.device) -> None:
+def _score_batch(
+    predictors: dict[str, Predictor],
+    batch: dict,
+    meters: dict[str, FewShotMeter],
+    device: torch.device,
+) -> None:
     """Add each predictor's predictions on ``batch`` to its meter, episode by episode (the
     episode classes differ per episode)."""
     images = batch["support_images"].to(device)
@@ -126,8 +145,9 @@ def _score_batch(predictors: dict[str, Predictor], batch: dict,
             meters[name].update(pred, target, batch["episode_classes"][b])
 
 
-def _run_metrics(meter: FewShotMeter, class_ids: tuple[int, ...], context: DistContext,
-                 device: torch.device) -> dict:
+def _run_metrics(
+    meter: FewShotMeter, class_ids: tuple[int, ...], context: DistContext, device: torch.device
+) -> dict:
     """The metrics of one run (``FewShotMeter.compute()``); under data parallelism of the
     counts summed over all ranks."""
     if not context.enabled:
@@ -144,8 +164,9 @@ def _reduce_device(device: torch.device) -> torch.device:
 
 def collate_episodes(items: list[dict[str, torch.Tensor]]) -> dict:
     """Default collate, except ``query_label_original`` (sizes differ), kept as a list."""
-    originals = [item.pop("query_label_original") for item in items
-                 if "query_label_original" in item]
+    originals = [
+        item.pop("query_label_original") for item in items if "query_label_original" in item
+    ]
     batch = default_collate(items)
     if originals:
         batch["query_label_original"] = originals
@@ -164,8 +185,7 @@ def score_maps(logits: torch.Tensor, batch: dict, b: int) -> tuple[torch.Tensor,
     target = batch["query_label_original"][b]  # [H0, W0]
     h, w = (int(v) for v in batch["query_content"][b])
     content = logits[None, :, :h, :w]  # [1, N+1, h, w]
-    resized = F.interpolate(content, size=tuple(target.shape), mode="bilinear",
-                            align_corners=True)
+    resized = F.interpolate(content, size=tuple(target.shape), mode="bilinear", align_corners=True)
     return resized[0].argmax(dim=0), target
 
 
@@ -213,9 +233,16 @@ def fold_table(per_fold: dict[int, dict[str, ProtocolResult]]) -> tuple[str, str
         for fold in folds:
             result = per_fold[fold][method]
             cells.append(f"{100 * result.mean('miou_star'):.1f}/{100 * result.mean('miou'):.1f}")
-            csv.append(",".join([method, str(fold)] + [
-                f"{100 * getattr(result, stat)(m):.2f}" for m in METRICS for stat in ("mean", "std")
-            ]))
+            csv.append(
+                ",".join(
+                    [method, str(fold)]
+                    + [
+                        f"{100 * getattr(result, stat)(m):.2f}"
+                        for m in METRICS
+                        for stat in ("mean", "std")
+                    ]
+                )
+            )
         star = statistics.fmean(per_fold[f][method].mean("miou_star") for f in folds)
         panet = statistics.fmean(per_fold[f][method].mean("miou") for f in folds)
         cells.append(f"{100 * star:.1f}/{100 * panet:.1f}")

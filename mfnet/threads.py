@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 
 import torch
+
 from mfnet_runtime.threads import ThreadPolicy, add_threads_argument, available_cores, thread_policy
 
 __all__ = ["add_threads_argument", "set_torch_threads"]

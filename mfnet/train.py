@@ -30,21 +30,25 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+
 from mfnet_runtime import options
 from mfnet_runtime.console import configure_logging
 
 from .config import PRESETS, Config, add_config_arguments, overrides_from_args, preset
 from .device import resolve_device
-from .evaluate import evaluate_model, write_results
 from .errors import mfnet_command
-from .protocol import ProtocolResult, format_results, protocol_description
+from .evaluate import evaluate_model, write_results
 from .model.mfnet import MFNet
+from .protocol import ProtocolResult, format_results, protocol_description
 from .threads import add_threads_argument, set_torch_threads
 from .training.distributed import DistContext, init_distributed
 from .training.logs import write_eval_scalars
 from .training.loop import TrainingInterrupted, train
 from .training.resume import (
-    CHANGEABLE_ON_RESUME, ResumeError, check_new_run_folder, resume_config,
+    CHANGEABLE_ON_RESUME,
+    ResumeError,
+    check_new_run_folder,
+    resume_config,
 )
 
 SECTIONS = ("model", "loss", "data", "train", "eval")
@@ -77,26 +81,53 @@ def build_parser(preset_name: str = DEFAULT_PRESET) -> argparse.ArgumentParser:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--preset", default=None, choices=sorted(PRESETS),
-                        help="named configuration the options below override (default: "
-                             f"{DEFAULT_PRESET}; the defaults shown below are {preset_name}'s)")
-    parser.add_argument("--resume", default=None, metavar="CKPT", type=options.file_path,
-                        help="continue the run of this checkpoint, into its own folder, with "
-                             "its configuration; only " + ", ".join(
-                                 "--" + n.replace("_", "-") for n in sorted(CHANGEABLE_ON_RESUME))
-                             + " may be given to change them")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="let a new run replace the checkpoint already in --out")
-    parser.add_argument("--print-config", action="store_true",
-                        help="print the resolved configuration as JSON and exit")
-    parser.add_argument("--evaluate", action=argparse.BooleanOptionalAction, default=True,
-                        help="evaluate on the novel classes after training (default: on)")
-    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
-                        help="show progress bars (default: on)")
+    parser.add_argument(
+        "--preset",
+        default=None,
+        choices=sorted(PRESETS),
+        help="named configuration the options below override (default: "
+        f"{DEFAULT_PRESET}; the defaults shown below are {preset_name}'s)",
+    )
+    parser.add_argument(
+        "--resume",
+        default=None,
+        metavar="CKPT",
+        type=options.file_path,
+        help="continue the run of this checkpoint, into its own folder, with "
+        "its configuration; only "
+        + ", ".join("--" + n.replace("_", "-") for n in sorted(CHANGEABLE_ON_RESUME))
+        + " may be given to change them",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="let a new run replace the checkpoint already in --out",
+    )
+    parser.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved configuration as JSON and exit",
+    )
+    parser.add_argument(
+        "--evaluate",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="evaluate on the novel classes after training (default: on)",
+    )
+    parser.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="show progress bars (default: on)",
+    )
     add_threads_argument(parser)
     defaults = _help_defaults(preset_name)
-    add_config_arguments(parser, SECTIONS, defaults=defaults,
-                         default_text=None if defaults is not None else f"preset {preset_name}")
+    add_config_arguments(
+        parser,
+        SECTIONS,
+        defaults=defaults,
+        default_text=None if defaults is not None else f"preset {preset_name}",
+    )
     return parser
 
 
@@ -114,11 +145,14 @@ def resolve_config(args: argparse.Namespace) -> Config:
     overrides = overrides_from_args(args, SECTIONS)
     if args.resume is not None:
         if args.preset is not None:
-            raise ResumeError("--preset does not apply with --resume: the configuration comes "
-                              "from the checkpoint")
+            raise ResumeError(
+                "--preset does not apply with --resume: the configuration comes from the checkpoint"
+            )
         if args.overwrite:
-            raise ResumeError("--overwrite does not apply with --resume: a resumed run "
-                              "continues its own checkpoint")
+            raise ResumeError(
+                "--overwrite does not apply with --resume: a resumed run "
+                "continues its own checkpoint"
+            )
         return resume_config(args.resume, overrides)
     config = new_run_config(args.preset or DEFAULT_PRESET, overrides)
     if not args.print_config:
@@ -154,8 +188,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace, config: Config, context: DistContext, started: float) -> int:
     """Train, then (with --evaluate) evaluate the model; rank 0 reports and writes the results."""
-    model, checkpoint = train(config, resume=args.resume, progress=args.progress,
-                              context=context)
+    model, checkpoint = train(config, resume=args.resume, progress=args.progress, context=context)
     if context.is_main:
         print(f"checkpoint: {checkpoint}")
     if args.evaluate:
@@ -168,25 +201,38 @@ def _run(args: argparse.Namespace, config: Config, context: DistContext, started
     return 0
 
 
-def _report(model: MFNet, config: Config, device: torch.device,
-            results: dict[str, ProtocolResult], checkpoint: Path, world_size: int,
-            started: float) -> None:
+def _report(
+    model: MFNet,
+    config: Config,
+    device: torch.device,
+    results: dict[str, ProtocolResult],
+    checkpoint: Path,
+    world_size: int,
+    started: float,
+) -> None:
     """The final evaluation's table, TensorBoard scalars, qualitative grids (``--visuals``) and
     ``results.json`` beside the checkpoint (with the wall time since ``started``)."""
     print(format_results(results, protocol_description(config)))
     out = Path(config.train.out)
-    steps = config.train.epochs * (config.train.episodes_per_epoch
-                                   // (config.train.batch_size * world_size))
+    steps = config.train.epochs * (
+        config.train.episodes_per_epoch // (config.train.batch_size * world_size)
+    )
     write_eval_scalars(out, steps, results)
     if config.train.visuals:
         from .visualize import save_visuals
-        paths = save_visuals(model, config, device, out / "visuals", config.train.visuals,
-                             name=f"step{steps}")
+
+        paths = save_visuals(
+            model, config, device, out / "visuals", config.train.visuals, name=f"step{steps}"
+        )
         print(f"qualitative results: {', '.join(map(str, paths))}")
     wall = time.perf_counter() - started
     results_path = checkpoint.parent / "results.json"
-    write_results(results_path, results, config,
-                  {"checkpoint": str(checkpoint), "wall_time_s": wall, "world_size": world_size})
+    write_results(
+        results_path,
+        results,
+        config,
+        {"checkpoint": str(checkpoint), "wall_time_s": wall, "world_size": world_size},
+    )
     print(f"results written to {results_path}")
 
 

@@ -14,13 +14,21 @@ from pathlib import Path
 import torch
 
 from .config import Config
-from .data.benchmarks import build_episodes
+from .data.datasets import build_episodes
 from .metrics import IGNORE_INDEX
 from .model.mfnet import MFNet
 
 # RGB per episode label 1..N (background is black, ignore grey): tab10-like, distinguishable.
-PALETTE = ((0.89, 0.10, 0.11), (0.22, 0.49, 0.72), (0.30, 0.69, 0.29), (0.60, 0.31, 0.64),
-           (1.00, 0.50, 0.00), (1.00, 1.00, 0.20), (0.65, 0.34, 0.16), (0.97, 0.51, 0.75))
+PALETTE = (
+    (0.89, 0.10, 0.11),
+    (0.22, 0.49, 0.72),
+    (0.30, 0.69, 0.29),
+    (0.60, 0.31, 0.64),
+    (1.00, 0.50, 0.00),
+    (1.00, 1.00, 0.20),
+    (0.65, 0.34, 0.16),
+    (0.97, 0.51, 0.75),
+)
 IGNORE_COLOUR = (0.5, 0.5, 0.5)
 
 
@@ -40,8 +48,7 @@ def overlay(image: torch.Tensor, label: torch.Tensor, alpha: float = 0.5) -> tor
     return torch.where(tint, (1 - alpha) * picture + alpha * label_to_rgb(label), picture)
 
 
-def predict_episodes(model: MFNet, config: Config, device: torch.device,
-                     count: int) -> list[dict]:
+def predict_episodes(model: MFNet, config: Config, device: torch.device, count: int) -> list[dict]:
     """The first ``count`` episodes of evaluation run 0 with the model's prediction
     (``prediction`` [H, W], at network resolution)."""
     shot = config.eval.eval_shot or config.model.shot
@@ -51,9 +58,11 @@ def predict_episodes(model: MFNet, config: Config, device: torch.device,
     with torch.no_grad():
         for index in range(min(count, len(episodes))):
             item = dict(episodes[index])
-            logits = model(item["support_images"][None].to(device),
-                           item["support_masks"][None].to(device),
-                           item["query_image"][None].to(device))  # [1, N+1, H, W]
+            logits = model(
+                item["support_images"][None].to(device),
+                item["support_masks"][None].to(device),
+                item["query_image"][None].to(device),
+            )  # [1, N+1, H, W]
             item["prediction"] = logits[0].float().argmax(dim=0).cpu()
             items.append(item)
     return items
@@ -62,14 +71,16 @@ def predict_episodes(model: MFNet, config: Config, device: torch.device,
 def draw_grid(items: list[dict], path: str | Path, title: str = "") -> Path:
     """Write the Fig. 4-style grid of ``items`` (episodes with ``prediction``) to ``path``."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
 
     way, shot = items[0]["support_masks"].shape[:2]
     columns = way * shot + 3
-    figure, axes = plt.subplots(len(items), columns, figsize=(1.8 * columns, 1.9 * len(items)),
-                                squeeze=False)
+    figure, axes = plt.subplots(
+        len(items), columns, figsize=(1.8 * columns, 1.9 * len(items)), squeeze=False
+    )
     for row, item in enumerate(items):
         classes = [int(c) for c in item["episode_classes"]]
         pictures = []
@@ -78,12 +89,18 @@ def draw_grid(items: list[dict], path: str | Path, title: str = "") -> Path:
                 mask = item["support_masks"][n, k].long()
                 label = torch.where(mask == 1, torch.full_like(mask, n + 1), mask)
                 label = torch.where(mask == IGNORE_INDEX, torch.zeros_like(mask), label)
-                pictures.append((f"support, class {n + 1}" + (f" #{k + 1}" if shot > 1 else ""),
-                                 overlay(item["support_images"][n, k], label)))
+                pictures.append(
+                    (
+                        f"support, class {n + 1}" + (f" #{k + 1}" if shot > 1 else ""),
+                        overlay(item["support_images"][n, k], label),
+                    )
+                )
         query = item["query_image"].permute(1, 2, 0).clamp(0, 1)
-        pictures += [("query", query), ("ground truth", overlay(item["query_image"],
-                                                               item["query_label"], 0.7)),
-                     ("prediction", overlay(item["query_image"], item["prediction"], 0.7))]
+        pictures += [
+            ("query", query),
+            ("ground truth", overlay(item["query_image"], item["query_label"], 0.7)),
+            ("prediction", overlay(item["query_image"], item["prediction"], 0.7)),
+        ]
         for column, (name, picture) in enumerate(pictures):
             axis = axes[row][column]
             axis.imshow(picture.numpy())
@@ -91,10 +108,16 @@ def draw_grid(items: list[dict], path: str | Path, title: str = "") -> Path:
             axis.set_yticks([])
             if row == 0:
                 axis.set_title(name, fontsize=8)
-        handles = [Patch(color=PALETTE[j], label=f"{j + 1}: class id {c}")
-                   for j, c in enumerate(classes)]
-        axes[row][-1].legend(handles=handles, fontsize=6, loc="center left",
-                             bbox_to_anchor=(1.02, 0.5), frameon=False)
+        handles = [
+            Patch(color=PALETTE[j], label=f"{j + 1}: class id {c}") for j, c in enumerate(classes)
+        ]
+        axes[row][-1].legend(
+            handles=handles,
+            fontsize=6,
+            loc="center left",
+            bbox_to_anchor=(1.02, 0.5),
+            frameon=False,
+        )
     if title:
         figure.suptitle(title, fontsize=9)
     figure.tight_layout()
@@ -105,13 +128,21 @@ def draw_grid(items: list[dict], path: str | Path, title: str = "") -> Path:
     return path
 
 
-def save_visuals(model: MFNet, config: Config, device: torch.device, out_dir: str | Path,
-                 count: int, name: str = "episodes") -> list[Path]:
+def save_visuals(
+    model: MFNet,
+    config: Config,
+    device: torch.device,
+    out_dir: str | Path,
+    count: int,
+    name: str = "episodes",
+) -> list[Path]:
     """Predict the first ``count`` episodes of run 0 and write their grid to
     ``out_dir/NAME.png``; returns the written paths."""
     items = predict_episodes(model, config, device, count)
     if not items:
         return []
-    title = f"{config.data.dataset} fold {config.data.fold}, {config.model.way}-way " \
-            f"{config.eval.eval_shot or config.model.shot}-shot, episodes 0..{len(items) - 1}"
+    title = (
+        f"{config.data.dataset} fold {config.data.fold}, {config.model.way}-way "
+        f"{config.eval.eval_shot or config.model.shot}-shot, episodes 0..{len(items) - 1}"
+    )
     return [draw_grid(items, Path(out_dir) / f"{name}.png", title)]

@@ -29,8 +29,17 @@ def tiny_config(tmp_path) -> Config:
     """The synthetic-cpu preset shrunk to run in about a second (PML on from the first epoch), on
     the CPU even where a GPU exists."""
     return preset("synthetic-cpu").replace(
-        device="cpu", image_size=48, channels=16, epochs=1, episodes_per_epoch=16, batch_size=4, workers=0,
-        pml_start_epoch=0, eval_runs=2, eval_episodes=6, eval_batch_size=3,
+        device="cpu",
+        image_size=48,
+        channels=16,
+        epochs=1,
+        episodes_per_epoch=16,
+        batch_size=4,
+        workers=0,
+        pml_start_epoch=0,
+        eval_runs=2,
+        eval_episodes=6,
+        eval_batch_size=3,
         out=str(tmp_path / "run"),
     )
 

@@ -50,11 +50,14 @@ INSUFFICIENT_DRIVER = 35
 ILLEGAL_ADDRESS = 700
 CAPTURE_INVALIDATED = 901
 CAPTURE_UNSUPPORTED = 900
-ERROR_NAMES = {SUCCESS: "cudaSuccess", INVALID_VALUE: "cudaErrorInvalidValue",
-               INSUFFICIENT_DRIVER: "cudaErrorInsufficientDriver",
-               ILLEGAL_ADDRESS: "cudaErrorIllegalAddress",
-               CAPTURE_UNSUPPORTED: "cudaErrorStreamCaptureUnsupported",
-               CAPTURE_INVALIDATED: "cudaErrorStreamCaptureInvalidated"}
+ERROR_NAMES = {
+    SUCCESS: "cudaSuccess",
+    INVALID_VALUE: "cudaErrorInvalidValue",
+    INSUFFICIENT_DRIVER: "cudaErrorInsufficientDriver",
+    ILLEGAL_ADDRESS: "cudaErrorIllegalAddress",
+    CAPTURE_UNSUPPORTED: "cudaErrorStreamCaptureUnsupported",
+    CAPTURE_INVALIDATED: "cudaErrorStreamCaptureInvalidated",
+}
 DEVICE_BASE = 0x0DEF_0000_0000_0000  # non-canonical on x86-64: no host mapping can be there
 ALIGNMENT = 256  # cudaMalloc's alignment; TensorRT requires it of I/O addresses
 
@@ -155,7 +158,7 @@ class Device:
         address = int(pointer)
         for base, block in self.blocks.items():
             if base <= address and address + nbytes <= base + len(block):
-                return memoryview(block)[address - base:address - base + nbytes]
+                return memoryview(block)[address - base : address - base + nbytes]
         raise FakeCudaError(ILLEGAL_ADDRESS, f"{address:#x} (+{nbytes}) is not device memory")
 
     def malloc_host(self, nbytes: int) -> int:
@@ -173,8 +176,9 @@ class Device:
         return memoryview((ctypes.c_uint8 * nbytes).from_address(int(pointer))).cast("B")
 
     def is_pinned(self, pointer: int) -> bool:
-        return any(base <= pointer < base + ctypes.sizeof(block)
-                   for base, block in self.pinned.items())
+        return any(
+            base <= pointer < base + ctypes.sizeof(block) for base, block in self.pinned.items()
+        )
 
     # ------------------------------------------------------------------------------ streams
     def create_stream(self, flags: int) -> Stream:
@@ -268,11 +272,11 @@ class Device:
 
                 def work() -> None:
                     target[:] = self.view(src, nbytes)
+
                 return self.enqueue(stream, work)
             if kind == FakeCudart.cudaMemcpyKind.cudaMemcpyDeviceToDevice:
                 self.view(dst, nbytes), self.view(src, nbytes)
-                return self.enqueue(stream, lambda: self._write(dst, bytes(self.view(src,
-                                                                                    nbytes))))
+                return self.enqueue(stream, lambda: self._write(dst, bytes(self.view(src, nbytes))))
         except FakeCudaError as error:
             return error.code
         return INVALID_VALUE
@@ -317,9 +321,14 @@ class FakeCudart:
     cudaStreamDefault = 0  # noqa: N815
     cudaStreamNonBlocking = 1  # noqa: N815
 
-    def __init__(self, gpu: str = "NVIDIA Fake GPU", capability: tuple[int, int] = (9, 0),
-                 device: Device | None = None, driver_version: int = 13000,
-                 runtime_version: int = 13000) -> None:
+    def __init__(
+        self,
+        gpu: str = "NVIDIA Fake GPU",
+        capability: tuple[int, int] = (9, 0),
+        device: Device | None = None,
+        driver_version: int = 13000,
+        runtime_version: int = 13000,
+    ) -> None:
         self.gpu, self.capability = gpu, capability
         self.device = device or Device()
         self.driver_version, self.runtime_version = driver_version, runtime_version
@@ -344,8 +353,9 @@ class FakeCudart:
 
     def cudaGetDeviceProperties(self, device):  # noqa: N802
         name = self.gpu.encode() + b"\0" * 8  # a fixed-size char array, as the real struct
-        return SUCCESS, types.SimpleNamespace(name=name, major=self.capability[0],
-                                              minor=self.capability[1])
+        return SUCCESS, types.SimpleNamespace(
+            name=name, major=self.capability[0], minor=self.capability[1]
+        )
 
     def cudaMemGetInfo(self):  # noqa: N802
         return SUCCESS, self.device.total_bytes - self.device.used_bytes(), self.device.total_bytes
@@ -423,7 +433,9 @@ class _FakeContext:
     def set_input_shape(self, name, shape):
         shape = tuple(int(d) for d in shape)
         low, _, high = self.engine.profile_of(name)
-        if len(shape) != len(high) or any(s < lo or s > hi for s, lo, hi in zip(shape, low, high)):
+        if len(shape) != len(high) or any(
+            s < lo or s > hi for s, lo, hi in zip(shape, low, high, strict=False)
+        ):
             return False  # TensorRT logs and keeps the previous shape
         self.shapes[name] = shape
         return True
@@ -433,14 +445,17 @@ class _FakeContext:
             return self.shapes[name]
         symbols = {}
         for spec in self.engine.inputs:
-            for dim, size in zip(spec["shape"], self.shapes.get(spec["name"], ())):
+            for dim, size in zip(spec["shape"], self.shapes.get(spec["name"], ()), strict=False):
                 symbols[dim] = size
         spec = self.engine.spec(name)
         return tuple(symbols.get(d, -1) if isinstance(d, str) else d for d in spec["shape"])
 
     def set_tensor_address(self, name, pointer):
-        if name not in self.engine.names or not self.device.is_device(pointer) \
-                or int(pointer) % ALIGNMENT:
+        if (
+            name not in self.engine.names
+            or not self.device.is_device(pointer)
+            or int(pointer) % ALIGNMENT
+        ):
             return False
         self.addresses[name] = int(pointer)
         return True
@@ -448,38 +463,49 @@ class _FakeContext:
     def _encode_state(self, shapes: dict[str, tuple[int, ...]]) -> np.ndarray:
         state = np.full((len(self.engine.inputs), 8), -1, np.int64)
         for row, spec in enumerate(self.engine.inputs):
-            state[row, :len(shapes[spec["name"]])] = shapes[spec["name"]]
+            state[row, : len(shapes[spec["name"]])] = shapes[spec["name"]]
         return state
 
     def execute_async_v3(self, stream_handle):
         device = self.device
         if not isinstance(stream_handle, int):
             return False
-        if any(s["name"] not in self.shapes for s in self.engine.inputs) or \
-                any(n not in self.addresses for n in self.engine.names):
+        if any(s["name"] not in self.shapes for s in self.engine.inputs) or any(
+            n not in self.addresses for n in self.engine.names
+        ):
             return False  # TensorRT: "not all shapes / addresses are specified"
         shapes = {s["name"]: self.shapes[s["name"]] for s in self.engine.inputs}
         addresses = dict(self.addresses)
         state = self._encode_state(shapes)
         # host side, now: the shape state into the pinned block; on the stream: block -> device
         device.host_bytes(self.state_host, self.state_bytes)[:] = state.tobytes()
-        if device.copy_async(self.state_device, self.state_host, self.state_bytes,
-                             FakeCudart.cudaMemcpyKind.cudaMemcpyHostToDevice,
-                             stream_handle) != SUCCESS:
+        if (
+            device.copy_async(
+                self.state_device,
+                self.state_host,
+                self.state_bytes,
+                FakeCudart.cudaMemcpyKind.cudaMemcpyHostToDevice,
+                stream_handle,
+            )
+            != SUCCESS
+        ):
             return False
 
         def kernel() -> None:  # launch parameters (addresses, shapes) are frozen here
             seen = np.frombuffer(device.read(self.state_device, self.state_bytes), np.int64)
             if not np.array_equal(seen.reshape(state.shape), state):
-                raise FakeCudaError(ILLEGAL_ADDRESS, f"{self.engine.file}: context shape state "
-                                    "changed since this launch was recorded")
+                raise FakeCudaError(
+                    ILLEGAL_ADDRESS,
+                    f"{self.engine.file}: context shape state "
+                    "changed since this launch was recorded",
+                )
             feeds = {}
             for spec in self.engine.inputs:
                 dtype, shape = np.dtype(spec["dtype"]), shapes[spec["name"]]
                 raw = device.read(addresses[spec["name"]], int(np.prod(shape)) * dtype.itemsize)
                 feeds[spec["name"]] = np.frombuffer(raw, dtype).reshape(shape)
             outputs = self.engine.session.run(None, feeds)
-            for spec, value in zip(self.engine.outputs, outputs):
+            for spec, value in zip(self.engine.outputs, outputs, strict=False):
                 data = np.ascontiguousarray(value, np.dtype(spec["dtype"])).tobytes()
                 device.view(addresses[spec["name"]], len(data))[:] = data
             device.kernels_run += 1
@@ -493,8 +519,9 @@ class _FakeEngine:
 
         self.device, self.data_types = device, data_types
         self.file = Path(payload["onnx"]).name
-        self.session = onnxruntime.InferenceSession(payload["onnx"],
-                                                    providers=["CPUExecutionProvider"])
+        self.session = onnxruntime.InferenceSession(
+            payload["onnx"], providers=["CPUExecutionProvider"]
+        )
         self.inputs, self.outputs = payload["inputs"], payload["outputs"]
         self.profile = payload["profile"]
         self.names = [s["name"] for s in self.inputs + self.outputs]
@@ -520,7 +547,8 @@ class _FakeEngine:
 
     def get_tensor_dtype(self, name):
         return {"float32": self.data_types.FLOAT, "uint8": self.data_types.UINT8}[
-            self.spec(name)["dtype"]]
+            self.spec(name)["dtype"]
+        ]
 
     def create_execution_context(self):
         return _FakeContext(self)
@@ -558,9 +586,13 @@ class FakeTensorRT:
         return _Runtime()
 
 
-def add_fake_engines(engine_dir: Path, gpu: str = "NVIDIA Fake GPU",
-                     capability: tuple[int, int] = (9, 0), tensorrt_version: str = "10.9.0",
-                     precision: str = "fp32") -> None:
+def add_fake_engines(
+    engine_dir: Path,
+    gpu: str = "NVIDIA Fake GPU",
+    capability: tuple[int, int] = (9, 0),
+    tensorrt_version: str = "10.9.0",
+    precision: str = "fp32",
+) -> None:
     """Add "engines" (JSON plans for ``FakeTensorRT``) to an export, with the manifest entries
     the real ``python -m mfnet.export trt`` writes (``mfnet.export.tensorrt``'s own functions)."""
     from mfnet.export import tensorrt as trt_export
@@ -576,14 +608,25 @@ def add_fake_engines(engine_dir: Path, gpu: str = "NVIDIA Fake GPU",
         if graph.format != "onnx" or graph.precision != "fp32":
             continue
         shapes = trt_export.profile_shapes(graph)
-        name = trt_export.engine_file_name(graph.role, precision, info, tensorrt_version,
-                                           shapes)
-        plan = {"onnx": str(Path(engine_dir) / graph.file), "inputs": tensors(graph.inputs),
-                "outputs": tensors(graph.outputs),
-                "profile": {n: [list(s) for s in shape] for n, shape in shapes.items()}}
+        name = trt_export.engine_file_name(graph.role, precision, info, tensorrt_version, shapes)
+        plan = {
+            "onnx": str(Path(engine_dir) / graph.file),
+            "inputs": tensors(graph.inputs),
+            "outputs": tensors(graph.outputs),
+            "profile": {n: [list(s) for s in shape] for n, shape in shapes.items()},
+        }
         (Path(engine_dir) / name).write_text(json.dumps(plan))
-        entries.append(trt_export.engine_entry(graph, name, precision, info, tensorrt_version,
-                                               shapes, sha256_of(Path(engine_dir) / name)))
+        entries.append(
+            trt_export.engine_entry(
+                graph,
+                name,
+                precision,
+                info,
+                tensorrt_version,
+                shapes,
+                sha256_of(Path(engine_dir) / name),
+            )
+        )
     write_manifest(trt_export.merge_engine_entries(manifest, entries))
 
 
@@ -637,14 +680,19 @@ class FakeOnnxRuntime:
             def update_inplace(self, array) -> None:
                 array = np.asarray(array)
                 if array.shape != self._shape or array.dtype != self._dtype:
-                    raise ValueError(f"update_inplace: {array.shape} {array.dtype} into "
-                                     f"{self._shape} {self._dtype}")
+                    raise ValueError(
+                        f"update_inplace: {array.shape} {array.dtype} into "
+                        f"{self._shape} {self._dtype}"
+                    )
                 fake.device.upload(self.pointer, array, Device.LEGACY)
 
             def numpy(self) -> np.ndarray:
                 fake.device.synchronize(Device.LEGACY)  # cudaMemcpy: legacy stream only
-                return np.frombuffer(fake.device.read(self.pointer, self.nbytes()),
-                                     self._dtype).reshape(self._shape).copy()
+                return (
+                    np.frombuffer(fake.device.read(self.pointer, self.nbytes()), self._dtype)
+                    .reshape(self._shape)
+                    .copy()
+                )
 
         self.OrtValue = OrtValue
         self.sessions: list = []
@@ -695,8 +743,10 @@ class _FakeSession:
         self.fake, self.path = fake, str(path)
         self.real = fake.real.InferenceSession(self.path, providers=["CPUExecutionProvider"])
         names = [p[0] if isinstance(p, tuple) else p for p in providers]
-        settings = next((p[1] for p in providers if isinstance(p, tuple)
-                         and p[0] == "CUDAExecutionProvider"), {})
+        settings = next(
+            (p[1] for p in providers if isinstance(p, tuple) and p[0] == "CUDAExecutionProvider"),
+            {},
+        )
         self.providers = [n for n in names if n in fake.get_available_providers()]
         self.cuda_graph = settings.get("enable_cuda_graph") in ("1", 1, True)
         self.graph: list | None = None  # the captured run (with enable_cuda_graph)
@@ -722,10 +772,12 @@ class _FakeSession:
         else:
             work = self._record(binding)
             if self.cuda_graph:
-                if any(kind == "cpu" for kind, _ in binding.inputs.values()) or \
-                        any(not hasattr(v, "pointer") for v in binding.outputs.values()):
-                    raise RuntimeError("CUDA graphs need every input and output bound to a "
-                                       "CUDA OrtValue")
+                if any(kind == "cpu" for kind, _ in binding.inputs.values()) or any(
+                    not hasattr(v, "pointer") for v in binding.outputs.values()
+                ):
+                    raise RuntimeError(
+                        "CUDA graphs need every input and output bound to a CUDA OrtValue"
+                    )
                 self.graph = [work]
             device.enqueue(stream, work)
         self.runs += 1
@@ -753,15 +805,18 @@ class _FakeSession:
                     raw = device.read(value.pointer, value.nbytes())
                     feeds[name] = np.frombuffer(raw, value._dtype).reshape(value._shape)
             outputs = self.real.run(fetch, feeds)
-            for name, array in zip(fetch, outputs):
+            for name, array in zip(fetch, outputs, strict=True):
                 array = np.ascontiguousarray(array)
                 target = targets[name]
                 if target is None:  # bound to the device by name: ORT allocates it
-                    target = ort_value.ortvalue_from_shape_and_type(array.shape, array.dtype,
-                                                                    "cuda", 0)
+                    target = ort_value.ortvalue_from_shape_and_type(
+                        array.shape, array.dtype, "cuda", 0
+                    )
                 elif tuple(target._shape) != array.shape:
-                    raise FakeCudaError(ILLEGAL_ADDRESS, f"{name}: output {array.shape} into "
-                                        f"a bound value of {target._shape}")
+                    raise FakeCudaError(
+                        ILLEGAL_ADDRESS,
+                        f"{name}: output {array.shape} into a bound value of {target._shape}",
+                    )
                 device.view(target.pointer, array.nbytes)[:] = array.tobytes()
                 binding.results[name] = target
 

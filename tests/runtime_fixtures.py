@@ -25,20 +25,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mfnet.checkpoint import save_checkpoint
 from mfnet.config import preset
 from mfnet.data.episodes import synthetic_episodes
 from mfnet.export.onnx_export import ExportLimits, export_onnx
 from mfnet.model.backbone import feature_size
 from mfnet.model.build import build_mfnet
 from mfnet.model.mfnet import MFNet
-from mfnet.checkpoint import save_checkpoint
 
 LIMITS = ExportLimits(max_batch=4, max_support=16, max_shots=8)
 CHECK_EPISODES = 3  # held-out queries on which varied_model checks its guarantee
 
 
-def assert_labels_vary(label_maps: Sequence[np.ndarray], inputs: Sequence[np.ndarray] = (),
-                       min_labels: int = 2) -> None:
+def assert_labels_vary(
+    label_maps: Sequence[np.ndarray], inputs: Sequence[np.ndarray] = (), min_labels: int = 2
+) -> None:
     """Fail unless each map holds >= ``min_labels`` distinct labels and no two maps (nor two
     ``inputs``, the frames they came from) are equal: the precondition of a label comparison
     that can fail, e.g. on a frame reordering or a swap of two classes."""
@@ -48,20 +49,29 @@ def assert_labels_vary(label_maps: Sequence[np.ndarray], inputs: Sequence[np.nda
         present = np.unique(labels)
         assert len(present) >= min_labels, (
             f"label map {index} holds only labels {present.tolist()}: a comparison on it "
-            f"cannot detect swapped classes")
+            f"cannot detect swapped classes"
+        )
     for group, name in ((maps, "label map"), ([np.asarray(x) for x in inputs], "input")):
         for i in range(len(group)):
             for j in range(i + 1, len(group)):
                 assert not np.array_equal(group[i], group[j]), (
                     f"{name}s {i} and {j} are equal: a comparison on them cannot detect a "
-                    f"reordering")
+                    f"reordering"
+                )
 
 
 def _calibrate_classifier(model: MFNet, shot: int, size: int) -> None:
     """Standardise each class logit over episodes of fold 1 (never the tests' fold 0)."""
-    episodes = synthetic_episodes(fold=1, split="test", way=model.way, shot=shot, num_episodes=4,
-                                  seed=123, image_size=size,
-                                  feature_size=feature_size(model.config.backbone, size))
+    episodes = synthetic_episodes(
+        fold=1,
+        split="test",
+        way=model.way,
+        shot=shot,
+        num_episodes=4,
+        seed=123,
+        image_size=size,
+        feature_size=feature_size(model.config.backbone, size),
+    )
     logits = []
     hook = model.decoder.classifier.register_forward_hook(lambda _m, _i, out: logits.append(out))
     try:
@@ -88,20 +98,31 @@ def varied_model(way: int = 2, shot: int = 1, size: int = 48) -> tuple[MFNet, di
     torch.manual_seed(0)
     model = build_mfnet(config.model).eval()
     _calibrate_classifier(model, shot, size)
-    episodes = synthetic_episodes(fold=0, split="test", way=way, shot=shot,
-                                  num_episodes=CHECK_EPISODES, seed=7, image_size=size,
-                                  feature_size=feature_size(config.model.backbone, size))
+    episodes = synthetic_episodes(
+        fold=0,
+        split="test",
+        way=way,
+        shot=shot,
+        num_episodes=CHECK_EPISODES,
+        seed=7,
+        image_size=size,
+        feature_size=feature_size(config.model.backbone, size),
+    )
     with torch.no_grad():
-        cache = model.encode_support(episodes[0]["support_images"],
-                                     episodes[0]["support_masks"])
+        cache = model.encode_support(episodes[0]["support_images"], episodes[0]["support_masks"])
         queries = torch.stack([episode["query_image"] for episode in episodes])  # [E, 3, H, W]
         labels = model.decode_query(queries, cache).argmax(1).numpy()  # [E, H, W]
     assert_labels_vary(list(labels), min_labels=way + 1)
     return model, config.to_dict()
 
 
-def export_varied(tmp_dir: str | Path, way: int = 2, shot: int = 1, size: int = 48,
-                  precisions: tuple[str, ...] = ("fp32",)) -> tuple[Path, Path, dict]:
+def export_varied(
+    tmp_dir: str | Path,
+    way: int = 2,
+    shot: int = 1,
+    size: int = 48,
+    precisions: tuple[str, ...] = ("fp32",),
+) -> tuple[Path, Path, dict]:
     """Checkpoint of ``varied_model`` + its ONNX export (verified, as every export) under
     ``tmp_dir``. Returns (engine_dir, checkpoint_path, manifest); the engine directory holds
     ``manifest.json``."""

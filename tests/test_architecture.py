@@ -14,8 +14,11 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = {"mfnet": ROOT / "mfnet", "mfnet_runtime": ROOT / "runtime" / "mfnet_runtime",
-            "mfnet_ext": ROOT / "cuda_ext" / "mfnet_ext"}
+PACKAGES = {
+    "mfnet": ROOT / "mfnet",
+    "mfnet_runtime": ROOT / "runtime" / "mfnet_runtime",
+    "mfnet_ext": ROOT / "cuda_ext" / "mfnet_ext",
+}
 COMMAND_MODULES = ("cli", "__main__", "command")  # a package's command-line layer
 
 
@@ -114,8 +117,13 @@ def test_no_import_cycles(graph):
 
 
 def test_runtime_imports_only_itself(graph):
-    outside = {(module, target) for module, targets in graph.items() if module.startswith("mfnet_runtime")
-               for target in targets if not target.startswith("mfnet_runtime")}
+    outside = {
+        (module, target)
+        for module, targets in graph.items()
+        if module.startswith("mfnet_runtime")
+        for target in targets
+        if not target.startswith("mfnet_runtime")
+    }
     assert outside == set()
 
 
@@ -124,16 +132,27 @@ def test_runtime_never_imports_torch_or_mfnet():
     found = set()
     for path in PACKAGES["mfnet_runtime"].rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            names = ([alias.name for alias in node.names] if isinstance(node, ast.Import) else
-                     [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level
-                     else [])
-            found.update((path.name, name) for name in names
-                         if name.split(".")[0] in ("torch", "torchvision", "mfnet", "mfnet_ext"))
+            names = (
+                [alias.name for alias in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom) and not node.level
+                else []
+            )
+            found.update(
+                (path.name, name)
+                for name in names
+                if name.split(".")[0] in ("torch", "torchvision", "mfnet", "mfnet_ext")
+            )
     assert found == set()
 
 
 def test_no_package_imports_another_packages_command_layer(graph):
-    crossing = {(module, target) for module, targets in graph.items() for target in targets
-                if target.rsplit(".", 1)[-1] in COMMAND_MODULES
-                and target.split(".")[0] != module.split(".")[0]}
+    crossing = {
+        (module, target)
+        for module, targets in graph.items()
+        for target in targets
+        if target.rsplit(".", 1)[-1] in COMMAND_MODULES
+        and target.split(".")[0] != module.split(".")[0]
+    }
     assert crossing == set()

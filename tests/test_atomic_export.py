@@ -76,8 +76,14 @@ def passing_verification(*args, **kwargs):
     return {"passed": True, "text": "ok", "graphs": []}
 
 
-FAULTS = ["graph-write-disk-full", "graph-write-interrupted", "verification-failed",
-          "verification-interrupted", "manifest-write-interrupted", "manifest-write-disk-full"]
+FAULTS = [
+    "graph-write-disk-full",
+    "graph-write-interrupted",
+    "verification-failed",
+    "verification-interrupted",
+    "manifest-write-interrupted",
+    "manifest-write-disk-full",
+]
 
 
 @pytest.mark.parametrize("fault", FAULTS)
@@ -85,25 +91,35 @@ def test_a_failed_re_export_leaves_the_previous_export(previous, monkeypatch, fa
     target, checkpoint, before = previous
     expected: type[BaseException] = KeyboardInterrupt
     if fault.startswith("graph-write"):
-        error = (OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)) if "disk" in fault
-                 else KeyboardInterrupt())
+        error = (
+            OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            if "disk" in fault
+            else KeyboardInterrupt()
+        )
         written = placeholder_graphs(monkeypatch, fail_on=2, error=error)
         expected = type(error)
     else:
         written = placeholder_graphs(monkeypatch)
     if fault == "verification-failed":
-        monkeypatch.setattr(verify_module, "verify_export", lambda *a, **k: {
-            "passed": False, "text": "FAIL query_decoder.fp32.onnx [random]"})
+        monkeypatch.setattr(
+            verify_module,
+            "verify_export",
+            lambda *a, **k: {"passed": False, "text": "FAIL query_decoder.fp32.onnx [random]"},
+        )
         expected = ExportError
     elif fault == "verification-interrupted":
+
         def interrupted(*args, **kwargs):
             raise KeyboardInterrupt
+
         monkeypatch.setattr(verify_module, "verify_export", interrupted)
     else:
         monkeypatch.setattr(verify_module, "verify_export", passing_verification)
     if fault == "manifest-write-interrupted":
+
         def interrupted_write(*args, **kwargs):
             raise KeyboardInterrupt
+
         monkeypatch.setattr(onnx_export, "write_manifest", interrupted_write)
     elif fault == "manifest-write-disk-full":
         monkeypatch.setattr(os, "fsync", disk_full)  # the manifest is the durable write
@@ -171,6 +187,7 @@ def test_adding_engines_is_atomic(previous, monkeypatch, fault) -> None:
         monkeypatch.setattr(trt_export, "build_engine", build_engine)
         expected: type[BaseException] = RuntimeError
     else:
+
         def interrupted(*args, **kwargs):
             raise KeyboardInterrupt
 
@@ -190,7 +207,8 @@ def test_added_engines_and_manifest_arrive_together(previous, monkeypatch) -> No
     engines = [g.file for g in manifest.graphs if g.format == "tensorrt"]
     assert engines and all(after[name] == b"engine-bytes" for name in engines)
     assert {k: v for k, v in after.items() if k in before and k != "manifest.json"} == {
-        k: v for k, v in before.items() if k != "manifest.json"}  # ONNX graphs untouched
+        k: v for k, v in before.items() if k != "manifest.json"
+    }  # ONNX graphs untouched
     assert siblings(target) == ["engines"]
     with Segmenter.load(target, backend="onnxruntime", device="cpu"):
         pass

@@ -40,11 +40,36 @@ def _load_bench():
 def report(tmp_path_factory) -> tuple[dict, Path, object]:
     bench = _load_bench()
     out = tmp_path_factory.mktemp("bench")
-    argv = ["--device", "cpu", "--backbone", "small", "--size", "48", "--channels", "16",
-            "--ways", "1,2", "--batches", "1,2", "--warmup", "1", "--iterations", "2",
-            "--threads", "1", "--skip-variants", "*compile*", "--onnx-ways", "2",
-            "--onnx-precisions", "fp32", "--out", str(out),
-            "--engine-cache", str(out / "engines")]
+    argv = [
+        "--device",
+        "cpu",
+        "--backbone",
+        "small",
+        "--size",
+        "48",
+        "--channels",
+        "16",
+        "--ways",
+        "1,2",
+        "--batches",
+        "1,2",
+        "--warmup",
+        "1",
+        "--iterations",
+        "2",
+        "--threads",
+        "1",
+        "--skip-variants",
+        "*compile*",
+        "--onnx-ways",
+        "2",
+        "--onnx-precisions",
+        "fp32",
+        "--out",
+        str(out),
+        "--engine-cache",
+        str(out / "engines"),
+    ]
     assert bench.main(argv) == 0
     payload = json.loads((out / "inference_cpu_48.json").read_text())
     return payload, out, bench
@@ -62,19 +87,28 @@ def test_every_row_is_measured_or_says_why(report) -> None:
     measured = [r for r in rows.values() if r["status"] == "measured"]
     names = {r["variant"] for r in measured}
     # what a CPU run must measure: the paper's baseline, the decoders, naive, ONNX, end to end
-    for name in ("full_eager_fp32", "naive_full_eager_fp32", "decoder_eager_fp32",
-                 "decoder_amp_fp16", "decoder_amp_bf16", "decoder_channels_last_fp16",
-                 "naive_decoder_eager_fp32", "ort_fp32", "e2e_torch", "e2e_runtime_ort"):
+    for name in (
+        "full_eager_fp32",
+        "naive_full_eager_fp32",
+        "decoder_eager_fp32",
+        "decoder_amp_fp16",
+        "decoder_amp_bf16",
+        "decoder_channels_last_fp16",
+        "naive_decoder_eager_fp32",
+        "ort_fp32",
+        "e2e_torch",
+        "e2e_runtime_ort",
+    ):
         assert name in names, name
     if payload["availability"]["fast_decoder"] == "available":
         assert {"opt_eager_fp32", "opt_amp_fp16"} <= names
     else:
         assert rows[("opt_eager_fp32", 2, 1)]["status"].startswith("not available")
-    for key in (("decoder_cudagraph_fp16", 2, 1), ("ort_fp32_cudagraph", 2, 1),
-                ("trt_fp16", 2, 1)):
+    for key in (("decoder_cudagraph_fp16", 2, 1), ("ort_fp32_cudagraph", 2, 1), ("trt_fp16", 2, 1)):
         assert rows[key]["status"] == "not measured: needs CUDA (this run is on the CPU)"
     assert rows[("decoder_compile_fp16", 2, 1)]["status"].startswith(
-        "not measured: excluded by --variants")
+        "not measured: excluded by --variants"
+    )
     assert rows[("ort_fp32", 1, 1)]["status"] == "not measured: N=1 not in --onnx-ways"
     assert rows[("ort_fp16", 2, 1)]["status"].startswith("not measured: fp16 graphs")
 
@@ -101,20 +135,27 @@ def test_measured_rows_have_timings_floors_and_agreement(report) -> None:
             assert agreement["applies"] is True
             assert 0 <= agreement["identical_fraction"] <= 1
             assert agreement["threshold"] in (0.999, 0.995, 0.99)
-            assert agreement["passed"] == (agreement["identical_fraction"]
-                                           >= agreement["threshold"])
+            assert agreement["passed"] == (
+                agreement["identical_fraction"] >= agreement["threshold"]
+            )
     by_key = {(r["variant"], r["way"], r["batch"]): r for r in measured}
     # the same function: the full model, the FP32 decoders and ONNX Runtime FP32 agree exactly
-    for name in ("full_eager_fp32", "decoder_eager_fp32", "ort_fp32", "e2e_runtime_ort",
-                 "e2e_torch"):
+    for name in (
+        "full_eager_fp32",
+        "decoder_eager_fp32",
+        "ort_fp32",
+        "e2e_runtime_ort",
+        "e2e_torch",
+    ):
         assert by_key[(name, 2, 1)]["agreement"]["identical_fraction"] >= 0.999, name
     # calibration makes the labels vary: agreement would otherwise be trivially perfect
     histogram = payload["model"]["per_way"]["2"]["flops_per_frame"]["reference_label_histogram"]
     assert sum(count > 0 for count in histogram) >= 2
     for comparison in payload["comparisons"]:
         assert comparison["ratio"] > 0
-    assert any(c["naive"] == "naive_decoder_eager_fp32" and c["way"] == 2
-               for c in payload["comparisons"])
+    assert any(
+        c["naive"] == "naive_decoder_eager_fp32" and c["way"] == 2 for c in payload["comparisons"]
+    )
 
 
 def test_support_encoding_targets_versions_and_outputs(report) -> None:
@@ -159,9 +200,16 @@ def test_script_and_module_forms_are_one_command_line() -> None:
     """``python benchmarks/bench_inference.py`` (what the READMEs and gpu_check.sh run) and
     ``python -m benchmarks.inference`` (the package) take the same options."""
     root = BENCH.parents[1]
-    helps = [subprocess.run([sys.executable, *command, "--help"], capture_output=True,
-                            text=True, cwd=root, timeout=300)
-             for command in ([str(BENCH)], ["-m", "benchmarks.inference"])]
+    helps = [
+        subprocess.run(
+            [sys.executable, *command, "--help"],
+            capture_output=True,
+            text=True,
+            cwd=root,
+            timeout=300,
+        )
+        for command in ([str(BENCH)], ["-m", "benchmarks.inference"])
+    ]
     for result in helps:
         assert result.returncode == 0, result.stderr
     options = [sorted(set(re.findall(r"--[a-z][a-z-]+", r.stdout))) for r in helps]

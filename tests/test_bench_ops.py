@@ -18,12 +18,38 @@ def load_script():
 
 def test_bench_ops_on_cpu_writes_the_json(cuda_ext, tmp_path):
     bench = load_script()
-    code = bench.main([
-        "--device", "cpu", "--channels", "5", "--feature-size", "7", "--mask-size", "19",
-        "--batches", "2", "--ways", "1,2", "--shots", "1", "--dtypes", "float32,bfloat16",
-        "--sampler-batches", "2", "--sampler-ways", "2", "--sampler-size", "8",
-        "--warmup", "1", "--iterations", "3", "--out", str(tmp_path),
-    ])
+    code = bench.main(
+        [
+            "--device",
+            "cpu",
+            "--channels",
+            "5",
+            "--feature-size",
+            "7",
+            "--mask-size",
+            "19",
+            "--batches",
+            "2",
+            "--ways",
+            "1,2",
+            "--shots",
+            "1",
+            "--dtypes",
+            "float32,bfloat16",
+            "--sampler-batches",
+            "2",
+            "--sampler-ways",
+            "2",
+            "--sampler-size",
+            "8",
+            "--warmup",
+            "1",
+            "--iterations",
+            "3",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     assert code == 0
     result = json.loads((tmp_path / "bench_ops_cpu.json").read_text())
     assert result["benchmark"] == "bench_ops" and result["device"]["device"] == "cpu"

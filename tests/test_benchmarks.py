@@ -14,12 +14,12 @@ from PIL import Image
 from mfnet import evaluate as evaluate_cli
 from mfnet import train as train_cli
 from mfnet.config import PRESETS, preset
-from mfnet.data import benchmarks
+from mfnet.data import datasets
 from mfnet.data.pascal import voc_palette
 from mfnet.data.prepare_pascal import prepare
-from mfnet.protocol import ProtocolResult, fold_table, score_maps
 from mfnet.model.build import build_mfnet
 from mfnet.model.naive import NaiveMultiWay
+from mfnet.protocol import ProtocolResult, fold_table, score_maps
 from mfnet.training.objective import compute_losses
 
 # (classes per image); fold 0: novel 1..5, base 6..20. Train images hold base classes (and one
@@ -45,9 +45,9 @@ def make_voc(root: Path) -> Path:
             image = rng.integers(0, 60, (height, width, 3)).astype(np.uint8)
             for k, c in enumerate(classes):
                 top, left = 8 + 20 * k, 6 + 34 * k
-                label[top - 1:top + 23, left - 1:left + 33] = 255  # VOC boundary band
-                label[top:top + 22, left:left + 32] = c
-                image[top:top + 22, left:left + 32] = (40 * (c % 6), 25 * (c % 10), 200 - 9 * c)
+                label[top - 1 : top + 23, left - 1 : left + 33] = 255  # VOC boundary band
+                label[top : top + 22, left : left + 32] = c
+                image[top : top + 22, left : left + 32] = (40 * (c % 6), 25 * (c % 10), 200 - 9 * c)
             Image.fromarray(image).save(voc / "JPEGImages" / f"{name}.jpg", quality=95)
             png = Image.fromarray(label, mode="P")
             png.putpalette(palette)
@@ -62,12 +62,24 @@ def test_every_paper_preset_is_a_valid_config() -> None:
         config = preset(name, data_root="/data")
         assert config.model.image_size in (96, 473)
     c = preset("pascal-2way-1shot", data_root="/data")
-    assert (c.model.backbone, c.model.channels, c.train.lr, c.train.batch_size,
-            c.train.epochs, c.loss.pml_start_epoch, c.eval.eval_episodes) == (
-        "resnet50", 256, 0.0025, 4, 200, 5, 1000)
+    assert (
+        c.model.backbone,
+        c.model.channels,
+        c.train.lr,
+        c.train.batch_size,
+        c.train.epochs,
+        c.loss.pml_start_epoch,
+        c.eval.eval_episodes,
+    ) == ("resnet50", 256, 0.0025, 4, 200, 5, 1000)
     c = preset("coco-5way-1shot", data_root="/data")
-    assert (c.model.way, c.train.lr, c.train.batch_size, c.train.epochs,
-            c.loss.pml_start_epoch, c.eval.eval_episodes) == (5, 0.005, 8, 50, 1, 10000)
+    assert (
+        c.model.way,
+        c.train.lr,
+        c.train.batch_size,
+        c.train.epochs,
+        c.loss.pml_start_epoch,
+        c.eval.eval_episodes,
+    ) == (5, 0.005, 8, 50, 1, 10000)
     metaseg = preset("pascal-metaseg-2way-5shot", data_root="/data")
     assert (metaseg.data.fold, metaseg.data.protocol, metaseg.model.shot) == (2, "metaseg", 5)
     with pytest.raises(ValueError, match="needs --data-root"):
@@ -76,20 +88,63 @@ def test_every_paper_preset_is_a_valid_config() -> None:
 
 def test_pascal_train_and_evaluate_at_original_resolution(tmp_path, capsys) -> None:
     voc = make_voc(tmp_path)
-    common = ["--dataset", "pascal", "--data-root", str(voc), "--image-size", "48",
-              "--channels", "16", "--workers", "0"]
-    code = train_cli.main(common + [
-        "--epochs", "1", "--episodes-per-epoch", "4", "--batch-size", "2", "--pml-start-epoch",
-        "0", "--eval-runs", "1", "--eval-episodes", "4", "--eval-batch-size", "2",
-        "--out", str(tmp_path / "run"), "--no-progress"])
+    common = [
+        "--dataset",
+        "pascal",
+        "--data-root",
+        str(voc),
+        "--image-size",
+        "48",
+        "--channels",
+        "16",
+        "--workers",
+        "0",
+    ]
+    code = train_cli.main(
+        common
+        + [
+            "--epochs",
+            "1",
+            "--episodes-per-epoch",
+            "4",
+            "--batch-size",
+            "2",
+            "--pml-start-epoch",
+            "0",
+            "--eval-runs",
+            "1",
+            "--eval-episodes",
+            "4",
+            "--eval-batch-size",
+            "2",
+            "--out",
+            str(tmp_path / "run"),
+            "--no-progress",
+        ]
+    )
     assert code == 0
     printed = capsys.readouterr().out
     assert "PASCAL-5i, fold 0" in printed and "test images VOC2012 val" in printed
     checkpoint = tmp_path / "run" / "last.pt"
-    code = evaluate_cli.main(["--checkpoint", str(checkpoint), "--eval-resolution", "original",
-                              "--eval-runs", "1", "--eval-episodes", "5", "--eval-batch-size",
-                              "3", "--workers", "0", "--no-progress", "--json",
-                              str(tmp_path / "eval.json")])
+    code = evaluate_cli.main(
+        [
+            "--checkpoint",
+            str(checkpoint),
+            "--eval-resolution",
+            "original",
+            "--eval-runs",
+            "1",
+            "--eval-episodes",
+            "5",
+            "--eval-batch-size",
+            "3",
+            "--workers",
+            "0",
+            "--no-progress",
+            "--json",
+            str(tmp_path / "eval.json"),
+        ]
+    )
     assert code == 0
     assert "scored at original resolution" in capsys.readouterr().out
     results = json.loads((tmp_path / "eval.json").read_text())["results"]["MFNet"]
@@ -102,14 +157,19 @@ def test_pascal_train_and_evaluate_at_original_resolution(tmp_path, capsys) -> N
 
 def test_pascal_episodes_remap_labels_and_keep_original(tmp_path) -> None:
     voc = make_voc(tmp_path)
-    config = preset("synthetic-cpu", dataset="pascal", data_root=str(voc), image_size=48,
-                    eval_resolution="original")
-    train = benchmarks.build_episodes(config, "train", 1, 6, seed=0)
+    config = preset(
+        "synthetic-cpu",
+        dataset="pascal",
+        data_root=str(voc),
+        image_size=48,
+        eval_resolution="original",
+    )
+    train = datasets.build_episodes(config, "train", 1, 6, seed=0)
     for index in range(len(train)):
         episode = train[index]
         assert set(episode["episode_classes"].tolist()) <= set(range(6, 21))
         assert set(episode["query_label"].unique().tolist()) <= {0, 1, 2, 255}
-    test = benchmarks.build_episodes(config, "test", 1, 6, seed=0)
+    test = datasets.build_episodes(config, "test", 1, 6, seed=0)
     for index in range(len(test)):
         episode = test[index]
         assert set(episode["episode_classes"].tolist()) <= set(range(1, 6))
@@ -124,7 +184,7 @@ def test_metaseg_needs_person_among_the_novel_classes(tmp_path) -> None:
     voc = make_voc(tmp_path)
     config = preset("synthetic-cpu", dataset="pascal", data_root=str(voc), protocol="metaseg")
     with pytest.raises(ValueError, match="use --fold 2"):
-        benchmarks.build_episodes(config, "test", 1, 2, seed=0)
+        datasets.build_episodes(config, "test", 1, 2, seed=0)
 
 
 def test_coco_dispatch_uses_the_configured_split_and_folds(monkeypatch) -> None:
@@ -135,18 +195,20 @@ def test_coco_dispatch_uses_the_configured_split_and_folds(monkeypatch) -> None:
             calls.append((args, kwargs))
             raise RuntimeError("recorded")
 
-    monkeypatch.setattr(benchmarks.coco, "CocoImages", Recorder)
-    config = preset("coco-2way-1shot", data_root="/coco", fold_split="B", fold=3,
-                    min_object_pixels=2048)
+    monkeypatch.setattr(datasets.coco, "CocoImages", Recorder)
+    config = preset(
+        "coco-2way-1shot", data_root="/coco", fold_split="B", fold=3, min_object_pixels=2048
+    )
     for split in ("train", "test"):
         with pytest.raises(RuntimeError, match="recorded"):
-            benchmarks.build_episodes(config, split, 1, 1, seed=0)
-    assert calls[0] == (("/coco", "train", 3, "train"),
-                        {"fold_split": "B", "min_object_pixels": 2048})
-    assert calls[1] == (("/coco", "val", 3, "test"),
-                        {"fold_split": "B", "min_object_pixels": 2048})
-    assert benchmarks.novel_class_ids(config) == tuple(4 * k + 4 for k in range(20))
-    assert "COCO-20i split B, fold 3" in benchmarks.describe(config)
+            datasets.build_episodes(config, split, 1, 1, seed=0)
+    assert calls[0] == (
+        ("/coco", "train", 3, "train"),
+        {"fold_split": "B", "min_object_pixels": 2048},
+    )
+    assert calls[1] == (("/coco", "val", 3, "test"), {"fold_split": "B", "min_object_pixels": 2048})
+    assert datasets.novel_class_ids(config) == tuple(4 * k + 4 for k in range(20))
+    assert "COCO-20i split B, fold 3" in datasets.describe(config)
 
 
 def test_score_maps_maps_the_content_back_to_the_original_size() -> None:
@@ -154,8 +216,10 @@ def test_score_maps_maps_the_content_back_to_the_original_size() -> None:
     logits[1, :4, :4] = 5.0
     logits[2, :4, 4:] = 5.0
     logits[2, 4:, :] = 9.0  # padding: must be cut away
-    batch = {"query_label_original": [torch.zeros(2, 4, dtype=torch.int64)],
-             "query_content": torch.tensor([[4, 8]])}
+    batch = {
+        "query_label_original": [torch.zeros(2, 4, dtype=torch.int64)],
+        "query_content": torch.tensor([[4, 8]]),
+    }
     pred, target = score_maps(logits, batch, 0)
     assert pred.shape == target.shape == (2, 4)
     assert pred[:, :2].eq(1).all() and pred[:, 2:].eq(2).all()
@@ -166,8 +230,9 @@ def test_fold_table_layout() -> None:
         run = {"miou_star": star, "miou": panet, "fbiou": 0.7}
         return ProtocolResult((run, run))
 
-    per_fold = {f: {"MFNet": result(0.5 + f / 100, 0.6), "baseline": result(0.4, 0.45)}
-                for f in range(4)}
+    per_fold = {
+        f: {"MFNet": result(0.5 + f / 100, 0.6), "baseline": result(0.4, 0.45)} for f in range(4)
+    }
     markdown, csv = fold_table(per_fold)
     lines = markdown.splitlines()
     assert lines[0] == "| Method | fold-0 | fold-1 | fold-2 | fold-3 | Mean |"
@@ -185,8 +250,9 @@ def test_naive_multi_way_takes_the_per_pixel_maximum() -> None:
             foreground = images.mean() * 10 + query[:, 0] - 0.5
             return torch.stack([torch.zeros_like(foreground), foreground], dim=1)
 
-    images = torch.stack([torch.full((1, 1, 3, 2, 3), 0.1), torch.full((1, 1, 3, 2, 3), 0.02)],
-                         dim=1)  # [1, 2, 1, 3, 2, 3]: class 1's run is the more confident
+    images = torch.stack(
+        [torch.full((1, 1, 3, 2, 3), 0.1), torch.full((1, 1, 3, 2, 3), 0.02)], dim=1
+    )  # [1, 2, 1, 3, 2, 3]: class 1's run is the more confident
     query = torch.zeros(1, 3, 2, 3)
     query[0, 0, :, 0], query[0, 0, :, 1], query[0, 0, :, 2] = 0.5, -0.3, -2.0
     scores = NaiveMultiWay(FixedOneWay())(images, torch.ones(1, 2, 1, 2, 3), query)
@@ -205,8 +271,13 @@ def test_binary_branches_baseline_trains_and_decodes(tiny_config) -> None:
     config = tiny_config.replace(class_fusion="binary")
     model = build_mfnet(config.model).train()
     assert model.decoder.classifier.out_channels == 2
-    batch = next(iter(torch.utils.data.DataLoader(
-        benchmarks.build_episodes(config, "train", 1, 2, seed=0), batch_size=2)))
+    batch = next(
+        iter(
+            torch.utils.data.DataLoader(
+                datasets.build_episodes(config, "train", 1, 2, seed=0), batch_size=2
+            )
+        )
+    )
     losses = compute_losses(model, batch, config, use_metric_loss=True)
     assert losses.metric is None  # no PML in this baseline (paper Sec. IV-C)
     losses.total.backward()

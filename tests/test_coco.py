@@ -95,34 +95,88 @@ def _compressed_rle(mask: np.ndarray) -> dict[str, Any]:
 def _annotations() -> dict[str, Any]:
     anns = [
         # image 9: a small car listed BEFORE the large person it lies on (file order would hide it)
-        {"id": 101, "image_id": 9, "category_id": 3, "iscrowd": 0,
-         "segmentation": [_rect(10, 10, 20, 20)]},
-        {"id": 102, "image_id": 9, "category_id": 1, "iscrowd": 0,
-         "segmentation": [_rect(4, 4, 40, 32)]},
-        {"id": 103, "image_id": 9, "category_id": 1, "iscrowd": 1,
-         "segmentation": _uncompressed_rle(_box_mask(26, 38, 30, 46))},
+        {
+            "id": 101,
+            "image_id": 9,
+            "category_id": 3,
+            "iscrowd": 0,
+            "segmentation": [_rect(10, 10, 20, 20)],
+        },
+        {
+            "id": 102,
+            "image_id": 9,
+            "category_id": 1,
+            "iscrowd": 0,
+            "segmentation": [_rect(4, 4, 40, 32)],
+        },
+        {
+            "id": 103,
+            "image_id": 9,
+            "category_id": 1,
+            "iscrowd": 1,
+            "segmentation": _uncompressed_rle(_box_mask(26, 38, 30, 46)),
+        },
         # image 25: a cow as compressed RLE and a 3x3 bottle
-        {"id": 201, "image_id": 25, "category_id": 21, "iscrowd": 0,
-         "segmentation": _compressed_rle(_box_mask(5, 25, 5, 30))},
-        {"id": 202, "image_id": 25, "category_id": 44, "iscrowd": 0,
-         "segmentation": [_rect(35, 30, 38, 33)]},
+        {
+            "id": 201,
+            "image_id": 25,
+            "category_id": 21,
+            "iscrowd": 0,
+            "segmentation": _compressed_rle(_box_mask(5, 25, 5, 30)),
+        },
+        {
+            "id": 202,
+            "image_id": 25,
+            "category_id": 44,
+            "iscrowd": 0,
+            "segmentation": [_rect(35, 30, 38, 33)],
+        },
         # image 30: toothbrush, elephant, and a two-part bicycle
-        {"id": 301, "image_id": 30, "category_id": 90, "iscrowd": 0,
-         "segmentation": [_rect(2, 2, 12, 12)]},
-        {"id": 302, "image_id": 30, "category_id": 22, "iscrowd": 0,
-         "segmentation": [_rect(20, 20, 44, 36)]},
-        {"id": 303, "image_id": 30, "category_id": 2, "iscrowd": 0,
-         "segmentation": [_rect(30, 2, 36, 8), _rect(40, 2, 46, 8)]},
+        {
+            "id": 301,
+            "image_id": 30,
+            "category_id": 90,
+            "iscrowd": 0,
+            "segmentation": [_rect(2, 2, 12, 12)],
+        },
+        {
+            "id": 302,
+            "image_id": 30,
+            "category_id": 22,
+            "iscrowd": 0,
+            "segmentation": [_rect(20, 20, 44, 36)],
+        },
+        {
+            "id": 303,
+            "image_id": 30,
+            "category_id": 2,
+            "iscrowd": 0,
+            "segmentation": [_rect(30, 2, 36, 8), _rect(40, 2, 46, 8)],
+        },
         # image 42 (grayscale JPEG): only a crowd of cows
-        {"id": 401, "image_id": 42, "category_id": 21, "iscrowd": 1,
-         "segmentation": _uncompressed_rle(_box_mask(0, 10, 0, 10))},
+        {
+            "id": 401,
+            "image_id": 42,
+            "category_id": 21,
+            "iscrowd": 1,
+            "segmentation": _uncompressed_rle(_box_mask(0, 10, 0, 10)),
+        },
     ]
     # Categories deliberately out of order: renumbering follows the id, not the file order.
-    cats = [(90, "toothbrush"), (3, "car"), (1, "person"), (44, "bottle"), (21, "cow"),
-            (2, "bicycle"), (22, "elephant")]
+    cats = [
+        (90, "toothbrush"),
+        (3, "car"),
+        (1, "person"),
+        (44, "bottle"),
+        (21, "cow"),
+        (2, "bicycle"),
+        (22, "elephant"),
+    ]
     return {
-        "images": [{"id": i, "file_name": f"COCO_train2014_{i:012d}.jpg", "height": H, "width": W}
-                   for i in (9, 25, 30, 42)],
+        "images": [
+            {"id": i, "file_name": f"COCO_train2014_{i:012d}.jpg", "height": H, "width": W}
+            for i in (9, 25, 30, 42)
+        ],
         "annotations": anns,
         "categories": [{"id": c, "name": n, "supercategory": "x"} for c, n in cats],
     }
@@ -148,13 +202,25 @@ def coco_root(tmp_path: Path) -> Path:
 
 def test_renumbering_follows_ascending_category_id() -> None:
     assert len(COCO_CATEGORY_IDS) == 80 and list(COCO_CATEGORY_IDS) == sorted(COCO_CATEGORY_IDS)
-    for cat, cls in [(1, 1), (11, 11), (13, 12), (21, 20), (22, 21), (44, 40), (46, 41),
-                     (67, 61), (90, 80)]:
+    for cat, cls in [
+        (1, 1),
+        (11, 11),
+        (13, 12),
+        (21, 20),
+        (22, 21),
+        (44, 40),
+        (46, 41),
+        (67, 61),
+        (90, 80),
+    ]:
         assert coco_class_from_category(cat) == cls
         assert coco_category_from_class(cls) == cat
     assert all(coco_class_from_category(coco_category_from_class(c)) == c for c in range(1, 81))
     assert (coco_class_name(1), coco_class_name(20), coco_class_name(80)) == (
-        "person", "cow", "toothbrush")
+        "person",
+        "cow",
+        "toothbrush",
+    )
     with pytest.raises(DatasetError, match="not one of the 80 COCO"):
         coco_class_from_category(12)
 
@@ -174,7 +240,8 @@ def test_fold_lists_match_fss_protocols(fold: int) -> None:
     # Each split's folds partition the 80 classes.
     for split in "AB":
         assert sorted(c for f in range(4) for c in coco_novel_classes(f, split)) == list(
-            range(1, 81))
+            range(1, 81)
+        )
 
 
 def test_rasterised_labels(coco_root: Path) -> None:
@@ -221,8 +288,7 @@ def test_images_with_roles_and_small_object_filter(coco_root: Path) -> None:
     # The 3x3 bottle (9 px) drops out at min_object_pixels=10; the 420-px elephant stays.
     small = CocoImages(coco_root, "train", 1, "test", min_object_pixels=10)
     assert small.images_with(40) == () and small.images_with(21) == ("30",)
-    assert CocoImages(coco_root, "train", 1, "test", min_object_pixels=9).images_with(40) == (
-        "25",)
+    assert CocoImages(coco_root, "train", 1, "test", min_object_pixels=9).images_with(40) == ("25",)
 
     split_b = CocoImages(coco_root, "train", 0, "test", fold_split="B")
     assert split_b.classes == coco_novel_classes(0, "B") and split_b.images_with(21) == ("30",)
@@ -253,8 +319,9 @@ def test_disk_cache_is_used_then_rebuilt_when_the_json_changes(
 
     # A lost label PNG is rasterised again on demand.
     (cache / f"{9:012d}.png").unlink()
-    np.testing.assert_array_equal(CocoImages(coco_root, "train", 0, "test").load("9")[1],
-                                  expected["9"])
+    np.testing.assert_array_equal(
+        CocoImages(coco_root, "train", 0, "test").load("9")[1], expected["9"]
+    )
 
     # A changed annotation file (size and mtime) rebuilds labels and lists.
     data = _annotations()
@@ -291,8 +358,11 @@ def test_custom_cache_dir_and_no_pycocotools_needed_once_cached(
 
 
 def test_layout_errors_name_the_missing_file(coco_root: Path, tmp_path: Path) -> None:
-    with pytest.raises(DatasetError, match=r"does not exist.*train2014\.zip, val2014\.zip and "
-                       r"annotations_trainval2014\.zip from cocodataset\.org"):
+    with pytest.raises(
+        DatasetError,
+        match=r"does not exist.*train2014\.zip, val2014\.zip and "
+        r"annotations_trainval2014\.zip from cocodataset\.org",
+    ):
         CocoImages(tmp_path / "nowhere", "train", 0, "test")
     with pytest.raises(DatasetError, match=r"val2014 is missing.*cocodataset\.org"):
         CocoImages(coco_root, "val", 0, "test")
@@ -310,8 +380,11 @@ def test_layout_errors_name_the_missing_file(coco_root: Path, tmp_path: Path) ->
 def test_image_errors_name_the_file(coco_root: Path) -> None:
     ds = CocoImages(coco_root, "train", 0, "test")
     (coco_root / "train2014" / f"COCO_train2014_{25:012d}.jpg").unlink()
-    with pytest.raises(DatasetError, match=r"image 25 is listed in instances_train2014\.json "
-                       r"but .*/COCO_train2014_000000000025\.jpg is missing.*cocodataset\.org"):
+    with pytest.raises(
+        DatasetError,
+        match=r"image 25 is listed in instances_train2014\.json "
+        r"but .*/COCO_train2014_000000000025\.jpg is missing.*cocodataset\.org",
+    ):
         ds.load("25")
     (coco_root / "train2014" / f"COCO_train2014_{30:012d}.jpg").write_bytes(b"\xff\xd8 not a jpeg")
     with pytest.raises(DatasetError, match=r"cannot read image .*COCO_train2014_000000000030\.jpg"):
@@ -370,6 +443,9 @@ def test_image_size_must_match_the_annotation(coco_root: Path) -> None:
             ann["segmentation"] = [_rect(30, 26, 46, 38)]
     _write_json(coco_root / "annotations" / "instances_train2014.json", data)
     ds = CocoImages(coco_root, "train", 0, "test")
-    with pytest.raises(DatasetError, match=r"COCO_train2014_000000000009\.jpg is 48x40 but "
-                       r"instances_train2014\.json says 48x42"):
+    with pytest.raises(
+        DatasetError,
+        match=r"COCO_train2014_000000000009\.jpg is 48x40 but "
+        r"instances_train2014\.json says 48x42",
+    ):
         ds.load("9")

@@ -8,7 +8,11 @@ import dataclasses
 import pytest
 
 from mfnet.config import (
-    Config, ModelConfig, add_config_arguments, overrides_from_args, preset,
+    Config,
+    ModelConfig,
+    add_config_arguments,
+    overrides_from_args,
+    preset,
 )
 
 SECTIONS = ("model", "loss", "data", "train", "eval")
@@ -30,13 +34,16 @@ def test_unknown_keys_and_fields_are_errors() -> None:
         preset("nope")
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (dict(backbone="resnet18"), "backbone='resnet18' is not one of"),
-    (dict(channels=30, relation_heads=4), "divisible by relation_heads"),
-    (dict(way=0), "way must be > 0"),
-    (dict(pyramid=(1.0, 0.0)), "pyramid fractions"),
-    (dict(dropout=1.0), "dropout"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(backbone="resnet18"), "backbone='resnet18' is not one of"),
+        (dict(channels=30, relation_heads=4), "divisible by relation_heads"),
+        (dict(way=0), "way must be > 0"),
+        (dict(pyramid=(1.0, 0.0)), "pyramid fractions"),
+        (dict(dropout=1.0), "dropout"),
+    ],
+)
 def test_invalid_model_values_are_rejected(overrides, message) -> None:
     with pytest.raises(ValueError, match=message):
         ModelConfig(**overrides)
@@ -56,11 +63,24 @@ def test_every_field_is_a_documented_flag() -> None:
             flag = "--" + f.name.replace("_", "-")
             assert flag in help_text, flag
             assert f.metadata["help"], f.name
-    args = parser.parse_args(["--fold", "3", "--pyramid", "1", "0.5", "--no-support-attention",
-                              "--pml-mode", "off", "--lr", "0.1"])
+    args = parser.parse_args(
+        [
+            "--fold",
+            "3",
+            "--pyramid",
+            "1",
+            "0.5",
+            "--no-support-attention",
+            "--pml-mode",
+            "off",
+            "--lr",
+            "0.1",
+        ]
+    )
     given = overrides_from_args(args, SECTIONS)
-    assert given == dict(fold=3, pyramid=(1.0, 0.5), support_attention=False, pml_mode="off",
-                         lr=0.1)
+    assert given == dict(
+        fold=3, pyramid=(1.0, 0.5), support_attention=False, pml_mode="off", lr=0.1
+    )
     config = Config().replace(**given)
     assert config.data.fold == 3 and config.model.pyramid == (1.0, 0.5)
     with pytest.raises(SystemExit):

@@ -21,14 +21,19 @@ import torch
 import mfnet_ext
 from mfnet.ops import extension as ext_dispatch
 from mfnet.ops.masked_pooling import (
-    EMPTY_MASK_EPS, masked_global_pool, masked_global_pool_reference, resize_mask,
+    EMPTY_MASK_EPS,
+    masked_global_pool,
+    masked_global_pool_reference,
+    resize_mask,
 )
 from mfnet_ext import _loader
 
 CUDA = pytest.param(
     "cuda",
-    marks=[pytest.mark.cuda,
-           pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")],
+    marks=[
+        pytest.mark.cuda,
+        pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+    ],
 )
 DEVICES = ["cpu", CUDA]
 
@@ -166,11 +171,14 @@ def test_gradcheck_in_float64(cuda_ext, device):
 def test_opcheck(cuda_ext, device, requires_grad):
     features = random_features((2, 3, 5, 6), seed=10, device=device).requires_grad_(requires_grad)
     for masks in (random_masks(2, 11, 13, seed=11), random_masks(2, 11, 13, 12, torch.float32)):
-        torch.library.opcheck(torch.ops.mfnet_ext.masked_global_pool.default,
-                              (features, masks.to(device)))
+        torch.library.opcheck(
+            torch.ops.mfnet_ext.masked_global_pool.default, (features, masks.to(device))
+        )
     grad_pooled = random_features((2, 3), seed=13, device=device).requires_grad_(requires_grad)
-    torch.library.opcheck(torch.ops.mfnet_ext.masked_global_pool_backward.default,
-                          (grad_pooled, random_masks(2, 11, 13, seed=14).to(device), 5, 6))
+    torch.library.opcheck(
+        torch.ops.mfnet_ext.masked_global_pool_backward.default,
+        (grad_pooled, random_masks(2, 11, 13, seed=14).to(device), 5, 6),
+    )
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -191,14 +199,24 @@ def test_non_contiguous_and_empty_inputs(cuda_ext, device):
     features = random_features((3, 8, 9, 10), seed=17, device=device)
     masks = random_masks(3, 30, 31, seed=18).to(device)
     channels_last = features.to(memory_format=torch.channels_last)
-    torch.testing.assert_close(mfnet_ext.masked_pooling.masked_global_pool(channels_last, masks),
-                               masked_global_pool_reference(features, masks), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        mfnet_ext.masked_pooling.masked_global_pool(channels_last, masks),
+        masked_global_pool_reference(features, masks),
+        rtol=1e-5,
+        atol=1e-6,
+    )
     transposed_masks = masks.transpose(1, 2).contiguous().transpose(1, 2)
-    torch.testing.assert_close(mfnet_ext.masked_pooling.masked_global_pool(features, transposed_masks),
-                               masked_global_pool_reference(features, masks), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        mfnet_ext.masked_pooling.masked_global_pool(features, transposed_masks),
+        masked_global_pool_reference(features, masks),
+        rtol=1e-5,
+        atol=1e-6,
+    )
     assert mfnet_ext.masked_pooling.masked_global_pool(features[:0], masks[:0]).shape == (0, 8)
     assert mfnet_ext.masked_pooling.masked_global_pool(features[:, :0], masks).shape == (3, 0)
-    empty_grad = mfnet_ext.masked_pooling.masked_global_pool_backward(features[:0, :, 0, 0], masks[:0], 9, 10)
+    empty_grad = mfnet_ext.masked_pooling.masked_global_pool_backward(
+        features[:0, :, 0, 0], masks[:0], 9, 10
+    )
     assert empty_grad.shape == (0, 8, 9, 10)
 
 
@@ -218,7 +236,7 @@ def side_stream_results(run, outputs_like: list[torch.Tensor]) -> list[torch.Ten
     torch.cuda._sleep(2_000_000_000)  # about a second on the default stream
     with torch.cuda.stream(side):
         outputs = run()
-        for host, out in zip(hosts, outputs):
+        for host, out in zip(hosts, outputs, strict=True):
             host.copy_(out, non_blocking=True)
         done = torch.cuda.Event()
         done.record(side)
@@ -241,8 +259,10 @@ def test_cuda_kernels_run_on_the_current_stream(cuda_ext):
     features = features.detach()
 
     def run():
-        return [mfnet_ext.masked_pooling.masked_global_pool(features, masks),
-                mfnet_ext.masked_pooling.masked_global_pool_backward(grad, masks, 60, 60)]
+        return [
+            mfnet_ext.masked_pooling.masked_global_pool(features, masks),
+            mfnet_ext.masked_pooling.masked_global_pool_backward(grad, masks, 60, 60),
+        ]
 
     out, grad_features = side_stream_results(run, [expected, expected_grad])
     torch.testing.assert_close(out, expected.cpu(), rtol=1e-5, atol=1e-6)
@@ -294,8 +314,9 @@ def test_bad_backward_inputs_are_clear_errors(cuda_ext):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_mixed_devices_are_a_clear_error(cuda_ext):
     with pytest.raises(RuntimeError, match="same device"):
-        mfnet_ext.masked_pooling.masked_global_pool(torch.zeros(2, 3, 4, 4, device="cuda"),
-                                         torch.ones(2, 8, 8, dtype=torch.bool))
+        mfnet_ext.masked_pooling.masked_global_pool(
+            torch.zeros(2, 3, 4, 4, device="cuda"), torch.ones(2, 8, 8, dtype=torch.bool)
+        )
 
 
 @pytest.mark.parametrize("impl", ["auto", "reference", "cuda"])
@@ -317,8 +338,10 @@ def test_auto_and_reference_on_cpu_are_exactly_the_reference(monkeypatch, impl):
     monkeypatch.setattr(mfnet_ext, "load", _must_not_load)
     features = random_features((2, 4, 6, 5), seed=23, device="cpu")
     masks = random_masks(2, 21, 18, seed=24)
-    assert torch.equal(masked_global_pool(features, masks, impl=impl),
-                       masked_global_pool_reference(features, masks))
+    assert torch.equal(
+        masked_global_pool(features, masks, impl=impl),
+        masked_global_pool_reference(features, masks),
+    )
 
 
 def test_cuda_impl_on_cpu_tensors_runs_the_cpu_kernel(cuda_ext, monkeypatch):
@@ -334,8 +357,9 @@ def test_cuda_impl_on_cpu_tensors_runs_the_cpu_kernel(cuda_ext, monkeypatch):
     masks = random_masks(2, 21, 18, seed=26)
     out = masked_global_pool(features, masks, impl="cuda")
     assert calls == [features.shape]
-    torch.testing.assert_close(out, masked_global_pool_reference(features, masks),
-                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        out, masked_global_pool_reference(features, masks), rtol=1e-5, atol=1e-6
+    )
 
 
 def test_cuda_impl_fails_loudly_when_the_extension_is_unavailable(monkeypatch):
@@ -346,8 +370,10 @@ def test_cuda_impl_fails_loudly_when_the_extension_is_unavailable(monkeypatch):
     features, masks = torch.zeros(1, 2, 3, 3), torch.ones(1, 6, 6, dtype=torch.bool)
     with pytest.raises(RuntimeError, match=r"impl='cuda'.*nvcc does not exist.*mfnet_ext build"):
         masked_global_pool(features, masks, impl="cuda")
-    assert torch.equal(masked_global_pool(features, masks, impl="auto"),
-                       masked_global_pool_reference(features, masks))
+    assert torch.equal(
+        masked_global_pool(features, masks, impl="auto"),
+        masked_global_pool_reference(features, masks),
+    )
 
 
 def test_auto_on_a_gpu_falls_back_to_the_reference_with_one_warning(monkeypatch, caplog):
@@ -383,8 +409,9 @@ def test_loader_names_a_missing_compiler(monkeypatch, tmp_path):
         _loader._build(tmp_path / "build", verbose=False)
 
 
-def test_loader_without_a_built_library_and_no_compile_names_the_build_command(monkeypatch,
-                                                                                tmp_path):
+def test_loader_without_a_built_library_and_no_compile_names_the_build_command(
+    monkeypatch, tmp_path
+):
     monkeypatch.setattr(_loader, "is_loaded", lambda: False)
     monkeypatch.setattr(_loader, "_import_aot", lambda: None)
     with pytest.raises(mfnet_ext.ExtensionUnavailable, match="python -m mfnet_ext build"):
@@ -457,16 +484,20 @@ def _train_losses(config) -> list[float]:
     return [float(row["loss"]) for row in read_log(checkpoint.parent / "log.csv")]
 
 
-def test_cpu_training_runs_the_cpp_kernels_only_when_selected(cuda_ext, tiny_config, tmp_path,
-                                                             monkeypatch):
+def test_cpu_training_runs_the_cpp_kernels_only_when_selected(
+    cuda_ext, tiny_config, tmp_path, monkeypatch
+):
     """ops="cuda" on the CPU trains through the extension's C++ CPU pooling kernel (its calls are
     counted) and matches the reference run; ops="auto" on the CPU never calls it."""
     import mfnet_ext
 
     calls = []
     kernel = mfnet_ext.masked_pooling.masked_global_pool
-    monkeypatch.setattr(mfnet_ext.masked_pooling, "masked_global_pool",
-                        lambda *args: calls.append(args[0].device.type) or kernel(*args))
+    monkeypatch.setattr(
+        mfnet_ext.masked_pooling,
+        "masked_global_pool",
+        lambda *args: calls.append(args[0].device.type) or kernel(*args),
+    )
     base = tiny_config.replace(device="cpu", pml_mode="off", dropout=0.0)
     selected = _train_losses(base.replace(ops="cuda", out=str(tmp_path / "cuda")))
     assert calls and set(calls) == {"cpu"}  # the C++ CPU kernel ran on every pooling call
@@ -475,8 +506,9 @@ def test_cpu_training_runs_the_cpp_kernels_only_when_selected(cuda_ext, tiny_con
     auto = _train_losses(base.replace(ops="auto", out=str(tmp_path / "auto")))
     assert not calls
     assert len(selected) == len(reference) == 4 and selected != [selected[0]] * 4
-    torch.testing.assert_close(torch.tensor(selected), torch.tensor(reference), rtol=1e-4,
-                               atol=1e-6)
+    torch.testing.assert_close(
+        torch.tensor(selected), torch.tensor(reference), rtol=1e-4, atol=1e-6
+    )
     assert auto == reference  # "auto" on the CPU is the reference, bit for bit
 
 
@@ -495,8 +527,9 @@ def test_training_with_ops_cuda_matches_the_reference(cuda_ext, tiny_config, tmp
     assert len(fused) == len(reference) == 4
     rtol = 1e-4 if device == "cpu" else 1e-3
     torch.testing.assert_close(torch.tensor(fused), torch.tensor(reference), rtol=rtol, atol=1e-6)
-    with_pml = _train_losses(tiny_config.replace(device=device, ops="cuda",
-                                                 out=str(tmp_path / "pml")))
+    with_pml = _train_losses(
+        tiny_config.replace(device=device, ops="cuda", out=str(tmp_path / "pml"))
+    )
     assert all(torch.isfinite(torch.tensor(with_pml)))
 
 

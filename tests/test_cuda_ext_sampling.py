@@ -93,12 +93,20 @@ def philox_np(counter, key):
 
 
 def uniform_np(words) -> np.ndarray:
-    odd = (((np.asarray(words, dtype=np.uint64) >> np.uint64(9)) << np.uint64(1)) | np.uint64(1))
+    odd = ((np.asarray(words, dtype=np.uint64) >> np.uint64(9)) << np.uint64(1)) | np.uint64(1)
     return odd.astype(np.float32) * np.float32(2.0**-24)
 
 
-_LOG_POLY = (-1.1514610310e-1, 1.1676998740e-1, -1.2420140846e-1, 1.4249322787e-1,
-             -1.6668057665e-1, 2.0000714765e-1, -2.4999993993e-1, 3.3333331174e-1)
+_LOG_POLY = (
+    -1.1514610310e-1,
+    1.1676998740e-1,
+    -1.2420140846e-1,
+    1.4249322787e-1,
+    -1.6668057665e-1,
+    2.0000714765e-1,
+    -2.4999993993e-1,
+    3.3333331174e-1,
+)
 
 
 def log_np(v: np.ndarray) -> np.ndarray:
@@ -140,8 +148,9 @@ def model_sampler(pred, target, n_cls, t_count, tau, spatial, seed, offset) -> T
     h, w = pred.shape[1:]
     s, o = seed % 2**64, offset % 2**64
     key = philox_np((o & 0xFFFFFFFF, o >> 32, *DOMAIN), (s & 0xFFFFFFFF, s >> 32))[:2]
-    bb, tt, qq = np.meshgrid(np.arange(b_count), np.arange(t_count), np.arange(pixels),
-                             indexing="ij")  # [B, T, L]
+    bb, tt, qq = np.meshgrid(
+        np.arange(b_count), np.arange(t_count), np.arange(pixels), indexing="ij"
+    )  # [B, T, L]
     words = philox_np((qq, tt, bb, np.zeros_like(qq)), key)
     not_q = (~qq.astype(np.uint64)) & MASK32
 
@@ -165,23 +174,30 @@ def model_sampler(pred, target, n_cls, t_count, tau, spatial, seed, offset) -> T
     n_best, negative = best(words[2], hn)
     valid = (a_best > 0) & (p_best > 0) & (n_best > 0)
     zero = np.zeros_like(anchor)
-    return TripletSample(*(torch.from_numpy(np.where(valid, i, zero)) for i in
-                           (anchor, positive, negative)), valid=torch.from_numpy(valid))
+    return TripletSample(
+        *(torch.from_numpy(np.where(valid, i, zero)) for i in (anchor, positive, negative)),
+        valid=torch.from_numpy(valid),
+    )
 
 
 # ---------------------------------------------------------------------------------- Philox
 KAT = [  # Random123 tests/kat_vectors, "philox4x32 10": counter[4] key[2] -> result[4]
     ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
     ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
-    ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
-     (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
+    (
+        (0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344),
+        (0xA4093822, 0x299F31D0),
+        (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1),
+    ),
 ]
 
 
 def random_counters(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
-    return (torch.randint(0, 2**32, (n, 4), generator=gen),
-            torch.randint(0, 2**32, (n, 2), generator=gen))
+    return (
+        torch.randint(0, 2**32, (n, 4), generator=gen),
+        torch.randint(0, 2**32, (n, 2), generator=gen),
+    )
 
 
 def test_philox_known_answers(fused) -> None:
@@ -222,8 +238,10 @@ def test_gumbel_variates(fused) -> None:
 
 # ---------------------------------------------------------------- layout, determinism, pools
 @pytest.mark.parametrize("spatial", [True, False])
-@pytest.mark.parametrize(("b", "h", "w", "n", "t"),
-                         [(2, 7, 11, 2, 20), (3, 1, 23, 1, 5), (2, 13, 1, 5, 20), (1, 6, 9, 5, 1)])
+@pytest.mark.parametrize(
+    ("b", "h", "w", "n", "t"),
+    [(2, 7, 11, 2, 20), (3, 1, 23, 1, 5), (2, 13, 1, 5, 20), (1, 6, 9, 5, 1)],
+)
 def test_matches_numpy_model_bit_for_bit(fused, spatial, b, h, w, n, t) -> None:
     for seed, offset in ((0, 0), (12345, 7), (-1, 2**40 + 3), (2**63 + 5, 2**64 - 1)):
         pred, target = random_scene(abs(seed) % 97, b, h, w, n)
@@ -238,12 +256,16 @@ def test_seed_and_offset_determinism(fused) -> None:
         a = draw(fused, pred, target, 2, 32, seed=5, spatial=spatial)
         assert same(a, draw(fused, pred, target, 2, 32, seed=5, spatial=spatial))
         assert a.valid.sum() > 10
-        for other in (draw(fused, pred, target, 2, 32, seed=6, spatial=spatial),
-                      draw(fused, pred, target, 2, 32, seed=5, offset=1, spatial=spatial)):
+        for other in (
+            draw(fused, pred, target, 2, 32, seed=6, spatial=spatial),
+            draw(fused, pred, target, 2, 32, seed=5, offset=1, spatial=spatial),
+        ):
             assert not torch.equal(a.anchor, other.anchor)
     # one stream of anchors for both modes, and seeds are taken modulo 2^64
-    assert torch.equal(draw(fused, pred, target, 2, 32, seed=5).anchor,
-                       draw(fused, pred, target, 2, 32, seed=5, spatial=False).anchor)
+    assert torch.equal(
+        draw(fused, pred, target, 2, 32, seed=5).anchor,
+        draw(fused, pred, target, 2, 32, seed=5, spatial=False).anchor,
+    )
     assert same(draw(fused, pred, target, 2, seed=-1), draw(fused, pred, target, 2, seed=2**64 - 1))
     # image b's draws do not depend on the other images of the batch
     full = draw(fused, pred, target, 2, 32, seed=9)
@@ -256,8 +278,13 @@ def check_invariants(s: TripletSample, pred: torch.Tensor, target: torch.Tensor,
     b_count, t_count = pred.shape[0], s.anchor.shape[1]
     assert s.anchor.dtype == s.positive.dtype == s.negative.dtype == torch.int64
     assert s.valid.dtype == torch.bool
-    assert s.anchor.shape == s.positive.shape == s.negative.shape == s.valid.shape == (
-        b_count, t_count)
+    assert (
+        s.anchor.shape
+        == s.positive.shape
+        == s.negative.shape
+        == s.valid.shape
+        == (b_count, t_count)
+    )
     pred, target = pred.cpu(), target.cpu()
     s = TripletSample(*(getattr(s, f).cpu() for f in FIELDS))
     v = s.valid
@@ -277,8 +304,9 @@ def check_invariants(s: TripletSample, pred: torch.Tensor, target: torch.Tensor,
         for c in range(1, n + 1):
             if ((p == c) & (t == c)).any():
                 anchored.append(c)
-                complete.append(bool(((t == c) & (p != c)).any()
-                                     and ((p == c) & (t != c) & (t != 255)).any()))
+                complete.append(
+                    bool(((t == c) & (p != c)).any() and ((p == c) & (t != c) & (t != 255)).any())
+                )
         if anchored and all(complete):
             assert v[i].all()
         if not any(complete):
@@ -290,9 +318,10 @@ def check_invariants(s: TripletSample, pred: torch.Tensor, target: torch.Tensor,
 
 
 @pytest.mark.parametrize("spatial", [True, False])
-@pytest.mark.parametrize(("b", "h", "w", "n", "t"),
-                         [(3, 7, 11, 2, 20), (2, 1, 31, 1, 20), (2, 17, 1, 2, 1), (4, 5, 6, 5, 20),
-                          (1, 1, 1, 1, 3)])
+@pytest.mark.parametrize(
+    ("b", "h", "w", "n", "t"),
+    [(3, 7, 11, 2, 20), (2, 1, 31, 1, 20), (2, 17, 1, 2, 1), (4, 5, 6, 5, 20), (1, 1, 1, 1, 3)],
+)
 def test_pool_invariants(fused, spatial, b, h, w, n, t) -> None:
     counts = {"valid": 0, "invalid": 0}
     for seed in range(12):
@@ -306,10 +335,10 @@ def test_pool_invariants(fused, spatial, b, h, w, n, t) -> None:
 
 
 def test_empty_pools_make_triplets_invalid(fused) -> None:
-    target = torch.tensor([[[2, 2, 0, 0],
-                            [1, 1, 0, 255]]])
-    pred = torch.tensor([[[2, 2, 0, 0],
-                          [1, 0, 0, 1]]])  # class 2: no HP; class 1: its only FP is on 255
+    target = torch.tensor([[[2, 2, 0, 0], [1, 1, 0, 255]]])
+    pred = torch.tensor(
+        [[[2, 2, 0, 0], [1, 0, 0, 1]]]
+    )  # class 2: no HP; class 1: its only FP is on 255
     s = draw(fused, pred, target, 2, 50, seed=3)
     assert not s.valid.any()
     assert torch.all(s.anchor == 0) and torch.all(s.positive == 0) and torch.all(s.negative == 0)
@@ -349,9 +378,8 @@ def exact_probabilities(pred: torch.Tensor, target: torch.Tensor, tau: float) ->
     for a in anchors:
         n = int(p[a])
         hp = [int(q) for q in torch.nonzero((t == n) & (p != n)).flatten()]
-        weights = [math.exp(-math.dist(divmod(a, w), divmod(q, w)) / (tau * max(h, w)))
-                   for q in hp]
-        out["positive"][a] = {q: wt / sum(weights) for q, wt in zip(hp, weights)}
+        weights = [math.exp(-math.dist(divmod(a, w), divmod(q, w)) / (tau * max(h, w))) for q in hp]
+        out["positive"][a] = {q: wt / sum(weights) for q, wt in zip(hp, weights, strict=True)}
         hn = [int(q) for q in torch.nonzero((p == n) & (t != n) & (t != 255)).flatten()]
         out["negative"][n] = {q: 1.0 / len(hn) for q in hn}
     return out
@@ -369,13 +397,16 @@ def goodness_of_fit(samples: TripletSample, pred: torch.Tensor, exact: dict) -> 
     anchors = sorted(exact["anchor"])
     observed = [a.count(q) for q in anchors]
     assert sum(observed) == len(a)  # nothing outside the anchor pool
-    result["anchor"] = stats.chisquare(observed, [len(a) * exact["anchor"][q]
-                                                  for q in anchors]).pvalue
-    for name, draws, given, table in (("positive", pos, a, exact["positive"]),
-                                      ("negative", neg, cls, exact["negative"])):
+    result["anchor"] = stats.chisquare(
+        observed, [len(a) * exact["anchor"][q] for q in anchors]
+    ).pvalue
+    for name, draws, given, table in (
+        ("positive", pos, a, exact["positive"]),
+        ("negative", neg, cls, exact["negative"]),
+    ):
         total, dof = 0.0, 0
         for cond, probs in table.items():
-            picked = [d for d, g in zip(draws, given) if g == cond]
+            picked = [d for d, g in zip(draws, given, strict=True) if g == cond]
             counts = np.array([picked.count(q) for q in sorted(probs)], dtype=np.float64)
             assert counts.sum() == len(picked)  # nothing outside the pool
             expected = len(picked) * np.array([probs[q] for q in sorted(probs)])
@@ -388,9 +419,16 @@ def goodness_of_fit(samples: TripletSample, pred: torch.Tensor, exact: dict) -> 
 def homogeneity(first: TripletSample, second: TripletSample) -> float:
     """chi-square p-value that two samples of joint (anchor, positive, negative) outcomes come
     from one distribution."""
+
     def codes(s: TripletSample) -> list[tuple[int, int, int]]:
-        return list(zip(s.anchor.flatten().tolist(), s.positive.flatten().tolist(),
-                        s.negative.flatten().tolist()))
+        return list(
+            zip(
+                s.anchor.flatten().tolist(),
+                s.positive.flatten().tolist(),
+                s.negative.flatten().tolist(),
+                strict=True,
+            )
+        )
 
     c1, c2 = Counter(codes(first)), Counter(codes(second))
     outcomes = sorted(set(c1) | set(c2))
@@ -405,18 +443,23 @@ REF_SEEDS, REF_BATCH = 300, 10
 
 
 def fused_draws(fused, device: str) -> TripletSample:
-    pred, target = (x.expand(DIST_BATCH, -1, -1).contiguous().to(device)
-                    for x in distribution_scene())
-    runs = [draw(fused, pred, target, 2, DIST_T, seed=seed, tau=DIST_TAU)
-            for seed in range(DIST_SEEDS)]
+    pred, target = (
+        x.expand(DIST_BATCH, -1, -1).contiguous().to(device) for x in distribution_scene()
+    )
+    runs = [
+        draw(fused, pred, target, 2, DIST_T, seed=seed, tau=DIST_TAU) for seed in range(DIST_SEEDS)
+    ]
     return TripletSample(*(torch.cat([getattr(r, f).cpu() for r in runs]) for f in FIELDS))
 
 
 def reference_draws() -> TripletSample:
     pred, target = (x.expand(REF_BATCH, -1, -1) for x in distribution_scene())
-    runs = [sample_triplets_reference(pred, target, 2, DIST_T, tau=DIST_TAU,
-                                      generator=torch.Generator().manual_seed(seed))
-            for seed in range(REF_SEEDS)]
+    runs = [
+        sample_triplets_reference(
+            pred, target, 2, DIST_T, tau=DIST_TAU, generator=torch.Generator().manual_seed(seed)
+        )
+        for seed in range(REF_SEEDS)
+    ]
     return TripletSample(*(torch.cat([getattr(r, f) for r in runs]) for f in FIELDS))
 
 
@@ -441,8 +484,10 @@ def test_distribution_matches_exact_and_reference(fused) -> None:
 
 def test_random_mode_positive_is_uniform(fused) -> None:
     pred, target = (x.expand(DIST_BATCH, -1, -1).contiguous() for x in distribution_scene())
-    runs = [draw(fused, pred, target, 2, DIST_T, seed=seed, spatial=False)
-            for seed in range(DIST_SEEDS // 3)]
+    runs = [
+        draw(fused, pred, target, 2, DIST_T, seed=seed, spatial=False)
+        for seed in range(DIST_SEEDS // 3)
+    ]
     s = TripletSample(*(torch.cat([getattr(r, f) for r in runs]) for f in FIELDS))
     exact = exact_probabilities(pred[0], target[0], 1.0)
     exact["positive"] = {a: {q: 1.0 / len(ps) for q in ps} for a, ps in exact["positive"].items()}
@@ -454,10 +499,19 @@ def test_random_mode_positive_is_uniform(fused) -> None:
 def test_impl_cuda_on_cpu_runs_the_twin_with_the_generators_seed(fused) -> None:
     pred, target = random_scene(4, 3, 9, 10, 2)
     for mode in ("spatial", "random"):
-        got = sample_triplets(pred, target, 2, 16, mode, tau=0.2,
-                              generator=torch.Generator().manual_seed(11), impl="cuda")
-        seed = int(torch.randint(0, 2**63 - 1, (1,),
-                                 generator=torch.Generator().manual_seed(11)).item())
+        got = sample_triplets(
+            pred,
+            target,
+            2,
+            16,
+            mode,
+            tau=0.2,
+            generator=torch.Generator().manual_seed(11),
+            impl="cuda",
+        )
+        seed = int(
+            torch.randint(0, 2**63 - 1, (1,), generator=torch.Generator().manual_seed(11)).item()
+        )
         want = draw(fused, pred, target, 2, 16, seed, 0, mode == "spatial", tau=0.2)
         assert same(got, want)
         check_invariants(got, pred, target, 2)
@@ -477,13 +531,23 @@ def test_impl_cuda_on_cpu_runs_the_twin_with_the_generators_seed(fused) -> None:
 def test_impl_auto_on_cpu_is_the_reference(mode: str) -> None:
     pred, target = random_scene(5, 2, 8, 7, 2)
     emb = torch.randn(2, 3, 8, 7, generator=torch.Generator().manual_seed(0))
-    got = sample_triplets(pred, target, 2, 12, mode, generator=torch.Generator().manual_seed(8),
-                          embedding=emb)
-    want = sample_triplets_reference(pred, target, 2, 12, mode,
-                                     generator=torch.Generator().manual_seed(8), embedding=emb)
+    got = sample_triplets(
+        pred, target, 2, 12, mode, generator=torch.Generator().manual_seed(8), embedding=emb
+    )
+    want = sample_triplets_reference(
+        pred, target, 2, 12, mode, generator=torch.Generator().manual_seed(8), embedding=emb
+    )
     assert same(got, want)
-    ref = sample_triplets(pred, target, 2, 12, mode, generator=torch.Generator().manual_seed(8),
-                          embedding=emb, impl="reference")
+    ref = sample_triplets(
+        pred,
+        target,
+        2,
+        12,
+        mode,
+        generator=torch.Generator().manual_seed(8),
+        embedding=emb,
+        impl="reference",
+    )
     assert same(ref, want)
 
 
@@ -516,8 +580,11 @@ def test_impl_cuda_fails_loudly_without_the_extension(monkeypatch) -> None:
 
 @pytest.mark.parametrize(("kwargs", "message"), BAD_INPUTS)
 def test_impl_cuda_validates_like_the_reference(fused, kwargs: dict, message: str) -> None:
-    args = {"pred": torch.zeros(1, 3, 3, dtype=torch.int64),
-            "target": torch.zeros(1, 3, 3, dtype=torch.int64), "num_classes": 2}
+    args = {
+        "pred": torch.zeros(1, 3, 3, dtype=torch.int64),
+        "target": torch.zeros(1, 3, 3, dtype=torch.int64),
+        "num_classes": 2,
+    }
     args.update(kwargs)
     with pytest.raises(ValueError, match=message):
         sample_triplets_reference(**args)
@@ -530,8 +597,15 @@ def test_check_labels_false_skips_only_the_value_checks(fused) -> None:
     target = torch.tensor([[[1, 3, 1], [0, 7, 255]]])
     with pytest.raises(ValueError, match="pred values"):
         sample_triplets(pred, target, 2, impl="cuda")
-    s = sample_triplets(pred, target, 2, 30, impl="cuda", check_labels=False,
-                        generator=torch.Generator().manual_seed(0))
+    s = sample_triplets(
+        pred,
+        target,
+        2,
+        30,
+        impl="cuda",
+        check_labels=False,
+        generator=torch.Generator().manual_seed(0),
+    )
     # pixel 1 (pred = target = 3) is no anchor: anchors need 1 <= pred <= N
     assert torch.all(s.anchor[s.valid] != 1) and s.valid.any()
     with pytest.raises(ValueError, match="int64"):
@@ -563,14 +637,16 @@ def test_seed_and_offset_needs_the_labels_device(fused) -> None:
         fused.seed_and_offset(torch.Generator(), "cuda")
     gen = torch.Generator().manual_seed(1)
     seed, offset = fused.seed_and_offset(gen, "cpu")
-    assert offset == 0 and seed == int(torch.randint(
-        0, 2**63 - 1, (1,), generator=torch.Generator().manual_seed(1)).item())
+    assert offset == 0 and seed == int(
+        torch.randint(0, 2**63 - 1, (1,), generator=torch.Generator().manual_seed(1)).item()
+    )
 
 
 def test_opcheck_schema_and_fake_kernels(fused) -> None:
     pred, target = random_scene(3, 2, 5, 7, 2)
-    torch.library.opcheck(torch.ops.mfnet_ext.sample_triplets.default,
-                          (pred, target, 2, 6, 0.1, True, 1, 2))
+    torch.library.opcheck(
+        torch.ops.mfnet_ext.sample_triplets.default, (pred, target, 2, 6, 0.1, True, 1, 2)
+    )
     counter, key = random_counters(8)
     torch.library.opcheck(torch.ops.mfnet_ext.philox_debug.default, (counter, key))
 
@@ -593,11 +669,17 @@ def test_cuda_philox_and_gumbel_equal_the_cpu(fused) -> None:
 @pytest.mark.cuda
 @needs_cuda
 @pytest.mark.parametrize("spatial", [True, False])
-@pytest.mark.parametrize(("b", "h", "w", "n", "t"),
-                         [(3, 7, 11, 2, 20),  # 77 pixels: 128-thread blocks
-                          (2, 1, 300, 1, 20), (2, 23, 29, 5, 33),  # 256-thread blocks
-                          (4, 60, 60, 2, 20), (1, 97, 101, 3, 5),  # 1024-thread blocks
-                          (1, 1, 1, 1, 3)])
+@pytest.mark.parametrize(
+    ("b", "h", "w", "n", "t"),
+    [
+        (3, 7, 11, 2, 20),  # 77 pixels: 128-thread blocks
+        (2, 1, 300, 1, 20),
+        (2, 23, 29, 5, 33),  # 256-thread blocks
+        (4, 60, 60, 2, 20),
+        (1, 97, 101, 3, 5),  # 1024-thread blocks
+        (1, 1, 1, 1, 3),
+    ],
+)
 def test_cuda_equals_cpu_twin_bit_for_bit(fused, spatial, b, h, w, n, t) -> None:
     for seed, offset in ((0, 0), (987654321, 3), (-5, 2**50)):
         pred, target = random_scene(abs(seed) % 11, b, h, w, n)
@@ -606,8 +688,10 @@ def test_cuda_equals_cpu_twin_bit_for_bit(fused, spatial, b, h, w, n, t) -> None
         assert gpu.anchor.is_cuda and same(cpu, gpu), (seed, offset)
         check_invariants(gpu, pred, target, n)
     if h * w <= 100:
-        assert same(draw(fused, pred.cuda(), target.cuda(), n, t, 1, 2, spatial),
-                    model_sampler(pred, target, n, t, 0.1, spatial, 1, 2))
+        assert same(
+            draw(fused, pred.cuda(), target.cuda(), n, t, 1, 2, spatial),
+            model_sampler(pred, target, n, t, 0.1, spatial, 1, 2),
+        )
 
 
 @pytest.mark.cuda
@@ -618,9 +702,10 @@ def test_cuda_sampler_runs_on_the_current_stream(fused) -> None:
     pred, target = random_scene(4, 4, 60, 60, 2)
     cpu = draw(fused, pred, target, 2, 20, 7, 0)
     pred, target = pred.cuda(), target.cuda()
-    results = side_stream_results(lambda: list(fused.sample_triplets(pred, target, 2, 20, 0.1,
-                                                                     True, 7, 0)),
-                                  [getattr(cpu, f) for f in FIELDS])
+    results = side_stream_results(
+        lambda: list(fused.sample_triplets(pred, target, 2, 20, 0.1, True, 7, 0)),
+        [getattr(cpu, f) for f in FIELDS],
+    )
     assert cpu.valid.any()  # some triplets exist, so equality is not between empty draws
     assert same(cpu, TripletSample(*results))
 

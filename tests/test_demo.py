@@ -44,8 +44,20 @@ def demo_dir(tmp_path_factory) -> Path:
 
 
 def _segment(engines, support, source, output, *extra) -> int:
-    args = ["segment", "--engines", str(engines), "--support", str(support), "--input",
-            str(source), "--backend", "onnxruntime", "--device", "cpu", "--no-progress"]
+    args = [
+        "segment",
+        "--engines",
+        str(engines),
+        "--support",
+        str(support),
+        "--input",
+        str(source),
+        "--backend",
+        "onnxruntime",
+        "--device",
+        "cpu",
+        "--no-progress",
+    ]
     return cli.main(args + (["--output", str(output)] if output is not None else []) + list(extra))
 
 
@@ -64,7 +76,10 @@ def test_demo_looks_are_the_benchmarks_novel_classes_of_fold_0() -> None:
     for name, look in LOOKS.items():
         style = class_style(look.class_id)
         assert (style.family, style.frequency, style.orientation) == (
-            name, look.frequency, look.orientation)
+            name,
+            look.frequency,
+            look.orientation,
+        )
         assert style.hue == pytest.approx(look.hue)
         np.testing.assert_allclose(look.colours[0], style.colour_a, atol=1e-6)
         np.testing.assert_allclose(look.colours[1], style.colour_b, atol=1e-6)
@@ -128,14 +143,17 @@ def test_demo_flow_end_to_end(engines, demo_dir, tmp_path, capsys) -> None:
     """demo -> segment the video and the images with the printed SPEC (a tiny export)."""
     pytest.importorskip("cv2")
     assert (demo_dir / "video.mp4").is_file()
-    assert _segment(engines, demo_dir / "support", demo_dir / "video.mp4",
-                    tmp_path / "segmented.mp4") == 0
+    assert (
+        _segment(engines, demo_dir / "support", demo_dir / "video.mp4", tmp_path / "segmented.mp4")
+        == 0
+    )
     assert "frames: 12 " in capsys.readouterr().out
     assert (tmp_path / "segmented.mp4").stat().st_size > 0
     assert _segment(engines, demo_dir / "support", demo_dir / "images", tmp_path / "labels") == 0
     names = sorted(p.name for p in (tmp_path / "labels").iterdir())
-    assert names == sorted([f"query{i:02d}.png" for i in range(6)]
-                           + [f"query{i:02d}_overlay.png" for i in range(6)])
+    assert names == sorted(
+        [f"query{i:02d}.png" for i in range(6)] + [f"query{i:02d}_overlay.png" for i in range(6)]
+    )
     labels = np.asarray(Image.open(tmp_path / "labels" / "query00.png"))
     assert labels.shape == (144, 192) and set(np.unique(labels)) <= {0, 1, 2}
 
@@ -152,13 +170,17 @@ def test_single_image_to_a_png_path(engines, segmenter, demo_dir, tmp_path) -> N
     np.testing.assert_array_equal(np.asarray(Image.open(out)), expected)
 
 
-@pytest.mark.parametrize("output, expected", [
-    ("out.gif", "unknown output extension '.gif'"),
-    ("out.jpg", "losslessly"),
-    ("out.v2", "unknown output extension"),
-])
-def test_unknown_output_extensions_are_errors(engines, demo_dir, tmp_path, capsys, output,
-                                              expected) -> None:
+@pytest.mark.parametrize(
+    "output, expected",
+    [
+        ("out.gif", "unknown output extension '.gif'"),
+        ("out.jpg", "losslessly"),
+        ("out.v2", "unknown output extension"),
+    ],
+)
+def test_unknown_output_extensions_are_errors(
+    engines, demo_dir, tmp_path, capsys, output, expected
+) -> None:
     image = demo_dir / "images" / "query01.png"
     assert _segment(engines, demo_dir / "support", image, tmp_path / output) == 2
     assert expected in _error(capsys)
@@ -170,8 +192,9 @@ def test_an_image_path_output_needs_a_single_image(engines, demo_dir, tmp_path, 
     assert "is an image file but the input has 6 frames" in _error(capsys)
 
 
-def test_smooth_labels_are_the_argmax_of_upsampled_probabilities(engines, segmenter, demo_dir,
-                                                                  tmp_path) -> None:
+def test_smooth_labels_are_the_argmax_of_upsampled_probabilities(
+    engines, segmenter, demo_dir, tmp_path
+) -> None:
     image = demo_dir / "images" / "query00.png"  # 192 x 144, larger than the 48 px input
     support = segmenter.encode_support(load_support_spec(demo_dir / "support"))
     assert _segment(engines, demo_dir / "support", image, tmp_path / "s.png") == 0  # default
@@ -189,8 +212,10 @@ def test_smooth_leaves_frames_at_network_size_alone(segmenter, demo_dir) -> None
     frame = np.asarray(Image.open(demo_dir / "images" / "query00.png").resize((48, 36)))
     batch, geometry = segmenter.prepare_frames([frame])
     labels, probabilities = segmenter.decode_with_probabilities(batch, support)
-    np.testing.assert_array_equal(segmenter.restore_smooth(probabilities[0], geometry[0]),
-                                  segmenter.restore_labels(labels[0], geometry[0]))
+    np.testing.assert_array_equal(
+        segmenter.restore_smooth(probabilities[0], geometry[0]),
+        segmenter.restore_labels(labels[0], geometry[0]),
+    )
 
 
 def test_progress_without_a_terminal_writes_whole_lines() -> None:
@@ -223,15 +248,16 @@ def test_the_legend_scales_with_the_frame(height, width) -> None:
 
 def test_the_thread_option_reaches_onnx_runtime(engines, demo_dir, tmp_path, capsys) -> None:
     for threads in (1, 3):
-        with Segmenter.load(engines, backend="onnxruntime", device="cpu",
-                            threads=threads) as loaded:
+        with Segmenter.load(
+            engines, backend="onnxruntime", device="cpu", threads=threads
+        ) as loaded:
             support = loaded.encode_support(load_support_spec(demo_dir / "support"))
             loaded.segment(np.zeros((48, 48, 3), np.uint8), support)
             sessions = loaded._backend._sessions
             assert set(sessions) >= {"support_encoder", "query_decoder"}
-            assert {s.get_session_options().intra_op_num_threads
-                    for s in sessions.values()} == {threads}
+            assert {s.get_session_options().intra_op_num_threads for s in sessions.values()} == {
+                threads
+            }
             assert loaded.threads == threads
-    assert _segment(engines, demo_dir / "support", demo_dir / "images", None,
-                    "--threads", "2") == 0
+    assert _segment(engines, demo_dir / "support", demo_dir / "images", None, "--threads", "2") == 0
     assert "threads: 2 (" in capsys.readouterr().out

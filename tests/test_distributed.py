@@ -10,9 +10,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from mfnet.protocol import run_protocol
 from mfnet.metrics import FewShotMeter
 from mfnet.model.build import build_mfnet
+from mfnet.protocol import run_protocol
 from mfnet.training import loop
 from mfnet.training.distributed import DistContext, init_distributed, shard_indices
 
@@ -25,9 +25,14 @@ def test_shard_indices_partition_the_episodes() -> None:
 
 def test_meter_state_merge_equals_one_meter_over_all_episodes() -> None:
     generator = torch.Generator().manual_seed(0)
-    episodes = [(torch.randint(0, 3, (2, 8, 8), generator=generator),
-                 torch.randint(0, 3, (2, 8, 8), generator=generator), classes)
-                for classes in ([1, 2], [3, 1], [2, 3], [1, 3])]
+    episodes = [
+        (
+            torch.randint(0, 3, (2, 8, 8), generator=generator),
+            torch.randint(0, 3, (2, 8, 8), generator=generator),
+            classes,
+        )
+        for classes in ([1, 2], [3, 1], [2, 3], [1, 3])
+    ]
     whole, first, second = FewShotMeter([1, 2, 3]), FewShotMeter([1, 2, 3]), FewShotMeter([1, 2, 3])
     for i, (pred, target, classes) in enumerate(episodes):
         whole.update(pred, target, classes)
@@ -47,8 +52,13 @@ def _free_port() -> int:
 
 
 def _worker(rank: int, world: int, port: int, config, out_dir: str) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
     torch.set_num_threads(1)
     context = init_distributed("cpu")
     assert dist.get_backend() == "gloo"  # CPU processes, also on a machine with GPUs
@@ -63,17 +73,28 @@ def _worker(rank: int, world: int, port: int, config, out_dir: str) -> None:
     loop.shard_indices = recording
     try:
         model, _ = loop.train(config, progress=False, context=context)
-        results = run_protocol({"MFNet": model}, config, torch.device("cpu"), progress=False,
-                               context=context)
-        torch.save({"params": model.state_dict(), "seen": seen,
-                    "runs": list(results["MFNet"].runs)}, f"{out_dir}/rank{rank}.pt")
+        results = run_protocol(
+            {"MFNet": model}, config, torch.device("cpu"), progress=False, context=context
+        )
+        torch.save(
+            {"params": model.state_dict(), "seen": seen, "runs": list(results["MFNet"].runs)},
+            f"{out_dir}/rank{rank}.pt",
+        )
     finally:
         dist.destroy_process_group()
 
 
 def test_two_process_ddp_trains_in_sync_on_disjoint_episodes(tiny_config, tmp_path) -> None:
-    config = tiny_config.replace(device="cpu", epochs=2, episodes_per_epoch=16, batch_size=2, eval_batch_size=1,
-                                 eval_runs=2, eval_episodes=5)  # 5: uneven shards (3 + 2)
+    # eval_episodes=5: uneven shards (3 + 2)
+    config = tiny_config.replace(
+        device="cpu",
+        epochs=2,
+        episodes_per_epoch=16,
+        batch_size=2,
+        eval_batch_size=1,
+        eval_runs=2,
+        eval_episodes=5,
+    )
     mp.spawn(_worker, args=(2, _free_port(), config, str(tmp_path)), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
     for name, value in ranks[0]["params"].items():
@@ -86,8 +107,9 @@ def test_two_process_ddp_trains_in_sync_on_disjoint_episodes(tiny_config, tmp_pa
 
     model = build_mfnet(config.model)
     model.load_state_dict(ranks[0]["params"])
-    single = run_protocol({"MFNet": model.eval()}, config, torch.device("cpu"), progress=False,
-                          context=DistContext())
+    single = run_protocol(
+        {"MFNet": model.eval()}, config, torch.device("cpu"), progress=False, context=DistContext()
+    )
     assert repr(list(single["MFNet"].runs)) == repr(ranks[0]["runs"])  # sharded == one process
     checkpoint = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
     assert checkpoint["world_size"] == 2 and len(checkpoint["rng"]) == 2

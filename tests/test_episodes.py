@@ -102,7 +102,7 @@ def test_test_episodes_only_use_novel_classes() -> None:
     source, ds = _recorded(1, "test", way=2, shot=1, n=6)
     for i in range(len(ds)):
         ds[i]
-    for present, distractors, label in source.calls:
+    for _present, _distractors, label in source.calls:
         assert set(np.unique(label).tolist()) - {0, 255} <= set(novel_classes(1))
 
 
@@ -223,8 +223,9 @@ class _TinyObjectSource:
 def test_support_shots_that_vanish_at_feature_resolution_are_redrawn() -> None:
     # At 48 px and feature side 3 the bilinear samples are 23.5 px apart: many small objects
     # would vanish, and every kept shot must still weigh at least one feature cell.
-    episodes = synthetic_episodes(fold=0, split="train", way=2, shot=2, num_episodes=30, seed=1,
-                                  image_size=48, feature_size=3)
+    episodes = synthetic_episodes(
+        fold=0, split="train", way=2, shot=2, num_episodes=30, seed=1, image_size=48, feature_size=3
+    )
     for index in range(len(episodes)):
         masks = episodes[index]["support_masks"].flatten(0, 1) == 1  # [N*K, H, W]
         assert bool((mask_area(masks, (3, 3)) >= 1.0).all())

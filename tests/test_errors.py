@@ -21,21 +21,26 @@ from export import to_onnx as to_onnx_cli
 from export import to_trt as to_trt_cli
 from export import verify as verify_cli
 from fault_fixtures import (
-    disk_full, one_error_line, snapshot, tiny_config, usage_error, valid_manifest,
-    write_checkpoint, write_manifest,
+    disk_full,
+    one_error_line,
+    snapshot,
+    tiny_config,
+    usage_error,
+    valid_manifest,
+    write_checkpoint,
+    write_manifest,
 )
 from mfnet import evaluate as evaluate_cli
 from mfnet import predict as predict_cli
 from mfnet import train as train_cli
-from mfnet.checkpoint import CheckpointError, model_from_checkpoint
+from mfnet.checkpoint import CheckpointError, model_from_checkpoint, save_checkpoint
 from mfnet.config import Config, ConfigError
 from mfnet.data.errors import DatasetError
+from mfnet.device import DeviceUnavailable, resolve_device
 from mfnet.errors import MFNET_ERRORS, mfnet_command
 from mfnet.export import onnx_export
 from mfnet.export.onnx_export import ExportError, ExportLimits, export_onnx
 from mfnet.model.backbone import WeightsUnavailableError, build_backbone
-from mfnet.device import DeviceUnavailable, resolve_device
-from mfnet.checkpoint import save_checkpoint
 from mfnet_runtime import cli as runtime_cli
 from mfnet_runtime.atomic import atomic_write_bytes
 from mfnet_runtime.boundary import command_boundary, error_line, scrub_unsafe_advice
@@ -46,10 +51,26 @@ from mfnet_runtime.spec import load_support_spec
 from mfnet_runtime.video import require_cv2
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "errors.md"
-TRAIN_TINY = ["--image-size", "48", "--channels", "16", "--epochs", "1",
-              "--episodes-per-epoch", "4", "--batch-size", "2", "--workers", "0",
-              "--pml-start-epoch", "0",  # PML on: no warning on stderr beside the error line
-              "--no-evaluate", "--no-progress", "--visuals", "0"]
+TRAIN_TINY = [
+    "--image-size",
+    "48",
+    "--channels",
+    "16",
+    "--epochs",
+    "1",
+    "--episodes-per-epoch",
+    "4",
+    "--batch-size",
+    "2",
+    "--workers",
+    "0",
+    "--pml-start-epoch",
+    "0",  # PML on: no warning on stderr beside the error line
+    "--no-evaluate",
+    "--no-progress",
+    "--visuals",
+    "0",
+]
 
 
 class Evil:
@@ -70,10 +91,11 @@ def case_checkpoint_missing(tmp_path, capsys, monkeypatch):
 def case_checkpoint_directory(tmp_path, capsys, monkeypatch):
     with pytest.raises(CheckpointError, match="is a directory, expected a file"):
         model_from_checkpoint(tmp_path)
-    for main, argv in ((evaluate_cli.main, ["--checkpoint", str(tmp_path)]),
-                       (to_onnx_cli.main, ["--checkpoint", str(tmp_path), "--out",
-                                           str(tmp_path / "out")]),
-                       (train_cli.main, ["--resume", str(tmp_path)])):
+    for main, argv in (
+        (evaluate_cli.main, ["--checkpoint", str(tmp_path)]),
+        (to_onnx_cli.main, ["--checkpoint", str(tmp_path), "--out", str(tmp_path / "out")]),
+        (train_cli.main, ["--resume", str(tmp_path)]),
+    ):
         assert "is a directory, expected a file" in usage_error(main, argv, capsys)
 
 
@@ -113,8 +135,9 @@ def case_checkpoint_state_dict(tmp_path, capsys, monkeypatch):
     config = tiny_config()
     config["model"]["channels"] = 32  # the weights are of a 16-channel model
     path = write_checkpoint(tmp_path / "mismatch.pt", config)
-    with pytest.raises(CheckpointError, match="does not match its own config: .*tensors of "
-                                              "another shape") as raised:
+    with pytest.raises(
+        CheckpointError, match="does not match its own config: .*tensors of another shape"
+    ) as raised:
         model_from_checkpoint(path)
     assert len(str(raised.value).splitlines()) == 1 and len(str(raised.value)) < 600
     bare = write_checkpoint(tmp_path / "bare.pt", state=torch.zeros(3))
@@ -158,26 +181,91 @@ def case_usage(tmp_path, capsys, monkeypatch):
         (train_cli.main, ["--way", "two"], "expected int"),
         (train_cli.main, ["--lr", "nan"], "finite number"),
         (evaluate_cli.main, ["--checkpoint", "x.pt", "--folds", "0,7"], "folds must be"),
-        (evaluate_cli.main, ["--checkpoint", "x.pt", "--json", str(tmp_path)],
-         "is a directory, expected a file"),
-        (to_onnx_cli.main, ["--checkpoint", "x.pt", "--out", str(file)],
-         "is a file, expected a directory"),
-        (to_onnx_cli.main, ["--checkpoint", "x.pt", "--out", "o", "--max-batch", "0"],
-         "must be >= 1"),
+        (
+            evaluate_cli.main,
+            ["--checkpoint", "x.pt", "--json", str(tmp_path)],
+            "is a directory, expected a file",
+        ),
+        (
+            to_onnx_cli.main,
+            ["--checkpoint", "x.pt", "--out", str(file)],
+            "is a file, expected a directory",
+        ),
+        (
+            to_onnx_cli.main,
+            ["--checkpoint", "x.pt", "--out", "o", "--max-batch", "0"],
+            "must be >= 1",
+        ),
         (to_trt_cli.main, ["--onnx-dir", str(file)], "is a file, expected a directory"),
         (to_trt_cli.main, ["--onnx-dir", str(tmp_path), "--opt-batch", "0"], "must be >= 1"),
-        (verify_cli.main, ["--dir", str(tmp_path), "--checkpoint", str(tmp_path)],
-         "is a directory, expected a file"),
-        (runtime_cli.main, ["segment", "--engines", str(tmp_path), "--support", "s",
-                            "--input", "0", "--batch-size", "0"], "must be >= 1"),
-        (runtime_cli.main, ["segment", "--engines", str(tmp_path), "--support", "s",
-                            "--input", "0", "--alpha", "1.5"], "must be <= 1"),
-        (runtime_cli.main, ["segment", "--engines", str(tmp_path), "--load-support",
-                            str(tmp_path), "--input", "0"], "is a directory, expected a file"),
-        (runtime_cli.main, ["segment", "--engines", str(tmp_path), "--support", "s", "--input",
-                            "0", "--output", str(file / "frames")], "is a file"),
-        (predict_cli.main, ["--checkpoint", str(tmp_path), "--support", "s", "--input", "0"],
-         "is a directory, expected a file"),
+        (
+            verify_cli.main,
+            ["--dir", str(tmp_path), "--checkpoint", str(tmp_path)],
+            "is a directory, expected a file",
+        ),
+        (
+            runtime_cli.main,
+            [
+                "segment",
+                "--engines",
+                str(tmp_path),
+                "--support",
+                "s",
+                "--input",
+                "0",
+                "--batch-size",
+                "0",
+            ],
+            "must be >= 1",
+        ),
+        (
+            runtime_cli.main,
+            [
+                "segment",
+                "--engines",
+                str(tmp_path),
+                "--support",
+                "s",
+                "--input",
+                "0",
+                "--alpha",
+                "1.5",
+            ],
+            "must be <= 1",
+        ),
+        (
+            runtime_cli.main,
+            [
+                "segment",
+                "--engines",
+                str(tmp_path),
+                "--load-support",
+                str(tmp_path),
+                "--input",
+                "0",
+            ],
+            "is a directory, expected a file",
+        ),
+        (
+            runtime_cli.main,
+            [
+                "segment",
+                "--engines",
+                str(tmp_path),
+                "--support",
+                "s",
+                "--input",
+                "0",
+                "--output",
+                str(file / "frames"),
+            ],
+            "is a file",
+        ),
+        (
+            predict_cli.main,
+            ["--checkpoint", str(tmp_path), "--support", "s", "--input", "0"],
+            "is a directory, expected a file",
+        ),
     ]
     for main, argv, expected in cases:
         assert expected in usage_error(main, argv, capsys), (argv, expected)
@@ -205,8 +293,9 @@ def case_export_sizes(tmp_path, capsys, monkeypatch):
         with pytest.raises(ValueError, match=f"{field} must be an integer >= 1"):
             ExportLimits(**{field: 0})
     for option in ("--max-batch", "--max-support", "--max-shots"):
-        message = usage_error(to_onnx_cli.main, ["--checkpoint", "c.pt", "--out", "o", option,
-                                                 "0"], capsys)
+        message = usage_error(
+            to_onnx_cli.main, ["--checkpoint", "c.pt", "--out", "o", option, "0"], capsys
+        )
         assert option in message and "must be >= 1" in message
 
 
@@ -215,25 +304,35 @@ def case_export_dependency(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "onnx", None)  # import onnx now raises ImportError
     with pytest.raises(MissingDependencyError, match=r"pip install 'mfnet\[export\]'"):
         export_onnx(checkpoint, tmp_path / "out")
-    assert to_onnx_cli.main(["--checkpoint", str(checkpoint), "--out",
-                             str(tmp_path / "out")]) == 2
+    assert to_onnx_cli.main(["--checkpoint", str(checkpoint), "--out", str(tmp_path / "out")]) == 2
     assert "pip install 'mfnet[export]'" in one_error_line(capsys)
     assert not (tmp_path / "out").exists()
 
 
 def case_export_verification(tmp_path, capsys, monkeypatch):
     checkpoint = write_checkpoint(tmp_path / "model.pt")
-    monkeypatch.setattr(onnx_export, "_export_graph",
-                        lambda module, args, path, *rest: path.write_bytes(b"graph"))
+    monkeypatch.setattr(
+        onnx_export, "_export_graph", lambda module, args, path, *rest: path.write_bytes(b"graph")
+    )
     from mfnet.export import verify
 
-    monkeypatch.setattr(verify, "verify_export", lambda *a, **k: {
-        "passed": False, "text": "ok   a.onnx\nFAIL query_decoder.fp32.onnx [random] x"})
+    monkeypatch.setattr(
+        verify,
+        "verify_export",
+        lambda *a, **k: {
+            "passed": False,
+            "text": "ok   a.onnx\nFAIL query_decoder.fp32.onnx [random] x",
+        },
+    )
     out = tmp_path / "out"
     with pytest.raises(ExportError, match="FAIL query_decoder.fp32.onnx"):
         export_onnx(checkpoint, out, precisions=("fp32",))
-    assert to_onnx_cli.main(["--checkpoint", str(checkpoint), "--out", str(out),
-                             "--precisions", "fp32"]) == 1
+    assert (
+        to_onnx_cli.main(
+            ["--checkpoint", str(checkpoint), "--out", str(out), "--precisions", "fp32"]
+        )
+        == 1
+    )
     assert "verification failed, nothing was replaced" in one_error_line(capsys)
     assert not out.exists()
 
@@ -254,12 +353,12 @@ def case_manifest_export_side(tmp_path, capsys, monkeypatch):
     assert "field graphs must be a list" in one_error_line(capsys)
     checkpoint = write_checkpoint(tmp_path / "model.pt")
     (tmp_path / "photos").mkdir()
-    assert verify_cli.main(["--dir", str(tmp_path / "photos"), "--checkpoint",
-                            str(checkpoint)]) == 2
+    assert (
+        verify_cli.main(["--dir", str(tmp_path / "photos"), "--checkpoint", str(checkpoint)]) == 2
+    )
     line = one_error_line(capsys)
     assert "not an MFNet export directory" in line and "python -m mfnet.export onnx" in line
-    assert verify_cli.main(["--dir", str(tmp_path / "none"), "--checkpoint",
-                            str(checkpoint)]) == 2
+    assert verify_cli.main(["--dir", str(tmp_path / "none"), "--checkpoint", str(checkpoint)]) == 2
     assert "none does not exist; create it with" in one_error_line(capsys)
 
 
@@ -268,11 +367,16 @@ def case_manifest_field(tmp_path, capsys, monkeypatch):
     manifest = valid_manifest()
     manifest["model"]["way"] = "2"
     directory = write_manifest(tmp_path / "engines", manifest)
-    with pytest.raises(EngineError, match=r"field model\.way must be an integer >= 1, got '2'"
-                                          r".*python -m mfnet\.export onnx"):
+    with pytest.raises(
+        EngineError,
+        match=r"field model\.way must be an integer >= 1, got '2'"
+        r".*python -m mfnet\.export onnx",
+    ):
         read_manifest(directory)
-    assert runtime_cli.main(["segment", "--engines", str(directory), "--support", "s",
-                             "--input", "0"]) == 2
+    assert (
+        runtime_cli.main(["segment", "--engines", str(directory), "--support", "s", "--input", "0"])
+        == 2
+    )
     assert "model.way" in one_error_line(capsys)
 
 
@@ -280,16 +384,23 @@ def case_manifest_zero_step(tmp_path, capsys, monkeypatch):
     manifest = valid_manifest()
     manifest["graphs"][0]["details"]["max_support"] = 0  # would be range()'s step
     directory = write_manifest(tmp_path / "engines", manifest)
-    with pytest.raises(EngineError, match=r"graphs\[0\]\.details\.max_support must be an "
-                                          r"integer >= 1, got 0"):
+    with pytest.raises(
+        EngineError,
+        match=r"graphs\[0\]\.details\.max_support must be an "
+        r"integer >= 1, got 0",
+    ):
         Segmenter.load(directory, backend="onnxruntime", device="cpu")
 
 
 def case_engines_missing(tmp_path, capsys, monkeypatch):
     with pytest.raises(EngineError, match="does not exist; create it with"):
         Segmenter.load(tmp_path / "none")
-    assert runtime_cli.main(["segment", "--engines", str(tmp_path / "none"), "--support", "s",
-                             "--input", "0"]) == 2
+    assert (
+        runtime_cli.main(
+            ["segment", "--engines", str(tmp_path / "none"), "--support", "s", "--input", "0"]
+        )
+        == 2
+    )
     assert "python -m mfnet.export onnx --checkpoint CHECKPOINT" in one_error_line(capsys)
 
 
@@ -298,14 +409,27 @@ def case_runtime_input(tmp_path, capsys, monkeypatch):
         load_support_spec(tmp_path / "missing-spec")
     (tmp_path / "a.png").mkdir()  # a directory where an image file belongs
     spec = tmp_path / "spec.json"
-    spec.write_text(json.dumps({"classes": [{"name": "cat", "shots": [
-        {"image": "a.png", "mask": "a.png"}]}]}))
+    spec.write_text(
+        json.dumps({"classes": [{"name": "cat", "shots": [{"image": "a.png", "mask": "a.png"}]}]})
+    )
     with pytest.raises(RuntimeInputError, match="is a directory, expected an image file"):
         load_support_spec(spec)
     checkpoint = write_checkpoint(tmp_path / "model.pt")
-    assert predict_cli.main(["--checkpoint", str(checkpoint), "--support",
-                             str(tmp_path / "missing-spec"), "--input", str(tmp_path),
-                             "--device", "cpu"]) == 2
+    assert (
+        predict_cli.main(
+            [
+                "--checkpoint",
+                str(checkpoint),
+                "--support",
+                str(tmp_path / "missing-spec"),
+                "--input",
+                str(tmp_path),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 2
+    )
     assert "missing-spec does not exist" in one_error_line(capsys)
 
 
@@ -343,20 +467,23 @@ def case_disk_full(tmp_path, capsys, monkeypatch):
     assert "No space left on device" in line and "the disk is full" in line and "last.pt" in line
     monkeypatch.undo()
     # frame outputs: a frame written by an earlier run survives a full disk
-    import mfnet_runtime.atomic as runtime_atomic
     from PIL import Image
+
+    import mfnet_runtime.atomic as runtime_atomic
 
     rng = np.random.default_rng(0)
     for name in ("red", "blue"):
         (tmp_path / "spec" / name).mkdir(parents=True)
         Image.fromarray(rng.integers(0, 256, (30, 30, 3), dtype=np.uint8)).save(
-            tmp_path / "spec" / name / "a.png")
+            tmp_path / "spec" / name / "a.png"
+        )
         mask = np.zeros((30, 30), np.uint8)
         mask[5:20, 5:20] = 1
         Image.fromarray(mask).save(tmp_path / "spec" / name / "a.mask.png")
     (tmp_path / "frames").mkdir()
     Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)).save(
-        tmp_path / "frames" / "f.png")
+        tmp_path / "frames" / "f.png"
+    )
     outputs = tmp_path / "labels"
     outputs.mkdir()
     (outputs / "f.png").write_bytes(b"an earlier run")
@@ -374,9 +501,24 @@ def case_disk_full(tmp_path, capsys, monkeypatch):
 
     checkpoint = write_checkpoint(tmp_path / "model.pt")
     monkeypatch.setattr(runtime_atomic, "os", FullDisk())
-    assert predict_cli.main(["--checkpoint", str(checkpoint), "--support", str(tmp_path / "spec"),
-                             "--input", str(tmp_path / "frames"), "--output", str(outputs),
-                             "--device", "cpu", "--no-progress"]) == 2
+    assert (
+        predict_cli.main(
+            [
+                "--checkpoint",
+                str(checkpoint),
+                "--support",
+                str(tmp_path / "spec"),
+                "--input",
+                str(tmp_path / "frames"),
+                "--output",
+                str(outputs),
+                "--device",
+                "cpu",
+                "--no-progress",
+            ]
+        )
+        == 2
+    )
     line = one_error_line(capsys)
     assert "f.png: No space left on device" in line
     assert snapshot(outputs) == {"f.png": b"an earlier run"}
@@ -396,8 +538,7 @@ def case_permission_denied(tmp_path, capsys, monkeypatch):
     assert "check the permissions" in error_line(raised.value)
     # a folder the user cannot write to is refused while parsing
     monkeypatch.setattr("mfnet_runtime.options.os.access", lambda *a: False)
-    message = usage_error(evaluate_cli.main, ["--checkpoint", "c.pt", "--json", str(path)],
-                          capsys)
+    message = usage_error(evaluate_cli.main, ["--checkpoint", "c.pt", "--json", str(path)], capsys)
     assert "not writable" in message
 
 
@@ -417,8 +558,20 @@ def case_dataset(tmp_path, capsys, monkeypatch):
 
     with pytest.raises(DatasetError, match="does not exist"):
         CocoImages(tmp_path / "nowhere", "train", 0, "test")
-    assert train_cli.main([*TRAIN_TINY, "--dataset", "pascal", "--data-root",
-                           str(tmp_path / "nowhere"), "--out", str(tmp_path / "r")]) == 2
+    assert (
+        train_cli.main(
+            [
+                *TRAIN_TINY,
+                "--dataset",
+                "pascal",
+                "--data-root",
+                str(tmp_path / "nowhere"),
+                "--out",
+                str(tmp_path / "r"),
+            ]
+        )
+        == 2
+    )
     assert "nowhere" in one_error_line(capsys)
 
 
@@ -428,8 +581,10 @@ def case_interrupted(tmp_path, capsys, monkeypatch):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(runtime_cli, "segment_command", interrupted)
-    assert runtime_cli.main(["segment", "--engines", str(tmp_path), "--support", "s",
-                             "--input", "0"]) == 130
+    assert (
+        runtime_cli.main(["segment", "--engines", str(tmp_path), "--support", "s", "--input", "0"])
+        == 130
+    )
     assert "Traceback" not in capsys.readouterr().err
 
 
@@ -439,8 +594,7 @@ def case_bug(tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(runtime_cli, "segment_command", broken)
     with pytest.raises(ZeroDivisionError):  # a bug: the traceback is kept
-        runtime_cli.main(["segment", "--engines", str(tmp_path), "--support", "s",
-                          "--input", "0"])
+        runtime_cli.main(["segment", "--engines", str(tmp_path), "--support", "s", "--input", "0"])
 
     @mfnet_command()
     def buggy(argv):
@@ -450,8 +604,11 @@ def case_bug(tmp_path, capsys, monkeypatch):
         buggy([])
 
 
-CASES = {name.removeprefix("case_").replace("_", "-"): function
-         for name, function in sorted(globals().items()) if name.startswith("case_")}
+CASES = {
+    name.removeprefix("case_").replace("_", "-"): function
+    for name, function in sorted(globals().items())
+    if name.startswith("case_")
+}
 
 
 def documented_rows() -> list[str]:
@@ -497,8 +654,10 @@ def test_torch_advice_is_scrubbed(tmp_path) -> None:
 def test_error_line_is_one_line_and_boundary_maps_types(capsys) -> None:
     assert error_line(ValueError("a\n  b\tc")) == "error: a b c"
     full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/x/last.pt")
-    assert error_line(full) == ("error: /x/last.pt: No space left on device (the disk is full: "
-                                "free some space or choose another location)")
+    assert error_line(full) == (
+        "error: /x/last.pt: No space left on device (the disk is full: "
+        "free some space or choose another location)"
+    )
 
     @command_boundary(RuntimeInputError)
     def main(error):
@@ -517,8 +676,12 @@ def test_option_types_reject_and_accept() -> None:
     from mfnet_runtime import options
 
     assert options.positive_int("3") == 3 and options.number(0.0, 1.0)("0.5") == 0.5
-    for parse, text in ((options.positive_int, "0"), (options.positive_int, "1.5"),
-                        (options.number(0.0, 1.0), "inf"), (options.non_negative_int, "-1")):
+    for parse, text in (
+        (options.positive_int, "0"),
+        (options.positive_int, "1.5"),
+        (options.number(0.0, 1.0), "inf"),
+        (options.non_negative_int, "-1"),
+    ):
         with pytest.raises(ArgumentTypeError):
             parse(text)
     assert np.isclose(options.number(0, exclusive_minimum=True)("0.1"), 0.1)

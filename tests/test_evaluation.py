@@ -11,9 +11,9 @@ import torch
 from mfnet import evaluate as evaluate_cli
 from mfnet import train as train_cli
 from mfnet.config import Config
-from mfnet.protocol import run_protocol
-from mfnet.model.build import build_mfnet
 from mfnet.model.baseline import PrototypeBaseline
+from mfnet.model.build import build_mfnet
+from mfnet.protocol import run_protocol
 
 
 def test_baseline_matches_prototypes_on_an_easy_case() -> None:
@@ -53,8 +53,7 @@ def test_protocol_is_deterministic_and_counts_runs(tiny_config) -> None:
     assert json.dumps(third["baseline"].summary()) != json.dumps(first["baseline"].summary())
 
 
-def test_progress_in_a_log_file_is_whole_lines_and_changes_no_number(tiny_config,
-                                                                       capsys) -> None:
+def test_progress_in_a_log_file_is_whole_lines_and_changes_no_number(tiny_config, capsys) -> None:
     torch.manual_seed(0)
     model = build_mfnet(tiny_config.model).eval()
     quiet = run_protocol({"MFNet": model}, tiny_config, torch.device("cpu"), progress=False)
@@ -62,8 +61,12 @@ def test_progress_in_a_log_file_is_whole_lines_and_changes_no_number(tiny_config
     shown = run_protocol({"MFNet": model}, tiny_config, torch.device("cpu"), progress=True)
     err = capsys.readouterr().err  # captured: not a terminal
     assert "\r" not in err
-    assert err.splitlines() == ["eval run 1/2: 1/2 (50%)", "eval run 1/2: 2/2 (100%)",
-                                "eval run 2/2: 1/2 (50%)", "eval run 2/2: 2/2 (100%)"]
+    assert err.splitlines() == [
+        "eval run 1/2: 1/2 (50%)",
+        "eval run 1/2: 2/2 (100%)",
+        "eval run 2/2: 1/2 (50%)",
+        "eval run 2/2: 2/2 (100%)",
+    ]
     assert json.dumps(shown["MFNet"].summary()) == json.dumps(quiet["MFNet"].summary())
 
 
@@ -84,9 +87,22 @@ def test_train_and_evaluate_command_lines(tiny_config, tmp_path, capsys) -> None
 
     checkpoint = tmp_path / "run" / "last.pt"
     out = tmp_path / "eval.json"
-    code = evaluate_cli.main(["--checkpoint", str(checkpoint), "--eval-runs", "1",
-                              "--eval-episodes", "3", "--workers", "0", "--no-baseline",
-                              "--json", str(out), "--no-progress"])
+    code = evaluate_cli.main(
+        [
+            "--checkpoint",
+            str(checkpoint),
+            "--eval-runs",
+            "1",
+            "--eval-episodes",
+            "3",
+            "--workers",
+            "0",
+            "--no-baseline",
+            "--json",
+            str(out),
+            "--no-progress",
+        ]
+    )
     assert code == 0
     printed = capsys.readouterr().out
     assert "1 runs x 3 episodes" in printed and "protocol:" in printed

@@ -13,19 +13,23 @@ onnxruntime = pytest.importorskip("onnxruntime")
 
 from export import to_onnx as to_onnx_cli  # noqa: E402
 from export import verify as verify_cli  # noqa: E402
-from mfnet.checkpoint import model_from_checkpoint  # noqa: E402
+from mfnet.checkpoint import model_from_checkpoint, save_checkpoint  # noqa: E402
 from mfnet.config import preset  # noqa: E402
 from mfnet.data.episodes import synthetic_episodes  # noqa: E402
 from mfnet.export.onnx_export import ExportLimits, export_onnx  # noqa: E402
 from mfnet.export.verify import verification_inputs, verify_export  # noqa: E402
 from mfnet.export.wrappers import (  # noqa: E402
-    PrototypeAggregator, QueryDecoder, SupportEncoder,
+    PrototypeAggregator,
+    QueryDecoder,
+    SupportEncoder,
 )
 from mfnet.model.build import build_mfnet  # noqa: E402
-from mfnet.checkpoint import save_checkpoint  # noqa: E402
 from mfnet_runtime.errors import EngineError  # noqa: E402
 from mfnet_runtime.manifest import (  # noqa: E402
-    manifest_json, read_manifest, sha256_of, verify_files,
+    manifest_json,
+    read_manifest,
+    sha256_of,
+    verify_files,
 )
 from runtime_fixtures import assert_labels_vary  # noqa: E402
 
@@ -47,8 +51,9 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
 
 def session(directory, manifest, role, precision="fp32"):
     graph = next(g for g in manifest.graphs if g.role == role and g.precision == precision)
-    return onnxruntime.InferenceSession(str(directory / graph.file),
-                                        providers=["CPUExecutionProvider"])
+    return onnxruntime.InferenceSession(
+        str(directory / graph.file), providers=["CPUExecutionProvider"]
+    )
 
 
 def query_decoder_parity(directory, manifest, model, precision):
@@ -57,14 +62,18 @@ def query_decoder_parity(directory, manifest, model, precision):
     maps are checked to vary first. Returns (label agreement, max |probability difference|)."""
     frames, prototypes = verification_inputs(model)["query_decoder"]["synthetic"]
     decoder = session(directory, manifest, "query_decoder", precision)
-    labels, probabilities = decoder.run(None, {"frames": frames.numpy(),
-                                               "prototypes": prototypes.numpy()})
+    labels, probabilities = decoder.run(
+        None, {"frames": frames.numpy(), "prototypes": prototypes.numpy()}
+    )
     with torch.no_grad():
-        ref_labels, ref_probabilities = QueryDecoder(model, optimized=False).eval()(frames,
-                                                                                   prototypes)
+        ref_labels, ref_probabilities = QueryDecoder(model, optimized=False).eval()(
+            frames, prototypes
+        )
     assert_labels_vary(list(ref_labels.numpy()), list(frames.numpy()), min_labels=2)
-    return (float((labels == ref_labels.numpy()).mean()),
-            float(np.abs(probabilities - ref_probabilities.numpy()).max()))
+    return (
+        float((labels == ref_labels.numpy()).mean()),
+        float(np.abs(probabilities - ref_probabilities.numpy()).max()),
+    )
 
 
 @pytest.mark.parametrize("way", [1, 2, 5])
@@ -137,16 +146,22 @@ def test_parity_checks_fail_on_swapped_classes(varied_export, tmp_path, precisio
 def test_query_decoder_dynamic_batch_and_five_shot_parity(varied_export) -> None:
     out, checkpoint, manifest = varied_export(2, 5, precisions=("fp32", "fp16"))
     model, _ = model_from_checkpoint(checkpoint)
-    episodes = synthetic_episodes(fold=0, split="test", way=2, shot=5, num_episodes=3, seed=11,
-                                  image_size=48, feature_size=6)
+    episodes = synthetic_episodes(
+        fold=0, split="test", way=2, shot=5, num_episodes=3, seed=11, image_size=48, feature_size=6
+    )
     images = to_uint8(episodes[0]["support_images"])  # [2, 5, 48, 48, 3]
     masks = episodes[0]["support_masks"]  # [2, 5, 48, 48]
     frames = to_uint8(torch.stack([e["query_image"] for e in episodes]))  # [3, 48, 48, 3]
     encoder = session(out, manifest, "support_encoder")
     aggregator = session(out, manifest, "prototype_aggregator")
     decoder = session(out, manifest, "query_decoder")
-    shots = encoder.run(None, {"support_images": images.flatten(0, 1).numpy(),
-                               "support_masks": masks.flatten(0, 1).numpy()})[0].reshape(2, 5, -1)
+    shots = encoder.run(
+        None,
+        {
+            "support_images": images.flatten(0, 1).numpy(),
+            "support_masks": masks.flatten(0, 1).numpy(),
+        },
+    )[0].reshape(2, 5, -1)
     prototypes = aggregator.run(None, {"shot_features": shots})[0]
     # the whole ONNX pipeline equals the PyTorch model's encode_support + decode_query
     with torch.no_grad():
@@ -188,8 +203,11 @@ def test_adding_a_shot_equals_re_encoding(tmp_path) -> None:
     assert np.allclose(grown[0], everything[1], atol=1e-5)
     # aggregate class 1 from the cache + new shot == from a full re-encoding
     both = np.stack([everything[0], grown[0]])
-    assert np.allclose(aggregator.run(None, {"shot_features": both})[0],
-                       aggregator.run(None, {"shot_features": everything})[0], atol=1e-5)
+    assert np.allclose(
+        aggregator.run(None, {"shot_features": both})[0],
+        aggregator.run(None, {"shot_features": everything})[0],
+        atol=1e-5,
+    )
 
 
 def test_manifest_hashes_and_tampering(tmp_path) -> None:
@@ -218,8 +236,21 @@ def test_manifest_hashes_and_tampering(tmp_path) -> None:
 def test_command_lines(tmp_path, capsys) -> None:
     checkpoint, _ = make_checkpoint(tmp_path / "model.pt", way=2, shot=1)
     out = tmp_path / "out"
-    assert to_onnx_cli.main(["--checkpoint", str(checkpoint), "--out", str(out),
-                             "--precisions", "fp32", "--max-batch", "2"]) == 0
+    assert (
+        to_onnx_cli.main(
+            [
+                "--checkpoint",
+                str(checkpoint),
+                "--out",
+                str(out),
+                "--precisions",
+                "fp32",
+                "--max-batch",
+                "2",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out  # the library's log lines, shown by the command
     assert "exporting support_encoder.fp32.onnx" in printed
     assert "ok   query_decoder.fp32.onnx [synthetic]" in printed
@@ -237,8 +268,9 @@ def test_a_failed_verification_fails_the_export(tmp_path, monkeypatch) -> None:
     from mfnet.export import verify as verify_module
 
     checkpoint, _ = make_checkpoint(tmp_path / "model.pt", way=2, shot=1)
-    strict = verify_module.Tolerance(atol=-1.0, rtol=0.0, probability_atol=-1.0,
-                                     label_agreement=1.01)  # unsatisfiable
+    strict = verify_module.Tolerance(
+        atol=-1.0, rtol=0.0, probability_atol=-1.0, label_agreement=1.01
+    )  # unsatisfiable
     monkeypatch.setitem(verify_module.TOLERANCES, "fp32", strict)
     from mfnet.export.onnx_export import ExportError
 
@@ -251,12 +283,17 @@ def test_a_failed_verification_fails_the_export(tmp_path, monkeypatch) -> None:
 def test_resnet50_configuration_exports_and_verifies(tmp_path) -> None:
     """The paper's configuration (random trunk weights: no download here), 473 x 473, FP32."""
     torch.manual_seed(0)
-    config = preset("synthetic-cpu").replace(backbone="resnet50", weights="none", channels=256,
-                                             image_size=473, dropout=0.5)
+    config = preset("synthetic-cpu").replace(
+        backbone="resnet50", weights="none", channels=256, image_size=473, dropout=0.5
+    )
     model = build_mfnet(config.model)
     save_checkpoint(tmp_path / "r50.pt", {"config": config.to_dict(), "model": model.state_dict()})
-    manifest = export_onnx(tmp_path / "r50.pt", tmp_path / "out", precisions=("fp32",),
-                           limits=ExportLimits(max_batch=2, max_support=4, max_shots=4))
+    manifest = export_onnx(
+        tmp_path / "r50.pt",
+        tmp_path / "out",
+        precisions=("fp32",),
+        limits=ExportLimits(max_batch=2, max_support=4, max_shots=4),
+    )
     assert manifest.verification["passed"]
     assert manifest.model.input_size == 473 and manifest.model.channels == 256
 

@@ -19,10 +19,18 @@ from mfnet.export import command
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = {"to_onnx": "onnx", "to_trt": "trt", "verify": "verify"}
 OPTIONS = {
-    "onnx": ("--checkpoint", "--out", "--precisions", "--max-batch", "--max-support",
-             "--max-shots", "--opset", "--no-verify", "--no-optimize"),
-    "trt": ("--onnx-dir", "--fp16", "--precision", "--max-batch", "--opt-batch",
-            "--workspace-gb"),
+    "onnx": (
+        "--checkpoint",
+        "--out",
+        "--precisions",
+        "--max-batch",
+        "--max-support",
+        "--max-shots",
+        "--opset",
+        "--no-verify",
+        "--no-optimize",
+    ),
+    "trt": ("--onnx-dir", "--fp16", "--precision", "--max-batch", "--opt-batch", "--workspace-gb"),
     "verify": ("--dir", "--checkpoint", "--provider"),
 }
 
@@ -49,15 +57,32 @@ def test_each_sub_command_explains_itself(sub, capsys) -> None:
 
 def test_the_installed_command_and_a_wrapper_run_as_processes(tmp_path) -> None:
     """From another working directory: nothing depends on the checkout being the cwd."""
-    for argv in (["-m", "mfnet.export", "--help"], ["-m", "mfnet.export", "trt", "--help"],
-                 [str(ROOT / "export" / "to_onnx.py"), "--help"]):
-        done = subprocess.run([sys.executable, *argv], cwd=tmp_path, capture_output=True,
-                              text=True, timeout=300)
+    for argv in (
+        ["-m", "mfnet.export", "--help"],
+        ["-m", "mfnet.export", "trt", "--help"],
+        [str(ROOT / "export" / "to_onnx.py"), "--help"],
+    ):
+        done = subprocess.run(
+            [sys.executable, *argv], cwd=tmp_path, capture_output=True, text=True, timeout=300
+        )
         assert done.returncode == 0, (argv, done.stderr[-2000:])
         assert "usage: python -m mfnet.export" in done.stdout, argv
-    done = subprocess.run([sys.executable, "-m", "mfnet.export", "verify", "--dir",
-                           str(tmp_path / "none"), "--checkpoint", str(ROOT / "setup.py")],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mfnet.export",
+            "verify",
+            "--dir",
+            str(tmp_path / "none"),
+            "--checkpoint",
+            str(ROOT / "setup.py"),
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     lines = done.stderr.splitlines()
     assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), done
 
@@ -66,8 +91,13 @@ def test_the_installed_command_and_a_wrapper_run_as_processes(tmp_path) -> None:
 def test_scripts_are_wrappers_without_path_edits(name, monkeypatch) -> None:
     source = (ROOT / "export" / f"{name}.py").read_text()
     tree = ast.parse(source)
-    path_edits = [node for node in ast.walk(tree) if isinstance(node, ast.Attribute)
-                  and node.attr == "path" and getattr(node.value, "id", None) == "sys"]
+    path_edits = [
+        node
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Attribute)
+        and node.attr == "path"
+        and getattr(node.value, "id", None) == "sys"
+    ]
     assert not path_edits and len(source.splitlines()) <= 15
     script = load_script(name)
     calls = []
@@ -80,27 +110,31 @@ def test_scripts_are_wrappers_without_path_edits(name, monkeypatch) -> None:
 
 def test_the_artifact_contract_exists_once() -> None:
     """mfnet has no manifest module, reader, hash or atomic writer of its own."""
+    import mfnet
+    import mfnet.export
     import mfnet_runtime.atomic as runtime_atomic
     import mfnet_runtime.manifest as runtime_manifest
     from mfnet.export import onnx_export, tensorrt
     from mfnet_runtime.backends import tensorrt as trt_backend
-
-    import mfnet
-    import mfnet.export
 
     assert "atomic" not in {m.name for m in pkgutil.iter_modules(mfnet.__path__)}
     assert "manifest" not in {m.name for m in pkgutil.iter_modules(mfnet.export.__path__)}
     assert onnx_export.sha256_of is tensorrt.sha256_of is runtime_manifest.sha256_of
     assert onnx_export.write_manifest is tensorrt.write_manifest is runtime_manifest.write_manifest
     assert tensorrt.read_manifest is command.read_manifest is runtime_manifest.read_manifest
-    assert onnx_export.staged_directory is tensorrt.staged_directory \
-        is runtime_atomic.staged_directory
+    assert (
+        onnx_export.staged_directory is tensorrt.staged_directory is runtime_atomic.staged_directory
+    )
     assert not hasattr(tensorrt, "check_engine_compatible") and trt_backend.engine_mismatch
 
 
 def test_an_export_round_trips_through_the_runtime_reader(varied_export) -> None:
     from mfnet_runtime.manifest import (
-        CheckpointInfo, GraphInfo, Manifest, ModelInfo, read_manifest,
+        CheckpointInfo,
+        GraphInfo,
+        Manifest,
+        ModelInfo,
+        read_manifest,
     )
 
     engines, checkpoint, manifest = varied_export(2, 1)
@@ -108,8 +142,7 @@ def test_an_export_round_trips_through_the_runtime_reader(varied_export) -> None
     assert all(isinstance(g, GraphInfo) for g in manifest.graphs)
     assert read_manifest(engines) == manifest  # typed objects in, equal typed objects out
     assert manifest.directory == engines and manifest.verification["passed"]
-    assert manifest.checkpoint == CheckpointInfo(checkpoint.name,
-                                                 manifest.checkpoint.sha256)
+    assert manifest.checkpoint == CheckpointInfo(checkpoint.name, manifest.checkpoint.sha256)
     assert (manifest.model.way, manifest.model.input_size, manifest.model.color) == (2, 48, "RGB")
 
 

@@ -15,13 +15,27 @@ import torch
 
 from mfnet import evaluate as evaluate_cli
 from mfnet import train as train_cli
-from mfnet.config import preset
 from mfnet.checkpoint import load_checkpoint
+from mfnet.config import preset
 from mfnet.training.logs import read_log
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--image-size", "48", "--channels", "16", "--epochs", "1", "--episodes-per-epoch", "8",
-        "--batch-size", "4", "--workers", "0", "--no-evaluate", "--no-progress"]
+TINY = [
+    "--image-size",
+    "48",
+    "--channels",
+    "16",
+    "--epochs",
+    "1",
+    "--episodes-per-epoch",
+    "8",
+    "--batch-size",
+    "4",
+    "--workers",
+    "0",
+    "--no-evaluate",
+    "--no-progress",
+]
 
 
 def _error(capsys) -> str:
@@ -56,8 +70,12 @@ def test_resume_takes_the_configuration_and_folder_from_the_checkpoint(trained, 
     checkpoint = trained / "last.pt"
     assert len(read_log(trained / "log.csv")) == 2
     # only the run length (and other free options) given: the rest comes from the checkpoint
-    assert train_cli.main(["--resume", str(checkpoint), "--epochs", "2", "--no-evaluate",
-                           "--no-progress"]) == 0
+    assert (
+        train_cli.main(
+            ["--resume", str(checkpoint), "--epochs", "2", "--no-evaluate", "--no-progress"]
+        )
+        == 0
+    )
     assert not Path("runs").exists()  # nothing went to the preset's default folder
     payload = load_checkpoint(checkpoint)
     assert payload["epoch"] == 2 and payload["config"]["model"]["image_size"] == 48
@@ -65,13 +83,16 @@ def test_resume_takes_the_configuration_and_folder_from_the_checkpoint(trained, 
     assert [row["epoch"] for row in read_log(trained / "log.csv")] == ["1", "1", "2", "2"]
 
 
-@pytest.mark.parametrize("extra, expected", [
-    (["--way", "5"], "--way cannot change on resume (checkpoint: 2)"),
-    (["--lr", "0.5"], "--lr cannot change on resume (checkpoint: 0.02)"),
-    (["--out", "elsewhere"], "--out cannot change on resume"),
-    (["--preset", "synthetic-cpu"], "--preset does not apply with --resume"),
-    (["--overwrite"], "--overwrite does not apply with --resume"),
-])
+@pytest.mark.parametrize(
+    "extra, expected",
+    [
+        (["--way", "5"], "--way cannot change on resume (checkpoint: 2)"),
+        (["--lr", "0.5"], "--lr cannot change on resume (checkpoint: 0.02)"),
+        (["--out", "elsewhere"], "--out cannot change on resume"),
+        (["--preset", "synthetic-cpu"], "--preset does not apply with --resume"),
+        (["--overwrite"], "--overwrite does not apply with --resume"),
+    ],
+)
 def test_resume_refuses_what_cannot_change(trained, capsys, extra, expected) -> None:
     before = (trained / "last.pt").read_bytes()
     assert train_cli.main(["--resume", str(trained / "last.pt"), *extra]) == 2
@@ -83,8 +104,19 @@ def test_resume_refuses_what_cannot_change(trained, capsys, extra, expected) -> 
 
 
 def test_resume_accepts_unchanged_values_and_free_options(trained, capsys) -> None:
-    args = ["--resume", str(trained / "last.pt"), "--way", "2", "--out", str(trained),
-            "--eval-runs", "3", "--epochs", "4", "--print-config"]
+    args = [
+        "--resume",
+        str(trained / "last.pt"),
+        "--way",
+        "2",
+        "--out",
+        str(trained),
+        "--eval-runs",
+        "3",
+        "--epochs",
+        "4",
+        "--print-config",
+    ]
     assert train_cli.main(args) == 0
     config = json.loads(capsys.readouterr().out)
     assert config["eval"]["eval_runs"] == 3 and config["train"]["epochs"] == 4
@@ -99,8 +131,10 @@ def test_print_config_prints_the_resolved_configuration(tmp_path, capsys, monkey
     assert printed["model"]["backbone"] == "small"
     assert printed["train"]["out"] == "runs/synthetic-cpu"
     assert not Path("runs").exists()
-    assert train_cli.main(["--print-config", "--preset", "pascal-2way-1shot",
-                           "--data-root", "VOC"]) == 0
+    assert (
+        train_cli.main(["--print-config", "--preset", "pascal-2way-1shot", "--data-root", "VOC"])
+        == 0
+    )
     printed = json.loads(capsys.readouterr().out)
     assert printed["model"]["image_size"] == 473
     assert printed["train"]["out"] == "runs/pascal-2way-1shot/fold0"
@@ -115,11 +149,18 @@ def _help(main, argv, capsys) -> str:
 
 def test_help_shows_the_defaults_of_the_chosen_preset(capsys) -> None:
     text = _help(train_cli.main, [], capsys)
-    for option, value in (("--backbone", "small"), ("--image-size", "96"), ("--epochs", "8"),
-                          ("--out", "runs/synthetic-cpu"), ("--eval-batch-size", "20"),
-                          ("--pml-start-epoch", "2"), ("--lr", "0.02")):
-        assert re.search(re.escape(option) + r" [A-Z_{].*?\(default: " + re.escape(value) + r"\)",
-                         text), option
+    for option, value in (
+        ("--backbone", "small"),
+        ("--image-size", "96"),
+        ("--epochs", "8"),
+        ("--out", "runs/synthetic-cpu"),
+        ("--eval-batch-size", "20"),
+        ("--pml-start-epoch", "2"),
+        ("--lr", "0.02"),
+    ):
+        assert re.search(
+            re.escape(option) + r" [A-Z_{].*?\(default: " + re.escape(value) + r"\)", text
+        ), option
     assert "resnet50)" not in text.split("--backbone")[-1].split("--weights")[0]
     text = _help(train_cli.main, ["--preset", "pascal-2way-1shot"], capsys)
     assert "(default: resnet50)" in text and "(default: 473)" in text
@@ -167,18 +208,23 @@ def python_target(words: list[str]) -> tuple[str, list[str]] | None:
         i = words.index("-m")
         if words[i + 1] in ("venv", "pytest", "pip"):
             return None
-        return f"-m {words[i + 1]}", words[i + 2:]
+        return f"-m {words[i + 1]}", words[i + 2 :]
     scripts = [w for w in words if w.endswith(".py")]
     if words and words[0] in ("python", "python3") and scripts:
         i = words.index(scripts[0])
-        return scripts[0], words[i + 1:]
+        return scripts[0], words[i + 1 :]
     return None
 
 
 def test_readme_commands_are_found() -> None:
     targets = {t[0] for t in map(python_target, readme_commands()) if t is not None}
-    assert {"-m mfnet.train", "-m mfnet.evaluate", "-m mfnet.predict", "-m mfnet_runtime",
-            "-m mfnet.export"} <= targets, targets
+    assert {
+        "-m mfnet.train",
+        "-m mfnet.evaluate",
+        "-m mfnet.predict",
+        "-m mfnet_runtime",
+        "-m mfnet.export",
+    } <= targets, targets
 
 
 def test_every_readme_command_parses(capsys) -> None:

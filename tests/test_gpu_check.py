@@ -22,8 +22,14 @@ pytestmark = pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash
 def check(*args: str, env: dict | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
     environment = {**os.environ, "PYTHON": sys.executable, **(env or {})}
     environment.pop("OUT", None)
-    return subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True,
-                          env=environment, timeout=timeout, cwd=ROOT)
+    return subprocess.run(
+        ["bash", str(SCRIPT), *args],
+        capture_output=True,
+        text=True,
+        env=environment,
+        timeout=timeout,
+        cwd=ROOT,
+    )
 
 
 def steps_of(listing: str) -> list[tuple[str, str]]:
@@ -48,23 +54,35 @@ def test_stages_list_their_steps_in_order_within_the_lease() -> None:
     assert [name for name, _ in steps_of(chosen.stdout)] == ["env", "ops"]
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--stage", "3"], "--stage takes 1 or 2, not '3'"),
-    (["--steps", "env,install"], "stage 1 has no step 'install' (its steps: env,ext,tests"),
-    (["--budget-s", "ten"], "--budget-s takes whole seconds, not 'ten'"),
-    (["--frobnicate"], "unknown option --frobnicate"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--stage", "3"], "--stage takes 1 or 2, not '3'"),
+        (["--steps", "env,install"], "stage 1 has no step 'install' (its steps: env,ext,tests"),
+        (["--budget-s", "ten"], "--budget-s takes whole seconds, not 'ten'"),
+        (["--frobnicate"], "unknown option --frobnicate"),
+    ],
+)
 def test_bad_options_are_one_error_line(args, message) -> None:
     result = check(*args, "--list")
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == [f"error: gpu_check: {message}"] or \
-        result.stderr.startswith(f"error: gpu_check: {message}")
+    assert result.stderr.strip().splitlines() == [
+        f"error: gpu_check: {message}"
+    ] or result.stderr.startswith(f"error: gpu_check: {message}")
 
 
 def test_dry_run_writes_the_summary_logs_and_archive(tmp_path) -> None:
     results = tmp_path / "stage1"
-    run = check("--dry-run", "--steps", "env", "--budget-s", "120", str(results),
-                env={"GPU_CHECK_WORK": str(tmp_path / "work")}, timeout=180)
+    run = check(
+        "--dry-run",
+        "--steps",
+        "env",
+        "--budget-s",
+        "120",
+        str(results),
+        env={"GPU_CHECK_WORK": str(tmp_path / "work")},
+        timeout=180,
+    )
     summary = (results / "summary.md").read_text()
     assert run.returncode == 0, run.stdout + run.stderr
     assert "stage 1 (dry run on the CPU)" in summary

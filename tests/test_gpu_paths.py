@@ -35,19 +35,24 @@ except ImportError:
     sys.path.insert(0, str(ROOT / "runtime"))
 
 import onnxruntime  # noqa: E402
+
 from mfnet_runtime import Segmenter  # noqa: E402
 from mfnet_runtime.backends import open_backend  # noqa: E402
 from mfnet_runtime.manifest import read_manifest  # noqa: E402
 from runtime_fixtures import export_varied  # noqa: E402
 
-pytestmark = [pytest.mark.cuda,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
 needs_ort_cuda = pytest.mark.skipif(
     "CUDAExecutionProvider" not in onnxruntime.get_available_providers(),
-    reason="needs onnxruntime-gpu (ONNX Runtime's CUDA provider); the CPU build is installed")
+    reason="needs onnxruntime-gpu (ONNX Runtime's CUDA provider); the CPU build is installed",
+)
 needs_tensorrt = pytest.mark.skipif(
     importlib.util.find_spec("tensorrt") is None,
-    reason="tensorrt is not importable (TensorRT is not installed on this machine)")
+    reason="tensorrt is not importable (TensorRT is not installed on this machine)",
+)
 
 
 @pytest.fixture(scope="module")
@@ -127,19 +132,26 @@ def test_tensorrt_every_role_at_the_profile_ends_against_onnxruntime(trt_engines
     for count in (1, 5, ours.max_support):  # support encoder: S = 1, opt, max
         images = rng.integers(0, 256, (count, 48, 48, 3), dtype=np.uint8)
         masks = (rng.random((count, 48, 48)) < 0.4).astype(np.uint8)
-        np.testing.assert_allclose(ours.run_support_encoder(images, masks),
-                                   reference.run_support_encoder(images, masks),
-                                   rtol=1e-2, atol=1e-2)
+        np.testing.assert_allclose(
+            ours.run_support_encoder(images, masks),
+            reference.run_support_encoder(images, masks),
+            rtol=1e-2,
+            atol=1e-2,
+        )
     minimum = ours._engines["prototype_aggregator"].min_shapes["shot_features"][1]
     assert minimum == 2  # the 2-shot model's aggregator (A_S) needs two shots
     for shots in (minimum, 5, ours.max_shots):  # K = the profile minimum, opt, max
         features = rng.standard_normal((2, shots, 16)).astype(np.float32)
-        np.testing.assert_allclose(ours.run_aggregator(features),
-                                   reference.run_aggregator(features), rtol=1e-2, atol=1e-2)
+        np.testing.assert_allclose(
+            ours.run_aggregator(features), reference.run_aggregator(features), rtol=1e-2, atol=1e-2
+        )
     single = rng.standard_normal((2, 1, 16)).astype(np.float32)
-    np.testing.assert_allclose(ours.run_aggregator(single, single=True),
-                               reference.run_aggregator(single, single=True),
-                               rtol=1e-2, atol=1e-2)
+    np.testing.assert_allclose(
+        ours.run_aggregator(single, single=True),
+        reference.run_aggregator(single, single=True),
+        rtol=1e-2,
+        atol=1e-2,
+    )
     # decoder: batch 1 (the captured graph), opt 2, max, and batch 1 again after the others
     compare_decoders(ours, reference, [1, 2, ours.max_batch, 1], atol=2e-2)
     assert ours._engines["query_decoder"].graph_exec is not None
@@ -167,10 +179,13 @@ def cycle(open_one) -> tuple[int, int]:
     return held, before - free_device_bytes()
 
 
-@pytest.mark.parametrize("which", [
-    pytest.param("onnxruntime", marks=needs_ort_cuda),
-    pytest.param("tensorrt", marks=needs_tensorrt),
-])
+@pytest.mark.parametrize(
+    "which",
+    [
+        pytest.param("onnxruntime", marks=needs_ort_cuda),
+        pytest.param("tensorrt", marks=needs_tensorrt),
+    ],
+)
 def test_close_releases_device_memory(which, exported, request) -> None:
     directory = exported if which == "onnxruntime" else request.getfixturevalue("trt_engines")
     manifest = read_manifest(directory)
@@ -201,15 +216,17 @@ def test_fp16_autocast_training_with_a_grad_scaler(tiny_config) -> None:
 
     torch.manual_seed(config.train.seed)
     initial = build_mfnet(config.model)
-    moved = [not torch.equal(a.cpu(), b) for a, b in zip(model.state_dict().values(),
-                                                         initial.state_dict().values())
-             if a.dtype.is_floating_point]
+    moved = [
+        not torch.equal(a.cpu(), b)
+        for a, b in zip(model.state_dict().values(), initial.state_dict().values(), strict=True)
+        if a.dtype.is_floating_point
+    ]
     assert any(moved)  # the scaled steps updated the weights (not every step was skipped)
 
 
 def test_resume_restores_the_cuda_rng_streams_exactly(tiny_config, monkeypatch) -> None:
-    from mfnet.training import loop
     from mfnet.checkpoint import save_checkpoint
+    from mfnet.training import loop
 
     config = tiny_config.replace(device="cuda", epochs=2, dropout=0.3)
     states: list[torch.Tensor] = []
@@ -236,12 +253,15 @@ def test_resume_restores_the_cuda_rng_streams_exactly(tiny_config, monkeypatch) 
     assert not torch.equal(straight_states[0], straight_states[half])  # dropout drew on CUDA
     states.clear()
     torch.cuda.manual_seed_all(12345)  # a resume must not depend on the process's CUDA state
-    resumed, _ = loop.train(config.replace(out=config.train.out + "-resumed"),
-                            resume=snapshots[0], progress=False)
+    resumed, _ = loop.train(
+        config.replace(out=config.train.out + "-resumed"), resume=snapshots[0], progress=False
+    )
     assert len(states) == len(straight_states) - half
-    for a, b in zip(states, straight_states[half:]):
+    for a, b in zip(states, straight_states[half:], strict=True):
         assert torch.equal(a, b)  # the epoch-2 steps draw exactly the uninterrupted run's numbers
-    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+    for (name, a), b in zip(
+        straight.state_dict().items(), resumed.state_dict().values(), strict=True
+    ):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)  # atomics: not bitwise
 
 
@@ -264,23 +284,24 @@ def test_ddp_with_nccl_at_world_size_one(tiny_config) -> None:
     if not dist.is_nccl_available():
         pytest.skip("this torch build has no NCCL")
     config = tiny_config.replace(dropout=0.0)
-    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0,
-                            world_size=1)
+    dist.init_process_group(
+        "nccl", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1
+    )
     try:
         torch.manual_seed(0)
         plain = build_mfnet(config.model).cuda().train()
         torch.manual_seed(0)
         inner = build_mfnet(config.model).cuda().train()
         # the training loop's own DDP module: compute_losses as the forward DDP synchronises
-        wrapped = DistributedDataParallel(_LossForward(inner, config),
-                                          device_ids=[torch.cuda.current_device()])
-        batch = next(iter(DataLoader(build_episodes(config, "train", 1, 4, seed=0),
-                                     batch_size=4)))
+        wrapped = DistributedDataParallel(
+            _LossForward(inner, config), device_ids=[torch.cuda.current_device()]
+        )
+        batch = next(iter(DataLoader(build_episodes(config, "train", 1, 4, seed=0), batch_size=4)))
         batch = {k: v.cuda() if torch.is_tensor(v) else v for k, v in batch.items()}
         compute_losses(plain, batch, config, use_metric_loss=False).total.backward()
         wrapped(batch, False, None).total.backward()  # all-reduced over NCCL (world size 1)
         compared = 0
-        for (name, a), b in zip(plain.named_parameters(), inner.parameters()):
+        for (name, a), b in zip(plain.named_parameters(), inner.parameters(), strict=True):
             if a.grad is not None:
                 torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6, msg=name)
                 compared += 1
@@ -304,13 +325,12 @@ def test_segmenter_on_cuda_matches_cpu_end_to_end(exported) -> None:
     rng = np.random.default_rng(3)
     mask = np.zeros((48, 48), np.uint8)
     mask[8:40, 10:34] = 1
-    classes = {"a": [(random_frames(rng, 1)[0], mask)] * 2, "b": [(random_frames(rng, 1)[0],
-                                                                  mask)]}
+    classes = {"a": [(random_frames(rng, 1)[0], mask)] * 2, "b": [(random_frames(rng, 1)[0], mask)]}
     support = cpu.encode_support(classes)
     frames = list(random_frames(rng, 3))
     ours = gpu.segment_batch(frames, support)
     theirs = cpu.segment_batch(frames, support)
     assert len(np.unique(theirs[0])) >= 2
-    for a, b in zip(ours, theirs):
+    for a, b in zip(ours, theirs, strict=True):
         assert (a == b).mean() >= 0.999
     gpu.close()

@@ -18,7 +18,11 @@ import torch.nn.functional as F
 from mfnet.config import ModelConfig
 from mfnet.model.build import build_mfnet
 from mfnet.model.inference import (
-    FastQueryDecoder, FoldedPrototypes, adaptive_pool_matrix, border_index, constant_map_conv,
+    FastQueryDecoder,
+    FoldedPrototypes,
+    adaptive_pool_matrix,
+    border_index,
+    constant_map_conv,
     static_adaptive_avg_pool2d,
 )
 from mfnet.model.support import EncodedSupport
@@ -56,17 +60,31 @@ def assert_same_logits(fast: torch.Tensor, reference: torch.Tensor, rtol: float 
 
 
 # ------------------------------------------------------------------------- static pooling
-@pytest.mark.parametrize("size_in, size_out", [
-    ((60, 60), (8, 8)), ((60, 60), (15, 15)), ((60, 60), (30, 30)), ((13, 13), (4, 4)),
-    ((7, 7), (1, 1)), ((9, 9), (5, 5)), ((13, 7), (4, 3)), ((3, 3), (7, 7)), ((60, 60), (60, 60)),
-])
+@pytest.mark.parametrize(
+    "size_in, size_out",
+    [
+        ((60, 60), (8, 8)),
+        ((60, 60), (15, 15)),
+        ((60, 60), (30, 30)),
+        ((13, 13), (4, 4)),
+        ((7, 7), (1, 1)),
+        ((9, 9), (5, 5)),
+        ((13, 7), (4, 3)),
+        ((3, 3), (7, 7)),
+        ((60, 60), (60, 60)),
+    ],
+)
 def test_static_pooling_equals_adaptive_avg_pool2d(size_in, size_out) -> None:
     x = torch.randn(2, 5, *size_in, dtype=torch.float64)
     expected = F.adaptive_avg_pool2d(x, size_out)
     assert torch.allclose(static_adaptive_avg_pool2d(x, size_out), expected, rtol=0, atol=1e-12)
     x32 = x.float()
-    assert torch.allclose(static_adaptive_avg_pool2d(x32, size_out),
-                          F.adaptive_avg_pool2d(x32, size_out), rtol=0, atol=1e-6)
+    assert torch.allclose(
+        static_adaptive_avg_pool2d(x32, size_out),
+        F.adaptive_avg_pool2d(x32, size_out),
+        rtol=0,
+        atol=1e-6,
+    )
 
 
 def test_pool_matrix_bins() -> None:
@@ -81,14 +99,16 @@ def test_pool_matrix_bins() -> None:
 
 # ------------------------------------------------------------------ constant-map convolution
 @pytest.mark.parametrize("kernel", [1, 3, 5])
-@pytest.mark.parametrize("height, width", [(1, 1), (1, 2), (2, 2), (2, 5), (3, 3), (4, 1),
-                                           (6, 6), (8, 15), (60, 60)])
+@pytest.mark.parametrize(
+    "height, width", [(1, 1), (1, 2), (2, 2), (2, 5), (3, 3), (4, 1), (6, 6), (8, 15), (60, 60)]
+)
 def test_constant_map_conv_equals_full_conv(kernel, height, width) -> None:
     torch.manual_seed(0)
     vectors = torch.randn(3, 4, dtype=torch.float64)
     weight = torch.randn(6, 4, kernel, kernel, dtype=torch.float64)
-    full = F.conv2d(vectors[:, :, None, None].expand(3, 4, height, width), weight,
-                    padding=kernel // 2)
+    full = F.conv2d(
+        vectors[:, :, None, None].expand(3, 4, height, width), weight, padding=kernel // 2
+    )
     folded = constant_map_conv(vectors, weight, (height, width))
     assert torch.allclose(folded.expand_as(full), full, rtol=0, atol=1e-12)
 
@@ -109,14 +129,20 @@ def test_border_index() -> None:
 def test_fast_decoder_equals_decode_query(query_fusion, class_fusion, shared, way) -> None:
     # 72 x 72: features 9 x 9, scales 9, 5, 3, 2 (a border-free interior, odd pooling bins,
     # maps of side 3 and 2); prototypes shared by the batch of two frames.
-    model = tiny_model(72, way=way, query_fusion=query_fusion, class_fusion=class_fusion,
-                       scale_attention_shared=shared)
+    model = tiny_model(
+        72,
+        way=way,
+        query_fusion=query_fusion,
+        class_fusion=class_fusion,
+        scale_attention_shared=shared,
+    )
     fast = FastQueryDecoder(model)
     assert fast.folded and fast.fold_reason is None
     assert fast.form == "static_pooling+prototype_folding"
     # 9 -> 5 and 9 -> 2 pool by matrices (cached buffers), 9 x 9 maps use border indices
     assert {"rows_9_5", "cols_9_5", "rows_9_2", "cols_9_2", "border_9_1", "border_5_1"} <= set(
-        fast._constants)
+        fast._constants
+    )
     query, prototypes = inputs(model)
     with torch.no_grad():
         reference = eager(model, query, prototypes)
@@ -127,8 +153,9 @@ def test_fast_decoder_equals_decode_query(query_fusion, class_fusion, shared, wa
 
 
 @pytest.mark.parametrize("size", [48, 80])  # features 6 (bins all divide) and 10 (10 -> 3)
-@pytest.mark.parametrize("static_pooling, fold", [(True, True), (True, False), (False, True),
-                                                  (False, False)])
+@pytest.mark.parametrize(
+    "static_pooling, fold", [(True, True), (True, False), (False, True), (False, False)]
+)
 def test_each_rewrite_alone(size, static_pooling, fold) -> None:
     model = tiny_model(size, way=2)
     fast = FastQueryDecoder(model, static_pooling=static_pooling, fold_prototypes=fold)
@@ -223,8 +250,10 @@ def test_flop_savings_of_folding() -> None:
     model = tiny_model(72, way=5)
     query, prototypes = inputs(model, batch=1)
     counts = {}
-    for name, run in (("eager", lambda: eager(model, query, prototypes)),
-                      ("fast", lambda: FastQueryDecoder(model)(query, prototypes))):
+    for name, run in (
+        ("eager", lambda: eager(model, query, prototypes)),
+        ("fast", lambda: FastQueryDecoder(model)(query, prototypes)),
+    ):
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
             run()
         counts[name] = counter.get_total_flops()
@@ -245,9 +274,8 @@ def test_exported_optimised_decoder_equals_eager(tmp_path, precision) -> None:
     import copy
 
     from mfnet.export.onnx_export import _export_graph
-    from mfnet.export.wrappers import QueryDecoder
-
     from mfnet.export.verify import verification_inputs
+    from mfnet.export.wrappers import QueryDecoder
     from runtime_fixtures import assert_labels_vary, varied_model
 
     model, _ = varied_model(way=2, shot=1, size=72)  # calibrated: its labels vary
@@ -257,15 +285,22 @@ def test_exported_optimised_decoder_equals_eager(tmp_path, precision) -> None:
     frames, prototypes = verification_inputs(model)["query_decoder"]["synthetic"]  # 3 queries
     wrapper = QueryDecoder(variant, dtype).eval()
     assert wrapper.form == "static_pooling+prototype_folding"
-    _export_graph(wrapper, (frames, prototypes), path, ["frames", "prototypes"],
-                  ["labels", "probabilities"],
-                  {"frames": {0: torch.export.Dim("B", min=1, max=4)}, "prototypes": None}, 18)
+    _export_graph(
+        wrapper,
+        (frames, prototypes),
+        path,
+        ["frames", "prototypes"],
+        ["labels", "probabilities"],
+        {"frames": {0: torch.export.Dim("B", min=1, max=4)}, "prototypes": None},
+        18,
+    )
     ops = collections.Counter(node.op_type for node in onnx.load(str(path)).graph.node)
     # 9 -> 5 and 9 -> 2 pooling are MatMuls: no gather decomposition left
     assert ops["MatMul"] == 4 and ops["GatherND"] == 0 and ops["Where"] == 0
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    labels, probabilities = session.run(None, {"frames": frames.numpy(),
-                                               "prototypes": prototypes.numpy()})
+    labels, probabilities = session.run(
+        None, {"frames": frames.numpy(), "prototypes": prototypes.numpy()}
+    )
     with torch.no_grad():  # the reference: FP32 plain decode_query
         ref_labels, ref_probabilities = QueryDecoder(model, optimized=False)(frames, prototypes)
     assert_labels_vary(list(ref_labels.numpy()), list(frames.numpy()))
@@ -285,20 +320,28 @@ def test_exported_optimised_decoder_equals_eager(tmp_path, precision) -> None:
 
 
 def test_manifest_records_the_decoder_form(tmp_path) -> None:
+    from mfnet.checkpoint import save_checkpoint
     from mfnet.config import preset
     from mfnet.export.onnx_export import ExportLimits, export_onnx
-    from mfnet.checkpoint import save_checkpoint
 
     runtime_manifest = pytest.importorskip("mfnet_runtime.manifest")
     torch.manual_seed(0)
     config = preset("synthetic-cpu").replace(image_size=48, channels=16)
-    save_checkpoint(tmp_path / "model.pt",
-                    {"config": config.to_dict(), "model": build_mfnet(config.model).state_dict()})
+    save_checkpoint(
+        tmp_path / "model.pt",
+        {"config": config.to_dict(), "model": build_mfnet(config.model).state_dict()},
+    )
     limits = ExportLimits(max_batch=2, max_support=4, max_shots=4)
     for optimize, form in ((True, "static_pooling+prototype_folding"), (False, "plain")):
         out = tmp_path / f"out-{optimize}"
-        manifest = export_onnx(tmp_path / "model.pt", out, precisions=("fp32",), limits=limits,
-                               optimize=optimize, verify=optimize)
+        manifest = export_onnx(
+            tmp_path / "model.pt",
+            out,
+            precisions=("fp32",),
+            limits=limits,
+            optimize=optimize,
+            verify=optimize,
+        )
         assert not optimize or manifest.verification["passed"]  # optimised vs plain eager
         decoder = next(g for g in manifest.graphs if g.role == "query_decoder")
         assert decoder.details["decoder_form"] == form
@@ -312,5 +355,7 @@ def test_export_command_line_has_no_optimize() -> None:
 
     parser = build_parser()
     assert parser.parse_args(["onnx", "--checkpoint", "c", "--out", "o"]).optimize is True
-    assert parser.parse_args(["onnx", "--checkpoint", "c", "--out", "o",
-                              "--no-optimize"]).optimize is False
+    assert (
+        parser.parse_args(["onnx", "--checkpoint", "c", "--out", "o", "--no-optimize"]).optimize
+        is False
+    )

@@ -23,15 +23,19 @@ def test_csv_log_keeps_full_precision_and_drops_steps_after_the_resume_point(tmp
     resumed.step(3, 1, 9.0, 9.0, 9.0, 0.01)
     resumed.close()
     assert [(r["step"], r["loss"]) for r in read_log(tmp_path / "log.csv")] == [
-        ("1", rows[0]["loss"]), ("2", rows[1]["loss"]), ("3", "9.0")]
+        ("1", rows[0]["loss"]),
+        ("2", rows[1]["loss"]),
+        ("3", "9.0"),
+    ]
     assert TrainLogger(tmp_path / "other", enabled=False).enabled is False
     assert not (tmp_path / "other").exists()  # ranks other than 0 write nothing
     png = plot_curves(tmp_path / "log.csv", tmp_path / "curves.png")
     assert Image.open(png).size[0] > 100
 
 
-def test_training_writes_logs_tensorboard_curves_and_evaluation_visuals(tiny_config,
-                                                                       tmp_path) -> None:
+def test_training_writes_logs_tensorboard_curves_and_evaluation_visuals(
+    tiny_config, tmp_path
+) -> None:
     model, checkpoint = train(tiny_config, progress=False)
     out = checkpoint.parent
     rows = read_log(out / "log.csv")
@@ -43,21 +47,46 @@ def test_training_writes_logs_tensorboard_curves_and_evaluation_visuals(tiny_con
     results = evaluate.evaluate_model(model, tiny_config, torch.device("cpu"), progress=False)
     write_eval_scalars(out, 4, results)
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     tags = set()
     for path in (out / "tensorboard").glob("events.out.tfevents.*"):
         accumulator = EventAccumulator(str(path))
         accumulator.Reload()
         tags |= set(accumulator.Tags()["scalars"])
-    assert {"train/loss", "train/seg", "train/pml", "train/lr", "eval/MFNet/mIoU*",
-            "eval/MFNet/mIoU", "eval/MFNet/FB-IoU", "eval/baseline/mIoU*"} <= tags
+    assert {
+        "train/loss",
+        "train/seg",
+        "train/pml",
+        "train/lr",
+        "eval/MFNet/mIoU*",
+        "eval/MFNet/mIoU",
+        "eval/MFNet/FB-IoU",
+        "eval/baseline/mIoU*",
+    } <= tags
     assert any(tag.startswith("eval/MFNet/IoU*_class") for tag in tags)
 
     paths = save_visuals(model, tiny_config, torch.device("cpu"), tmp_path / "visuals", 2)
     width, height = Image.open(paths[0]).size
     assert width > height > 0  # two rows of five panels and a legend
-    assert evaluate.main(["--checkpoint", str(checkpoint), "--save-visuals",
-                          str(tmp_path / "cli"), "--num-visuals", "3", "--no-baseline",
-                          "--no-progress", "--eval-runs", "1", "--eval-episodes", "3"]) == 0
+    assert (
+        evaluate.main(
+            [
+                "--checkpoint",
+                str(checkpoint),
+                "--save-visuals",
+                str(tmp_path / "cli"),
+                "--num-visuals",
+                "3",
+                "--no-baseline",
+                "--no-progress",
+                "--eval-runs",
+                "1",
+                "--eval-episodes",
+                "3",
+            ]
+        )
+        == 0
+    )
     assert (tmp_path / "cli" / "fold0.png").is_file()
 
 

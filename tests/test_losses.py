@@ -19,7 +19,7 @@ def focal_by_hand(logits: list[list[float]], labels: list[int], gamma: float) ->
     k = len(logits[0])
     m_total = len(labels)
     loss = 0.0
-    for scores, y in zip(logits, labels):
+    for scores, y in zip(logits, labels, strict=True):
         p = math.exp(scores[y]) / sum(math.exp(s) for s in scores)
         omega = 1.0 / math.log(1.1 + labels.count(y) / m_total)
         loss += omega * (1.0 - p) ** gamma * math.log(p)
@@ -139,7 +139,7 @@ def test_triplet_matches_hand_computation() -> None:
     emb = torch.tensor([f_a, f_p, f_n], dtype=torch.float64).T.reshape(1, 2, 1, 3)  # [1, C, 1, 3]
 
     def sq(u: list[float], v: list[float]) -> float:
-        return sum((x - y) ** 2 for x, y in zip(u, v))
+        return sum((x - y) ** 2 for x, y in zip(u, v, strict=True))
 
     raw = max(sq(f_a, f_p) - sq(f_a, f_n) + 1.0, 0.0)  # (9 + 9) - (4 + 16) + 1 = -1 -> 0
     loss = pixel_triplet_loss(emb, pred, target, 1, margin=1.0, normalize=False)
@@ -214,7 +214,9 @@ def test_triplet_uses_plugged_sampler_and_detached_embedding_in_feature_mode() -
         seen.update(kwargs)
         idx = torch.tensor([[0, 0]])
         return TripletSample(
-            anchor=idx, positive=torch.tensor([[1, 2]]), negative=torch.tensor([[2, 1]]),
+            anchor=idx,
+            positive=torch.tensor([[1, 2]]),
+            negative=torch.tensor([[2, 1]]),
             valid=torch.tensor([[True, False]]),
         )
 

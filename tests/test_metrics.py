@@ -27,12 +27,8 @@ def assert_same_results(a: dict, b: dict) -> None:
 
 
 def test_one_way_hand_computed() -> None:
-    target = t([[0, 1, 1],
-                [0, 1, 1],
-                [0, 0, 0]])
-    pred = t([[0, 1, 0],
-              [1, 1, 1],
-              [0, 0, 0]])
+    target = t([[0, 1, 1], [0, 1, 1], [0, 0, 0]])
+    pred = t([[0, 1, 0], [1, 1, 1], [0, 0, 0]])
     # class 3 (label 1): TP (0,1),(1,1),(1,2) = 3; FP (1,0) = 1; FN (0,2) = 1
     # background: TP 4 ((0,0),(2,0),(2,1),(2,2)); FP (0,2) = 1; FN (1,0) = 1
     meter = FewShotMeter(FOLD)
@@ -49,10 +45,8 @@ def test_one_way_hand_computed() -> None:
 
 def test_two_way_absent_class_star_below_panet() -> None:
     # episode (2, 4): label 1 = class 2, label 2 = class 4; the query contains only class 2
-    target = t([[1, 1, 0, 0],
-                [1, 1, 0, 0]])
-    pred = t([[1, 2, 0, 2],
-              [1, 1, 0, 0]])
+    target = t([[1, 1, 0, 0], [1, 1, 0, 0]])
+    pred = t([[1, 2, 0, 2], [1, 1, 0, 0]])
     # class 2: TP (0,0),(1,0),(1,1) = 3; FP 0; FN (0,1) = 1 -> 3/4 in both metrics
     # class 4: absent. mIoU*: TP 0, FP (0,1),(0,3) = 2, FN 0 -> 0. mIoU (PANet): skipped -> NaN
     meter = FewShotMeter(FOLD)
@@ -70,10 +64,8 @@ def test_two_way_absent_class_star_below_panet() -> None:
     assert res["fbiou"] == pytest.approx((0.8 + 0.75) / 2)
 
     # a second episode where class 4 is present: PANet now has data for class 4 too
-    target2 = t([[2, 2],
-                 [0, 0]])
-    pred2 = t([[2, 0],
-               [2, 0]])
+    target2 = t([[2, 2], [0, 0]])
+    pred2 = t([[2, 0], [2, 0]])
     # class 4: TP 1, FP 1 ((1,0)), FN 1 ((0,1)); class 2 absent, never predicted: adds nothing
     meter.update(pred2, target2, [2, 4])
     res = meter.compute()
@@ -94,18 +86,16 @@ def test_fbiou_confusion_between_classes_is_foreground_tp() -> None:
     res = meter.compute()
     assert res["fbiou"] == pytest.approx(1.0)
     # class 1: TP 1, FN 1; class 2: TP 1, FP 1 (both present, so both metrics agree)
-    assert res["per_class_star"] == pytest.approx({1: 0.5, 2: 0.5, 3: math.nan, 4: math.nan,
-                                                   5: math.nan}, nan_ok=True)
+    assert res["per_class_star"] == pytest.approx(
+        {1: 0.5, 2: 0.5, 3: math.nan, 4: math.nan, 5: math.nan}, nan_ok=True
+    )
     assert res["miou"] == pytest.approx(0.5)
 
 
 def test_ignore_pixels_count_nowhere() -> None:
-    target = t([[1, 255, 0],
-                [1, 255, 0]])
-    pred_a = t([[1, 1, 0],
-                [0, 1, 1]])
-    pred_b = t([[1, 0, 0],
-                [0, 2, 1]])  # differs only under the 255 pixels
+    target = t([[1, 255, 0], [1, 255, 0]])
+    pred_a = t([[1, 1, 0], [0, 1, 1]])
+    pred_b = t([[1, 0, 0], [0, 2, 1]])  # differs only under the 255 pixels
     # class 1 (label 1): TP (0,0) = 1; FP (1,2) = 1 (the 255 pixels do not count); FN (1,0) = 1
     results = []
     for pred in (pred_a, pred_b):

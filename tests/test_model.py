@@ -26,7 +26,7 @@ def support_batch(batch: int, way: int, shot: int, size: int = SIZE, seed: int =
     generator = torch.Generator().manual_seed(seed)
     images = torch.rand(batch, way, shot, 3, size, size, generator=generator)
     masks = torch.zeros(batch, way, shot, size, size, dtype=torch.uint8)
-    masks[..., size // 4: 3 * size // 4, size // 4: 3 * size // 4] = 1
+    masks[..., size // 4 : 3 * size // 4, size // 4 : 3 * size // 4] = 1
     masks[..., size // 4, :] = 255  # an ignore band, as in VOC
     query = torch.rand(batch, 3, size, size, generator=generator)
     return images, masks, query
@@ -53,14 +53,17 @@ def test_batched_episodes_equal_one_at_a_time() -> None:
     model = build_mfnet(tiny_config(way=2, shot=5)).eval()
     images, masks, query = support_batch(3, 2, 5)
     batched = model(images, masks, query)  # 3 episodes, each with its own support set
-    alone = torch.cat([model(images[i:i + 1], masks[i:i + 1], query[i:i + 1]) for i in range(3)])
+    alone = torch.cat(
+        [model(images[i : i + 1], masks[i : i + 1], query[i : i + 1]) for i in range(3)]
+    )
     assert not torch.allclose(batched[0], batched[1], atol=1e-3)  # the episodes differ
     assert torch.allclose(batched, alone, atol=1e-5)
     # One support set broadcast over a batch of frames equals per-frame copies of it.
     single = model.encode_support(images[:1], masks[:1])
     broadcast = model.decode_query(query, single)
-    repeated = model.decode_query(query, model.encode_support(
-        images[:1].expand_as(images), masks[:1].expand_as(masks)))
+    repeated = model.decode_query(
+        query, model.encode_support(images[:1].expand_as(images), masks[:1].expand_as(masks))
+    )
     assert torch.allclose(broadcast, repeated, atol=1e-5)
 
 
@@ -89,8 +92,9 @@ def test_every_learnable_parameter_gets_a_gradient() -> None:
 
 def test_frozen_trunk_is_unchanged_by_a_training_step() -> None:
     torch.manual_seed(0)
-    model = build_mfnet(ModelConfig(backbone="resnet50", weights="none", channels=32,
-                                    image_size=64, way=2, shot=1))
+    model = build_mfnet(
+        ModelConfig(backbone="resnet50", weights="none", channels=32, image_size=64, way=2, shot=1)
+    )
     model.train()
     assert not model.backbone.training, "a frozen trunk must stay in eval mode"
     assert model.neck.training
@@ -107,17 +111,20 @@ def test_frozen_trunk_is_unchanged_by_a_training_step() -> None:
     assert not hasattr(model.backbone, "layer4"), "layer4 must not exist (never computed)"
 
 
-@pytest.mark.parametrize("name, levels", [
-    ("resnet50", [("layer2", 512), ("layer3", 1024)]),
-    ("vgg16_bn", [("conv3", 256), ("conv4", 512)]),
-    ("small", [("layer2", 64), ("layer3", 96)]),
-])
+@pytest.mark.parametrize(
+    "name, levels",
+    [
+        ("resnet50", [("layer2", 512), ("layer3", 1024)]),
+        ("vgg16_bn", [("conv3", 256), ("conv4", 512)]),
+        ("small", [("layer2", 64), ("layer3", 96)]),
+    ],
+)
 def test_backbones_declare_their_levels_at_stride_8(name: str, levels) -> None:
     trunk = backbone_module.build_backbone(name, "none")
     assert [(level.name, level.channels) for level in trunk.feature_levels] == levels
     with torch.no_grad():
         outputs = trunk.eval()(torch.rand(1, 3, 64, 64))
-    for output, level in zip(outputs, trunk.feature_levels):
+    for output, level in zip(outputs, trunk.feature_levels, strict=True):
         assert level.stride == 8
         assert output.shape == (1, level.channels, 8, 8)
     for size in (473, 97, 48):  # the declared feature size is the real one
@@ -155,10 +162,16 @@ def test_pyramid_bins_match_the_paper_at_473() -> None:
     assert build_mfnet(tiny_config(scale_attention=False)).pyramid_bins(60) == [60]
 
 
-@pytest.mark.parametrize("overrides", [
-    dict(query_fusion="concat"), dict(class_fusion="add"), dict(scale_attention=False),
-    dict(scale_attention_shared=True), dict(support_attention=False, shot=3),
-])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(query_fusion="concat"),
+        dict(class_fusion="add"),
+        dict(scale_attention=False),
+        dict(scale_attention_shared=True),
+        dict(support_attention=False, shot=3),
+    ],
+)
 def test_ablation_variants_build_and_run(overrides) -> None:
     torch.manual_seed(0)
     model = build_mfnet(tiny_config(**overrides)).eval()
@@ -217,8 +230,9 @@ def test_missing_imagenet_weights_are_a_clear_error(monkeypatch, tmp_path) -> No
     def offline(*args, **kwargs):
         raise urllib.error.URLError("no network")
 
-    monkeypatch.setattr(type(backbone_module.models.ResNet50_Weights.IMAGENET1K_V1),
-                        "get_state_dict", offline)
+    monkeypatch.setattr(
+        type(backbone_module.models.ResNet50_Weights.IMAGENET1K_V1), "get_state_dict", offline
+    )
     with pytest.raises(backbone_module.WeightsUnavailableError, match="--weights /path/to"):
         backbone_module.build_backbone("resnet50", "imagenet")
     with pytest.raises(backbone_module.WeightsUnavailableError, match="does not exist"):
@@ -233,8 +247,11 @@ def test_weights_from_a_local_file(tmp_path) -> None:
     torch.manual_seed(0)
     reference = backbone_module.models.resnet50(weights=None)
     # A trimmed file (no layer4 / fc, which are never used) is accepted, with a DataParallel prefix.
-    state = {f"module.{k}": v for k, v in reference.state_dict().items()
-             if not k.startswith(("layer4.", "fc."))}
+    state = {
+        f"module.{k}": v
+        for k, v in reference.state_dict().items()
+        if not k.startswith(("layer4.", "fc."))
+    }
     path = tmp_path / "resnet50.pth"
     torch.save(state, path)
     trunk = backbone_module.build_backbone("resnet50", str(path))

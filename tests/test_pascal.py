@@ -252,8 +252,9 @@ def test_cache_reuse_and_rebuild(prepared: Fake) -> None:
     assert load_class_index(prepared.voc, "trainaug").pixels[13] == {"2008_000008": 40 * 56}
 
 
-def test_a_cache_that_cannot_be_written_is_a_logged_warning(prepared: Fake, monkeypatch,
-                                                            capsys) -> None:
+def test_a_cache_that_cannot_be_written_is_a_logged_warning(
+    prepared: Fake, monkeypatch, capsys
+) -> None:
     from mfnet.data import pascal
 
     def read_only(path, data):

@@ -24,7 +24,9 @@ def test_a_log_file_gets_one_whole_line_per_tenth_and_the_last() -> None:
     text = stream.getvalue()
     assert "\r" not in text
     lines = text.splitlines()
-    assert [line.split(" (")[0] for line in lines] == [f"epoch 1/2: {n}/20" for n in range(2, 21, 2)]
+    assert [line.split(" (")[0] for line in lines] == [
+        f"epoch 1/2: {n}/20" for n in range(2, 21, 2)
+    ]
     assert lines[0] == "epoch 1/2: 2/20 (10%), loss=0.50"
     assert lines[-1] == "epoch 1/2: 20/20 (100%), loss=0.05"
 
@@ -33,7 +35,9 @@ def test_a_resumed_loop_counts_from_its_start_and_an_early_stop_shows_its_count(
     stream = io.StringIO()
     bar = progress_bar(iter(range(7)), "epoch 2/3", total=10, initial=3, stream=stream)
     assert list(bar) == list(range(7))
-    assert stream.getvalue().splitlines() == [f"epoch 2/3: {n}/10 ({10 * n}%)" for n in range(4, 11)]
+    assert stream.getvalue().splitlines() == [
+        f"epoch 2/3: {n}/10 ({10 * n}%)" for n in range(4, 11)
+    ]
     stream = io.StringIO()
     bar = progress_bar(range(20), "epoch 1/1", stream=stream)
     for step in bar:

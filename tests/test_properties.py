@@ -24,58 +24,92 @@ from hypothesis.extra import numpy as hnp  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from fault_fixtures import snapshot, tiny_config, valid_manifest, write_checkpoint  # noqa: E402
-from mfnet.config import Config, ConfigError  # noqa: E402
 from mfnet.checkpoint import CheckpointError, model_from_checkpoint  # noqa: E402
+from mfnet.config import Config, ConfigError  # noqa: E402
 from mfnet_runtime import cli as runtime_cli  # noqa: E402
 from mfnet_runtime.errors import EngineError, RuntimeInputError  # noqa: E402
 from mfnet_runtime.images import as_mask_array, prepare_image  # noqa: E402
 from mfnet_runtime.manifest import read_manifest  # noqa: E402
-from mfnet_runtime.spec import load_support_spec  # noqa: E402
 from mfnet_runtime.shots import prepare_shot  # noqa: E402
+from mfnet_runtime.spec import load_support_spec  # noqa: E402
 
-COMMON = dict(derandomize=True, deadline=None, database=None, print_blob=True,
-              suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
-                                     HealthCheck.data_too_large])
+COMMON = dict(
+    derandomize=True,
+    deadline=None,
+    database=None,
+    print_blob=True,
+    suppress_health_check=[
+        HealthCheck.too_slow,
+        HealthCheck.function_scoped_fixture,
+        HealthCheck.data_too_large,
+    ],
+)
 settings.register_profile("ci", max_examples=40, **COMMON)
 settings.register_profile("thorough", max_examples=400, **COMMON)
 settings.load_profile(os.environ.get("MFNET_HYPOTHESIS_PROFILE", "ci"))
 
 SIZE = 32
 # JSON-like values, the kind a hand-edited file can hold where a number or string belongs.
-JSON_SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-3, 70), st.floats(allow_nan=True),
-                         st.text(max_size=6), st.sampled_from(["2", "fp32", "RGB", "B", "pad"]))
-JSON_VALUES = st.recursive(JSON_SCALARS, lambda inner: st.one_of(
-    st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=5), inner, max_size=3)),
-    max_leaves=6)
+JSON_SCALARS = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-3, 70),
+    st.floats(allow_nan=True),
+    st.text(max_size=6),
+    st.sampled_from(["2", "fp32", "RGB", "B", "pad"]),
+)
+JSON_VALUES = st.recursive(
+    JSON_SCALARS,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=5), inner, max_size=3)
+    ),
+    max_leaves=6,
+)
 
 DTYPES = st.sampled_from([np.uint8, np.uint8, np.float32, np.int16, np.bool_, np.int64])
 
 
 def arrays(max_side: int = 12, ndims=(1, 4)):
     """Arrays of any dtype and rank (mostly small), including empty ones."""
-    return DTYPES.flatmap(lambda dtype: hnp.arrays(
-        dtype, hnp.array_shapes(min_dims=ndims[0], max_dims=ndims[1], min_side=0,
-                                max_side=max_side)))
+    return DTYPES.flatmap(
+        lambda dtype: hnp.arrays(
+            dtype,
+            hnp.array_shapes(min_dims=ndims[0], max_dims=ndims[1], min_side=0, max_side=max_side),
+        )
+    )
 
 
-VALID_IMAGES = hnp.arrays(np.uint8, st.tuples(st.integers(1, 40), st.integers(1, 40),
-                                              st.just(3)))
+VALID_IMAGES = hnp.arrays(np.uint8, st.tuples(st.integers(1, 40), st.integers(1, 40), st.just(3)))
 # About half valid: sampled_from picks the branch, so the odd kinds do not crowd it out.
-IMAGES = st.sampled_from(["valid", "other"]).flatmap(lambda kind: VALID_IMAGES if kind == "valid"
-                                                     else st.one_of(arrays(), st.none(),
-                                                                    st.integers(),
-                                                                    st.text(max_size=4),
-                                                                    st.lists(st.integers(),
-                                                                             max_size=3)))
+IMAGES = st.sampled_from(["valid", "other"]).flatmap(
+    lambda kind: (
+        VALID_IMAGES
+        if kind == "valid"
+        else st.one_of(
+            arrays(),
+            st.none(),
+            st.integers(),
+            st.text(max_size=4),
+            st.lists(st.integers(), max_size=3),
+        )
+    )
+)
 MASKS = st.one_of(
-    hnp.arrays(np.uint8, st.tuples(st.integers(1, 40), st.integers(1, 40)),
-               elements=st.sampled_from([0, 1, 255, 2, 128])),
+    hnp.arrays(
+        np.uint8,
+        st.tuples(st.integers(1, 40), st.integers(1, 40)),
+        elements=st.sampled_from([0, 1, 255, 2, 128]),
+    ),
     hnp.arrays(np.bool_, st.tuples(st.integers(1, 40), st.integers(1, 40))),
-    arrays(), st.none(), st.text(max_size=4))
+    arrays(),
+    st.none(),
+    st.text(max_size=4),
+)
 
 
-@given(image=IMAGES, mode=st.sampled_from(["pad", "stretch"]), color=st.sampled_from(["rgb",
-                                                                                     "bgr"]))
+@given(
+    image=IMAGES, mode=st.sampled_from(["pad", "stretch"]), color=st.sampled_from(["rgb", "bgr"])
+)
 def test_images_become_network_inputs_or_runtime_input_errors(image, mode, color) -> None:
     try:
         fitted, (height, width, content_h, content_w) = prepare_image(image, SIZE, mode, color)
@@ -112,7 +146,8 @@ def spec_files(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("spec")
     rng = np.random.default_rng(0)
     for name in ("a", "b"):
-        Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(root / f"{name}.png")
+        image = rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)
+        Image.fromarray(image).save(root / f"{name}.png")
         mask = np.zeros((20, 24), np.uint8)
         mask[5:15, 4:20] = 1
         Image.fromarray(mask).save(root / f"{name}.mask.png")
@@ -120,13 +155,19 @@ def spec_files(tmp_path_factory) -> Path:
     return root
 
 
-FILES = st.sampled_from(["a.png", "b.png", "a.mask.png", "b.mask.png", "notes.txt", "none.png",
-                         ".", "../a.png"])
+FILES = st.sampled_from(
+    ["a.png", "b.png", "a.mask.png", "b.mask.png", "notes.txt", "none.png", ".", "../a.png"]
+)
 SHOTS = st.one_of(st.fixed_dictionaries({"image": FILES, "mask": FILES}), JSON_VALUES)
-CLASSES = st.one_of(st.fixed_dictionaries({"name": st.one_of(st.sampled_from(["cat", "dog",
-                                                                              " "]), JSON_SCALARS),
-                                           "shots": st.one_of(st.lists(SHOTS, max_size=3),
-                                                              JSON_VALUES)}), JSON_VALUES)
+CLASSES = st.one_of(
+    st.fixed_dictionaries(
+        {
+            "name": st.one_of(st.sampled_from(["cat", "dog", " "]), JSON_SCALARS),
+            "shots": st.one_of(st.lists(SHOTS, max_size=3), JSON_VALUES),
+        }
+    ),
+    JSON_VALUES,
+)
 SPECS = st.one_of(st.fixed_dictionaries({"classes": st.lists(CLASSES, max_size=3)}), JSON_VALUES)
 
 
@@ -161,8 +202,9 @@ def _paths(value, prefix=()):
 
 MANIFEST_PATHS = [p for p in _paths(valid_manifest()) if p]
 # Half of the changes go to the fields the runtime computes with (sizes, limits, mean / std).
-COMPUTED_PATHS = [p for p in MANIFEST_PATHS
-                  if p[0] == "model" or (len(p) == 4 and p[2] == "details")]
+COMPUTED_PATHS = [
+    p for p in MANIFEST_PATHS if p[0] == "model" or (len(p) == 4 and p[2] == "details")
+]
 
 
 @st.composite
@@ -199,8 +241,10 @@ def test_manifests_are_read_or_refused_with_engine_errors(tmp_path_factory, mani
     if read is None:
         return
     model = read.model
-    assert all(isinstance(v, int) and v >= 1 for v in (model.way, model.channels,
-                                                       model.input_size, model.train_shot))
+    assert all(
+        isinstance(v, int) and v >= 1
+        for v in (model.way, model.channels, model.input_size, model.train_shot)
+    )
     assert len(model.mean) == 3 and min(model.std) > 0
     for graph in read.graphs:
         for key in ("max_batch", "max_support", "max_shots", "min_shots"):
@@ -208,10 +252,14 @@ def test_manifests_are_read_or_refused_with_engine_errors(tmp_path_factory, mani
             assert isinstance(value, int) and value >= 1  # never a zero step for range()
 
 
-CONFIG_VALUES = st.one_of(st.sampled_from([0, -1, 1, 2, 3, 4, "2", 2.5, None, True, [], {},
-                                           "text", "pad", float("nan"), [0.5], 1e-3]))
-CONFIG_FIELDS = [(section, name) for section, fields in Config().to_dict().items()
-                 for name in fields]
+CONFIG_VALUES = st.one_of(
+    st.sampled_from(
+        [0, -1, 1, 2, 3, 4, "2", 2.5, None, True, [], {}, "text", "pad", float("nan"), [0.5], 1e-3]
+    )
+)
+CONFIG_FIELDS = [
+    (section, name) for section, fields in Config().to_dict().items() for name in fields
+]
 
 
 @st.composite
@@ -250,17 +298,29 @@ def test_checkpoints_load_or_raise_checkpoint_errors(tmp_path_factory, config) -
         assert model.way == loaded.model.way
 
 
-OPTION_TEXT = st.one_of(st.sampled_from(["0", "1", "-1", "2", "0.5", "1.5", "nan", "inf", "x",
-                                         ""]), st.text(max_size=4))
+OPTION_TEXT = st.one_of(
+    st.sampled_from(["0", "1", "-1", "2", "0.5", "1.5", "nan", "inf", "x", ""]), st.text(max_size=4)
+)
 
 
 @given(batch=OPTION_TEXT, frames=OPTION_TEXT, alpha=OPTION_TEXT, fps=OPTION_TEXT)
-def test_runtime_options_parse_in_range_or_exit_2(tmp_path_factory, batch, frames, alpha,
-                                                   fps) -> None:
+def test_runtime_options_parse_in_range_or_exit_2(
+    tmp_path_factory, batch, frames, alpha, fps
+) -> None:
     parser = runtime_cli.build_parser()
-    argv = ["segment", "--engines", "e", "--support", "s", "--input", "0",
-            f"--batch-size={batch}", f"--max-frames={frames}", f"--alpha={alpha}",
-            f"--fps={fps}"]
+    argv = [
+        "segment",
+        "--engines",
+        "e",
+        "--support",
+        "s",
+        "--input",
+        "0",
+        f"--batch-size={batch}",
+        f"--max-frames={frames}",
+        f"--alpha={alpha}",
+        f"--fps={fps}",
+    ]
     try:
         args = parser.parse_args(argv)
     except SystemExit as stop:

@@ -12,15 +12,30 @@ from mfnet.data.transforms import IGNORE_INDEX, TestResize, TrainAugment
 
 H, W, S = 40, 60, 32
 PERSON, BASE = 15, 9  # BASE is in the images but not among the sampled classes
-COLOURS = {1: (220, 30, 30), 2: (30, 200, 30), 3: (30, 30, 220), 4: (220, 220, 30),
-           BASE: (200, 30, 200), PERSON: (30, 200, 200)}
+COLOURS = {
+    1: (220, 30, 30),
+    2: (30, 200, 30),
+    3: (30, 30, 220),
+    4: (220, 220, 30),
+    BASE: (200, 30, 200),
+    PERSON: (30, 200, 200),
+}
 # Three object slots (rows, cols) of a 40x60 image; a 1-pixel 255 band surrounds each object.
 SLOTS = ((slice(4, 36), slice(2, 18)), (slice(4, 36), slice(22, 38)), (slice(4, 36), slice(42, 58)))
 # image id -> class in slot 0, 1, 2 (0 = empty slot)
 SCENES = {
-    "a": (1, 2, BASE), "b": (1, 3, 0), "c": (2, 3, BASE), "d": (1, 0, 0), "e": (0, 2, 0),
-    "f": (0, 0, 3), "g": (PERSON, 1, 0), "h": (2, 0, PERSON), "i": (PERSON, 3, BASE),
-    "j": (4, BASE, 0), "k": (0, 4, 0), "l": (0, PERSON, 0),
+    "a": (1, 2, BASE),
+    "b": (1, 3, 0),
+    "c": (2, 3, BASE),
+    "d": (1, 0, 0),
+    "e": (0, 2, 0),
+    "f": (0, 0, 3),
+    "g": (PERSON, 1, 0),
+    "h": (2, 0, PERSON),
+    "i": (PERSON, 3, BASE),
+    "j": (4, BASE, 0),
+    "k": (0, 4, 0),
+    "l": (0, PERSON, 0),
 }
 
 
@@ -28,7 +43,7 @@ def render(slots: tuple[int, ...], index: int) -> tuple[np.ndarray, np.ndarray]:
     """A 40x60 gray scene with one coloured rectangle per non-zero slot class."""
     image = np.full((H, W, 3), 100 + index, np.uint8)  # a per-image shade tells images apart
     label = np.zeros((H, W), np.uint8)
-    for (rows, cols), c in zip(SLOTS, slots):
+    for (rows, cols), c in zip(SLOTS, slots, strict=True):
         if c:
             band = (slice(rows.start - 1, rows.stop + 1), slice(cols.start - 1, cols.stop + 1))
             label[band] = IGNORE_INDEX

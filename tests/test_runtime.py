@@ -33,12 +33,15 @@ from runtime_fixtures import assert_labels_vary  # noqa: E402
 
 # What backend="auto" picks for an FP32 ONNX export without engines: the CUDA provider where
 # onnxruntime-gpu is installed (a GPU machine), else the CPU one.
-AUTO_BACKEND = ("onnxruntime-cuda" if "CUDAExecutionProvider"
-                in __import__("onnxruntime").get_available_providers() else "onnxruntime-cpu")
+AUTO_BACKEND = (
+    "onnxruntime-cuda"
+    if "CUDAExecutionProvider" in __import__("onnxruntime").get_available_providers()
+    else "onnxruntime-cpu"
+)
 
+from mfnet.checkpoint import model_from_checkpoint  # noqa: E402
 from mfnet.data.episodes import synthetic_episodes  # noqa: E402
 from mfnet.data.transforms import TestResize  # noqa: E402
-from mfnet.checkpoint import model_from_checkpoint  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -59,7 +62,7 @@ def shot(seed: int, size: tuple[int, int] = (48, 48), box=(8, 40, 10, 34)):
     rng = np.random.default_rng(seed)
     image = rng.integers(0, 256, (*size, 3), dtype=np.uint8)
     mask = np.zeros(size, np.uint8)
-    mask[box[0]:box[1], box[2]:box[3]] = 1
+    mask[box[0] : box[1], box[2] : box[3]] = 1
     return image, mask
 
 
@@ -70,9 +73,10 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 
 def scene_frame(seed: int, size: tuple[int, int] = (40, 56)) -> np.ndarray:
     """uint8 [H, W, 3]: a crop of a synthetic query (objects on clutter: its labels vary)."""
-    episode = synthetic_episodes(fold=0, split="test", way=2, shot=1, num_episodes=1, seed=seed,
-                                 image_size=64)[0]
-    return np.ascontiguousarray(to_uint8(episode["query_image"])[:size[0], :size[1]])
+    episode = synthetic_episodes(
+        fold=0, split="test", way=2, shot=1, num_episodes=1, seed=seed, image_size=64
+    )[0]
+    return np.ascontiguousarray(to_uint8(episode["query_image"])[: size[0], : size[1]])
 
 
 # --------------------------------------------------------------------------- torch never loaded
@@ -102,14 +106,27 @@ def test_runtime_works_with_torch_blocked(exported, tmp_path) -> None:
                           "backend": segmenter.backend_name, "attempts": attempts,
                           "loaded": loaded}}))
     """)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        [str(ROOT / "runtime"), os.environ.get("PYTHONPATH", "")])}
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                            env=env, cwd=tmp_path, timeout=120)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "runtime"), os.environ.get("PYTHONPATH", "")]),
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout.strip().splitlines()[-1])
-    assert report == {"shape": [50, 70], "dtype": "uint8", "backend": AUTO_BACKEND,
-                      "attempts": [], "loaded": []}
+    assert report == {
+        "shape": [50, 70],
+        "dtype": "uint8",
+        "backend": AUTO_BACKEND,
+        "attempts": [],
+        "loaded": [],
+    }
 
 
 # ------------------------------------------------------------------- parity with the PyTorch model
@@ -117,21 +134,24 @@ def test_runtime_works_with_torch_blocked(exported, tmp_path) -> None:
 def test_labels_and_probabilities_match_pytorch(exported, way, shot_count) -> None:
     engine_dir, checkpoint = exported(way, shot_count)
     model, _ = model_from_checkpoint(checkpoint)
-    episodes = synthetic_episodes(fold=0, split="test", way=way, shot=shot_count,
-                                  num_episodes=3, seed=7, image_size=48)
+    episodes = synthetic_episodes(
+        fold=0, split="test", way=way, shot=shot_count, num_episodes=3, seed=7, image_size=48
+    )
     support = episodes[0]
     queries = torch.stack([episodes[i]["query_image"] for i in range(3)])  # [3, 3, 48, 48]
     with torch.no_grad():
         cache = model.encode_support(support["support_images"], support["support_masks"])
-        logits = model.decode_query(torch.from_numpy(to_uint8(queries)).permute(0, 3, 1, 2)
-                                    .float() / 255, cache)
+        logits = model.decode_query(
+            torch.from_numpy(to_uint8(queries)).permute(0, 3, 1, 2).float() / 255, cache
+        )
     reference_labels = logits.argmax(1).to(torch.uint8).numpy()
     reference_probabilities = torch.softmax(logits, 1).numpy()
 
     segmenter = Segmenter.load(engine_dir, backend="onnxruntime", device="cpu")
     images, masks = to_uint8(support["support_images"]), support["support_masks"].numpy()
-    classes = {f"class{n}": [(images[n, k], masks[n, k]) for k in range(shot_count)]
-               for n in range(way)}
+    classes = {
+        f"class{n}": [(images[n, k], masks[n, k]) for k in range(shot_count)] for n in range(way)
+    }
     encoded = segmenter.encode_support(classes)
     np.testing.assert_allclose(encoded.prototypes, cache.prototypes[0].numpy(), atol=1e-5)
     frames = list(to_uint8(queries))
@@ -144,15 +164,17 @@ def test_labels_and_probabilities_match_pytorch(exported, way, shot_count) -> No
     np.testing.assert_allclose(probabilities, reference_probabilities[1], atol=1e-5)
 
 
-
 def encode_test_episode(segmenter: Segmenter) -> tuple[dict, SupportSet]:
     """A 2-way 2-shot test episode of fold 0 (48 px) and its support set encoded by the runtime."""
-    episode = synthetic_episodes(fold=0, split="test", way=2, shot=2, num_episodes=1, seed=3,
-                                 image_size=48)[0]
+    episode = synthetic_episodes(
+        fold=0, split="test", way=2, shot=2, num_episodes=1, seed=3, image_size=48
+    )[0]
     images, masks = to_uint8(episode["support_images"]), episode["support_masks"].numpy()
     support = segmenter.encode_support(
-        {f"c{n}": [(images[n, k], masks[n, k]) for k in range(2)] for n in range(2)})
+        {f"c{n}": [(images[n, k], masks[n, k]) for k in range(2)] for n in range(2)}
+    )
     return episode, support
+
 
 def test_non_square_frame_matches_pytorch_pad_resize(exported) -> None:
     engine_dir, checkpoint = exported(2, 2)
@@ -167,8 +189,9 @@ def test_non_square_frame_matches_pytorch_pad_resize(exported) -> None:
     padded, _ = TestResize(48, "pad")(frame, np.zeros((37, 61), np.uint8))  # evaluation path
     with torch.no_grad():
         cache = model.encode_support(episode["support_images"], episode["support_masks"])
-        logits = model.decode_query(torch.from_numpy(padded).permute(2, 0, 1)[None].float() / 255,
-                                    cache)
+        logits = model.decode_query(
+            torch.from_numpy(padded).permute(2, 0, 1)[None].float() / 255, cache
+        )
     content_h, content_w = TestResize(48, "pad").resized_shape(37, 61)
     reference = logits.argmax(1)[0].to(torch.uint8).numpy()[:content_h, :content_w]
     reference = np.asarray(Image.fromarray(reference).resize((61, 37), Image.Resampling.NEAREST))
@@ -195,10 +218,12 @@ def test_non_square_frame_matches_pytorch_stretch_resize(exported, tmp_path) -> 
     rng = np.random.default_rng(6)
     frames = []
     for height, width in ((37, 61), (70, 30)):
-        ramp = np.linspace(0, 255, width)[None, :, None] * np.linspace(0.2, 1, height)[:, None,
-                                                                                        None]
-        frames.append(np.clip(ramp + rng.normal(0, 30, (height, width, 3)), 0, 255)
-                      .astype(np.uint8))
+        ramp = (
+            np.linspace(0, 255, width)[None, :, None] * np.linspace(0.2, 1, height)[:, None, None]
+        )
+        frames.append(
+            np.clip(ramp + rng.normal(0, 30, (height, width, 3)), 0, 255).astype(np.uint8)
+        )
     references = []
     for frame in frames:
         height, width = frame.shape[:2]
@@ -208,13 +233,15 @@ def test_non_square_frame_matches_pytorch_stretch_resize(exported, tmp_path) -> 
         assert geometry == [(height, width, 48, 48)]
         with torch.no_grad():
             logits = model.decode_query(
-                torch.from_numpy(stretched.copy()).permute(2, 0, 1)[None].float() / 255, support_cache(
-                    model, episode))
+                torch.from_numpy(stretched.copy()).permute(2, 0, 1)[None].float() / 255,
+                support_cache(model, episode),
+            )
         reference = logits.argmax(1)[0].to(torch.uint8).numpy()
-        references.append(np.asarray(Image.fromarray(reference).resize(
-            (width, height), Image.Resampling.NEAREST)))
+        references.append(
+            np.asarray(Image.fromarray(reference).resize((width, height), Image.Resampling.NEAREST))
+        )
     assert_labels_vary(references, frames)
-    for frame, reference in zip(frames, references):
+    for frame, reference in zip(frames, references, strict=True):
         labels = segmenter.segment(frame, support)
         assert labels.shape == frame.shape[:2]
         assert (labels == reference).mean() >= 0.999
@@ -231,15 +258,18 @@ def test_colour_orders_and_image_kinds_agree(segmenter2, tmp_path) -> None:
     expected = segmenter2.segment(frame, support)
     swapped = segmenter2.segment(np.ascontiguousarray(frame[..., ::-1]), support)  # read as RGB
     assert_labels_vary([expected, swapped])  # so a colour-order slip would show
-    assert np.array_equal(segmenter2.segment(np.ascontiguousarray(frame[..., ::-1]), support,
-                                             color="bgr"), expected)
+    assert np.array_equal(
+        segmenter2.segment(np.ascontiguousarray(frame[..., ::-1]), support, color="bgr"), expected
+    )
     rgba = np.concatenate([frame, np.full((40, 56, 1), 7, np.uint8)], axis=2)
     assert np.array_equal(segmenter2.segment(rgba, support), expected)
     Image.fromarray(frame).save(tmp_path / "frame.png")
     assert np.array_equal(segmenter2.segment(tmp_path / "frame.png", support), expected)
     gray = frame[..., 0]
-    assert np.array_equal(segmenter2.segment(gray, support),
-                          segmenter2.segment(np.repeat(gray[..., None], 3, 2), support))
+    assert np.array_equal(
+        segmenter2.segment(gray, support),
+        segmenter2.segment(np.repeat(gray[..., None], 3, 2), support),
+    )
     # EXIF orientation 6 (rotate 90 degrees clockwise) is applied when reading a file
     exif = Image.Exif()
     exif[0x0112] = 6
@@ -268,13 +298,17 @@ def test_add_shot_encodes_one_shot_and_equals_reencoding(segmenter2, monkeypatch
     first = segmenter2.encode_support({"a": [shot(10)], "b": [shot(11)]})
     calls = []
     encoder = segmenter2._backend.run_support_encoder
-    monkeypatch.setattr(segmenter2._backend, "run_support_encoder",
-                        lambda images, masks: calls.append(len(images)) or encoder(images, masks))
+    monkeypatch.setattr(
+        segmenter2._backend,
+        "run_support_encoder",
+        lambda images, masks: calls.append(len(images)) or encoder(images, masks),
+    )
     grown = segmenter2.add_shot(first, "a", *shot(12, box=(0, 30, 0, 30)))
     assert calls == [1]  # the backbone ran on the new shot only
     monkeypatch.undo()
-    whole = segmenter2.encode_support({"a": [shot(10), shot(12, box=(0, 30, 0, 30))],
-                                       "b": [shot(11)]})
+    whole = segmenter2.encode_support(
+        {"a": [shot(10), shot(12, box=(0, 30, 0, 30))], "b": [shot(11)]}
+    )
     assert grown.shot_counts == whole.shot_counts == (2, 1)
     np.testing.assert_allclose(grown.prototypes, whole.prototypes, atol=1e-6)
     np.testing.assert_array_equal(grown.prototypes[1], first.prototypes[1])  # b untouched
@@ -306,7 +340,7 @@ def test_save_load_round_trip_and_foreign_sets(segmenter2, exported, tmp_path) -
     assert path.is_file() and not list(path.parent.glob(".*tmp"))
     loaded = segmenter2.load_support(path)
     assert loaded.class_names == ("cat", "dog") and loaded.engine_id == segmenter2.engine_id
-    for a, b in zip(loaded.shot_features, support.shot_features):
+    for a, b in zip(loaded.shot_features, support.shot_features, strict=True):
         np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(loaded.prototypes, support.prototypes)
     frame = scene_frame(33)
@@ -336,8 +370,12 @@ def test_segmenter_grows_and_loads_a_support_set_built_from_arrays(segmenter2, t
     and reloaded by the segmenter exactly like the one it encoded; other engine ids are
     refused by both operations."""
     encoded = segmenter2.encode_support({"a": [shot(40)], "b": [shot(41), shot(42)]})
-    rebuilt = SupportSet(encoded.class_names, [np.array(f) for f in encoded.shot_features],
-                         np.array(encoded.prototypes), segmenter2.engine_id)
+    rebuilt = SupportSet(
+        encoded.class_names,
+        [np.array(f) for f in encoded.shot_features],
+        np.array(encoded.prototypes),
+        segmenter2.engine_id,
+    )
     grown = segmenter2.add_shot(rebuilt, "a", *shot(43))
     expected = segmenter2.add_shot(encoded, "a", *shot(43))
     assert grown.shot_counts == expected.shot_counts == (2, 2)
@@ -351,8 +389,7 @@ def test_segmenter_grows_and_loads_a_support_set_built_from_arrays(segmenter2, t
     np.testing.assert_array_equal(loaded.prototypes, grown.prototypes)
     frame = scene_frame(45)
     assert np.array_equal(segmenter2.segment(frame, loaded), segmenter2.segment(frame, grown))
-    stranger = SupportSet(rebuilt.class_names, rebuilt.shot_features, rebuilt.prototypes,
-                          "f" * 64)
+    stranger = SupportSet(rebuilt.class_names, rebuilt.shot_features, rebuilt.prototypes, "f" * 64)
     stranger.save(tmp_path / "stranger.npz")
     with pytest.raises(RuntimeInputError, match="stranger.npz was encoded by other engines"):
         segmenter2.load_support(tmp_path / "stranger.npz")
@@ -363,26 +400,53 @@ def test_segmenter_grows_and_loads_a_support_set_built_from_arrays(segmenter2, t
 
 
 # -------------------------------------------------------------------------------- bad inputs
-@pytest.mark.parametrize("classes, message", [
-    (lambda: {"a": [shot(0)], "b": [shot(1)], "c": [shot(2)]},
-     r"3 support classes .*engines are 2-way: the number of classes is fixed at training"),
-    (lambda: {"a": [shot(0)], "b": [(shot(1)[0], np.zeros((48, 48), np.uint8))]},
-     r"mask of class 'b', shot 0 is empty"),
-    (lambda: {"a": [shot(0), (shot(1)[0], np.full((48, 48), 0, bool))], "b": [shot(1)]},
-     r"mask of class 'a', shot 1 is empty"),
-    (lambda: {"a": [shot(0)], "b": [(np.zeros((400, 400, 3), np.uint8),
-                                     np.pad(np.ones((2, 2), np.uint8), ((100, 298), (50, 348))))]},
-     r"class 'b', shot 0 .*vanishes after resizing to the network input 48x48"),
-    (lambda: {"a": [shot(0)], "b": [(shot(1)[0], np.ones((40, 48), np.uint8))]},
-     r"mask of class 'b', shot 0 is 40x48 but its image is 48x48"),
-    (lambda: {"a": [shot(0)], "b": [(shot(1)[0], shot(1)[1] * 3 + 4)]},
-     r"mask of class 'b', shot 0 has values \{4, 7\}"),
-    (lambda: {"a": [(shot(0)[0].astype(np.uint16) * 257, shot(0)[1])], "b": [shot(1)]},
-     r"dtype uint16.*\(image // 257\)\.astype\(np\.uint8\)"),
-    (lambda: {"a": [(shot(0)[0] / 255.0, shot(0)[1])], "b": [shot(1)]},
-     r"dtype float64.*\* 255\)\.round\(\)\.astype\(np\.uint8\)"),
-    (lambda: {"a": [], "b": [shot(1)]}, r"class 'a' has no support shot"),
-], ids=["way", "empty", "empty-bool", "vanishes", "size", "values", "uint16", "float", "no-shot"])
+@pytest.mark.parametrize(
+    "classes, message",
+    [
+        (
+            lambda: {"a": [shot(0)], "b": [shot(1)], "c": [shot(2)]},
+            r"3 support classes .*engines are 2-way: the number of classes is fixed at training",
+        ),
+        (
+            lambda: {"a": [shot(0)], "b": [(shot(1)[0], np.zeros((48, 48), np.uint8))]},
+            r"mask of class 'b', shot 0 is empty",
+        ),
+        (
+            lambda: {"a": [shot(0), (shot(1)[0], np.full((48, 48), 0, bool))], "b": [shot(1)]},
+            r"mask of class 'a', shot 1 is empty",
+        ),
+        (
+            lambda: {
+                "a": [shot(0)],
+                "b": [
+                    (
+                        np.zeros((400, 400, 3), np.uint8),
+                        np.pad(np.ones((2, 2), np.uint8), ((100, 298), (50, 348))),
+                    )
+                ],
+            },
+            r"class 'b', shot 0 .*vanishes after resizing to the network input 48x48",
+        ),
+        (
+            lambda: {"a": [shot(0)], "b": [(shot(1)[0], np.ones((40, 48), np.uint8))]},
+            r"mask of class 'b', shot 0 is 40x48 but its image is 48x48",
+        ),
+        (
+            lambda: {"a": [shot(0)], "b": [(shot(1)[0], shot(1)[1] * 3 + 4)]},
+            r"mask of class 'b', shot 0 has values \{4, 7\}",
+        ),
+        (
+            lambda: {"a": [(shot(0)[0].astype(np.uint16) * 257, shot(0)[1])], "b": [shot(1)]},
+            r"dtype uint16.*\(image // 257\)\.astype\(np\.uint8\)",
+        ),
+        (
+            lambda: {"a": [(shot(0)[0] / 255.0, shot(0)[1])], "b": [shot(1)]},
+            r"dtype float64.*\* 255\)\.round\(\)\.astype\(np\.uint8\)",
+        ),
+        (lambda: {"a": [], "b": [shot(1)]}, r"class 'a' has no support shot"),
+    ],
+    ids=["way", "empty", "empty-bool", "vanishes", "size", "values", "uint16", "float", "no-shot"],
+)
 def test_bad_support_inputs_are_explained(segmenter2, classes, message) -> None:
     with pytest.raises(RuntimeInputError, match=message):
         segmenter2.encode_support(classes())
@@ -416,14 +480,17 @@ def test_bad_frames_and_image_files_are_explained(segmenter2, tmp_path) -> None:
     good = tmp_path / "good.png"
     Image.fromarray(shot(2, size=(64, 64))[0]).save(good)
     truncated = tmp_path / "truncated.png"
-    truncated.write_bytes(good.read_bytes()[:len(good.read_bytes()) // 2])
+    truncated.write_bytes(good.read_bytes()[: len(good.read_bytes()) // 2])
     garbage = tmp_path / "garbage.jpg"
     garbage.write_bytes(os.urandom(2000))
     for path in (truncated, garbage):
         with pytest.raises(RuntimeInputError, match=rf"frame 0 file {path} cannot be read"):
             segmenter2.segment(path, support)
-        with pytest.raises(RuntimeInputError, match=rf"support image of class 'a', shot 0 file "
-                                                    rf"{path} cannot be read"):
+        with pytest.raises(
+            RuntimeInputError,
+            match=rf"support image of class 'a', shot 0 file "
+            rf"{path} cannot be read",
+        ):
             segmenter2.encode_support({"a": [(path, shot(0)[1])], "b": [shot(1)]})
     with pytest.raises(RuntimeInputError, match="does not exist"):
         segmenter2.segment(tmp_path / "missing.png", support)
@@ -444,9 +511,12 @@ def test_engine_directory_problems_are_explained(exported, tmp_path) -> None:
     shutil.copytree(source, engines)
     decoder = engines / "query_decoder.fp32.onnx"
     payload = decoder.read_bytes()
-    decoder.write_bytes(payload[:len(payload) // 2])  # truncated
-    with pytest.raises(EngineError, match=r"query_decoder.fp32.onnx does not match its SHA-256"
-                                          r".*python -m mfnet.export onnx"):
+    decoder.write_bytes(payload[: len(payload) // 2])  # truncated
+    with pytest.raises(
+        EngineError,
+        match=r"query_decoder.fp32.onnx does not match its SHA-256"
+        r".*python -m mfnet.export onnx",
+    ):
         Segmenter.load(engines)
     unverified = Segmenter.load(engines, verify_hashes=False)
     support = unverified.encode_support({"a": [shot(0)], "b": [shot(1)]})  # encoder is intact
@@ -471,8 +541,11 @@ def test_backend_options_are_checked(exported) -> None:
             Segmenter.load(engine_dir, **option)
     with pytest.raises(EngineError, match=r"no complete fp16 ONNX graphs.*--precisions fp16"):
         Segmenter.load(engine_dir, precision="fp16")
-    with pytest.raises(EngineError, match=r"no TensorRT engines.*python -m mfnet.export trt "
-                                          r"--onnx-dir .* --precision fp16"):
+    with pytest.raises(
+        EngineError,
+        match=r"no TensorRT engines.*python -m mfnet.export trt "
+        r"--onnx-dir .* --precision fp16",
+    ):
         Segmenter.load(engine_dir, backend="tensorrt")
     if "CUDAExecutionProvider" not in __import__("onnxruntime").get_available_providers():
         with pytest.raises(EngineError, match="device='cuda' was asked.*onnxruntime-gpu"):

@@ -27,8 +27,8 @@ from mfnet import predict  # noqa: E402
 from mfnet_runtime import Segmenter, cli  # noqa: E402
 from mfnet_runtime.errors import RuntimeInputError  # noqa: E402
 from mfnet_runtime.overlay import PALETTE, overlay  # noqa: E402
-from mfnet_runtime.spec import SupportSpecError, load_support_spec  # noqa: E402
 from mfnet_runtime.pipeline import segment_video  # noqa: E402
+from mfnet_runtime.spec import SupportSpecError, load_support_spec  # noqa: E402
 from mfnet_runtime.video import open_source  # noqa: E402
 from tests.runtime_fixtures import assert_labels_vary  # noqa: E402
 
@@ -40,9 +40,9 @@ def scene(step: int, width: int = WIDTH, height: int = HEIGHT) -> np.ndarray:
     """uint8 [H, W, 3] RGB: grey background, a red and a green square moving with ``step``."""
     frame = np.full((height, width, 3), 90, np.uint8)
     x = 4 + (2 * step) % (width - 20)
-    frame[8:24, x:x + 14] = RED
+    frame[8:24, x : x + 14] = RED
     y = 4 + step % (height - 18)
-    frame[y:y + 14, width - 20:width - 6] = GREEN
+    frame[y : y + 14, width - 20 : width - 6] = GREEN
     return frame
 
 
@@ -86,8 +86,20 @@ def video_file(tmp_path) -> Path:
 
 
 def run_cli(engines, spec, source, output, *extra) -> int:
-    args = ["segment", "--engines", str(engines[0]), "--support", str(spec), "--input",
-            str(source), "--backend", "onnxruntime", "--device", "cpu", "--no-progress"]
+    args = [
+        "segment",
+        "--engines",
+        str(engines[0]),
+        "--support",
+        str(spec),
+        "--input",
+        str(source),
+        "--backend",
+        "onnxruntime",
+        "--device",
+        "cpu",
+        "--no-progress",
+    ]
     if output is not None:
         args += ["--output", str(output)]
     return cli.main(args + list(extra))
@@ -107,14 +119,20 @@ def read_video(path: Path) -> tuple[list[np.ndarray], float]:
 
 # ------------------------------------------------------------------------------------ SPEC
 def test_folder_and_json_specs_parse_to_the_same_thing(spec_dir, tmp_path) -> None:
-    entries = [{"name": name, "shots": [{"image": f"spec/{name}/shot.png",
-                                         "mask": f"spec/{name}/shot.mask.png"}]}
-               for name in ("red", "green")]
+    entries = [
+        {
+            "name": name,
+            "shots": [{"image": f"spec/{name}/shot.png", "mask": f"spec/{name}/shot.mask.png"}],
+        }
+        for name in ("red", "green")
+    ]
     (tmp_path / "spec.json").write_text(json.dumps({"classes": entries}))
     from_folder, from_json = load_support_spec(spec_dir), load_support_spec(tmp_path / "spec.json")
     assert list(from_folder) == list(from_json) == ["red", "green"]  # classes.txt order
     for name in from_folder:
-        for (image_a, mask_a), (image_b, mask_b) in zip(from_folder[name], from_json[name]):
+        for (image_a, mask_a), (image_b, mask_b) in zip(
+            from_folder[name], from_json[name], strict=True
+        ):
             assert image_a.dtype == np.uint8 and image_a.shape == (HEIGHT, WIDTH, 3)
             np.testing.assert_array_equal(image_a, image_b)
             np.testing.assert_array_equal(mask_a, mask_b)
@@ -173,16 +191,19 @@ def _break_classes_txt(root: Path) -> None:
     (root / "classes.txt").write_text("red\nblue\n")
 
 
-@pytest.mark.parametrize("breaker, expected", [
-    (_break_missing_mask, ["red", "shot.png", "has no mask shot.mask.png"]),
-    (_break_empty_class, ["green", "holds no image"]),
-    (_break_no_classes, ["defines no classes"]),
-    (_break_size, ["red", "shot.mask.png", "is 12x10", "shot.png", "is 64x48"]),
-    (_break_image, ["green", "shot.png", "cannot be read"]),
-    (_break_values, ["red", "shot.mask.png", "{128}", "{0, 255}"]),
-    (_break_empty_mask, ["shot.mask.png", "all 0"]),
-    (_break_classes_txt, ["classes.txt", "blue"]),
-])
+@pytest.mark.parametrize(
+    "breaker, expected",
+    [
+        (_break_missing_mask, ["red", "shot.png", "has no mask shot.mask.png"]),
+        (_break_empty_class, ["green", "holds no image"]),
+        (_break_no_classes, ["defines no classes"]),
+        (_break_size, ["red", "shot.mask.png", "is 12x10", "shot.png", "is 64x48"]),
+        (_break_image, ["green", "shot.png", "cannot be read"]),
+        (_break_values, ["red", "shot.mask.png", "{128}", "{0, 255}"]),
+        (_break_empty_mask, ["shot.mask.png", "all 0"]),
+        (_break_classes_txt, ["classes.txt", "blue"]),
+    ],
+)
 def test_spec_errors_name_the_problem(spec_dir, breaker, expected) -> None:
     breaker(spec_dir)
     with pytest.raises(SupportSpecError) as error:
@@ -191,17 +212,31 @@ def test_spec_errors_name_the_problem(spec_dir, breaker, expected) -> None:
         assert fragment in str(error.value)
 
 
-@pytest.mark.parametrize("payload, expected", [
-    ({"classes": []}, "defines no classes"),
-    ({"kinds": []}, '"classes" list'),
-    ({"classes": [{"name": "a", "shots": []}]}, 'non-empty "shots"'),
-    ({"classes": [{"name": "a", "shots": [{"image": "x.png"}]}]}, '"image" and "mask"'),
-    ({"classes": [{"name": "a", "shots": [{"image": "x.png", "mask": "m.png"}]}]},
-     "x.png does not exist"),
-    ({"classes": [{"name": "a", "shots": [{"image": "spec/red/shot.png",
-                                           "mask": "spec/red/shot.mask.png"}]}] * 2},
-     "class 'a' twice"),
-])
+@pytest.mark.parametrize(
+    "payload, expected",
+    [
+        ({"classes": []}, "defines no classes"),
+        ({"kinds": []}, '"classes" list'),
+        ({"classes": [{"name": "a", "shots": []}]}, 'non-empty "shots"'),
+        ({"classes": [{"name": "a", "shots": [{"image": "x.png"}]}]}, '"image" and "mask"'),
+        (
+            {"classes": [{"name": "a", "shots": [{"image": "x.png", "mask": "m.png"}]}]},
+            "x.png does not exist",
+        ),
+        (
+            {
+                "classes": [
+                    {
+                        "name": "a",
+                        "shots": [{"image": "spec/red/shot.png", "mask": "spec/red/shot.mask.png"}],
+                    }
+                ]
+                * 2
+            },
+            "class 'a' twice",
+        ),
+    ],
+)
 def test_json_spec_errors(spec_dir, tmp_path, payload, expected) -> None:
     path = tmp_path / "spec.json"
     path.write_text(json.dumps(payload))
@@ -241,9 +276,20 @@ def test_help_explains_every_option(capsys) -> None:
         cli.main(["segment", "--help"])
     assert exit_.value.code == 0
     text = capsys.readouterr().out
-    for option in ("--engines", "--support", "--input", "--output", "--backend", "--device",
-                   "--precision", "--batch-size", "--save-support", "--load-support",
-                   "--max-frames", "--progress"):
+    for option in (
+        "--engines",
+        "--support",
+        "--input",
+        "--output",
+        "--backend",
+        "--device",
+        "--precision",
+        "--batch-size",
+        "--save-support",
+        "--load-support",
+        "--max-frames",
+        "--progress",
+    ):
         assert option in text
 
 
@@ -259,8 +305,9 @@ def test_cli_video_to_video(engines, spec_dir, video_file, tmp_path, capsys) -> 
     assert "backend: onnxruntime" in report
 
 
-def test_cli_video_to_folder_matches_segment(engines, segmenter, spec_dir, video_file,
-                                             tmp_path) -> None:
+def test_cli_video_to_folder_matches_segment(
+    engines, segmenter, spec_dir, video_file, tmp_path
+) -> None:
     out = tmp_path / "labels"
     assert run_cli(engines, spec_dir, video_file, out, "--batch-size", "3", "--no-smooth") == 0
     label_files = sorted(p for p in out.glob("*.png") if not p.stem.endswith("_overlay"))
@@ -300,37 +347,81 @@ def test_cli_image_folder_and_single_image(engines, segmenter, spec_dir, tmp_pat
     assert run_cli(engines, spec_dir, folder / "img2.png", tmp_path / "one", "--no-smooth") == 0
     written = sorted(p.name for p in (tmp_path / "one").iterdir())
     assert written == ["img2.png", "img2_overlay.png"]
-    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "one" / "img2.png")),
-                                  expected[2])
+    np.testing.assert_array_equal(
+        np.asarray(Image.open(tmp_path / "one" / "img2.png")), expected[2]
+    )
 
 
 def test_cli_saved_support_gives_the_same_labels(engines, spec_dir, video_file, tmp_path) -> None:
     saved = tmp_path / "support.npz"
-    assert run_cli(engines, spec_dir, video_file, tmp_path / "a", "--save-support", str(saved),
-                   "--max-frames", "5") == 0
-    args = ["segment", "--engines", str(engines[0]), "--load-support", str(saved), "--input",
-            str(video_file), "--output", str(tmp_path / "b"), "--max-frames", "5",
-            "--no-progress", "--device", "cpu"]
+    assert (
+        run_cli(
+            engines,
+            spec_dir,
+            video_file,
+            tmp_path / "a",
+            "--save-support",
+            str(saved),
+            "--max-frames",
+            "5",
+        )
+        == 0
+    )
+    args = [
+        "segment",
+        "--engines",
+        str(engines[0]),
+        "--load-support",
+        str(saved),
+        "--input",
+        str(video_file),
+        "--output",
+        str(tmp_path / "b"),
+        "--max-frames",
+        "5",
+        "--no-progress",
+        "--device",
+        "cpu",
+    ]
     assert cli.main(args) == 0
     names = sorted(p.name for p in (tmp_path / "a").iterdir())
     assert names == sorted(p.name for p in (tmp_path / "b").iterdir()) and len(names) == 10
-    assert_labels_vary([np.asarray(Image.open(tmp_path / "a" / f"{i:06d}.png")) for i in range(5)],
-                       min_labels=3)
+    assert_labels_vary(
+        [np.asarray(Image.open(tmp_path / "a" / f"{i:06d}.png")) for i in range(5)], min_labels=3
+    )
     for name in names:
-        np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "a" / name)),
-                                      np.asarray(Image.open(tmp_path / "b" / name)))
+        np.testing.assert_array_equal(
+            np.asarray(Image.open(tmp_path / "a" / name)),
+            np.asarray(Image.open(tmp_path / "b" / name)),
+        )
 
 
 def test_cli_without_torch_and_tqdm(engines, spec_dir, video_file, tmp_path) -> None:
     """The whole command in a process where importing torch, mfnet or tqdm fails: the runtime
     never needs them, and the progress counter falls back to plain stderr lines."""
-    code = ("import sys; sys.modules['torch'] = sys.modules['mfnet'] = sys.modules['tqdm'] = None; "
-            "from mfnet_runtime import cli; sys.exit(cli.main(sys.argv[1:]))")
-    args = ["segment", "--engines", str(engines[0]), "--support", str(spec_dir), "--input",
-            str(video_file), "--output", str(tmp_path / "out.avi"), "--max-frames", "6",
-            "--device", "cpu", "--progress"]
-    done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
-                          timeout=300)
+    code = (
+        "import sys; sys.modules['torch'] = sys.modules['mfnet'] = sys.modules['tqdm'] = None; "
+        "from mfnet_runtime import cli; sys.exit(cli.main(sys.argv[1:]))"
+    )
+    args = [
+        "segment",
+        "--engines",
+        str(engines[0]),
+        "--support",
+        str(spec_dir),
+        "--input",
+        str(video_file),
+        "--output",
+        str(tmp_path / "out.avi"),
+        "--max-frames",
+        "6",
+        "--device",
+        "cpu",
+        "--progress",
+    ]
+    done = subprocess.run(
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr
     assert "frames: 6 " in done.stdout and "frames per second" in done.stdout
     assert "segmenting: 6/6 frames" in done.stderr
@@ -378,8 +469,7 @@ def test_memory_stays_flat_and_the_queue_bounded(segmenter, spec_dir) -> None:
             yield np.roll(base, produced[0], axis=1)  # a new array every frame
 
     batch, queue_size, total = 8, 4, 2000
-    results = segment_video(segmenter, frames(), support, batch_size=batch,
-                            queue_size=queue_size)
+    results = segment_video(segmenter, frames(), support, batch_size=batch, queue_size=queue_size)
     lead, rss = 0, {}
     for result in results:
         lead = max(lead, produced[0] - (result.index + 1))
@@ -414,13 +504,25 @@ def test_predict_matches_the_runtime(engines, spec_dir, tmp_path, capsys) -> Non
     folder.mkdir()
     for i in range(4):
         Image.fromarray(scene(4 * i + 1, 64 + 8 * i, 48)).save(folder / f"{i}.png")
-    args = ["--checkpoint", str(engines[1]), "--support", str(spec_dir), "--input", str(folder),
-            "--output", str(tmp_path / "torch"), "--device", "cpu", "--no-progress"]
+    args = [
+        "--checkpoint",
+        str(engines[1]),
+        "--support",
+        str(spec_dir),
+        "--input",
+        str(folder),
+        "--output",
+        str(tmp_path / "torch"),
+        "--device",
+        "cpu",
+        "--no-progress",
+    ]
     assert predict.main(args) == 0
     assert "frames: 4 " in capsys.readouterr().out
     assert run_cli(engines, spec_dir, folder, tmp_path / "onnx") == 0
-    assert_labels_vary([np.asarray(Image.open(tmp_path / "torch" / f"{i}.png"))
-                        for i in range(4)], min_labels=3)
+    assert_labels_vary(
+        [np.asarray(Image.open(tmp_path / "torch" / f"{i}.png")) for i in range(4)], min_labels=3
+    )
     for i in range(4):
         torch_labels = np.asarray(Image.open(tmp_path / "torch" / f"{i}.png"))
         onnx_labels = np.asarray(Image.open(tmp_path / "onnx" / f"{i}.png"))
@@ -428,8 +530,9 @@ def test_predict_matches_the_runtime(engines, spec_dir, tmp_path, capsys) -> Non
         assert (torch_labels == onnx_labels).mean() >= 0.999
 
 
-def test_predict_twin_agrees_with_the_runtime_before_the_argmax(engines, segmenter,
-                                                                spec_dir) -> None:
+def test_predict_twin_agrees_with_the_runtime_before_the_argmax(
+    engines, segmenter, spec_dir
+) -> None:
     """Beyond equal label maps: the fitted inputs exactly (the pipeline fits frames for both,
     and that fit is evaluation's ``TestResize``), the prototypes and probabilities as floats."""
     torch = pytest.importorskip("torch")
@@ -441,8 +544,9 @@ def test_predict_twin_agrees_with_the_runtime_before_the_argmax(engines, segment
     twin = predict.TorchSegmenter(model, config.data.test_resize, torch.device("cpu"))
     classes = load_support_spec(spec_dir)
     torch_support, onnx_support = twin.encode_support(classes), segmenter.encode_support(classes)
-    np.testing.assert_allclose(torch_support.cache.prototypes[0].numpy(),
-                               onnx_support.prototypes, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        torch_support.cache.prototypes[0].numpy(), onnx_support.prototypes, rtol=1e-4, atol=1e-5
+    )
     frames = [scene(2, 64, 48), scene(9, 40, 56), scene(5, 48, 48)]
     evaluation = TestResize(twin.input_size, twin.resize)
     torch_batch = np.stack([evaluation(f, np.zeros(f.shape[:2], np.uint8))[0] for f in frames])
@@ -456,14 +560,25 @@ def test_predict_twin_agrees_with_the_runtime_before_the_argmax(engines, segment
     for i, frame in enumerate(frames):
         height, width = frame.shape[:2]
         assert onnx_geometry[i] == (height, width, *evaluation.resized_shape(height, width))
-        np.testing.assert_allclose(restore_probabilities(probabilities[i], onnx_geometry[i]),
-                                   segmenter.probabilities(frame, onnx_support),
-                                   rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(
+            restore_probabilities(probabilities[i], onnx_geometry[i]),
+            segmenter.probabilities(frame, onnx_support),
+            rtol=1e-4,
+            atol=1e-5,
+        )
 
 
 def test_predict_errors_exit_2(engines, spec_dir, tmp_path, capsys) -> None:
-    args = ["--checkpoint", str(tmp_path / "none.pt"), "--support", str(spec_dir), "--input",
-            str(tmp_path), "--device", "cpu"]
+    args = [
+        "--checkpoint",
+        str(tmp_path / "none.pt"),
+        "--support",
+        str(spec_dir),
+        "--input",
+        str(tmp_path),
+        "--device",
+        "cpu",
+    ]
     assert predict.main(args) == 2
     assert capsys.readouterr().err.startswith("error:")
     (spec_dir / "classes.txt").write_text("red\n")  # 1 class for a 2-way checkpoint

@@ -27,7 +27,12 @@ except ImportError:  # a source checkout without the runtime installed
     sys.path.insert(0, str(ROOT / "runtime"))
 
 from gpu_fakes import (  # noqa: E402
-    Device, DevicePointer, FakeCudart, FakeOnnxRuntime, FakeTensorRT, add_fake_engines,
+    Device,
+    DevicePointer,
+    FakeCudart,
+    FakeOnnxRuntime,
+    FakeTensorRT,
+    add_fake_engines,
 )
 from mfnet_runtime import EngineError, Segmenter  # noqa: E402
 from mfnet_runtime.backends import onnxruntime as ort_backend  # noqa: E402
@@ -60,6 +65,7 @@ def support_classes(seed: int = 50) -> dict:
         mask = np.zeros((48, 48), np.uint8)
         mask[8:40, 10:34] = 1
         return frame(s), mask
+
     return {"a": [shot(seed), shot(seed + 1)], "b": [shot(seed + 2)]}  # K = 2 and K = 1
 
 
@@ -115,15 +121,17 @@ def test_tensorrt_backend_against_onnxruntime_cpu(engines, monkeypatch) -> None:
     free_before = cudart.cudaMemGetInfo()[1]
     segmenter = Segmenter.load(engines, cuda_graph_batch=1)  # auto: engines for this "GPU"
     reference = Segmenter.load(engines, backend="onnxruntime", device="cpu")
-    assert (segmenter.backend_name, segmenter.precision, segmenter.max_batch) == \
-        ("tensorrt", "fp32", 4)
+    assert (segmenter.backend_name, segmenter.precision, segmenter.max_batch) == (
+        "tensorrt",
+        "fp32",
+        4,
+    )
     assert segmenter.engine_id == reference.engine_id  # building engines keeps saved sets valid
     stream = segmenter._backend._stream
     assert cudart.device.stream_flags[int(stream)] == cudart.cudaStreamNonBlocking
     classes = support_classes()
     support = segmenter.encode_support(classes)
-    np.testing.assert_array_equal(support.prototypes,
-                                  reference.encode_support(classes).prototypes)
+    np.testing.assert_array_equal(support.prototypes, reference.encode_support(classes).prototypes)
     # B = 1 (the captured graph), B' = 3 (plain enqueue), B = 1 again; fresh frames each call
     launches = cudart.device.launches
     calls = [[frame(60)], [frame(61), frame(62), frame(63, (40, 52))], [frame(64)]]
@@ -136,8 +144,11 @@ def test_tensorrt_backend_against_onnxruntime_cpu(engines, monkeypatch) -> None:
         outputs += ours
     assert_varied(outputs)
     assert cudart.device.launches == launches + 2  # both batch-1 calls replayed the graph
-    np.testing.assert_allclose(segmenter.probabilities(frame(65), support),
-                               reference.probabilities(frame(65), support), atol=1e-6)
+    np.testing.assert_allclose(
+        segmenter.probabilities(frame(65), support),
+        reference.probabilities(frame(65), support),
+        atol=1e-6,
+    )
     segmenter.close()
     assert not cudart.device.allocations("cudaMalloc")  # every buffer of the backend freed
     del segmenter, stream
@@ -146,8 +157,9 @@ def test_tensorrt_backend_against_onnxruntime_cpu(engines, monkeypatch) -> None:
     assert cudart.cudaMemGetInfo()[1] == free_before
 
 
-def test_tensorrt_capture_survives_default_stream_work_of_other_threads(engines,
-                                                                        monkeypatch) -> None:
+def test_tensorrt_capture_survives_default_stream_work_of_other_threads(
+    engines, monkeypatch
+) -> None:
     cudart = FakeCudart()
     use_fake_tensorrt(monkeypatch, cudart)
     # another thread (or library) queues work on the legacy default stream during the capture
@@ -164,8 +176,11 @@ def test_tensorrt_profile_minimum_and_maximum_are_clear_errors(engines, monkeypa
     cudart = FakeCudart()
     use_fake_tensorrt(monkeypatch, cudart)
     backend = Segmenter.load(engines, backend="tensorrt")._backend
-    with pytest.raises(EngineError, match=r"shot_features of shape \(2, 1, 16\) is below the "
-                                          r"profile .*smallest \(2, 2, 16\).*fewer shots"):
+    with pytest.raises(
+        EngineError,
+        match=r"shot_features of shape \(2, 1, 16\) is below the "
+        r"profile .*smallest \(2, 2, 16\).*fewer shots",
+    ):
         backend.run_aggregator(np.zeros((2, 1, 16), np.float32))  # K = 1 < the minimum 2
     with pytest.raises(EngineError, match=r"frames of shape \(5, 48, 48, 3\) exceeds the profile"):
         backend.run_decoder(np.zeros((5, 48, 48, 3), np.uint8), np.zeros((2, 16), np.float32))
@@ -179,19 +194,27 @@ def test_tensorrt_refused_shapes_and_addresses_name_the_tensor(engines, monkeypa
             return error, DevicePointer(int(pointer) + 8)
 
     use_fake_tensorrt(monkeypatch, Misaligned())
-    with pytest.raises(EngineError, match=r"refused the device address of tensor \w+ of "
-                                          r"support_encoder.*set_tensor_address returned False"):
+    with pytest.raises(
+        EngineError,
+        match=r"refused the device address of tensor \w+ of "
+        r"support_encoder.*set_tensor_address returned False",
+    ):
         Segmenter.load(engines, backend="tensorrt")
     cudart = FakeCudart()
     use_fake_tensorrt(monkeypatch, cudart)
     backend = Segmenter.load(engines, backend="tensorrt")._backend
     context_class = type(backend._engines["query_decoder"].context)
     accept = context_class.set_input_shape
-    monkeypatch.setattr(context_class, "set_input_shape",  # e.g. a shape TensorRT cannot run
-                        lambda self, name, shape: tuple(shape)[0] != 3 and accept(self, name,
-                                                                                  shape))
-    with pytest.raises(EngineError, match=r"refused the shape \(3, 48, 48, 3\) for input "
-                                          r"frames of query_decoder"):
+    monkeypatch.setattr(
+        context_class,
+        "set_input_shape",  # e.g. a shape TensorRT cannot run
+        lambda self, name, shape: tuple(shape)[0] != 3 and accept(self, name, shape),
+    )
+    with pytest.raises(
+        EngineError,
+        match=r"refused the shape \(3, 48, 48, 3\) for input "
+        r"frames of query_decoder",
+    ):
         backend.run_decoder(np.zeros((3, 48, 48, 3), np.uint8), np.zeros((2, 16), np.float32))
     backend.close()
 
@@ -199,26 +222,36 @@ def test_tensorrt_refused_shapes_and_addresses_name_the_tensor(engines, monkeypa
 def test_tensorrt_driver_mismatch_and_auto_fallback_warn(engines, monkeypatch, caplog) -> None:
     cudart = FakeCudart(driver_version=12080, runtime_version=13000)  # cuda-python 13, driver 12
     use_fake_tensorrt(monkeypatch, cudart)
-    with pytest.raises(EngineError, match=r"driver supports CUDA 12.8, but cuda-python is built "
-                                          r"for CUDA 13.0.*mfnet-runtime\[tensorrt-cu12\]"):
+    with pytest.raises(
+        EngineError,
+        match=r"driver supports CUDA 12.8, but cuda-python is built "
+        r"for CUDA 13.0.*mfnet-runtime\[tensorrt-cu12\]",
+    ):
         Segmenter.load(engines, backend="tensorrt")
     with caplog.at_level(logging.INFO, logger="mfnet_runtime"):
         assert Segmenter.load(engines, device="auto").backend_name.startswith("onnxruntime")
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
-    assert any("TensorRT engines not used" in r.getMessage() and "tensorrt-cu12" in
-               r.getMessage() for r in warnings), caplog.text
+    assert any(
+        "TensorRT engines not used" in r.getMessage() and "tensorrt-cu12" in r.getMessage()
+        for r in warnings
+    ), caplog.text
     # engines built for another GPU: refused with the rebuild command; auto warns and falls back
     caplog.clear()
     use_fake_tensorrt(monkeypatch, FakeCudart("NVIDIA L4", (8, 9)))
-    with pytest.raises(EngineError, match=r"built for NVIDIA Fake GPU \(sm90\), this is "
-                                          r"NVIDIA L4 \(sm89\).*rebuild them here with: "
-                                          r"python -m mfnet.export trt --onnx-dir .* "
-                                          r"--precision fp16"):
+    with pytest.raises(
+        EngineError,
+        match=r"built for NVIDIA Fake GPU \(sm90\), this is "
+        r"NVIDIA L4 \(sm89\).*rebuild them here with: "
+        r"python -m mfnet.export trt --onnx-dir .* "
+        r"--precision fp16",
+    ):
         Segmenter.load(engines, backend="tensorrt")
     with caplog.at_level(logging.INFO, logger="mfnet_runtime"):
         assert Segmenter.load(engines).backend_name.startswith("onnxruntime")
-    assert any(r.levelno == logging.WARNING and "rebuild them here" in r.getMessage()
-               for r in caplog.records)
+    assert any(
+        r.levelno == logging.WARNING and "rebuild them here" in r.getMessage()
+        for r in caplog.records
+    )
 
 
 def test_no_engines_is_no_warning(exported_2shot, caplog) -> None:
@@ -240,13 +273,17 @@ def test_tensorrt_tampered_engine_and_missing_packages(engines, monkeypatch) -> 
     use_fake_tensorrt(monkeypatch, FakeCudart())
     engine_file = next(engines.glob("query_decoder.fp32*.engine"))
     engine_file.write_text("{}")
-    with pytest.raises(EngineError,
-                       match=r"does not match its SHA-256.*python -m mfnet.export trt"):
+    with pytest.raises(
+        EngineError, match=r"does not match its SHA-256.*python -m mfnet.export trt"
+    ):
         Segmenter.load(engines, backend="tensorrt", precision="fp32")
     monkeypatch.undo()
     monkeypatch.setitem(sys.modules, "tensorrt", None)
-    with pytest.raises(EngineError, match=r"TensorRT is not installed: pip install "
-                                          r"'mfnet-runtime\[tensorrt-cu13\]'"):
+    with pytest.raises(
+        EngineError,
+        match=r"TensorRT is not installed: pip install "
+        r"'mfnet-runtime\[tensorrt-cu13\]'",
+    ):
         trt_backend.import_tensorrt()
     with pytest.raises(EngineError, match="TensorRT is not installed"):
         Segmenter.load(engines, backend="tensorrt")
@@ -258,28 +295,38 @@ def test_tensorrt_tampered_engine_and_missing_packages(engines, monkeypatch) -> 
 
 # ------------------------------------------------------------------ ONNX Runtime CUDA provider
 @pytest.mark.parametrize("graph_batch", [0, 2], ids=["iobinding", "cuda-graph"])
-def test_onnxruntime_cuda_paths_against_the_cpu_provider(exported_2shot, monkeypatch,
-                                                         graph_batch) -> None:
+def test_onnxruntime_cuda_paths_against_the_cpu_provider(
+    exported_2shot, monkeypatch, graph_batch
+) -> None:
     reference = Segmenter.load(exported_2shot, backend="onnxruntime", device="cpu")
     support = reference.encode_support(support_classes())
-    calls = [[frame(80), frame(81)], [frame(82), frame(83), frame(84, (40, 52))],
-             [frame(85), frame(86)]]  # B, B', B: fresh frames every call
+    calls = [
+        [frame(80), frame(81)],
+        [frame(82), frame(83), frame(84, (40, 52))],
+        [frame(85), frame(86)],
+    ]  # B, B', B: fresh frames every call
     expected = [reference.segment_batch(frames, support) for frames in calls]
     expected_probabilities = reference.probabilities(frame(87), support)
     fake = FakeOnnxRuntime()
     monkeypatch.setattr(ort_backend, "ort", fake)
-    segmenter = Segmenter.load(exported_2shot, backend="onnxruntime", device="cuda",
-                               precision="fp32", cuda_graph_batch=graph_batch)
+    segmenter = Segmenter.load(
+        exported_2shot,
+        backend="onnxruntime",
+        device="cuda",
+        precision="fp32",
+        cuda_graph_batch=graph_batch,
+    )
     assert segmenter.backend_name == "onnxruntime-cuda"
     outputs = []
-    for frames, theirs in zip(calls, expected):
+    for frames, theirs in zip(calls, expected, strict=True):
         ours = segmenter.segment_batch(frames, support)
         for a, b in zip(ours, theirs, strict=True):
             np.testing.assert_array_equal(a, b)
         outputs += ours
     assert_varied(outputs)
-    np.testing.assert_allclose(segmenter.probabilities(frame(87), support),
-                               expected_probabilities, atol=1e-6)
+    np.testing.assert_allclose(
+        segmenter.probabilities(frame(87), support), expected_probabilities, atol=1e-6
+    )
     graph_sessions = [s for s in fake.sessions if s.cuda_graph]
     if graph_batch:
         assert len(graph_sessions) == 1 and graph_sessions[0].replays == 1  # 2nd B-call replays

@@ -37,15 +37,26 @@ def pure_set() -> SupportSet:
 
 def test_a_support_set_holds_data_only() -> None:
     assert [f.name for f in dataclasses.fields(SupportSet)] == [
-        "class_names", "shot_features", "prototypes", "engine_id"]
+        "class_names",
+        "shot_features",
+        "prototypes",
+        "engine_id",
+    ]
     imported = set()
     for node in ast.walk(ast.parse((RUNTIME / "support.py").read_text())):
         if isinstance(node, ast.Import):
             imported.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
             imported.add("." * node.level + (node.module or ""))
-    assert imported <= {"__future__", "io", "dataclasses", "pathlib", "numpy", ".atomic",
-                        ".errors"}, imported  # no segmenter, no backend, no image code
+    assert imported <= {
+        "__future__",
+        "io",
+        "dataclasses",
+        "pathlib",
+        "numpy",
+        ".atomic",
+        ".errors",
+    }, imported  # no segmenter, no backend, no image code
 
 
 def test_a_support_set_is_edited_saved_and_loaded_without_an_engine(tmp_path) -> None:
@@ -66,7 +77,7 @@ def test_a_support_set_is_edited_saved_and_loaded_without_an_engine(tmp_path) ->
     for loaded in (SupportSet.load(path), SupportSet.from_bytes(added.to_bytes())):
         assert loaded.class_names == added.class_names and loaded.engine_id == ENGINE_ID
         np.testing.assert_array_equal(loaded.prototypes, added.prototypes)
-        for a, b in zip(loaded.shot_features, added.shot_features):
+        for a, b in zip(loaded.shot_features, added.shot_features, strict=True):
             np.testing.assert_array_equal(a, b)
     with pytest.raises(RuntimeInputError, match="inconsistent support set"):
         support.with_class("cat", np.ones((2, 5), np.float32), np.ones(4))  # 5 != 4 channels

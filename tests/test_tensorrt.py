@@ -24,14 +24,29 @@ from mfnet.export import tensorrt as trt_export
 from mfnet_runtime.backends.tensorrt import engine_mismatch, select_engines
 from mfnet_runtime.errors import EngineError
 from mfnet_runtime.manifest import (
-    MANIFEST_NAME, GraphInfo, Manifest, ModelInfo, TensorInfo, read_manifest, sha256_of,
+    MANIFEST_NAME,
+    GraphInfo,
+    Manifest,
+    ModelInfo,
+    TensorInfo,
+    read_manifest,
+    sha256_of,
     write_manifest,
 )
 
 H100 = trt_export.GpuInfo("NVIDIA H100 80GB HBM3", (9, 0))
-MODEL = ModelInfo(way=2, train_shot=1, channels=256, input_size=473, backbone="resnet50",
-                  mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), color="RGB",
-                  resize="pad", support_attention=False)
+MODEL = ModelInfo(
+    way=2,
+    train_shot=1,
+    channels=256,
+    input_size=473,
+    backbone="resnet50",
+    mean=(0.485, 0.456, 0.406),
+    std=(0.229, 0.224, 0.225),
+    color="RGB",
+    resize="pad",
+    support_attention=False,
+)
 
 
 def test_build_plan_per_version() -> None:
@@ -54,12 +69,19 @@ def test_build_plan_per_version() -> None:
 
 def decoder_entry(max_batch: int = 16) -> GraphInfo:
     return GraphInfo(
-        role="query_decoder", file="query_decoder.fp16.onnx", precision="fp16", format="onnx",
+        role="query_decoder",
+        file="query_decoder.fp16.onnx",
+        precision="fp16",
+        format="onnx",
         sha256="x",
-        inputs=(TensorInfo("frames", ("B", 473, 473, 3), "uint8"),
-                TensorInfo("prototypes", (2, 256), "float32")),
-        outputs=(TensorInfo("labels", ("B", 473, 473), "uint8"),
-                 TensorInfo("probabilities", ("B", 3, 473, 473), "float32")),
+        inputs=(
+            TensorInfo("frames", ("B", 473, 473, 3), "uint8"),
+            TensorInfo("prototypes", (2, 256), "float32"),
+        ),
+        outputs=(
+            TensorInfo("labels", ("B", 473, 473), "uint8"),
+            TensorInfo("probabilities", ("B", 3, 473, 473), "float32"),
+        ),
         details={"max_batch": max_batch},
     )
 
@@ -74,30 +96,37 @@ def test_profiles_and_names() -> None:
     assert shapes == {"frames": ((1, 473, 473, 3), (8, 473, 473, 3), (16, 473, 473, 3))}
     name = trt_export.engine_file_name("query_decoder", "fp16", H100, "11.4.0.106", shapes)
     assert name == "query_decoder.fp16.nvidia-h100-80gb-hbm3.sm90.trt11.4.0.frames1-16.engine"
-    aggregator = entry_with_inputs("a.onnx", (TensorInfo("shot_features", (2, "K", 256),
-                                                         "float32"),),
-                                   {"min_shots": 2, "max_shots": 32})
+    aggregator = entry_with_inputs(
+        "a.onnx",
+        (TensorInfo("shot_features", (2, "K", 256), "float32"),),
+        {"min_shots": 2, "max_shots": 32},
+    )
     assert trt_export.profile_shapes(aggregator) == {
-        "shot_features": ((2, 2, 256), (2, 5, 256), (2, 32, 256))}
+        "shot_features": ((2, 2, 256), (2, 5, 256), (2, 32, 256))
+    }
     static = entry_with_inputs("s.onnx", (TensorInfo("x", (2, 1, 256), "float32"),))
     assert trt_export.profile_shapes(static) == {}
-    assert trt_export.engine_file_name("r", "fp32", H100, "10.13.3.9", {}).endswith(".static.engine")
+    static_name = trt_export.engine_file_name("r", "fp32", H100, "10.13.3.9", {})
+    assert static_name.endswith(".static.engine")
     with pytest.raises(EngineError, match="unknown dynamic dimension"):
         trt_export.profile_shapes(entry_with_inputs("f", (TensorInfo("x", ("Q",), "uint8"),)))
 
 
 def test_engine_compatibility_rule_names_the_rebuild_command() -> None:
     """The entry the exporter writes, judged by the runtime's one rule."""
-    entry = trt_export.engine_entry(decoder_entry(), "e.engine", "fp16", H100, "11.4.0.106",
-                                    {}, "abc")
+    entry = trt_export.engine_entry(
+        decoder_entry(), "e.engine", "fp16", H100, "11.4.0.106", {}, "abc"
+    )
     assert engine_mismatch(entry, H100.name, H100.compute_capability, "11.4.0.106") == []
     manifest = Manifest(Path("engines"), MODEL, (entry,))
     other_gpu = trt_export.GpuInfo("NVIDIA A100-SXM4-80GB", (8, 0))
-    with pytest.raises(EngineError, match="built for NVIDIA H100.*this is NVIDIA A100.*"
-                                          "python -m mfnet.export trt --onnx-dir engines "
-                                          "--precision fp16"):
-        select_engines(manifest, "fp16", other_gpu.name, other_gpu.compute_capability,
-                       "11.4.0.106")
+    with pytest.raises(
+        EngineError,
+        match="built for NVIDIA H100.*this is NVIDIA A100.*"
+        "python -m mfnet.export trt --onnx-dir engines "
+        "--precision fp16",
+    ):
+        select_engines(manifest, "fp16", other_gpu.name, other_gpu.compute_capability, "11.4.0.106")
     with pytest.raises(EngineError, match="TensorRT 11.4.0.106, this is TensorRT 10.13"):
         select_engines(manifest, "fp16", H100.name, H100.compute_capability, "10.13.3.9")
 
@@ -189,22 +218,37 @@ def export_dir(tmp_path):
         for role in ("support_encoder", "query_decoder"):
             path = tmp_path / f"{role}.{precision}.onnx"
             path.write_bytes(f"{role}-{precision}".encode())
-            entry = decoder_entry() if role == "query_decoder" else dataclasses.replace(
-                decoder_entry(), role=role,
-                inputs=(TensorInfo("support_images", ("S", 473, 473, 3), "uint8"),
-                        TensorInfo("support_masks", ("S", 473, 473), "uint8")),
-                outputs=(TensorInfo("shot_features", ("S", 256), "float32"),),
-                details={"max_support": 64})
-            graphs.append(dataclasses.replace(entry, file=path.name, precision=precision,
-                                              sha256=sha256_of(path)))
+            entry = (
+                decoder_entry()
+                if role == "query_decoder"
+                else dataclasses.replace(
+                    decoder_entry(),
+                    role=role,
+                    inputs=(
+                        TensorInfo("support_images", ("S", 473, 473, 3), "uint8"),
+                        TensorInfo("support_masks", ("S", 473, 473), "uint8"),
+                    ),
+                    outputs=(TensorInfo("shot_features", ("S", 256), "float32"),),
+                    details={"max_support": 64},
+                )
+            )
+            graphs.append(
+                dataclasses.replace(
+                    entry, file=path.name, precision=precision, sha256=sha256_of(path)
+                )
+            )
     write_manifest(Manifest(tmp_path, MODEL, tuple(graphs)))
     return tmp_path
 
 
-@pytest.mark.parametrize("version, parsed, flags, fp16_flag", [
-    ("10.11.0.33", "fp32", 0, True), ("10.13.3.9", "fp16", 2, False),
-    ("11.4.0.106", "fp16", 2, False),
-])
+@pytest.mark.parametrize(
+    "version, parsed, flags, fp16_flag",
+    [
+        ("10.11.0.33", "fp32", 0, True),
+        ("10.13.3.9", "fp16", 2, False),
+        ("11.4.0.106", "fp16", 2, False),
+    ],
+)
 def test_build_engines_per_version(tmp_path, monkeypatch, version, parsed, flags, fp16_flag):
     calls: list = []
     monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt(version, calls))

@@ -14,9 +14,18 @@ from mfnet_runtime.errors import RuntimeInputError
 from mfnet_runtime.threads import thread_policy
 
 
-@pytest.mark.parametrize("cores, workers, expected", [
-    (2, 0, 2), (2, 1, 1), (2, 2, 1), (2, 5, 1), (8, 2, 6), (1, 0, 1), (16, 4, 12),
-])
+@pytest.mark.parametrize(
+    "cores, workers, expected",
+    [
+        (2, 0, 2),
+        (2, 1, 1),
+        (2, 2, 1),
+        (2, 5, 1),
+        (8, 2, 6),
+        (1, 0, 1),
+        (16, 4, 12),
+    ],
+)
 def test_threads_are_the_free_cores(cores, workers, expected) -> None:
     policy = thread_policy(None, workers, cores=cores)
     assert policy.threads == expected and not policy.requested

@@ -14,11 +14,15 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from mfnet.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+from mfnet.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    model_from_checkpoint,
+    save_checkpoint,
+)
 from mfnet.data.datasets import build_episodes
 from mfnet.model.build import build_mfnet
 from mfnet.training import loop
-from mfnet.checkpoint import save_checkpoint
 from mfnet.training.logs import read_log
 from mfnet.training.loop import train
 from mfnet.training.objective import StepLosses, compute_losses
@@ -28,7 +32,7 @@ from mfnet_runtime.console import configure_logging
 
 def test_poly_schedule() -> None:
     assert poly_lr(0.01, 0, 100) == pytest.approx(0.01)
-    assert poly_lr(0.01, 50, 100) == pytest.approx(0.01 * 0.5 ** 0.9)
+    assert poly_lr(0.01, 50, 100) == pytest.approx(0.01 * 0.5**0.9)
     assert poly_lr(0.01, 100, 100) == 0.0
     with pytest.raises(ValueError):
         poly_lr(0.01, 0, 0)
@@ -67,8 +71,9 @@ def test_train_writes_a_checkpoint_that_rebuilds_the_model(tiny_config) -> None:
     assert not list(path.parent.glob("*.tmp")), "atomic save must not leave temporary files"
 
 
-def test_training_logs_its_lines_and_shows_whole_progress_lines_in_a_log_file(tiny_config,
-                                                                              capsys) -> None:
+def test_training_logs_its_lines_and_shows_whole_progress_lines_in_a_log_file(
+    tiny_config, capsys
+) -> None:
     configure_logging()  # as the commands do: the library's INFO lines on stdout
     train(tiny_config, progress=True)
     captured = capsys.readouterr()  # captured: stderr is not a terminal
@@ -92,10 +97,13 @@ def test_resume_repeats_an_uninterrupted_run(tiny_config, monkeypatch) -> None:
 
     monkeypatch.setattr(loop, "save_checkpoint", save_and_keep)
     straight, _ = train(config, progress=False)
-    resumed, path = train(config.replace(out=config.train.out + "-resumed"), resume=snapshots[0],
-                          progress=False)
+    resumed, path = train(
+        config.replace(out=config.train.out + "-resumed"), resume=snapshots[0], progress=False
+    )
     assert load_checkpoint(path)["epoch"] == 2
-    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+    for (name, a), b in zip(
+        straight.state_dict().items(), resumed.state_dict().values(), strict=True
+    ):
         assert torch.equal(a, b), name
     with pytest.raises(CheckpointError, match="fold is 0 in the checkpoint but 1 now"):
         train(config.replace(fold=1), resume=snapshots[0], progress=False)
@@ -122,23 +130,48 @@ def test_bad_checkpoints_are_clear_errors(tmp_path) -> None:
 def test_checkpoint_with_an_arbitrary_object_is_refused(tmp_path) -> None:
     """weights_only=True: a pickled object that is not plain data is never unpickled."""
     path = tmp_path / "object.pt"
-    torch.save({"format": "mfnet-checkpoint-v1", "config": argparse.Namespace(a=1), "model": {}},
-               path)
+    torch.save(
+        {"format": "mfnet-checkpoint-v1", "config": argparse.Namespace(a=1), "model": {}}, path
+    )
     with pytest.raises(CheckpointError, match="could not be read"):
         load_checkpoint(path)
 
 
 def _train_command(out, *extra: str) -> list[str]:
     """``python -m mfnet.train`` on a tiny config: 3 epochs x 8 steps, dropout and PML on."""
-    return [sys.executable, "-m", "mfnet.train", "--image-size", "48", "--channels", "16",
-            "--epochs", "3", "--episodes-per-epoch", "32", "--batch-size", "4", "--workers", "0",
-            "--pml-start-epoch", "1", "--dropout", "0.3", "--no-evaluate", "--no-progress",
-            "--out", str(out), *extra]
+    return [
+        sys.executable,
+        "-m",
+        "mfnet.train",
+        "--image-size",
+        "48",
+        "--channels",
+        "16",
+        "--epochs",
+        "3",
+        "--episodes-per-epoch",
+        "32",
+        "--batch-size",
+        "4",
+        "--workers",
+        "0",
+        "--pml-start-epoch",
+        "1",
+        "--dropout",
+        "0.3",
+        "--no-evaluate",
+        "--no-progress",
+        "--out",
+        str(out),
+        *extra,
+    ]
 
 
 def _losses(out) -> list[tuple[str, ...]]:
-    return [tuple(row[k] for k in ("step", "epoch", "loss", "seg", "pml", "lr"))
-            for row in read_log(out / "log.csv")]
+    return [
+        tuple(row[k] for k in ("step", "epoch", "loss", "seg", "pml", "lr"))
+        for row in read_log(out / "log.csv")
+    ]
 
 
 # The child sends itself the signal while computing the loss of step N (a deterministic point,
@@ -164,8 +197,13 @@ sys.exit(train.main(sys.argv[3:]))
 
 def _train_signalled(out, at_step: int, name: str, env) -> subprocess.CompletedProcess:
     args = _train_command(out)[3:]  # the options after "python -m mfnet.train"
-    return subprocess.run([sys.executable, "-c", _SIGNAL_AT_STEP, str(at_step), name, *args],
-                          env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-c", _SIGNAL_AT_STEP, str(at_step), name, *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_sigterm_then_resume_repeats_the_per_step_losses_exactly(tmp_path) -> None:
@@ -184,8 +222,12 @@ def test_sigterm_then_resume_repeats_the_per_step_losses_exactly(tmp_path) -> No
     assert _losses(out) == expected[:11]
     assert set(payload["rng"][0]) >= {"python", "numpy", "torch", "generator"}
 
-    subprocess.run(_train_command(out, "--resume", str(out / "last.pt")), check=True, env=env,
-                   capture_output=True)
+    subprocess.run(
+        _train_command(out, "--resume", str(out / "last.pt")),
+        check=True,
+        env=env,
+        capture_output=True,
+    )
     assert _losses(out) == expected  # bit-exact per-step loss sequence, mid-epoch resume included
     assert (out / "curves.png").stat().st_size > 0
     assert any((out / "tensorboard").iterdir())
@@ -199,8 +241,9 @@ def test_sigint_stops_after_the_step_with_exit_code_130(tmp_path) -> None:
     assert load_checkpoint(out / "last.pt")["step"] == 2 and len(_losses(out)) == 2
 
 
-def test_save_every_steps_and_nan_loss_keeps_the_last_good_checkpoint(tiny_config,
-                                                                      monkeypatch) -> None:
+def test_save_every_steps_and_nan_loss_keeps_the_last_good_checkpoint(
+    tiny_config, monkeypatch
+) -> None:
     config = tiny_config.replace(epochs=2, save_every_steps=3)
     calls = []
     real = loop.compute_losses
@@ -217,15 +260,16 @@ def test_save_every_steps_and_nan_loss_keeps_the_last_good_checkpoint(tiny_confi
         train(config, progress=False)
     payload = load_checkpoint(Path(config.train.out) / "last.pt")
     assert payload["step"] == 4 and payload["epoch"] == 1 and payload["epoch_step"] == 0
-    assert all(torch.isfinite(v).all() for v in payload["model"].values()
-               if v.is_floating_point())
+    assert all(torch.isfinite(v).all() for v in payload["model"].values() if v.is_floating_point())
 
     calls.clear()
     monkeypatch.setattr(loop, "compute_losses", real)
     saved = []
-    monkeypatch.setattr(loop, "save_checkpoint",
-                        lambda path, payload: saved.append((payload["step"],
-                                                            payload["epoch_step"])))
+    monkeypatch.setattr(
+        loop,
+        "save_checkpoint",
+        lambda path, payload: saved.append((payload["step"], payload["epoch_step"])),
+    )
     train(config, progress=False)
     assert saved == [(3, 3), (4, 0), (6, 2), (8, 0)]
 

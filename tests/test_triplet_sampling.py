@@ -75,14 +75,13 @@ def test_samples_only_from_their_pools(mode: str) -> None:
 
 
 def test_empty_pools_make_triplets_invalid() -> None:
-    target = torch.tensor([[[2, 2, 0, 0],
-                            [1, 1, 0, 255]]])
+    target = torch.tensor([[[2, 2, 0, 0], [1, 1, 0, 255]]])
     # class 2: anchors (0,0),(0,1), no hard positive; class 1: anchors, HP (1,1), but its only
     # false positive lies on a 255 pixel, so HN_1 is empty
-    pred = torch.tensor([[[2, 2, 0, 0],
-                          [1, 0, 0, 1]]])
-    s = sample_triplets_reference(pred, target, 2, num_triplets=50,
-                                  generator=torch.Generator().manual_seed(0))
+    pred = torch.tensor([[[2, 2, 0, 0], [1, 0, 0, 1]]])
+    s = sample_triplets_reference(
+        pred, target, 2, num_triplets=50, generator=torch.Generator().manual_seed(0)
+    )
     assert not s.valid.any()
     assert torch.all(s.anchor == 0) and torch.all(s.positive == 0) and torch.all(s.negative == 0)
 
@@ -96,8 +95,13 @@ def test_seed_determinism() -> None:
 
     def draw(seed: int, mode: str) -> TripletSample:
         return sample_triplets_reference(
-            pred, target, 2, num_triplets=32, positive_mode=mode,
-            generator=torch.Generator().manual_seed(seed), embedding=emb,
+            pred,
+            target,
+            2,
+            num_triplets=32,
+            positive_mode=mode,
+            generator=torch.Generator().manual_seed(seed),
+            embedding=emb,
         )
 
     for mode in ("spatial", "random", "feature"):
@@ -124,7 +128,12 @@ def test_spatial_positives_are_closer_than_random_ones() -> None:
     mean_dist = {}
     for mode in ("spatial", "random"):
         s = sample_triplets_reference(
-            pred, target, 1, num_triplets=400, positive_mode=mode, tau=0.1,
+            pred,
+            target,
+            1,
+            num_triplets=400,
+            positive_mode=mode,
+            tau=0.1,
             generator=torch.Generator().manual_seed(1),
         )
         assert s.valid.all()
@@ -148,8 +157,15 @@ def test_spatial_positive_distribution_matches_kernel() -> None:
     for y, x in negatives:
         pred[0, y, x] = 1
     draws = 20000
-    s = sample_triplets_reference(pred, target, 1, num_triplets=draws, positive_mode="spatial",
-                                  tau=tau, generator=torch.Generator().manual_seed(123))
+    s = sample_triplets_reference(
+        pred,
+        target,
+        1,
+        num_triplets=draws,
+        positive_mode="spatial",
+        tau=tau,
+        generator=torch.Generator().manual_seed(123),
+    )
     assert s.valid.all()
     assert torch.all(s.anchor == anchor_yx[0] * w + anchor_yx[1])
 
@@ -168,8 +184,14 @@ def test_spatial_positive_distribution_matches_kernel() -> None:
     assert neg_freq.sum() == 1.0
     assert (neg_freq - 0.25).abs().max() < 0.012  # negatives are uniform, whatever the distance
 
-    r = sample_triplets_reference(pred, target, 1, num_triplets=draws, positive_mode="random",
-                                  generator=torch.Generator().manual_seed(124))
+    r = sample_triplets_reference(
+        pred,
+        target,
+        1,
+        num_triplets=draws,
+        positive_mode="random",
+        generator=torch.Generator().manual_seed(124),
+    )
     pos_freq = (r.positive[0].unsqueeze(1) == flat_pos).sum(dim=0).to(torch.float64) / draws
     assert (pos_freq - 1 / len(positives)).abs().max() < 0.01  # random mode: uniform over HP
 
@@ -179,8 +201,9 @@ def test_anchors_uniform_over_union_of_class_pools() -> None:
     pred = torch.tensor([[[1, 1, 1, 2, 1, 2, 0, 0]]])
     target = torch.tensor([[[1, 1, 1, 2, 0, 0, 1, 2]]])
     draws = 20000
-    s = sample_triplets_reference(pred, target, 2, num_triplets=draws,
-                                  generator=torch.Generator().manual_seed(9))
+    s = sample_triplets_reference(
+        pred, target, 2, num_triplets=draws, generator=torch.Generator().manual_seed(9)
+    )
     assert s.valid.all()
     freq = torch.bincount(s.anchor[0], minlength=8).to(torch.float64) / draws
     assert torch.all(freq[4:] == 0)
@@ -195,11 +218,19 @@ def test_feature_mode_picks_farthest_positive_and_closest_negative() -> None:
     # 1x6 grid: pixel 0 anchor, pixels 1-3 hard positives, pixels 4-5 hard negatives (class 1)
     pred = torch.tensor([[[1, 0, 0, 0, 1, 1]]])
     target = torch.tensor([[[1, 1, 1, 1, 0, 0]]])
-    emb = torch.tensor([[[[0.0, 1.0, -3.0, 2.0, 5.0, -0.5]],
-                         [[0.0, 0.0, 0.0, 0.5, 0.0, 0.0]]]])  # [1, 2, 1, 6]
+    emb = torch.tensor(
+        [[[[0.0, 1.0, -3.0, 2.0, 5.0, -0.5]], [[0.0, 0.0, 0.0, 0.5, 0.0, 0.0]]]]
+    )  # [1, 2, 1, 6]
     for seed in range(3):
-        s = sample_triplets_reference(pred, target, 1, num_triplets=5, positive_mode="feature",
-                                      generator=torch.Generator().manual_seed(seed), embedding=emb)
+        s = sample_triplets_reference(
+            pred,
+            target,
+            1,
+            num_triplets=5,
+            positive_mode="feature",
+            generator=torch.Generator().manual_seed(seed),
+            embedding=emb,
+        )
         assert s.valid.all()
         assert torch.all(s.anchor == 0)
         assert torch.all(s.positive == 2)  # |(-3, 0)|^2 = 9 is the largest among 1, 9, 4.25
@@ -219,8 +250,13 @@ BAD_INPUTS = [
     ({"pred": torch.zeros(3, 3, dtype=torch.int64)}, r"\[B, h, w\]"),
     ({"pred": torch.full((1, 3, 3), 3, dtype=torch.int64)}, "pred values"),
     ({"target": torch.full((1, 3, 3), 7, dtype=torch.int64)}, "target values"),
-    ({"pred": torch.zeros(0, 3, 3, dtype=torch.int64),
-      "target": torch.zeros(0, 3, 3, dtype=torch.int64)}, "empty"),
+    (
+        {
+            "pred": torch.zeros(0, 3, 3, dtype=torch.int64),
+            "target": torch.zeros(0, 3, 3, dtype=torch.int64),
+        },
+        "empty",
+    ),
     ({"embedding": torch.zeros(1, 4, 3, 2)}, "embedding must be"),
 ]
 

@@ -37,13 +37,13 @@ import json
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
-from mfnet_runtime.console import configure_logging
 
 from mfnet.threads import set_torch_threads
+from mfnet_runtime.console import configure_logging
 
 from .._common import device_info, write_json
 from .context import Budget, Env, measured, progress
@@ -58,55 +58,101 @@ from .workload import build_model, set_up_way, synthetic_data
 def parse_args(argv: list[str] | None, prog: str | None = None) -> argparse.Namespace:
     """The options of ``argv`` (default sys.argv[1:]), with the parsed lists and the defaults
     that depend on the device and backbone filled in; a bad option exits 2 (argparse)."""
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     parser.add_argument("--size", type=int, default=473, help="square input size (default 473)")
     parser.add_argument("--backbone", choices=["resnet50", "small"], default="resnet50")
-    parser.add_argument("--channels", type=int, default=None,
-                        help="feature channels C (default 256 for resnet50, 64 for small)")
+    parser.add_argument(
+        "--channels",
+        type=int,
+        default=None,
+        help="feature channels C (default 256 for resnet50, 64 for small)",
+    )
     parser.add_argument("--ways", default="1,2,5", help="comma-separated N (default 1,2,5)")
     parser.add_argument("--batches", default="1,8", help="comma-separated batch sizes")
-    parser.add_argument("--warmup", type=int, default=None, help="warm-up calls (default: "
-                        "20 on CUDA, 3 on the CPU)")
-    parser.add_argument("--iterations", type=int, default=None, help="timed calls per row "
-                        "(default: 100 on CUDA, 20 on the CPU; capped by --max-row-s)")
-    parser.add_argument("--max-row-s", type=float, default=20.0,
-                        help="longest timed loop of one row in seconds (at least 5 calls)")
-    parser.add_argument("--variants", default="", help="comma-separated fnmatch patterns of "
-                        "the rows to run (default all), e.g. 'decoder_*,ort_*'; support "
-                        "encoding rows are support_torch_fp32, support_torch_amp_fp16, "
-                        "support_runtime_ort")
+    parser.add_argument(
+        "--warmup", type=int, default=None, help="warm-up calls (default: 20 on CUDA, 3 on the CPU)"
+    )
+    parser.add_argument(
+        "--iterations",
+        type=int,
+        default=None,
+        help="timed calls per row (default: 100 on CUDA, 20 on the CPU; capped by --max-row-s)",
+    )
+    parser.add_argument(
+        "--max-row-s",
+        type=float,
+        default=20.0,
+        help="longest timed loop of one row in seconds (at least 5 calls)",
+    )
+    parser.add_argument(
+        "--variants",
+        default="",
+        help="comma-separated fnmatch patterns of "
+        "the rows to run (default all), e.g. 'decoder_*,ort_*'; support "
+        "encoding rows are support_torch_fp32, support_torch_amp_fp16, "
+        "support_runtime_ort",
+    )
     parser.add_argument("--skip-variants", default="", help="patterns of rows not to run")
     parser.add_argument("--out", default=str(RESULTS), help="results folder")
-    parser.add_argument("--engine-cache", default=str(Path(tempfile.gettempdir())
-                                                      / "mfnet_bench_engines"),
-                        help="folder for the checkpoints and ONNX exports (reused across runs)")
-    parser.add_argument("--onnx-ways", default=None, help="N for which the ONNX Runtime, "
-                        "TensorRT and runtime rows run (they need an ONNX export each; default: "
-                        "all of --ways)")
-    parser.add_argument("--onnx-precisions", default="fp32,fp16", help="ONNX graphs to export "
-                        "(default fp32,fp16)")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads of torch and of "
-                        "the ONNX Runtime CPU sessions (default: the cores free to this "
-                        "process, its CPU affinity; see mfnet_runtime.threads)")
-    parser.add_argument("--time-budget-s", type=float, default=None, help="stop starting new "
-                        "rows after this many seconds; the rest are recorded as 'skipped: "
-                        "budget' (torch.compile rows and ONNX exports run last)")
-    parser.add_argument("--name", default=None, help="result file stem (default "
-                        "inference_<device>_<size>)")
-    parser.add_argument("--from-json", default=None, help="run nothing: re-render the .md, "
-                        ".png (and with --update-readme the README block) from a result JSON, "
-                        "e.g. one brought back from the GPU machine")
-    parser.add_argument("--update-readme", action="store_true", help="also replace the "
-                        "results block of this device in benchmarks/README.md")
+    parser.add_argument(
+        "--engine-cache",
+        default=str(Path(tempfile.gettempdir()) / "mfnet_bench_engines"),
+        help="folder for the checkpoints and ONNX exports (reused across runs)",
+    )
+    parser.add_argument(
+        "--onnx-ways",
+        default=None,
+        help="N for which the ONNX Runtime, "
+        "TensorRT and runtime rows run (they need an ONNX export each; default: "
+        "all of --ways)",
+    )
+    parser.add_argument(
+        "--onnx-precisions", default="fp32,fp16", help="ONNX graphs to export (default fp32,fp16)"
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads of torch and of "
+        "the ONNX Runtime CPU sessions (default: the cores free to this "
+        "process, its CPU affinity; see mfnet_runtime.threads)",
+    )
+    parser.add_argument(
+        "--time-budget-s",
+        type=float,
+        default=None,
+        help="stop starting new "
+        "rows after this many seconds; the rest are recorded as 'skipped: "
+        "budget' (torch.compile rows and ONNX exports run last)",
+    )
+    parser.add_argument(
+        "--name", default=None, help="result file stem (default inference_<device>_<size>)"
+    )
+    parser.add_argument(
+        "--from-json",
+        default=None,
+        help="run nothing: re-render the .md, "
+        ".png (and with --update-readme the README block) from a result JSON, "
+        "e.g. one brought back from the GPU machine",
+    )
+    parser.add_argument(
+        "--update-readme",
+        action="store_true",
+        help="also replace the results block of this device in benchmarks/README.md",
+    )
     args = parser.parse_args(argv)
     args.way_list = [int(w) for w in args.ways.split(",") if w.strip()]
     args.batch_list = [int(b) for b in args.batches.split(",") if b.strip()]
     args.variant_patterns = [p.strip() for p in args.variants.split(",") if p.strip()]
     args.skip_patterns = [p.strip() for p in args.skip_variants.split(",") if p.strip()]
-    args.onnx_way_list = (args.way_list if args.onnx_ways is None
-                          else [int(w) for w in args.onnx_ways.split(",") if w.strip()])
+    args.onnx_way_list = (
+        args.way_list
+        if args.onnx_ways is None
+        else [int(w) for w in args.onnx_ways.split(",") if w.strip()]
+    )
     args.onnx_precision_list = [p.strip() for p in args.onnx_precisions.split(",") if p.strip()]
     if any(p not in ("fp32", "fp16") for p in args.onnx_precision_list):
         parser.error("--onnx-precisions takes fp32 and / or fp16")
@@ -117,8 +163,12 @@ def parse_args(argv: list[str] | None, prog: str | None = None) -> argparse.Name
         args.warmup = 20 if cuda else 3
     if args.iterations is None:
         args.iterations = 100 if cuda else 20
-    if not args.way_list or min(args.way_list) < 1 or not args.batch_list \
-            or min(args.batch_list) < 1:
+    if (
+        not args.way_list
+        or min(args.way_list) < 1
+        or not args.batch_list
+        or min(args.batch_list) < 1
+    ):
         parser.error("--ways and --batches need positive integers")
     return args
 
@@ -132,8 +182,12 @@ def task_plan(env: Env) -> list[tuple[str, Callable[[], None]]]:
     args = env.args
     primary = 2 if 2 in args.way_list else args.way_list[0]
     others = sorted((w for w in args.way_list if w != primary), reverse=True)
-    order = ([(primary, 1), (primary, 2)] + [(w, 1) for w in others] + [(w, 2) for w in others]
-             + [(w, 3) for w in [primary] + others])
+    order = (
+        [(primary, 1), (primary, 2)]
+        + [(w, 1) for w in others]
+        + [(w, 2) for w in others]
+        + [(w, 3) for w in [primary] + others]
+    )
     plan: list[tuple[str, Callable[[], None]]] = []
     for way, phase in order:
         if phase == 1:
@@ -141,17 +195,35 @@ def task_plan(env: Env) -> list[tuple[str, Callable[[], None]]]:
         for batch in args.batch_list:
             for variant in VARIANTS:
                 if variant.phase == phase:
-                    plan.append(("row", lambda v=variant, w=way, b=batch: env.rows.append(
-                        run_row(env, v, w, b))))
+                    plan.append(
+                        (
+                            "row",
+                            lambda v=variant, w=way, b=batch: env.rows.append(
+                                run_row(env, v, w, b)
+                            ),
+                        )
+                    )
             if phase == 3:
-                plan.append(("cleanup", lambda w=way, b=batch: [
-                    env.compiled.pop((w, b, k), None) for k in ("plain", "opt", "naive")]))
+                plan.append(
+                    (
+                        "cleanup",
+                        lambda w=way, b=batch: [
+                            env.compiled.pop((w, b, k), None) for k in ("plain", "opt", "naive")
+                        ],
+                    )
+                )
         if phase in (1, 2):
             for name in SUPPORT_VARIANTS:
                 if (name == "support_runtime_ort") == (phase == 2):
                     for shots in SUPPORT_SHOTS:
-                        plan.append(("support", lambda n=name, w=way, k=shots:
-                                     env.supports.append(run_support(env, n, w, k))))
+                        plan.append(
+                            (
+                                "support",
+                                lambda n=name, w=way, k=shots: env.supports.append(
+                                    run_support(env, n, w, k)
+                                ),
+                            )
+                        )
     return plan
 
 
@@ -163,15 +235,19 @@ def set_up(env: Env, way: int) -> None:
         return
     started = time.perf_counter()
     if env.naive is None:
-        naive_data = synthetic_data(1, env.args.size, env.args.backbone,
-                                    max(env.args.batch_list), 1, env.device, seed=1001)
+        naive_data = synthetic_data(
+            1, env.args.size, env.args.backbone, max(env.args.batch_list), 1, env.device, seed=1001
+        )
         env.naive, _ = build_model(env.args, 1, env.device, naive_data, seed=1)
     naive = env.naive
-    env.contexts[way] = set_up_way(env.args, way, env.device, naive,
-                                   lambda images, masks: naive.encode_support(images, masks))
-    progress(f"[{env.budget.elapsed():7.1f} s] N={way}: model, data, FP32 reference and FLOPs "
-             f"ready in {time.perf_counter() - started:.1f} s "
-             f"(decoder {env.contexts[way].flops['decoder'] / 1e9:.2f} GFLOP/frame)")
+    env.contexts[way] = set_up_way(
+        env.args, way, env.device, naive, lambda images, masks: naive.encode_support(images, masks)
+    )
+    progress(
+        f"[{env.budget.elapsed():7.1f} s] N={way}: model, data, FP32 reference and FLOPs "
+        f"ready in {time.perf_counter() - started:.1f} s "
+        f"(decoder {env.contexts[way].flops['decoder'] / 1e9:.2f} GFLOP/frame)"
+    )
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
@@ -184,15 +260,20 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     if args.from_json:
         source = Path(args.from_json)
         payload = json.loads(source.read_text())
-        out = Path(args.out) if args.out != str(RESULTS) or source.parent == RESULTS \
+        out = (
+            Path(args.out)
+            if args.out != str(RESULTS) or source.parent == RESULTS
             else source.parent
+        )
         write_reports(payload, out, args.name or source.stem, args.update_readme)
         progress(f"re-rendered {source.stem}.md / .png in {out}")
         return 0
     cuda = args.device == "cuda"
     if cuda and not torch.cuda.is_available():
-        print("error: --device cuda but torch sees no CUDA GPU; run with --device cpu",
-              file=sys.stderr)
+        print(
+            "error: --device cuda but torch sees no CUDA GPU; run with --device cpu",
+            file=sys.stderr,
+        )
         return 2
     device = torch.device(args.device)
     policy = set_torch_threads(args.threads)
@@ -202,22 +283,29 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         torch.backends.cudnn.benchmark = True
     env = Env(args, device, Budget(args.time_budget_s))
     info = device_info(args.device)
-    progress(f"bench_inference: {info.get('gpu') or info['cpu']}, {args.size}x{args.size}, "
-             f"{args.backbone}, C={args.channels}, N={args.way_list}, B={args.batch_list}, "
-             f"budget {args.time_budget_s or 'none'} s")
+    progress(
+        f"bench_inference: {info.get('gpu') or info['cpu']}, {args.size}x{args.size}, "
+        f"{args.backbone}, C={args.channels}, N={args.way_list}, B={args.batch_list}, "
+        f"budget {args.time_budget_s or 'none'} s"
+    )
     env.ceilings = measure_ceilings(device)
-    progress(f"[{env.budget.elapsed():7.1f} s] ceilings: "
-             + ", ".join(f"{k} {v:.3g} TFLOP/s"
-                         for k, v in env.ceilings["matmul_tflops"].items())
-             + "; " + ", ".join(f"{k} {v:.3g} GB/s"
-                                for k, v in env.ceilings["copy_gb_per_s"].items()))
+    progress(
+        f"[{env.budget.elapsed():7.1f} s] ceilings: "
+        + ", ".join(f"{k} {v:.3g} TFLOP/s" for k, v in env.ceilings["matmul_tflops"].items())
+        + "; "
+        + ", ".join(f"{k} {v:.3g} GB/s" for k, v in env.ceilings["copy_gb_per_s"].items())
+    )
     env.ort_reason = check_onnxruntime(cuda)
-    env.trt_reason = (check_tensorrt() if cuda else
-                      "not measured: TensorRT needs a CUDA GPU (this run is on the CPU)")
+    env.trt_reason = (
+        check_tensorrt()
+        if cuda
+        else "not measured: TensorRT needs a CUDA GPU (this run is on the CPU)"
+    )
     out = Path(args.out)
     stem = args.name or f"inference_{args.device}_{args.size}"
-    command = " ".join([prog or Path(sys.argv[0]).name]
-                       + (argv if argv is not None else sys.argv[1:]))
+    command = " ".join(
+        [prog or Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])
+    )
     last_write = time.perf_counter()
     for _, task in task_plan(env):
         task()
@@ -234,7 +322,6 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     progress(f"\n{measured_rows} of {len(rows)} rows measured in {payload['elapsed_s']} s")
     for target in payload["targets"]:
         value = format_value(target["value"], ".3f", f" {target['unit']}")
-        progress(f"  target {target['target']}: {value} ({target['required']}): "
-                 f"{target['status']}")
+        progress(f"  target {target['target']}: {value} ({target['required']}): {target['status']}")
     progress(f"wrote {out / (stem + '.json')}, .md, .png")
     return 0

@@ -12,8 +12,9 @@ import argparse
 import fnmatch
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 

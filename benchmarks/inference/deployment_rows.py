@@ -7,15 +7,16 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 
+from mfnet.checkpoint import save_checkpoint
 from mfnet.export.onnx_export import ExportLimits, export_onnx
 from mfnet.export.tensorrt import build_engines
-from mfnet.checkpoint import save_checkpoint
 from mfnet_runtime import Segmenter
 
 from .context import Env, NotMeasured, Prepared, progress
@@ -33,8 +34,10 @@ def check_onnxruntime(cuda: bool) -> str | None:
     except ImportError as error:
         return f"not measured: onnxruntime is not installed ({error})"
     if cuda and "CUDAExecutionProvider" not in ort.get_available_providers():
-        return ("not measured: onnxruntime-gpu not installed (ONNX Runtime "
-                f"{ort.__version__} has only {', '.join(ort.get_available_providers())})")
+        return (
+            "not measured: onnxruntime-gpu not installed (ONNX Runtime "
+            f"{ort.__version__} has only {', '.join(ort.get_available_providers())})"
+        )
     if cuda and hasattr(ort, "preload_dlls"):  # not in older ONNX Runtime releases
         try:  # CUDA / cuDNN libraries from the nvidia-* wheels that torch brought
             ort.preload_dlls()
@@ -70,8 +73,10 @@ def ensure_engines(env: Env, ctx: WayContext) -> Path:
     save_checkpoint(staging, {"config": ctx.config.to_dict(), "model": state})
     digest = hashlib.sha256(staging.read_bytes()).hexdigest()[:16]
     form = "default" if EXPORT_OPTIONS["optimize"] else "plain"  # part of the cache key
-    tag = (f"{env.args.backbone}-{env.args.size}-c{env.args.channels}-{ctx.way}way-{form}-"
-           f"{'-'.join(env.args.onnx_precision_list)}-{digest}")
+    tag = (
+        f"{env.args.backbone}-{env.args.size}-c{env.args.channels}-{ctx.way}way-{form}-"
+        f"{'-'.join(env.args.onnx_precision_list)}-{digest}"
+    )
     directory = cache / tag
     checkpoint = cache / f"{tag}.pt"
     staging.replace(checkpoint)
@@ -80,8 +85,14 @@ def ensure_engines(env: Env, ctx: WayContext) -> Path:
         limits = ExportLimits(max_batch=max(16, max(env.args.batch_list)))
         progress(f"  exporting ONNX graphs of the {ctx.way}-way model to {directory}")
         try:
-            export_onnx(checkpoint, directory, precisions=tuple(env.args.onnx_precision_list),
-                        limits=limits, verify=False, **EXPORT_OPTIONS)
+            export_onnx(
+                checkpoint,
+                directory,
+                precisions=tuple(env.args.onnx_precision_list),
+                limits=limits,
+                verify=False,
+                **EXPORT_OPTIONS,
+            )
         except Exception as error:  # noqa: BLE001 - recorded on every ONNX row
             ctx.engines_error = f"failed: ONNX export ({type(error).__name__}: {error})"
             raise
@@ -111,13 +122,13 @@ def ort_session(path: Path, cuda: bool, cuda_graph: bool, threads: int | None = 
         providers = ["CPUExecutionProvider"]
     session = ort.InferenceSession(str(path), options, providers=providers)
     if cuda and session.get_providers()[0] != "CUDAExecutionProvider":
-        raise RuntimeError(f"ONNX Runtime did not use CUDA for {path.name}: "
-                           f"{session.get_providers()}")
+        raise RuntimeError(
+            f"ONNX Runtime did not use CUDA for {path.name}: {session.get_providers()}"
+        )
     return session
 
 
-def ort_row(env: Env, ctx: WayContext, batch: int, precision: str, cuda_graph: bool
-            ) -> Prepared:
+def ort_row(env: Env, ctx: WayContext, batch: int, precision: str, cuda_graph: bool) -> Prepared:
     """The exported query decoder on ONNX Runtime with IOBinding.
 
     Inputs: frames uint8 [B, S, S, 3], prototypes float32 [N, C]; outputs: labels uint8
@@ -130,8 +141,9 @@ def ort_row(env: Env, ctx: WayContext, batch: int, precision: str, cuda_graph: b
     if precision not in env.args.onnx_precision_list:
         raise NotMeasured(f"not measured: {precision} graphs not exported (--onnx-precisions)")
     engines = ensure_engines(env, ctx)
-    session = ort_session(engines / f"query_decoder.{precision}.onnx", env.cuda, cuda_graph,
-                          env.args.threads)
+    session = ort_session(
+        engines / f"query_decoder.{precision}.onnx", env.cuda, cuda_graph, env.args.threads
+    )
     size, way = env.args.size, ctx.way
     frames = np.ascontiguousarray(ctx.data["frames_np"][:batch])
     prototypes = np.ascontiguousarray(ctx.prototypes[0].float().cpu().numpy())
@@ -145,6 +157,7 @@ def ort_row(env: Env, ctx: WayContext, batch: int, precision: str, cuda_graph: b
             """One run on the bound host buffers; the labels copied out."""
             session.run_with_iobinding(binding)
             return binding.copy_outputs_to_cpu()[0]
+
         return Prepared(call_cpu, memory="device")
     device_frames = torch.from_numpy(frames).to(env.device)
     device_prototypes = torch.from_numpy(prototypes).to(env.device)
@@ -159,8 +172,9 @@ def ort_row(env: Env, ctx: WayContext, batch: int, precision: str, cuda_graph: b
     bind("bind_input", "prototypes", device_prototypes, np.float32)
     bind("bind_output", "labels", labels, np.uint8)
     if cuda_graph:
-        probabilities = torch.empty((batch, way + 1, size, size), dtype=torch.float32,
-                                    device=env.device)
+        probabilities = torch.empty(
+            (batch, way + 1, size, size), dtype=torch.float32, device=env.device
+        )
         buffers.append(probabilities)
         bind("bind_output", "probabilities", probabilities, np.float32)
     torch.cuda.synchronize()
@@ -170,26 +184,41 @@ def ort_row(env: Env, ctx: WayContext, batch: int, precision: str, cuda_graph: b
         session.run_with_iobinding(binding)
         torch.cuda.synchronize()  # ORT runs on its own stream
         return labels
+
     return Prepared(call, memory="device")
 
 
-def runtime_segmenter(env: Env, ctx: WayContext, batch: int, backend: str = "onnxruntime",
-                      precision: str | None = None) -> Segmenter:
+def runtime_segmenter(
+    env: Env,
+    ctx: WayContext,
+    batch: int,
+    backend: str = "onnxruntime",
+    precision: str | None = None,
+) -> Segmenter:
     """The runtime's ``Segmenter`` on this N's export (FP16 on CUDA, FP32 on the CPU by default),
     with a decoder CUDA graph for ``batch`` frames on CUDA."""
     precision = precision or ("fp16" if env.cuda else "fp32")
     if precision not in env.args.onnx_precision_list:
         raise NotMeasured(f"not measured: {precision} graphs not exported (--onnx-precisions)")
     engines = ensure_engines(env, ctx)
-    return Segmenter.load(engines, backend=backend, device="cuda" if env.cuda else "cpu",
-                          precision=precision, cuda_graph_batch=batch if env.cuda else 0,
-                          threads=env.args.threads)
+    return Segmenter.load(
+        engines,
+        backend=backend,
+        device="cuda" if env.cuda else "cpu",
+        precision=precision,
+        cuda_graph_batch=batch if env.cuda else 0,
+        threads=env.args.threads,
+    )
 
 
 def runtime_support(segmenter: Segmenter, ctx: WayContext, shots: int) -> Callable[[], Any]:
     """A call that encodes N classes x ``shots`` host uint8 shots with ``segmenter``."""
-    classes = {f"class{n}": [(ctx.data["support_np"][n, k], ctx.data["masks_np"][n, k])
-                             for k in range(shots)] for n in range(ctx.way)}
+    classes = {
+        f"class{n}": [
+            (ctx.data["support_np"][n, k], ctx.data["masks_np"][n, k]) for k in range(shots)
+        ]
+        for n in range(ctx.way)
+    }
     return lambda: segmenter.encode_support(classes)
 
 
@@ -214,6 +243,7 @@ def e2e_runtime_row(env: Env, ctx: WayContext, batch: int) -> Prepared:
         # The ONNX Runtime backend's decoder graph; the runtime has no public accessor for it.
         graph = segmenter._backend._graph_decoder
         return [f"CUDA graph at batch {batch}: {'in use' if graph is not None else 'not in use'}"]
+
     return Prepared(call, memory="device", notes=notes, close=segmenter.close, after=after)
 
 
@@ -233,14 +263,20 @@ def trt_row(env: Env, ctx: WayContext, batch: int, precision: str) -> Prepared:
     segmenter = runtime_segmenter(env, ctx, batch, backend="tensorrt", precision=precision)
     support = runtime_support(segmenter, ctx, 1)()
     prepared, _ = segmenter.prepare_frames(list(ctx.data["frames_np"][:batch]))
-    return Prepared(lambda: segmenter.decode_prepared(prepared, support), memory="device",
-                    notes=[f"engine build {env.compiled[key]:.0f} s (excluded)"],
-                    close=segmenter.close)
+    return Prepared(
+        lambda: segmenter.decode_prepared(prepared, support),
+        memory="device",
+        notes=[f"engine build {env.compiled[key]:.0f} s (excluded)"],
+        close=segmenter.close,
+    )
 
 
 def runtime_support_row(env: Env, ctx: WayContext, shots: int) -> Prepared:
     """Support-set encoding (N classes x ``shots``) through the runtime's ``Segmenter``."""
     segmenter = runtime_segmenter(env, ctx, 0)
-    return Prepared(runtime_support(segmenter, ctx, shots), memory="device",
-                    notes=[f"{segmenter.backend_name} {segmenter.precision}"],
-                    close=segmenter.close)
+    return Prepared(
+        runtime_support(segmenter, ctx, shots),
+        memory="device",
+        notes=[f"{segmenter.backend_name} {segmenter.precision}"],
+        close=segmenter.close,
+    )

@@ -5,7 +5,8 @@ max(FLOPs / matrix peak, bytes / copy bandwidth[, host transfer / PCIe bandwidth
 from __future__ import annotations
 
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -52,8 +53,12 @@ def _measure_ceilings(device: torch.device, cuda: bool) -> dict[str, Any]:
     n = 8192 if cuda else 768
     generator = torch.Generator(device=device).manual_seed(0)
     rates: dict[str, float] = {}
-    dtypes = {"fp32": torch.float32, "tf32": torch.float32, "fp16": torch.float16,
-              "bf16": torch.bfloat16}
+    dtypes = {
+        "fp32": torch.float32,
+        "tf32": torch.float32,
+        "fp16": torch.float16,
+        "bf16": torch.bfloat16,
+    }
     if not cuda:  # no TF32 on CPUs; FP16 products fall back to a slow path (no FP16 unit)
         dtypes.pop("tf32")
         dtypes.pop("fp16")
@@ -94,11 +99,13 @@ def _measure_ceilings(device: torch.device, cuda: bool) -> dict[str, Any]:
     return {
         "matmul_tflops": rates,
         "copy_gb_per_s": copies,
-        "method": (f"best of repeated {n}^3 torch.mm per dtype on random data; copies of "
-                   f"{'1 GiB (device), 256 MiB pinned (host)' if cuda else '64 MiB'}; "
-                   "device-to-device counts bytes read + written; measured at the start and "
-                   "the end of the run, the larger value kept"
-                   + ("" if cuda else f"; CPU: the best of 1 and {os.cpu_count()} threads")),
+        "method": (
+            f"best of repeated {n}^3 torch.mm per dtype on random data; copies of "
+            f"{'1 GiB (device), 256 MiB pinned (host)' if cuda else '64 MiB'}; "
+            "device-to-device counts bytes read + written; measured at the start and "
+            "the end of the run, the larger value kept"
+            + ("" if cuda else f"; CPU: the best of 1 and {os.cpu_count()} threads")
+        ),
     }
 
 
@@ -113,14 +120,18 @@ def merge_ceilings(ceilings: dict[str, Any], again: dict[str, Any]) -> None:
 def peak_tflops(ceilings: dict[str, Any], precision: str) -> float:
     """The fastest measured matrix rate usable at ``precision`` (a lower bound on time)."""
     rates = ceilings["matmul_tflops"]
-    usable = {"fp32": ("fp32", "tf32"), "fp16": ("fp16", "fp32", "tf32"),
-              "bf16": ("bf16", "fp32", "tf32")}[precision]
+    usable = {
+        "fp32": ("fp32", "tf32"),
+        "fp16": ("fp16", "fp32", "tf32"),
+        "bf16": ("bf16", "fp32", "tf32"),
+    }[precision]
     values = [rates[k] for k in usable if k in rates and rates[k] == rates[k]]
     return max(values)
 
 
-def floor_for(env: Env, variant: Variant, precision: str, ctx: WayContext, batch: int
-              ) -> dict[str, Any]:
+def floor_for(
+    env: Env, variant: Variant, precision: str, ctx: WayContext, batch: int
+) -> dict[str, Any]:
     """Lower bound on the time of one call: max(FLOPs / matrix peak, device bytes / copy
     bandwidth, host transfer / PCIe bandwidth for end-to-end rows).
 
@@ -145,16 +156,23 @@ def floor_for(env: Env, variant: Variant, precision: str, ctx: WayContext, batch
         "memory_ms": (io_bytes + weight_bytes) / (copies["device_to_device"] * 1e9) * 1e3,
     }
     if variant.e2e:
-        terms["transfer_ms"] = (batch * frame_in / (copies["host_to_device"] * 1e9)
-                                + batch * labels_out / (copies["device_to_host"] * 1e9)) * 1e3
+        terms["transfer_ms"] = (
+            batch * frame_in / (copies["host_to_device"] * 1e9)
+            + batch * labels_out / (copies["device_to_host"] * 1e9)
+        ) * 1e3
     bound = max(terms, key=terms.get)
-    return {"flops_per_frame": flops_frame, "bytes_per_call": io_bytes + weight_bytes,
-            **{k: v for k, v in terms.items()}, "floor_ms": terms[bound],
-            "bound": bound.replace("_ms", "")}
+    return {
+        "flops_per_frame": flops_frame,
+        "bytes_per_call": io_bytes + weight_bytes,
+        **{k: v for k, v in terms.items()},
+        "floor_ms": terms[bound],
+        "bound": bound.replace("_ms", ""),
+    }
 
 
-def support_floor(ceilings: dict[str, Any], flops: int, precision: str, median_ms: float
-                  ) -> dict[str, Any]:
+def support_floor(
+    ceilings: dict[str, Any], flops: int, precision: str, median_ms: float
+) -> dict[str, Any]:
     """The compute floor of a support-encoding row of ``flops`` and its fraction of the time."""
     compute_ms = flops / (peak_tflops(ceilings, precision) * 1e12) * 1e3
     return {"floor_ms": compute_ms, "bound": "compute", "fraction": compute_ms / median_ms}
@@ -164,11 +182,17 @@ def refresh_floors(env: Env) -> None:
     """Recompute every floor with the final ceilings."""
     for row in env.rows:
         if measured(row):
-            floor = floor_for(env, VARIANT_BY_NAME[row["variant"]], row["precision"],
-                              env.contexts[row["way"]], row["batch"])
+            floor = floor_for(
+                env,
+                VARIANT_BY_NAME[row["variant"]],
+                row["precision"],
+                env.contexts[row["way"]],
+                row["batch"],
+            )
             floor["fraction"] = floor["floor_ms"] / row["timing"]["median_ms"]
             row["floor"] = floor
     for row in env.supports:
         if measured(row):
-            row["floor"] = support_floor(env.ceilings, row["flops"], row["precision"],
-                                         row["timing"]["median_ms"])
+            row["floor"] = support_floor(
+                env.ceilings, row["flops"], row["precision"], row["timing"]["median_ms"]
+            )

@@ -45,8 +45,7 @@ def build_row(env: Env, variant: Variant, ctx: WayContext, batch: int) -> Prepar
     layout = precision != "fp32" and "amp_fp16" not in name and "amp_bf16" not in name
     if kind == "opt" and name == "opt_amp_fp16":
         layout = True
-    return torch_decoder_row(env, ctx, batch, kind, precision, layout,
-                             graph="cudagraph" in name)
+    return torch_decoder_row(env, ctx, batch, kind, precision, layout, graph="cudagraph" in name)
 
 
 def as_numpy(labels: Any) -> np.ndarray:
@@ -78,29 +77,45 @@ def memory_used(before: dict[str, int] | None, prepared: Prepared) -> dict[str, 
     mib = (peak if prepared.memory == "torch" else device_drop) / 2**20
     return {
         "mib": round(mib, 1),
-        "measure": ("torch.cuda.max_memory_allocated during set-up + timing (weights, "
-                    "activations, workspace, CUDA-graph pool)" if prepared.memory == "torch"
-                    else "drop of free device memory (torch.cuda.mem_get_info) from before the "
-                         "session / engine was created to after timing"),
+        "measure": (
+            "torch.cuda.max_memory_allocated during set-up + timing (weights, "
+            "activations, workspace, CUDA-graph pool)"
+            if prepared.memory == "torch"
+            else "drop of free device memory (torch.cuda.mem_get_info) from before the "
+            "session / engine was created to after timing"
+        ),
         "torch_peak_allocated_mib": round(peak / 2**20, 1),
         "device_free_drop_mib": round(device_drop / 2**20, 1),
     }
 
 
-def agreement(variant: Variant, precision: str, labels: np.ndarray, reference: np.ndarray
-              ) -> dict[str, Any] | None:
+def agreement(
+    variant: Variant, precision: str, labels: np.ndarray, reference: np.ndarray
+) -> dict[str, Any] | None:
     """Fraction of labels [B, S, S] equal to the FP32 reference and whether it meets the
     tolerance of ``precision``; naive rows do not apply (a different model)."""
     if variant.work.startswith("naive"):
-        return {"applies": False, "note": "a different model (1-way, run N times): its labels "
-                                          "are not expected to equal the N-way model's"}
+        return {
+            "applies": False,
+            "note": "a different model (1-way, run N times): its labels "
+            "are not expected to equal the N-way model's",
+        }
     if labels.shape != reference.shape:
-        return {"applies": True, "identical_fraction": 0.0, "threshold": TOLERANCE[precision],
-                "passed": False, "note": f"shape {labels.shape} != {reference.shape}"}
+        return {
+            "applies": True,
+            "identical_fraction": 0.0,
+            "threshold": TOLERANCE[precision],
+            "passed": False,
+            "note": f"shape {labels.shape} != {reference.shape}",
+        }
     fraction = float((labels == reference).mean())
-    return {"applies": True, "identical_fraction": fraction, "threshold": TOLERANCE[precision],
-            "passed": fraction >= TOLERANCE[precision],
-            "reference": "decode_query, eager FP32 with TF32 off, same frames"}
+    return {
+        "applies": True,
+        "identical_fraction": fraction,
+        "threshold": TOLERANCE[precision],
+        "passed": fraction >= TOLERANCE[precision],
+        "reference": "decode_query, eager FP32 with TF32 off, same frames",
+    }
 
 
 def skip_reason(env: Env, name: str, cuda_only: bool) -> str | None:
@@ -130,9 +145,15 @@ def close_row(prepared: Prepared | None) -> None:
 def run_row(env: Env, variant: Variant, way: int, batch: int) -> dict[str, Any]:
     """The result row of ``variant`` at N = ``way``, batch ``batch``: measured, or why not."""
     precision = resolve_precision(variant, env.cuda)
-    row: dict[str, Any] = {"variant": variant.name, "label": variant.label,
-                           "group": variant.group, "way": way, "batch": batch,
-                           "precision": precision, "end_to_end": variant.e2e}
+    row: dict[str, Any] = {
+        "variant": variant.name,
+        "label": variant.label,
+        "group": variant.group,
+        "way": way,
+        "batch": batch,
+        "precision": precision,
+        "end_to_end": variant.e2e,
+    }
     ctx = env.contexts.get(way)
     reason = skip_reason(env, variant.name, variant.cuda_only)
     if reason is None and ctx is None:
@@ -162,9 +183,13 @@ def run_row(env: Env, variant: Variant, way: int, batch: int) -> dict[str, Any]:
         floor = floor_for(env, variant, precision, ctx, batch)
         floor["fraction"] = floor["floor_ms"] / median
         row.update(
-            status="measured", timing=timing, setup_s=round(setup_s, 2),
-            per_frame_ms=median / batch, frames_per_s=1e3 * batch / median,
-            floor=floor, memory=memory,
+            status="measured",
+            timing=timing,
+            setup_s=round(setup_s, 2),
+            per_frame_ms=median / batch,
+            frames_per_s=1e3 * batch / median,
+            floor=floor,
+            memory=memory,
             agreement=agreement(variant, precision, labels, ctx.reference[batch]),
             notes=prepared.notes + (prepared.after() if prepared.after else []),
             **prepared.extra,
@@ -173,17 +198,23 @@ def run_row(env: Env, variant: Variant, way: int, batch: int) -> dict[str, Any]:
         close_row(prepared)
         del prepared  # before the collection: the row's buffers and graphs go with it
         memory_snapshot(env.cuda, collect=True)
-    show = (f"{row['timing']['median_ms']:9.3f} ms (p10 {row['timing']['p10_ms']:.3f}, "
-            f"p90 {row['timing']['p90_ms']:.3f}, n {row['timing']['n']})"
-            if row["status"] == "measured" else row["status"])
+    show = (
+        f"{row['timing']['median_ms']:9.3f} ms (p10 {row['timing']['p10_ms']:.3f}, "
+        f"p90 {row['timing']['p90_ms']:.3f}, n {row['timing']['n']})"
+        if row["status"] == "measured"
+        else row["status"]
+    )
     progress(f"[{env.budget.elapsed():7.1f} s] N={way} B={batch} {variant.name:<32} {show}")
     return row
 
 
 def run_support(env: Env, name: str, way: int, shots: int) -> dict[str, Any]:
     """Cost of encoding one support set of N classes x K shots (paid once, then cached)."""
-    precision = "fp16" if name == "support_torch_amp_fp16" else (
-        "fp32" if name == "support_torch_fp32" or not env.cuda else "fp16")
+    precision = (
+        "fp16"
+        if name == "support_torch_amp_fp16"
+        else ("fp32" if name == "support_torch_fp32" or not env.cuda else "fp16")
+    )
     row: dict[str, Any] = {"variant": name, "way": way, "shot": shots, "precision": precision}
     ctx = env.contexts.get(way)
     reason = skip_reason(env, name, False)
@@ -197,11 +228,19 @@ def run_support(env: Env, name: str, way: int, shots: int) -> dict[str, Any]:
     before = memory_snapshot(env.cuda)
     prepared: Prepared | None = None
     try:
-        prepared = (runtime_support_row(env, ctx, shots) if name == "support_runtime_ort"
-                    else torch_support_row(env, ctx, shots, precision))
+        prepared = (
+            runtime_support_row(env, ctx, shots)
+            if name == "support_runtime_ort"
+            else torch_support_row(env, ctx, shots, precision)
+        )
         iterations = max(3, env.args.iterations // 5)
-        timing = time_calls(prepared.call, 2, iterations, env.cuda,
-                            min(env.args.max_row_s, max(2.0, env.budget.remaining() / 8)))
+        timing = time_calls(
+            prepared.call,
+            2,
+            iterations,
+            env.cuda,
+            min(env.args.max_row_s, max(2.0, env.budget.remaining() / 8)),
+        )
         memory = memory_used(before, prepared)
     except NotMeasured as error:
         row["status"] = str(error)
@@ -210,14 +249,18 @@ def run_support(env: Env, name: str, way: int, shots: int) -> dict[str, Any]:
         row["traceback"] = traceback.format_exc(limit=8)
     else:
         flops = ctx.flops["support_shot"] * way * shots
-        row.update(status="measured", timing=timing, memory=memory, notes=prepared.notes,
-                   flops=flops, floor=support_floor(env.ceilings, flops, precision,
-                                                    timing["median_ms"]))
+        row.update(
+            status="measured",
+            timing=timing,
+            memory=memory,
+            notes=prepared.notes,
+            flops=flops,
+            floor=support_floor(env.ceilings, flops, precision, timing["median_ms"]),
+        )
     finally:
         close_row(prepared)
         del prepared  # before the collection: the row's buffers and graphs go with it
         memory_snapshot(env.cuda, collect=True)
-    show = (f"{row['timing']['median_ms']:9.3f} ms" if row["status"] == "measured"
-            else row["status"])
+    show = f"{row['timing']['median_ms']:9.3f} ms" if row["status"] == "measured" else row["status"]
     progress(f"[{env.budget.elapsed():7.1f} s] N={way} K={shots} {name:<32} {show}")
     return row

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import copy
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -15,7 +16,7 @@ from torch import nn
 
 from mfnet.model.mfnet import MFNet
 from mfnet.model.naive import NaiveMultiWay
-from mfnet.model.support import RelationalSupportAttention, EncodedSupport
+from mfnet.model.support import EncodedSupport, RelationalSupportAttention
 
 from .context import Env, Prepared
 from .workload import WayContext, make_fast_decoder, plain_labels
@@ -23,10 +24,12 @@ from .workload import WayContext, make_fast_decoder, plain_labels
 
 def no_grad(fn: Callable) -> Callable:
     """``fn`` run under ``torch.no_grad()``."""
+
     def run(*inputs):
         """``fn(*inputs)`` without autograd."""
         with torch.no_grad():
             return fn(*inputs)
+
     return run
 
 
@@ -41,6 +44,7 @@ def with_autocast(fn: Callable, device: torch.device, precision: str) -> Callabl
         # cache_enabled=False: autocast's weight cache must not outlive a CUDA graph capture
         with torch.autocast(device.type, dtype=dtype, cache_enabled=False):
             return fn(*inputs)
+
     return run
 
 
@@ -63,6 +67,7 @@ def capture_graph(fn: Callable, *static_inputs: torch.Tensor) -> tuple[Callable,
         """Replay the captured graph; its output tensor is overwritten in place."""
         graph.replay()
         return output
+
     replay.graph = graph  # keep it alive as long as the callable
     return replay, pool
 
@@ -78,8 +83,9 @@ def model_copy(model: nn.Module, memory_format: bool = False) -> nn.Module:
     return copied.to(memory_format=torch.channels_last) if memory_format else copied
 
 
-def fast_labels(decoder: nn.Module, prototypes: torch.Tensor
-                ) -> Callable[[torch.Tensor], torch.Tensor]:
+def fast_labels(
+    decoder: nn.Module, prototypes: torch.Tensor
+) -> Callable[[torch.Tensor], torch.Tensor]:
     """The optimised decoder with its prototype terms prepared once (on the first call, so in
     the row's precision), as a deployment caches them with the support set.
 
@@ -91,26 +97,31 @@ def fast_labels(decoder: nn.Module, prototypes: torch.Tensor
         if "prototypes" not in state:
             state["prototypes"] = decoder.prepare(prototypes) if decoder.folded else prototypes
         return decoder(query, state["prototypes"]).argmax(dim=1).to(torch.uint8)
+
     return run
 
 
-def naive_labels(model: MFNet, caches: list[EncodedSupport]
-                 ) -> Callable[[torch.Tensor], torch.Tensor]:
+def naive_labels(
+    model: MFNet, caches: list[EncodedSupport]
+) -> Callable[[torch.Tensor], torch.Tensor]:
     """A 1-way model run once per class; per pixel the most probable label over the runs
     (any run's background included), as ``NaiveMultiWay`` and the paper do.
 
     query float [B, 3, S, S] -> labels uint8 [B, S, S]; one 1-way cache per class."""
+
     def run(query: torch.Tensor) -> torch.Tensor:
         """Labels of ``query`` from N 1-way passes."""
         probs = [torch.softmax(model.decode_query(query, cache).float(), dim=1) for cache in caches]
         background = torch.stack([p[:, 0] for p in probs], dim=1).amax(dim=1, keepdim=True)
         scores = torch.cat([background] + [p[:, 1:2] for p in probs], dim=1)
         return scores.argmax(dim=1).to(torch.uint8)
+
     return run
 
 
-def decoder_fn(env: Env, ctx: WayContext, kind: str, precision: str, layout: bool
-               ) -> Callable[[torch.Tensor], torch.Tensor]:
+def decoder_fn(
+    env: Env, ctx: WayContext, kind: str, precision: str, layout: bool
+) -> Callable[[torch.Tensor], torch.Tensor]:
     """labels(query) for the plain decoder (``plain``), the optimised one (``opt``) or the naive
     N x 1-way (``naive``), on a model copy, without autograd, at ``precision``."""
     if kind == "opt":
@@ -123,8 +134,9 @@ def decoder_fn(env: Env, ctx: WayContext, kind: str, precision: str, layout: boo
     return no_grad(with_autocast(fn, env.device, precision))
 
 
-def torch_decoder_row(env: Env, ctx: WayContext, batch: int, kind: str, precision: str,
-                      layout: bool, graph: bool) -> Prepared:
+def torch_decoder_row(
+    env: Env, ctx: WayContext, batch: int, kind: str, precision: str, layout: bool, graph: bool
+) -> Prepared:
     """A decoder row on the first ``batch`` frames (already on the device), eager or replayed
     as a CUDA graph (``graph``), channels_last if ``layout``."""
     query = ctx.data["frames"][:batch].clone()
@@ -166,14 +178,16 @@ def e2e_torch_row(env: Env, ctx: WayContext, batch: int) -> Prepared:
             """Host frames -> host labels, eager FP32."""
             query = torch.from_numpy(host).permute(0, 3, 1, 2).float().div(255)
             return fn(query).numpy()
+
         return Prepared(call_cpu, notes=notes)
     fn = decoder_fn(env, ctx, "opt", "fp16", True)
     pinned_in = torch.empty((batch, size, size, 3), dtype=torch.uint8).pin_memory()
     pinned_out = torch.empty((batch, size, size), dtype=torch.uint8).pin_memory()
     device_in = torch.empty((batch, size, size, 3), dtype=torch.uint8, device=env.device)
     # NHWC uint8 permuted to NCHW is already channels_last in memory.
-    replay, _ = capture_graph(lambda frames: fn(frames.permute(0, 3, 1, 2).float().div(255)),
-                              device_in)
+    replay, _ = capture_graph(
+        lambda frames: fn(frames.permute(0, 3, 1, 2).float().div(255)), device_in
+    )
     in_view, out_view = pinned_in.numpy(), pinned_out.numpy()
     stream = torch.cuda.current_stream()
 
@@ -185,6 +199,7 @@ def e2e_torch_row(env: Env, ctx: WayContext, batch: int) -> Prepared:
         pinned_out.copy_(labels, non_blocking=True)
         stream.synchronize()
         return out_view.copy()
+
     return Prepared(call, notes=notes)
 
 
@@ -212,10 +227,15 @@ def compile_row(env: Env, ctx: WayContext, batch: int, kind: str, graph: bool) -
     if graph:
         replay, _ = capture_graph(entry["fn"], query)
         env.compiled.pop(key, None)
-        return Prepared(replay, resident_bytes=resident, notes=notes,
-                        extra={"compile_s": entry["compile_s"]})
-    return Prepared(lambda: entry["fn"](query), resident_bytes=resident, notes=notes,
-                    extra={"compile_s": entry["compile_s"]})
+        return Prepared(
+            replay, resident_bytes=resident, notes=notes, extra={"compile_s": entry["compile_s"]}
+        )
+    return Prepared(
+        lambda: entry["fn"](query),
+        resident_bytes=resident,
+        notes=notes,
+        extra={"compile_s": entry["compile_s"]},
+    )
 
 
 def torch_support_row(env: Env, ctx: WayContext, shots: int, precision: str) -> Prepared:
@@ -223,11 +243,15 @@ def torch_support_row(env: Env, ctx: WayContext, shots: int, precision: str) -> 
     ``precision``; with K > 1 the model gets the A_S module a K-shot model has."""
     model = model_copy(ctx.model)
     if shots > 1:  # A_S as a K-shot model has it (a 1-shot model only averages)
-        model.support_attention = RelationalSupportAttention(
-            ctx.config.model.channels, ctx.config.model.relation_heads
-        ).to(env.device).eval().requires_grad_(False)
+        model.support_attention = (
+            RelationalSupportAttention(ctx.config.model.channels, ctx.config.model.relation_heads)
+            .to(env.device)
+            .eval()
+            .requires_grad_(False)
+        )
     images = ctx.data["support_images"][:, :shots].contiguous()
     masks = ctx.data["support_masks"][:, :shots].contiguous()
-    fn = no_grad(with_autocast(lambda: model.encode_support(images, masks).prototypes,
-                               env.device, precision))
+    fn = no_grad(
+        with_autocast(lambda: model.encode_support(images, masks).prototypes, env.device, precision)
+    )
     return Prepared(fn, notes=["A_S included" if shots > 1 else "K = 1: no A_S"])

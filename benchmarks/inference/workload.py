@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import argparse
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -49,8 +50,14 @@ def model_config(args: argparse.Namespace, way: int, shot: int = 1) -> Config:
     """The paper configuration (ResNet-50, C = 256, 473) or the synthetic-cpu preset for the
     small backbone, with this N, K, size and C; weights "none" (random init, explicit)."""
     base = preset("synthetic-cpu") if args.backbone == "small" else Config()
-    return base.replace(backbone=args.backbone, weights="none", channels=args.channels,
-                        image_size=args.size, way=way, shot=shot)
+    return base.replace(
+        backbone=args.backbone,
+        weights="none",
+        channels=args.channels,
+        image_size=args.size,
+        way=way,
+        shot=shot,
+    )
 
 
 def _batchnorms(module: nn.Module) -> list[nn.Module]:
@@ -59,8 +66,13 @@ def _batchnorms(module: nn.Module) -> list[nn.Module]:
 
 
 @torch.no_grad()
-def calibrate(model: MFNet, images: torch.Tensor, queries: torch.Tensor,
-              support_images: torch.Tensor, support_masks: torch.Tensor) -> None:
+def calibrate(
+    model: MFNet,
+    images: torch.Tensor,
+    queries: torch.Tensor,
+    support_images: torch.Tensor,
+    support_masks: torch.Tensor,
+) -> None:
     """Make a randomly initialised model behave like a trained one numerically.
 
     BatchNorm statistics are re-estimated on synthetic frames (backbone first, then the query
@@ -74,9 +86,15 @@ def calibrate(model: MFNet, images: torch.Tensor, queries: torch.Tensor,
     """
     backbone_bns = set(_batchnorms(model.backbone))
     others = [bn for bn in _batchnorms(model) if bn not in backbone_bns]
-    for group, run in ((list(backbone_bns), lambda: model.extract_features(images)),
-                       (others, lambda: model.decode_query(queries, model.encode_support(
-                           support_images, support_masks)))):
+    for group, run in (
+        (list(backbone_bns), lambda: model.extract_features(images)),
+        (
+            others,
+            lambda: model.decode_query(
+                queries, model.encode_support(support_images, support_masks)
+            ),
+        ),
+    ):
         for bn in group:
             bn.reset_running_stats()
             bn.momentum = None  # cumulative average: the statistics of this one pass
@@ -98,8 +116,9 @@ def calibrate(model: MFNet, images: torch.Tensor, queries: torch.Tensor,
     classifier.bias.sub_(mean).div_(std)
 
 
-def build_model(args: argparse.Namespace, way: int, device: torch.device, data: dict,
-                seed: int) -> tuple[MFNet, Config]:
+def build_model(
+    args: argparse.Namespace, way: int, device: torch.device, data: dict, seed: int
+) -> tuple[MFNet, Config]:
     """An N-way model in eval mode on ``device``, seeded, frozen and calibrated on ``data``."""
     config = model_config(args, way)
     torch.manual_seed(seed)
@@ -114,8 +133,9 @@ def build_model(args: argparse.Namespace, way: int, device: torch.device, data: 
     return model, config
 
 
-def synthetic_data(way: int, size: int, backbone: str, frames: int, shots: int,
-                   device: torch.device, seed: int) -> dict[str, Any]:
+def synthetic_data(
+    way: int, size: int, backbone: str, frames: int, shots: int, device: torch.device, seed: int
+) -> dict[str, Any]:
     """Support set (N classes x ``shots``) and query frames of the synthetic benchmark.
 
     Returns uint8 host arrays (what a deployment gets: HWC RGB) and float device tensors:
@@ -123,14 +143,31 @@ def synthetic_data(way: int, size: int, backbone: str, frames: int, shots: int,
     [B, 3, S, S], support_images float [N, K, 3, S, S], support_masks [N, K, S, S]."""
     split = "test" if way <= 5 else "train"
     side = feature_size(backbone, size)
-    support = synthetic_episodes(fold=0, split=split, way=way, shot=shots, num_episodes=1,
-                                 seed=seed, image_size=size, feature_size=side)[0]
-    queries = synthetic_episodes(fold=0, split=split, way=way, shot=1, num_episodes=frames,
-                                 seed=seed + 1, image_size=size, feature_size=side)
+    support = synthetic_episodes(
+        fold=0,
+        split=split,
+        way=way,
+        shot=shots,
+        num_episodes=1,
+        seed=seed,
+        image_size=size,
+        feature_size=side,
+    )[0]
+    queries = synthetic_episodes(
+        fold=0,
+        split=split,
+        way=way,
+        shot=1,
+        num_episodes=frames,
+        seed=seed + 1,
+        image_size=size,
+        feature_size=side,
+    )
     query_images = torch.stack([queries[i]["query_image"] for i in range(frames)])  # [B,3,S,S]
     frames_np = (query_images.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).numpy()
-    support_np = (support["support_images"].permute(0, 1, 3, 4, 2) * 255).round().to(
-        torch.uint8).numpy()  # [N, K, S, S, 3]
+    support_np = (
+        (support["support_images"].permute(0, 1, 3, 4, 2) * 255).round().to(torch.uint8).numpy()
+    )  # [N, K, S, S, 3]
     masks_np = support["support_masks"].numpy()  # [N, K, S, S]
     as_float = lambda array: torch.from_numpy(array).to(device).float().div(255)  # noqa: E731
     return {
@@ -168,10 +205,15 @@ def model_flops(model: MFNet, size: int, way: int, shots: int = 1) -> dict[str, 
     images = torch.empty(way * shots, 3, size, size, device="meta")
     foreground = torch.ones(way * shots, size, size, dtype=torch.bool, device="meta")
     shots_flops = count_flops(lambda: meta.pool_shots(images, foreground))
-    aggregate = count_flops(lambda: meta.aggregate_prototypes(
-        torch.empty(1, way, shots, channels, device="meta")))
-    return {"decoder": decoder, "support_shots": shots_flops, "aggregate": aggregate,
-            "full": decoder + shots_flops + aggregate}
+    aggregate = count_flops(
+        lambda: meta.aggregate_prototypes(torch.empty(1, way, shots, channels, device="meta"))
+    )
+    return {
+        "decoder": decoder,
+        "support_shots": shots_flops,
+        "aggregate": aggregate,
+        "full": decoder + shots_flops + aggregate,
+    }
 
 
 def make_fast_decoder(model: MFNet) -> FastQueryDecoder:
@@ -198,20 +240,28 @@ class strict_fp32:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = self.saved
 
 
-def set_up_way(args: argparse.Namespace, way: int, device: torch.device, naive: MFNet,
-               naive_cache_source: Callable[[torch.Tensor, torch.Tensor], EncodedSupport]
-               ) -> WayContext:
+def set_up_way(
+    args: argparse.Namespace,
+    way: int,
+    device: torch.device,
+    naive: MFNet,
+    naive_cache_source: Callable[[torch.Tensor, torch.Tensor], EncodedSupport],
+) -> WayContext:
     """Build the model, data, K = 1 support caches (N-way and the naive 1-way per class), FP32
     reference labels of every batch and the FLOP / parameter counts of N = ``way``."""
     frames = max(args.batch_list)
-    data = synthetic_data(way, args.size, args.backbone, frames, max(SUPPORT_SHOTS), device,
-                          seed=1000 + way)
+    data = synthetic_data(
+        way, args.size, args.backbone, frames, max(SUPPORT_SHOTS), device, seed=1000 + way
+    )
     model, config = build_model(args, way, device, data, seed=way)
     with torch.no_grad():
         cache = model.encode_support(data["support_images"][:, :1], data["support_masks"][:, :1])
-        naive_caches = [naive_cache_source(data["support_images"][n:n + 1, :1],
-                                           data["support_masks"][n:n + 1, :1])
-                        for n in range(way)]
+        naive_caches = [
+            naive_cache_source(
+                data["support_images"][n : n + 1, :1], data["support_masks"][n : n + 1, :1]
+            )
+            for n in range(way)
+        ]
     context = WayContext(way, model, config, naive, data, cache.prototypes, cache, naive_caches)
     reference_fn = plain_labels(model, cache)
     with strict_fp32(), torch.no_grad():
@@ -236,11 +286,13 @@ def set_up_way(args: argparse.Namespace, way: int, device: torch.device, naive: 
         try:
             fast = make_fast_decoder(model).to(device)
             context.flops["decoder_optimised"] = count_flops(
-                lambda: fast(data["frames"][:1], cache.prototypes))
+                lambda: fast(data["frames"][:1], cache.prototypes)
+            )
         except Exception as error:  # noqa: BLE001
             context.flops["decoder_optimised_error"] = repr(error)
     context.params = {"model": count_parameters(model), "naive": count_parameters(naive)}
     labels = context.reference[max(args.batch_list)]
     context.flops["reference_label_histogram"] = np.bincount(
-        labels.ravel(), minlength=way + 1).tolist()
+        labels.ravel(), minlength=way + 1
+    ).tolist()
     return context

@@ -48,12 +48,18 @@ def _info(root: str | None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mfnet_ext", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m mfnet_ext",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("command", choices=("build", "info"))
-    parser.add_argument("--build-root", default=None,
-                        help="root of the just-in-time builds (default: $MFNET_EXT_BUILD_DIR or "
-                             "~/.cache/mfnet_ext)")
+    parser.add_argument(
+        "--build-root",
+        default=None,
+        help="root of the just-in-time builds (default: $MFNET_EXT_BUILD_DIR or "
+        "~/.cache/mfnet_ext)",
+    )
     parser.add_argument("--verbose", action="store_true", help="show the compiler's output")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
@@ -67,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     prefix = f"{_loader.NAMESPACE}::"
     ops = sorted(
-        name[len(prefix):] for name in torch._C._dispatch_get_all_op_names()
+        name[len(prefix) :]
+        for name in torch._C._dispatch_get_all_op_names()
         if name.startswith(prefix)
     )
     seconds = "" if extension.build_seconds is None else f" in {extension.build_seconds:.0f} s"

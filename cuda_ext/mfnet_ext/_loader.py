@@ -11,8 +11,8 @@
    and torch version; concurrent processes wait for one build through torch's lock file).
 
 After the library is loaded, ``register_python_kernels()`` of every public module of the package
-that defines one (``mfnet_ext.masked_pooling``, ``mfnet_ext.triplet_sampling``, ...) is called once: that is
-where each operator's fake (meta) kernel and autograd formula are registered with
+that defines one (``mfnet_ext.masked_pooling``, ``mfnet_ext.triplet_sampling``, ...) is called
+once: that is where each operator's fake (meta) kernel and autograd formula are registered with
 ``torch.library``.
 
 Failures raise ``ExtensionUnavailable`` naming the cause and the command to retry. The outcome,
@@ -35,9 +35,9 @@ import logging
 import os
 import pkgutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
@@ -114,7 +114,9 @@ def arch_list() -> str:
     if given:
         return given
     if torch.cuda.is_available():
-        capabilities = {torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())}
+        capabilities = {
+            torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())
+        }
         return ";".join(f"{major}.{minor}" for major, minor in sorted(capabilities))
     return DEFAULT_ARCH_LIST
 
@@ -226,7 +228,9 @@ def _import_aot() -> Extension | None:
     except ImportError as error:  # built, but not loadable (e.g. against another torch)
         log.warning(
             "mfnet_ext._C is installed but cannot be loaded (%s); rebuild it with `%s`; "
-            "trying the just-in-time build instead", error, AOT_COMMAND,
+            "trying the just-in-time build instead",
+            error,
+            AOT_COMMAND,
         )
         return None
     _register_python_kernels()
@@ -282,8 +286,11 @@ def _build(directory: Path, verbose: bool) -> Extension:
     if home is None or not Path(home, "bin", "nvcc").is_file():
         raise ExtensionUnavailable(
             "no CUDA compiler to build the mfnet_ext extension: "
-            + ("CUDA_HOME is not set and /usr/local/cuda does not exist"
-               if home is None else f"{Path(home, 'bin', 'nvcc')} does not exist")
+            + (
+                "CUDA_HOME is not set and /usr/local/cuda does not exist"
+                if home is None
+                else f"{Path(home, 'bin', 'nvcc')} does not exist"
+            )
             + f"; set CUDA_HOME to the CUDA toolkit (the folder holding bin/nvcc) and {retry}"
         )
     try:
@@ -297,7 +304,10 @@ def _build(directory: Path, verbose: bool) -> Extension:
     directory.mkdir(parents=True, exist_ok=True)
     log.warning(
         "compiling the mfnet_ext CUDA extension (first use of these sources: 1-3 minutes) "
-        "into %s with CUDA_HOME=%s, TORCH_CUDA_ARCH_LIST=%s", directory, home, arches,
+        "into %s with CUDA_HOME=%s, TORCH_CUDA_ARCH_LIST=%s",
+        directory,
+        home,
+        arches,
     )
     started = time.perf_counter()
     try:
@@ -326,10 +336,11 @@ def _build(directory: Path, verbose: bool) -> Extension:
 @functools.cache
 def _register_python_kernels() -> None:
     """Call ``register_python_kernels()`` of every public module of the package that has one
-    (``masked_pooling``, ``triplet_sampling``, ...: fake kernels, autograd), once per process, after the
-    library is loaded."""
+    (``masked_pooling``, ``triplet_sampling``, ...: fake kernels, autograd), once per process,
+    after the library is loaded."""
     names = sorted(
-        info.name for info in pkgutil.iter_modules([str(PACKAGE_DIR)])
+        info.name
+        for info in pkgutil.iter_modules([str(PACKAGE_DIR)])
         if not info.name.startswith("_")
     )
     for name in names:

@@ -60,7 +60,9 @@ def _ensure_loaded() -> None:
 
 # ---------------------------------------------------------------------------- fake kernels
 def _pool_fake(features: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-    torch._check(features.dim() == 4, lambda: f"features must be [B, C, h, w], got {features.shape}")
+    torch._check(
+        features.dim() == 4, lambda: f"features must be [B, C, h, w], got {features.shape}"
+    )
     torch._check(masks.dim() == 3, lambda: f"masks must be [B, H, W], got {masks.shape}")
     torch._check(features.shape[0] == masks.shape[0], lambda: "features and masks differ in B")
     return features.new_empty((features.shape[0], features.shape[1]))
@@ -69,7 +71,9 @@ def _pool_fake(features: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
 def _pool_backward_fake(
     grad_pooled: torch.Tensor, masks: torch.Tensor, height: int, width: int
 ) -> torch.Tensor:
-    torch._check(grad_pooled.dim() == 2, lambda: f"grad_pooled must be [B, C], got {grad_pooled.shape}")
+    torch._check(
+        grad_pooled.dim() == 2, lambda: f"grad_pooled must be [B, C], got {grad_pooled.shape}"
+    )
     torch._check(masks.dim() == 3, lambda: f"masks must be [B, H, W], got {masks.shape}")
     return grad_pooled.new_empty((grad_pooled.shape[0], grad_pooled.shape[1], height, width))
 

@@ -64,8 +64,14 @@ def sample_triplets(
     """
     _ensure_loaded()
     return torch.ops.mfnet_ext.sample_triplets.default(
-        pred, target, int(num_classes), int(num_triplets), float(tau), bool(spatial),
-        _as_int64(seed), _as_int64(offset),
+        pred,
+        target,
+        int(num_classes),
+        int(num_triplets),
+        float(tau),
+        bool(spatial),
+        _as_int64(seed),
+        _as_int64(offset),
     )
 
 
@@ -143,13 +149,21 @@ def _ensure_loaded() -> None:
 
 # ------------------------------------------------------------------------------ fake kernels
 def _sample_triplets_fake(
-    pred: torch.Tensor, target: torch.Tensor, num_classes: int, num_triplets: int, tau: float,
-    spatial: bool, seed: int, offset: int,
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    num_classes: int,
+    num_triplets: int,
+    tau: float,
+    spatial: bool,
+    seed: int,
+    offset: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     torch._check(pred.dim() == 3, lambda: f"pred must be [B, h, w], got {tuple(pred.shape)}")
     torch._check(pred.shape == target.shape, lambda: "pred and target shapes differ")
-    torch._check(pred.dtype == torch.int64 and target.dtype == torch.int64,
-                 lambda: "pred and target must be int64")
+    torch._check(
+        pred.dtype == torch.int64 and target.dtype == torch.int64,
+        lambda: "pred and target must be int64",
+    )
     torch._check(num_triplets >= 1, lambda: f"num_triplets must be >= 1, got {num_triplets}")
     shape = (pred.shape[0], num_triplets)
     return (
@@ -166,8 +180,9 @@ def _philox_debug_fake(
     torch._check(counter.dim() == 2 and counter.shape[1] == 4, lambda: "counter must be [n, 4]")
     torch._check(key.dim() == 2 and key.shape[1] == 2, lambda: "key must be [n, 2]")
     n = counter.shape[0]
-    return counter.new_empty((n, 4), dtype=torch.int64), counter.new_empty((n, 4),
-                                                                           dtype=torch.float32)
+    return counter.new_empty((n, 4), dtype=torch.int64), counter.new_empty(
+        (n, 4), dtype=torch.float32
+    )
 
 
 @functools.cache

@@ -23,10 +23,10 @@ from types import MappingProxyType
 from typing import Any
 
 import numpy as np
-from mfnet_runtime.atomic import atomic_write_bytes
 from PIL import Image
 
 from mfnet.data.synthetic import IGNORE_INDEX
+from mfnet_runtime.atomic import atomic_write_bytes
 
 from ..progress import progress_bar
 from .errors import DatasetArgumentError, DatasetError
@@ -46,22 +46,86 @@ INDEX_NAME = "class_index.json"
 
 # (COCO category id, name) of the 80 instance categories of COCO 2014, in ascending id.
 _COCO_CATEGORIES: tuple[tuple[int, str], ...] = (
-    (1, "person"), (2, "bicycle"), (3, "car"), (4, "motorcycle"), (5, "airplane"), (6, "bus"),
-    (7, "train"), (8, "truck"), (9, "boat"), (10, "traffic light"), (11, "fire hydrant"),
-    (13, "stop sign"), (14, "parking meter"), (15, "bench"), (16, "bird"), (17, "cat"),
-    (18, "dog"), (19, "horse"), (20, "sheep"), (21, "cow"), (22, "elephant"), (23, "bear"),
-    (24, "zebra"), (25, "giraffe"), (27, "backpack"), (28, "umbrella"), (31, "handbag"),
-    (32, "tie"), (33, "suitcase"), (34, "frisbee"), (35, "skis"), (36, "snowboard"),
-    (37, "sports ball"), (38, "kite"), (39, "baseball bat"), (40, "baseball glove"),
-    (41, "skateboard"), (42, "surfboard"), (43, "tennis racket"), (44, "bottle"),
-    (46, "wine glass"), (47, "cup"), (48, "fork"), (49, "knife"), (50, "spoon"), (51, "bowl"),
-    (52, "banana"), (53, "apple"), (54, "sandwich"), (55, "orange"), (56, "broccoli"),
-    (57, "carrot"), (58, "hot dog"), (59, "pizza"), (60, "donut"), (61, "cake"), (62, "chair"),
-    (63, "couch"), (64, "potted plant"), (65, "bed"), (67, "dining table"), (70, "toilet"),
-    (72, "tv"), (73, "laptop"), (74, "mouse"), (75, "remote"), (76, "keyboard"),
-    (77, "cell phone"), (78, "microwave"), (79, "oven"), (80, "toaster"), (81, "sink"),
-    (82, "refrigerator"), (84, "book"), (85, "clock"), (86, "vase"), (87, "scissors"),
-    (88, "teddy bear"), (89, "hair drier"), (90, "toothbrush"),
+    (1, "person"),
+    (2, "bicycle"),
+    (3, "car"),
+    (4, "motorcycle"),
+    (5, "airplane"),
+    (6, "bus"),
+    (7, "train"),
+    (8, "truck"),
+    (9, "boat"),
+    (10, "traffic light"),
+    (11, "fire hydrant"),
+    (13, "stop sign"),
+    (14, "parking meter"),
+    (15, "bench"),
+    (16, "bird"),
+    (17, "cat"),
+    (18, "dog"),
+    (19, "horse"),
+    (20, "sheep"),
+    (21, "cow"),
+    (22, "elephant"),
+    (23, "bear"),
+    (24, "zebra"),
+    (25, "giraffe"),
+    (27, "backpack"),
+    (28, "umbrella"),
+    (31, "handbag"),
+    (32, "tie"),
+    (33, "suitcase"),
+    (34, "frisbee"),
+    (35, "skis"),
+    (36, "snowboard"),
+    (37, "sports ball"),
+    (38, "kite"),
+    (39, "baseball bat"),
+    (40, "baseball glove"),
+    (41, "skateboard"),
+    (42, "surfboard"),
+    (43, "tennis racket"),
+    (44, "bottle"),
+    (46, "wine glass"),
+    (47, "cup"),
+    (48, "fork"),
+    (49, "knife"),
+    (50, "spoon"),
+    (51, "bowl"),
+    (52, "banana"),
+    (53, "apple"),
+    (54, "sandwich"),
+    (55, "orange"),
+    (56, "broccoli"),
+    (57, "carrot"),
+    (58, "hot dog"),
+    (59, "pizza"),
+    (60, "donut"),
+    (61, "cake"),
+    (62, "chair"),
+    (63, "couch"),
+    (64, "potted plant"),
+    (65, "bed"),
+    (67, "dining table"),
+    (70, "toilet"),
+    (72, "tv"),
+    (73, "laptop"),
+    (74, "mouse"),
+    (75, "remote"),
+    (76, "keyboard"),
+    (77, "cell phone"),
+    (78, "microwave"),
+    (79, "oven"),
+    (80, "toaster"),
+    (81, "sink"),
+    (82, "refrigerator"),
+    (84, "book"),
+    (85, "clock"),
+    (86, "vase"),
+    (87, "scissors"),
+    (88, "teddy bear"),
+    (89, "hair drier"),
+    (90, "toothbrush"),
 )
 # COCO category id of class c (1..80) at index c - 1, and the class names likewise.
 COCO_CATEGORY_IDS: tuple[int, ...] = tuple(cat for cat, _ in _COCO_CATEGORIES)
@@ -76,8 +140,10 @@ CLASS_TO_CATEGORY: Mapping[int, int] = MappingProxyType(
 
 
 def _check_class(class_id: int) -> int:
-    if isinstance(class_id, bool) or not isinstance(class_id, (int, np.integer)) or not (
-        1 <= class_id <= NUM_COCO_CLASSES
+    if (
+        isinstance(class_id, bool)
+        or not isinstance(class_id, (int, np.integer))
+        or not (1 <= class_id <= NUM_COCO_CLASSES)
     ):
         raise DatasetArgumentError(
             f"COCO-20i class ids are 1..{NUM_COCO_CLASSES}, got {class_id!r}"
@@ -163,7 +229,8 @@ def _read_annotations(path: Path) -> dict[str, Any]:
         )
     for cat in data["categories"]:
         cat_id, name = (cat.get("id"), cat.get("name")) if isinstance(cat, dict) else (cat, None)
-        class_id = CATEGORY_TO_CLASS.get(cat_id)
+        # cat_id is any JSON value; one that is not a category id gets None
+        class_id = CATEGORY_TO_CLASS.get(cat_id)  # type: ignore[arg-type]
         if class_id is None or COCO_CLASS_NAMES[class_id - 1] != name:
             raise DatasetError(
                 f"{path}: category {cat_id!r} ({name!r}) is not a COCO 2014 instance category; "
@@ -272,16 +339,25 @@ class CocoImages:
     """
 
     def __init__(
-        self, coco_root: str | os.PathLike[str], split: str, fold: int, role: str, *,
-        fold_split: str = "A", min_object_pixels: int = 0, cache_dir: str | None = None,
+        self,
+        coco_root: str | os.PathLike[str],
+        split: str,
+        fold: int,
+        role: str,
+        *,
+        fold_split: str = "A",
+        min_object_pixels: int = 0,
+        cache_dir: str | None = None,
     ) -> None:
         if split not in SPLITS:
             raise DatasetArgumentError(f"COCO split must be one of {SPLITS}, got {split!r}")
         if role not in ROLES:
             raise DatasetArgumentError(f"role must be one of {ROLES}, got {role!r}")
         _check_fold(fold, fold_split)
-        if isinstance(min_object_pixels, bool) or not isinstance(min_object_pixels, int) or (
-            min_object_pixels < 0
+        if (
+            isinstance(min_object_pixels, bool)
+            or not isinstance(min_object_pixels, int)
+            or (min_object_pixels < 0)
         ):
             raise DatasetArgumentError(
                 f"min_object_pixels must be an int >= 0, got {min_object_pixels!r}"
@@ -290,7 +366,8 @@ class CocoImages:
         self.split, self.fold, self.role, self.fold_split = split, fold, role, fold_split
         self.min_object_pixels = min_object_pixels
         self.classes: tuple[int, ...] = (
-            coco_base_classes(fold, fold_split) if role == "train"
+            coco_base_classes(fold, fold_split)
+            if role == "train"
             else coco_novel_classes(fold, fold_split)
         )
         self.image_dir = self.root / f"{split}2014"
@@ -382,8 +459,10 @@ class CocoImages:
     def _cache_key(self) -> dict[str, Any]:
         stat = self.annotation_file.stat()
         return {
-            "format": CACHE_FORMAT, "annotation_file": self.annotation_file.name,
-            "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+            "format": CACHE_FORMAT,
+            "annotation_file": self.annotation_file.name,
+            "size": stat.st_size,
+            "mtime_ns": stat.st_mtime_ns,
         }
 
     def _get_coco(self) -> Any:

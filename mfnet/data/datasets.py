@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from torch.utils.data import Dataset
-
 from ..config import Config
 from ..model.backbone import feature_size
 from . import coco, pascal, synthetic
-from .episodes import synthetic_episodes
+from .episodes import EpisodeDataset, synthetic_episodes
 from .real_episodes import ImageEpisodes
 from .transforms import TestResize, TrainAugment
 
@@ -32,17 +30,26 @@ def _real_images(config: Config, split: str):
     use_train_images = split == "train" or data.test_source == "train"
     if data.dataset == "pascal":
         return pascal.PascalImages(
-            data.data_root, "trainaug" if use_train_images else "val", data.fold, role,
+            data.data_root,
+            "trainaug" if use_train_images else "val",
+            data.fold,
+            role,
             min_object_pixels=data.min_object_pixels,
             drop_novel_images=data.drop_novel_images and split == "train",
         )
     return coco.CocoImages(
-        data.data_root, "train" if use_train_images else "val", data.fold, role,
-        fold_split=data.fold_split, min_object_pixels=data.min_object_pixels,
+        data.data_root,
+        "train" if use_train_images else "val",
+        data.fold,
+        role,
+        fold_split=data.fold_split,
+        min_object_pixels=data.min_object_pixels,
     )
 
 
-def build_episodes(config: Config, split: str, shot: int, num_episodes: int, seed: int) -> Dataset:
+def build_episodes(
+    config: Config, split: str, shot: int, num_episodes: int, seed: int
+) -> EpisodeDataset | ImageEpisodes:
     """N-way K-shot episodes of the configured benchmark.
 
     ``split`` "train" draws from the fold's base classes (with augmentation on real data),
@@ -56,14 +63,27 @@ def build_episodes(config: Config, split: str, shot: int, num_episodes: int, see
     side = feature_size(config.model.backbone, size)
     if data.dataset == "synthetic":
         return synthetic_episodes(
-            fold=data.fold, split=split, way=config.model.way, shot=shot,
-            num_episodes=num_episodes, seed=seed, image_size=size,
-            max_distractors=data.max_distractors, feature_size=side,
+            fold=data.fold,
+            split=split,
+            way=config.model.way,
+            shot=shot,
+            num_episodes=num_episodes,
+            seed=seed,
+            image_size=size,
+            max_distractors=data.max_distractors,
+            feature_size=side,
         )
     images = _real_images(config, split)
     if split == "train":
-        return ImageEpisodes(images, config.model.way, shot, num_episodes, seed,
-                             TrainAugment(size), feature_size=side)
+        return ImageEpisodes(
+            images,
+            config.model.way,
+            shot,
+            num_episodes,
+            seed,
+            TrainAugment(size),
+            feature_size=side,
+        )
     fixed: tuple[int, ...] = ()
     if data.protocol == "metaseg":
         person = PERSON[data.dataset]
@@ -75,8 +95,15 @@ def build_episodes(config: Config, split: str, shot: int, num_episodes: int, see
             )
         fixed = (person,)
     return ImageEpisodes(
-        images, config.model.way, shot, num_episodes, seed, TestResize(size, data.test_resize),
-        protocol=data.protocol, fixed_classes=fixed, feature_size=side,
+        images,
+        config.model.way,
+        shot,
+        num_episodes,
+        seed,
+        TestResize(size, data.test_resize),
+        protocol=data.protocol,
+        fixed_classes=fixed,
+        feature_size=side,
         keep_original_label=data.eval_resolution == "original",
     )
 
@@ -92,8 +119,10 @@ def describe(config: Config) -> str:
             f"multi-way), up to {data.max_distractors} non-episode objects -> background; "
             "255 ignored"
         )
-    source = {"pascal": {"val": "VOC2012 val", "train": "trainaug (as PANet)"},
-              "coco": {"val": "val2014", "train": "train2014 (as PANet)"}}[data.dataset]
+    source = {
+        "pascal": {"val": "VOC2012 val", "train": "trainaug (as PANet)"},
+        "coco": {"val": "val2014", "train": "train2014 (as PANet)"},
+    }[data.dataset]
     name = "PASCAL-5i" if data.dataset == "pascal" else f"COCO-20i split {data.fold_split}"
     return (
         f"{name}, fold {data.fold} (novel classes {list(novel_class_ids(config))}), test images "

@@ -115,8 +115,12 @@ def query_label_lut(classes: Sequence[int]) -> np.ndarray:
 
 
 def pack_episode(
-    classes: Sequence[int], shot: int, support_images: list[np.ndarray],
-    support_masks: list[np.ndarray], query_image: np.ndarray, query_raw: np.ndarray,
+    classes: Sequence[int],
+    shot: int,
+    support_images: list[np.ndarray],
+    support_masks: list[np.ndarray],
+    query_image: np.ndarray,
+    query_raw: np.ndarray,
 ) -> dict[str, torch.Tensor]:
     """Numpy episode parts -> the tensors of the episode dict (see ``EpisodeDataset``).
 
@@ -221,6 +225,11 @@ def synthetic_episodes(
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     pool = base_classes(fold) if split == "train" else novel_classes(fold)
-    spec = EpisodeSpec(way=way, shot=shot, class_pool=pool, max_distractors=max_distractors,
-                       feature_size=feature_size)
+    spec = EpisodeSpec(
+        way=way,
+        shot=shot,
+        class_pool=pool,
+        max_distractors=max_distractors,
+        feature_size=feature_size,
+    )
     return EpisodeDataset(SyntheticScenes(image_size), spec, num_episodes, seed)

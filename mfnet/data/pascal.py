@@ -24,8 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from mfnet_runtime.atomic import atomic_write_bytes
 from PIL import Image
+
+from mfnet_runtime.atomic import atomic_write_bytes
 
 from ..progress import progress_bar
 from .errors import DatasetArgumentError, DatasetError

@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from mfnet_runtime.console import configure_logging
 from PIL import Image
 
 from mfnet.data.pascal import (
@@ -45,6 +44,7 @@ from mfnet.data.pascal import (
     voc_palette,
 )
 from mfnet.progress import progress_bar
+from mfnet_runtime.console import configure_logging
 
 VOC_LABEL_DIR = "SegmentationClass"
 VOC_LIST_DIR = Path("ImageSets") / "Segmentation"
@@ -152,8 +152,9 @@ def read_sbd_label(path: Path) -> np.ndarray:
     values 0..20 (SBD has no 255 boundary band)."""
     from mfnet_runtime.errors import require  # scipy is needed only here, for SBD's .mat files
 
-    loadmat = require("scipy.io", "reading SBD's MATLAB label files",
-                      "pip install 'mfnet[data]'").loadmat
+    loadmat = require(
+        "scipy.io", "reading SBD's MATLAB label files", "pip install 'mfnet[data]'"
+    ).loadmat
 
     try:
         segmentation = np.asarray(loadmat(str(path))["GTcls"]["Segmentation"][0, 0])

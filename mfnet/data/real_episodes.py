@@ -19,22 +19,20 @@ from __future__ import annotations
 
 import itertools
 import operator
-from collections.abc import Callable
-from typing import Protocol, runtime_checkable
+from collections.abc import Callable, Sequence
+from typing import Protocol, cast, runtime_checkable
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from mfnet.data.episodes import episode_rng, pack_episode, query_label_lut, survives_pooling
-from mfnet.data.transforms import IGNORE_INDEX
+from mfnet.data.transforms import IGNORE_INDEX, TestResize
 
 PROTOCOLS = ("panet", "metaseg")
 MAX_DRAWS = 30  # re-draws of one support shot or of the query before giving up
 
-Transform = Callable[
-    [np.ndarray, np.ndarray, np.random.Generator], tuple[np.ndarray, np.ndarray]
-]
+Transform = Callable[[np.ndarray, np.ndarray, np.random.Generator], tuple[np.ndarray, np.ndarray]]
 
 
 @runtime_checkable
@@ -116,8 +114,10 @@ class ImageEpisodes(Dataset):
         self.fixed_classes = fixed
         self.feature_size = feature_size
         if keep_original_label and not hasattr(transform, "resized_shape"):
-            raise ValueError("keep_original_label needs a transform with resized_shape "
-                             "(TestResize): the prediction is mapped back through it")
+            raise ValueError(
+                "keep_original_label needs a transform with resized_shape "
+                "(TestResize): the prediction is mapped back through it"
+            )
         self.keep_original_label = keep_original_label
         self.lists = {c: tuple(images.images_with(c)) for c in classes}
         self.sets = {c: frozenset(ids) for c, ids in self.lists.items()}  # fast membership
@@ -212,7 +212,9 @@ class ImageEpisodes(Dataset):
         the transform removes every episode class ("panet") or any of them ("metaseg")."""
         if self.protocol == "metaseg":
             others = [self.sets[c] for c in classes[1:]]
-            candidates = [i for i in self.lists[classes[0]] if all(i in s for s in others)]
+            candidates: Sequence[str] = [
+                i for i in self.lists[classes[0]] if all(i in s for s in others)
+            ]
         for _ in range(MAX_DRAWS):
             if self.protocol == "panet":
                 candidates = self.lists[classes[int(rng.integers(self.way))]]
@@ -273,12 +275,15 @@ class ImageEpisodes(Dataset):
         shapes = {m.shape for m in support_masks} | {query_raw.shape}
         if len(shapes) != 1:
             raise ValueError(f"transform returned several sizes {sorted(shapes)}; need one S")
-        episode = pack_episode(classes, self.shot, support_images, support_masks, query_image,
-                               query_raw)
+        episode = pack_episode(
+            classes, self.shot, support_images, support_masks, query_image, query_raw
+        )
         if self.keep_original_label:  # evaluation at the original resolution (PFENet)
             _, original = self.images.load(query_id)
             lut = query_label_lut(classes)
             episode["query_label_original"] = torch.from_numpy(lut[original])  # [H0, W0]
-            content = self.transform.resized_shape(*original.shape)  # (h, w) inside [S, S]
+            # __init__ refused a transform without resized_shape (a TestResize)
+            test_resize = cast(TestResize, self.transform)
+            content = test_resize.resized_shape(*original.shape)  # (h, w) inside [S, S]
             episode["query_content"] = torch.tensor(content, dtype=torch.int64)
         return episode

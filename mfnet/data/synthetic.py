@@ -283,7 +283,7 @@ class SyntheticScenes:
         else:  # star-convex blob: radius a smooth function of the polar angle
             phi = np.arctan2(v, u)
             r = np.full_like(phi, radius * 0.95)
-            for j, amp in zip((2, 3, 4), rng.uniform(0.0, [0.22, 0.15, 0.1]).tolist()):
+            for j, amp in zip((2, 3, 4), rng.uniform(0.0, [0.22, 0.15, 0.1]).tolist(), strict=True):
                 r += radius * amp * np.cos(j * phi + rng.uniform(0.0, 2 * math.pi))
             mask = u * u + v * v <= r * r
         return (slice(y0, y1), slice(x0, x1)), mask

@@ -16,8 +16,9 @@ values after a transform is a subset of the values before, plus 255.
 from __future__ import annotations
 
 import numpy as np
-from mfnet_runtime.images import content_shape
 from PIL import Image, ImageFilter
+
+from mfnet_runtime.images import content_shape
 
 IGNORE_INDEX = 255
 # ImageNet mean colour in 0..255, the fill PFENet uses for rotated and padded image borders.
@@ -51,9 +52,7 @@ def _probability(name: str, p: float) -> float:
     return float(p)
 
 
-def _pad_centred(
-    image: np.ndarray, label: np.ndarray, size: int
-) -> tuple[np.ndarray, np.ndarray]:
+def _pad_centred(image: np.ndarray, label: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
     """Pad (as PFENet's Crop: half before, half after) to at least size x size; image with the
     mean colour, label with 255."""
     h, w = label.shape

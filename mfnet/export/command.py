@@ -61,75 +61,152 @@ checkpoint against the manifest's SHA-256, then every ONNX graph with ONNX Runti
 PyTorch model (tolerances in mfnet/export/verify.py). Exit code 0 when everything passes.
 """
 
-PROVIDERS = {"cpu": ("CPUExecutionProvider",),
-             "cuda": ("CUDAExecutionProvider", "CPUExecutionProvider")}
+PROVIDERS = {
+    "cpu": ("CPUExecutionProvider",),
+    "cuda": ("CUDAExecutionProvider", "CPUExecutionProvider"),
+}
 
 
 def _add_onnx_parser(commands: argparse._SubParsersAction) -> None:
     """The ``onnx`` sub-command's options."""
-    parser = commands.add_parser("onnx", help="export a checkpoint to verified ONNX graphs",
-                                 description=ONNX_DESCRIPTION,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, type=options.file_path,
-                        help="checkpoint written by mfnet.train")
-    parser.add_argument("--out", required=True, type=options.output_directory,
-                        help="output directory (new, empty, or an earlier export, which is "
-                             "replaced only once the new export is complete and verified)")
-    parser.add_argument("--precisions", nargs="+", default=["fp32", "fp16"],
-                        choices=["fp32", "fp16"], help="graph precisions (default: fp32 fp16)")
-    parser.add_argument("--max-batch", type=options.positive_int, default=ExportLimits.max_batch,
-                        help="largest query batch (dynamic batch axis upper bound)")
-    parser.add_argument("--max-support", type=options.positive_int,
-                        default=ExportLimits.max_support,
-                        help="largest number of support images per encoder call")
-    parser.add_argument("--max-shots", type=options.positive_int, default=ExportLimits.max_shots,
-                        help="largest number of shots per class in the aggregator")
-    parser.add_argument("--opset", type=options.integer(minimum=7), default=DEFAULT_OPSET,
-                        help="ONNX opset")
-    parser.add_argument("--no-verify", dest="verify", action="store_false",
-                        help="skip the ONNX Runtime parity check (not recommended)")
-    parser.add_argument("--no-optimize", dest="optimize", action="store_false",
-                        help="export the query decoder in its plain form (decode_query as it is) "
-                             "instead of the exact optimised rewrite (static pooling, prototype "
-                             "folding; see benchmarks/OPTIMISATION.md), for comparison")
+    parser = commands.add_parser(
+        "onnx",
+        help="export a checkpoint to verified ONNX graphs",
+        description=ONNX_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        type=options.file_path,
+        help="checkpoint written by mfnet.train",
+    )
+    parser.add_argument(
+        "--out",
+        required=True,
+        type=options.output_directory,
+        help="output directory (new, empty, or an earlier export, which is "
+        "replaced only once the new export is complete and verified)",
+    )
+    parser.add_argument(
+        "--precisions",
+        nargs="+",
+        default=["fp32", "fp16"],
+        choices=["fp32", "fp16"],
+        help="graph precisions (default: fp32 fp16)",
+    )
+    parser.add_argument(
+        "--max-batch",
+        type=options.positive_int,
+        default=ExportLimits.max_batch,
+        help="largest query batch (dynamic batch axis upper bound)",
+    )
+    parser.add_argument(
+        "--max-support",
+        type=options.positive_int,
+        default=ExportLimits.max_support,
+        help="largest number of support images per encoder call",
+    )
+    parser.add_argument(
+        "--max-shots",
+        type=options.positive_int,
+        default=ExportLimits.max_shots,
+        help="largest number of shots per class in the aggregator",
+    )
+    parser.add_argument(
+        "--opset", type=options.integer(minimum=7), default=DEFAULT_OPSET, help="ONNX opset"
+    )
+    parser.add_argument(
+        "--no-verify",
+        dest="verify",
+        action="store_false",
+        help="skip the ONNX Runtime parity check (not recommended)",
+    )
+    parser.add_argument(
+        "--no-optimize",
+        dest="optimize",
+        action="store_false",
+        help="export the query decoder in its plain form (decode_query as it is) "
+        "instead of the exact optimised rewrite (static pooling, prototype "
+        "folding; see benchmarks/OPTIMISATION.md), for comparison",
+    )
 
 
 def _add_trt_parser(commands: argparse._SubParsersAction) -> None:
     """The ``trt`` sub-command's options."""
-    parser = commands.add_parser("trt", help="build TensorRT engines from an ONNX export",
-                                 description=TRT_DESCRIPTION,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--onnx-dir", required=True, type=options.directory_path,
-                        help="export directory")
-    parser.add_argument("--fp16", dest="precision", action="store_const", const="fp16",
-                        default="fp32", help="build FP16 engines (default: FP32)")
-    parser.add_argument("--precision", choices=["fp32", "fp16"], dest="precision",
-                        help="the same as --fp16 / its absence")
-    parser.add_argument("--max-batch", type=options.positive_int, default=None,
-                        help="largest query batch of the decoder profile (default: the export's)")
-    parser.add_argument("--opt-batch", type=options.positive_int, default=1,
-                        help="batch the decoder is tuned for (1 = per-frame video)")
-    parser.add_argument("--workspace-gb", type=options.number(0, exclusive_minimum=True),
-                        default=4.0, help="builder workspace")
+    parser = commands.add_parser(
+        "trt",
+        help="build TensorRT engines from an ONNX export",
+        description=TRT_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--onnx-dir", required=True, type=options.directory_path, help="export directory"
+    )
+    parser.add_argument(
+        "--fp16",
+        dest="precision",
+        action="store_const",
+        const="fp16",
+        default="fp32",
+        help="build FP16 engines (default: FP32)",
+    )
+    parser.add_argument(
+        "--precision",
+        choices=["fp32", "fp16"],
+        dest="precision",
+        help="the same as --fp16 / its absence",
+    )
+    parser.add_argument(
+        "--max-batch",
+        type=options.positive_int,
+        default=None,
+        help="largest query batch of the decoder profile (default: the export's)",
+    )
+    parser.add_argument(
+        "--opt-batch",
+        type=options.positive_int,
+        default=1,
+        help="batch the decoder is tuned for (1 = per-frame video)",
+    )
+    parser.add_argument(
+        "--workspace-gb",
+        type=options.number(0, exclusive_minimum=True),
+        default=4.0,
+        help="builder workspace",
+    )
 
 
 def _add_verify_parser(commands: argparse._SubParsersAction) -> None:
     """The ``verify`` sub-command's options."""
-    parser = commands.add_parser("verify", help="re-run the parity check of an export",
-                                 description=VERIFY_DESCRIPTION,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dir", required=True, type=options.directory_path,
-                        help="export directory")
-    parser.add_argument("--checkpoint", required=True, type=options.file_path,
-                        help="the checkpoint it was exported from")
-    parser.add_argument("--provider", choices=sorted(PROVIDERS), default="cpu",
-                        help="ONNX Runtime execution provider (default: cpu)")
+    parser = commands.add_parser(
+        "verify",
+        help="re-run the parity check of an export",
+        description=VERIFY_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--dir", required=True, type=options.directory_path, help="export directory"
+    )
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        type=options.file_path,
+        help="the checkpoint it was exported from",
+    )
+    parser.add_argument(
+        "--provider",
+        choices=sorted(PROVIDERS),
+        default="cpu",
+        help="ONNX Runtime execution provider (default: cpu)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The parser of ``python -m mfnet.export`` and its three sub-commands."""
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_onnx_parser(commands)
     _add_trt_parser(commands)
@@ -141,8 +218,15 @@ def onnx_command(args: argparse.Namespace) -> int:
     """Export, verify, write the manifest; 1 when the verification failed."""
     limits = ExportLimits(args.max_batch, args.max_support, args.max_shots)
     try:
-        export_onnx(args.checkpoint, args.out, precisions=tuple(args.precisions), limits=limits,
-                    opset=args.opset, verify=args.verify, optimize=args.optimize)
+        export_onnx(
+            args.checkpoint,
+            args.out,
+            precisions=tuple(args.precisions),
+            limits=limits,
+            opset=args.opset,
+            verify=args.verify,
+            optimize=args.optimize,
+        )
     except ExportError as error:  # the export ran and failed its verification
         print(error_line(error), file=sys.stderr)
         return EXIT_VERIFICATION_FAILED
@@ -151,8 +235,13 @@ def onnx_command(args: argparse.Namespace) -> int:
 
 def trt_command(args: argparse.Namespace) -> int:
     """Build the engines into the export directory."""
-    build_engines(args.onnx_dir, args.precision, opt_batch=args.opt_batch,
-                  max_batch=args.max_batch, workspace_bytes=int(args.workspace_gb * (1 << 30)))
+    build_engines(
+        args.onnx_dir,
+        args.precision,
+        opt_batch=args.opt_batch,
+        max_batch=args.max_batch,
+        workspace_bytes=int(args.workspace_gb * (1 << 30)),
+    )
     return 0
 
 
@@ -163,8 +252,10 @@ def verify_command(args: argparse.Namespace) -> int:
     verify_files(manifest, list(manifest.graphs))
     model, _ = model_from_checkpoint(args.checkpoint)
     if manifest.checkpoint is None or sha256_of(args.checkpoint) != manifest.checkpoint.sha256:
-        raise EngineError(f"{args.checkpoint} is not the checkpoint this directory was "
-                          "exported from (SHA-256 differs)")
+        raise EngineError(
+            f"{args.checkpoint} is not the checkpoint this directory was "
+            "exported from (SHA-256 differs)"
+        )
     report = verify_export(manifest, model, providers=PROVIDERS[args.provider])
     print("PASSED" if report["passed"] else "FAILED")
     return 0 if report["passed"] else EXIT_VERIFICATION_FAILED

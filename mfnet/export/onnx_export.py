@@ -31,9 +31,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from mfnet_runtime.atomic import staged_directory
 from mfnet_runtime.manifest import (
-    MANIFEST_NAME, CheckpointInfo, GraphInfo, Manifest, ModelInfo, TensorInfo, sha256_of,
+    MANIFEST_NAME,
+    CheckpointInfo,
+    GraphInfo,
+    Manifest,
+    ModelInfo,
+    TensorInfo,
+    sha256_of,
     write_manifest,
 )
 
@@ -79,16 +86,29 @@ def _versions() -> dict[str, str]:
     return versions
 
 
-def _export_graph(module: torch.nn.Module, args: tuple, path: Path, input_names: list[str],
-                  output_names: list[str], dynamic_shapes: dict, opset: int) -> None:
+def _export_graph(
+    module: torch.nn.Module,
+    args: tuple,
+    path: Path,
+    input_names: list[str],
+    output_names: list[str],
+    dynamic_shapes: dict,
+    opset: int,
+) -> None:
     """torch.onnx.export with the dynamo exporter, then the ONNX checker."""
     import onnx
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the exporter's deprecation chatter, not our problem
         program = torch.onnx.export(
-            module, args, dynamo=True, opset_version=opset, input_names=input_names,
-            output_names=output_names, dynamic_shapes=dynamic_shapes, verbose=False,
+            module,
+            args,
+            dynamo=True,
+            opset_version=opset,
+            input_names=input_names,
+            output_names=output_names,
+            dynamic_shapes=dynamic_shapes,
+            verbose=False,
         )
     if program is None:
         raise ExportError(f"torch.onnx.export returned nothing for {path.name}")
@@ -104,47 +124,70 @@ def graph_plan(model: MFNet, limits: ExportLimits, optimize: bool = True) -> lis
     size, channels, way = model.config.image_size, model.config.channels, model.way
     uint8_image = torch.zeros(2, size, size, 3, dtype=torch.uint8)
     mask = torch.zeros(2, size, size, dtype=torch.uint8)
-    mask[:, size // 4: 3 * size // 4, size // 4: 3 * size // 4] = 1
+    mask[:, size // 4 : 3 * size // 4, size // 4 : 3 * size // 4] = 1
     has_attention = model.support_attention is not None
     plan = [
         dict(
-            role="support_encoder", wrapper=SupportEncoder, args=(uint8_image, mask),
-            inputs=[TensorInfo("support_images", ("S", size, size, 3), "uint8"),
-                    TensorInfo("support_masks", ("S", size, size), "uint8")],
+            role="support_encoder",
+            wrapper=SupportEncoder,
+            args=(uint8_image, mask),
+            inputs=[
+                TensorInfo("support_images", ("S", size, size, 3), "uint8"),
+                TensorInfo("support_masks", ("S", size, size), "uint8"),
+            ],
             outputs=[TensorInfo("shot_features", ("S", channels), "float32")],
-            dynamic={"support_images": {0: torch.export.Dim("S", min=1, max=limits.max_support)},
-                     "support_masks": {0: torch.export.Dim("S", min=1, max=limits.max_support)}},
+            dynamic={
+                "support_images": {0: torch.export.Dim("S", min=1, max=limits.max_support)},
+                "support_masks": {0: torch.export.Dim("S", min=1, max=limits.max_support)},
+            },
             details={"max_support": limits.max_support},
         ),
         dict(
-            role="prototype_aggregator", wrapper=PrototypeAggregator,
+            role="prototype_aggregator",
+            wrapper=PrototypeAggregator,
             args=(torch.randn(way, 3, channels),),
             inputs=[TensorInfo("shot_features", (way, "K", channels), "float32")],
             outputs=[TensorInfo("prototypes", (way, channels), "float32")],
-            dynamic={"shot_features": {1: torch.export.Dim(
-                "K", min=2 if has_attention else 1, max=limits.max_shots)}},
+            dynamic={
+                "shot_features": {
+                    1: torch.export.Dim("K", min=2 if has_attention else 1, max=limits.max_shots)
+                }
+            },
             details={"min_shots": 2 if has_attention else 1, "max_shots": limits.max_shots},
         ),
         dict(
-            role="query_decoder", wrapper=QueryDecoder,
+            role="query_decoder",
+            wrapper=QueryDecoder,
             args=(uint8_image, torch.randn(way, channels)),
-            inputs=[TensorInfo("frames", ("B", size, size, 3), "uint8"),
-                    TensorInfo("prototypes", (way, channels), "float32")],
-            outputs=[TensorInfo("labels", ("B", size, size), "uint8"),
-                     TensorInfo("probabilities", ("B", way + 1, size, size), "float32")],
-            dynamic={"frames": {0: torch.export.Dim("B", min=1, max=limits.max_batch)},
-                     "prototypes": None},
-            details={"max_batch": limits.max_batch}, options={"optimized": optimize},
+            inputs=[
+                TensorInfo("frames", ("B", size, size, 3), "uint8"),
+                TensorInfo("prototypes", (way, channels), "float32"),
+            ],
+            outputs=[
+                TensorInfo("labels", ("B", size, size), "uint8"),
+                TensorInfo("probabilities", ("B", way + 1, size, size), "float32"),
+            ],
+            dynamic={
+                "frames": {0: torch.export.Dim("B", min=1, max=limits.max_batch)},
+                "prototypes": None,
+            },
+            details={"max_batch": limits.max_batch},
+            options={"optimized": optimize},
         ),
     ]
     if has_attention:  # K = 1 skips A_S (paper): a static graph of the same method
-        plan.insert(2, dict(
-            role="prototype_aggregator_single", wrapper=PrototypeAggregator,
-            args=(torch.randn(way, 1, channels),),
-            inputs=[TensorInfo("shot_features", (way, 1, channels), "float32")],
-            outputs=[TensorInfo("prototypes", (way, channels), "float32")],
-            dynamic=None, details={"min_shots": 1, "max_shots": 1},
-        ))
+        plan.insert(
+            2,
+            dict(
+                role="prototype_aggregator_single",
+                wrapper=PrototypeAggregator,
+                args=(torch.randn(way, 1, channels),),
+                inputs=[TensorInfo("shot_features", (way, 1, channels), "float32")],
+                outputs=[TensorInfo("prototypes", (way, channels), "float32")],
+                dynamic=None,
+                details={"min_shots": 1, "max_shots": 1},
+            ),
+        )
     return plan
 
 
@@ -179,8 +222,9 @@ def export_onnx(
             raise ValueError(f"unknown precision {precision!r}; choose from {list(PRECISIONS)}")
     model, config = model_from_checkpoint(checkpoint, map_location="cpu")
     with staged_directory(target) as out:  # swapped in only once verified and complete
-        manifest = _export_into(out, model, config, checkpoint, precisions, limits, opset,
-                                verify, optimize)
+        manifest = _export_into(
+            out, model, config, checkpoint, precisions, limits, opset, verify, optimize
+        )
     log.info("wrote %s", target / MANIFEST_NAME)
     return dataclasses.replace(manifest, directory=target)
 
@@ -189,23 +233,29 @@ def check_export_target(target: Path) -> None:
     """An export replaces its target as a whole: refuse a file, or a directory that holds
     something other than an export (no manifest.json), which would be deleted with it."""
     if target.exists() and not target.is_dir():
-        raise ValueError(f"--out {target} is a file, expected a directory; choose a new "
-                          "directory (or an existing export to replace)")
-    if (target.is_dir() and any(target.iterdir())
-            and not (target / MANIFEST_NAME).is_file()):
+        raise ValueError(
+            f"--out {target} is a file, expected a directory; choose a new "
+            "directory (or an existing export to replace)"
+        )
+    if target.is_dir() and any(target.iterdir()) and not (target / MANIFEST_NAME).is_file():
         raise ValueError(
             f"--out {target} is a non-empty directory without {MANIFEST_NAME}: it is not an "
             "MFNet export, and an export replaces its directory as a whole; choose a new or "
-            "empty directory")
+            "empty directory"
+        )
 
 
 def model_info(model: MFNet, config: Config) -> ModelInfo:
     """The manifest's model section: the contract the runtime feeds the graphs by."""
     return ModelInfo(
-        way=model.way, train_shot=config.model.shot, channels=config.model.channels,
-        input_size=config.model.image_size, backbone=config.model.backbone,
+        way=model.way,
+        train_shot=config.model.shot,
+        channels=config.model.channels,
+        input_size=config.model.image_size,
+        backbone=config.model.backbone,
         mean=tuple(float(v) for v in config.model.mean),
-        std=tuple(float(v) for v in config.model.std), color="RGB",
+        std=tuple(float(v) for v in config.model.std),
+        color="RGB",
         # How frames of another size are fitted to input_size (as in evaluation): "pad" =
         # longer side to input_size, aspect kept, bottom/right padding; "stretch" = square.
         resize=config.data.test_resize,
@@ -213,9 +263,17 @@ def model_info(model: MFNet, config: Config) -> ModelInfo:
     )
 
 
-def _export_into(out: Path, model: MFNet, config: Config, checkpoint: str | Path,
-                 precisions: tuple[str, ...], limits: ExportLimits, opset: int, verify: bool,
-                 optimize: bool) -> Manifest:
+def _export_into(
+    out: Path,
+    model: MFNet,
+    config: Config,
+    checkpoint: str | Path,
+    precisions: tuple[str, ...],
+    limits: ExportLimits,
+    opset: int,
+    verify: bool,
+    optimize: bool,
+) -> Manifest:
     """Every graph, its verification and ``manifest.json`` (last) into the directory ``out``."""
     from .verify import verify_export  # verification needs onnxruntime; imported on use
 
@@ -230,16 +288,32 @@ def _export_into(out: Path, model: MFNet, config: Config, checkpoint: str | Path
             details = dict(entry["details"])
             if hasattr(module, "form"):  # which decoder form the graph was traced from
                 details["decoder_form"] = module.form
-            _export_graph(module, entry["args"], out / file,
-                          [i.name for i in entry["inputs"]], [o.name for o in entry["outputs"]],
-                          entry["dynamic"], opset)
-            graphs.append(GraphInfo(
-                role=entry["role"], file=file, precision=precision, format="onnx",
-                sha256=sha256_of(out / file), inputs=tuple(entry["inputs"]),
-                outputs=tuple(entry["outputs"]), details=details,
-            ))
+            _export_graph(
+                module,
+                entry["args"],
+                out / file,
+                [i.name for i in entry["inputs"]],
+                [o.name for o in entry["outputs"]],
+                entry["dynamic"],
+                opset,
+            )
+            graphs.append(
+                GraphInfo(
+                    role=entry["role"],
+                    file=file,
+                    precision=precision,
+                    format="onnx",
+                    sha256=sha256_of(out / file),
+                    inputs=tuple(entry["inputs"]),
+                    outputs=tuple(entry["outputs"]),
+                    details=details,
+                )
+            )
     manifest = Manifest(
-        directory=out, model=model_info(model, config), graphs=tuple(graphs), opset=opset,
+        directory=out,
+        model=model_info(model, config),
+        graphs=tuple(graphs),
+        opset=opset,
         versions=_versions(),
         checkpoint=CheckpointInfo(Path(checkpoint).name, sha256_of(checkpoint)),
     )
@@ -248,7 +322,8 @@ def _export_into(out: Path, model: MFNet, config: Config, checkpoint: str | Path
         manifest = dataclasses.replace(manifest, verification=report)
         if not report["passed"]:
             failed = [line for line in report["text"].splitlines() if line.startswith("FAIL")]
-            raise ExportError("export verification failed, nothing was replaced: "
-                              + "; ".join(failed))
+            raise ExportError(
+                "export verification failed, nothing was replaced: " + "; ".join(failed)
+            )
     write_manifest(manifest)
     return manifest

@@ -18,13 +18,19 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from mfnet_runtime.atomic import atomic_write_bytes, staged_directory
 from mfnet_runtime.errors import EXPORT_COMMAND, EngineError, reexport_hint
 from mfnet_runtime.manifest import (
-    GraphInfo, Manifest, read_manifest, sha256_of, verify_files, write_manifest,
+    GraphInfo,
+    Manifest,
+    read_manifest,
+    sha256_of,
+    verify_files,
+    write_manifest,
 )
 
 log = logging.getLogger(__name__)
@@ -88,22 +94,32 @@ def build_plan(tensorrt_version: str, precision: str) -> BuildPlan:
     return BuildPlan(onnx_precision=precision, strongly_typed=True, fp16_flag=False)
 
 
-def engine_file_name(role: str, precision: str, gpu: GpuInfo, tensorrt_version: str,
-                     shapes: dict[str, tuple[tuple[int, ...], ...]]) -> str:
+def engine_file_name(
+    role: str,
+    precision: str,
+    gpu: GpuInfo,
+    tensorrt_version: str,
+    shapes: Mapping[str, tuple[tuple[int, ...], ...]],
+) -> str:
     """E.g. ``query_decoder.fp16.nvidia-h100-80gb-hbm3.sm90.trt11.4.0.B1-16.engine``."""
     gpu_slug = re.sub(r"[^a-z0-9]+", "-", gpu.name.lower()).strip("-")
     major, minor = gpu.compute_capability
-    dynamic = "_".join(
-        f"{name}{low[axis]}-{high[axis]}"
-        for name, (low, _, high) in sorted(shapes.items())
-        for axis in range(len(low)) if low[axis] != high[axis]
-    ) or "static"
+    dynamic = (
+        "_".join(
+            f"{name}{low[axis]}-{high[axis]}"
+            for name, (low, _, high) in sorted(shapes.items())
+            for axis in range(len(low))
+            if low[axis] != high[axis]
+        )
+        or "static"
+    )
     version = ".".join(tensorrt_version.split(".")[:3])
     return f"{role}.{precision}.{gpu_slug}.sm{major}{minor}.trt{version}.{dynamic}.engine"
 
 
-def profile_shapes(graph: GraphInfo, opt_batch: int = 1
-                   ) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
+def profile_shapes(
+    graph: GraphInfo, opt_batch: int = 1
+) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
     """(min, opt, max) shape of every input with a dynamic dimension, from a manifest entry.
 
     Symbolic dimensions: "B" (query frames: 1..max_batch, opt ``opt_batch``), "S" (support
@@ -119,15 +135,21 @@ def profile_shapes(graph: GraphInfo, opt_batch: int = 1
     for spec in graph.inputs:
         if all(isinstance(d, int) for d in spec.shape):
             continue
-        low, opt, high = [], [], []
+        low: list[int] = []
+        opt: list[int] = []
+        high: list[int] = []
         for dim in spec.shape:
             if isinstance(dim, int):
-                low.append(dim), opt.append(dim), high.append(dim)
+                low.append(dim)
+                opt.append(dim)
+                high.append(dim)
                 continue
             if dim not in ranges:
                 raise EngineError(f"unknown dynamic dimension {dim!r} in {graph.file}")
             lo, op, hi = ranges[dim]
-            low.append(lo), opt.append(min(max(op, lo), hi)), high.append(hi)
+            low.append(lo)
+            opt.append(min(max(op, lo), hi))
+            high.append(hi)
         shapes[spec.name] = (tuple(low), tuple(opt), tuple(high))
     return shapes
 
@@ -141,10 +163,17 @@ def import_tensorrt():
     return tensorrt
 
 
-def build_engine(onnx_path: Path, engine_path: Path, *, plan: BuildPlan,
-                 shapes: dict[str, tuple[tuple[int, ...], ...]], timing_cache: Path,
-                 workspace_bytes: int = 4 << 30) -> None:
-    """Parse ``onnx_path``, build a serialized engine, write it (and the timing cache) atomically."""
+def build_engine(
+    onnx_path: Path,
+    engine_path: Path,
+    *,
+    plan: BuildPlan,
+    shapes: Mapping[str, tuple[tuple[int, ...], ...]],
+    timing_cache: Path,
+    workspace_bytes: int = 4 << 30,
+) -> None:
+    """Parse ``onnx_path``, build a serialized engine, write it (and the timing cache)
+    atomically."""
     trt = import_tensorrt()
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
@@ -175,12 +204,23 @@ def build_engine(onnx_path: Path, engine_path: Path, *, plan: BuildPlan,
     atomic_write_bytes(timing_cache, bytes(config.get_timing_cache().serialize()))
 
 
-def engine_entry(graph: GraphInfo, engine_file: str, precision: str, gpu: GpuInfo,
-                 tensorrt_version: str, shapes: dict, sha256: str) -> GraphInfo:
+def engine_entry(
+    graph: GraphInfo,
+    engine_file: str,
+    precision: str,
+    gpu: GpuInfo,
+    tensorrt_version: str,
+    shapes: dict,
+    sha256: str,
+) -> GraphInfo:
     """The manifest entry of an engine built from the ONNX graph entry ``graph``: its I/O, and
     in ``details`` what the engine is tied to (GPU, compute capability, TensorRT version)."""
     return dataclasses.replace(
-        graph, file=engine_file, format="tensorrt", precision=precision, sha256=sha256,
+        graph,
+        file=engine_file,
+        format="tensorrt",
+        precision=precision,
+        sha256=sha256,
         details={
             **graph.details,
             "source_onnx": graph.file,
@@ -195,8 +235,11 @@ def engine_entry(graph: GraphInfo, engine_file: str, precision: str, gpu: GpuInf
 def merge_engine_entries(manifest: Manifest, entries: list[GraphInfo]) -> Manifest:
     """Manifest with ``entries`` replacing earlier engines of the same role and precision."""
     replaced = {(e.role, e.precision) for e in entries}
-    kept = [g for g in manifest.graphs
-            if g.format != "tensorrt" or (g.role, g.precision) not in replaced]
+    kept = [
+        g
+        for g in manifest.graphs
+        if g.format != "tensorrt" or (g.role, g.precision) not in replaced
+    ]
     return dataclasses.replace(manifest, graphs=(*kept, *entries))
 
 
@@ -212,8 +255,14 @@ def current_gpu() -> GpuInfo:
     return GpuInfo(torch.cuda.get_device_name(index), torch.cuda.get_device_capability(index))
 
 
-def build_engines(export_dir: str | Path, precision: str, *, opt_batch: int = 1,
-                  max_batch: int | None = None, workspace_bytes: int = 4 << 30) -> Manifest:
+def build_engines(
+    export_dir: str | Path,
+    precision: str,
+    *,
+    opt_batch: int = 1,
+    max_batch: int | None = None,
+    workspace_bytes: int = 4 << 30,
+) -> Manifest:
     """Build one engine per graph role from an ONNX export directory and record them.
 
     The engines and the updated manifest are written into a staged copy of the directory that
@@ -225,13 +274,20 @@ def build_engines(export_dir: str | Path, precision: str, *, opt_batch: int = 1,
     manifest = read_manifest(source)
     verify_files(manifest, list(manifest.graphs))  # before anything is created beside it
     with staged_directory(source, seed=True) as staging:
-        manifest = _build_engines_into(source, staging, precision, opt_batch, max_batch,
-                                       workspace_bytes)
+        manifest = _build_engines_into(
+            source, staging, precision, opt_batch, max_batch, workspace_bytes
+        )
     return dataclasses.replace(manifest, directory=source)
 
 
-def _build_engines_into(source: Path, directory: Path, precision: str, opt_batch: int,
-                        max_batch: int | None, workspace_bytes: int) -> Manifest:
+def _build_engines_into(
+    source: Path,
+    directory: Path,
+    precision: str,
+    opt_batch: int,
+    max_batch: int | None,
+    workspace_bytes: int,
+) -> Manifest:
     """Engines + the updated manifest into ``directory``, a staged copy of ``source``."""
     manifest = read_manifest(directory)
     verify_files(manifest, list(manifest.graphs))
@@ -255,11 +311,17 @@ def _build_engines_into(source: Path, directory: Path, precision: str, opt_batch
         shapes = profile_shapes(graph, opt_batch)
         name = engine_file_name(role, precision, gpu, version, shapes)
         log.info("building %s (TensorRT %s, %s)", name, version, plan)
-        build_engine(directory / graph.file, directory / name, plan=plan, shapes=shapes,
-                     timing_cache=directory / f"timing_cache.trt{version}.bin",
-                     workspace_bytes=workspace_bytes)
-        entries.append(engine_entry(graph, name, precision, gpu, version, shapes,
-                                    sha256_of(directory / name)))
+        build_engine(
+            directory / graph.file,
+            directory / name,
+            plan=plan,
+            shapes=shapes,
+            timing_cache=directory / f"timing_cache.trt{version}.bin",
+            workspace_bytes=workspace_bytes,
+        )
+        entries.append(
+            engine_entry(graph, name, precision, gpu, version, shapes, sha256_of(directory / name))
+        )
     manifest = merge_engine_entries(manifest, entries)
     write_manifest(manifest)
     return manifest

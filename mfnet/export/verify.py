@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import torch
+
 from mfnet_runtime.manifest import Manifest
 
 from ..data.episodes import synthetic_episodes
@@ -69,20 +70,24 @@ def verification_inputs(model: MFNet, seed: int = 0) -> dict[str, dict[str, list
     generator = torch.Generator().manual_seed(seed)
     size, channels, way = model.config.image_size, model.config.channels, model.way
     shot = 3
-    episodes = synthetic_episodes(fold=0, split="test", way=way, shot=shot, num_episodes=3,
-                                  seed=seed, image_size=size)
+    episodes = synthetic_episodes(
+        fold=0, split="test", way=way, shot=shot, num_episodes=3, seed=seed, image_size=size
+    )
     episode = episodes[0]  # its support set; the queries of all three are decoded with it
-    queries = _as_uint8(torch.stack([e["query_image"] for e in episodes]))  # [3, H, W, 3]
+    queries = _as_uint8(
+        torch.stack([episodes[i]["query_image"] for i in range(len(episodes))])
+    )  # [3, H, W, 3]
     support_images = _as_uint8(episode["support_images"]).flatten(0, 1)  # [N*K, H, W, 3]
     support_masks = episode["support_masks"].flatten(0, 1)  # [N*K, H, W]
     with torch.no_grad():
         shots = SupportEncoder(model)(support_images, support_masks).view(way, shot, channels)
         prototypes = PrototypeAggregator(model)(shots)
     random_masks = torch.zeros(2, size, size, dtype=torch.uint8)
-    random_masks[:, size // 5: size // 2, size // 4: 3 * size // 4] = 1
+    random_masks[:, size // 5 : size // 2, size // 4 : 3 * size // 4] = 1
     random_masks[:, size // 5] = 255
-    random_frames = torch.randint(0, 256, (3, size, size, 3), generator=generator,
-                                  dtype=torch.uint8)
+    random_frames = torch.randint(
+        0, 256, (3, size, size, 3), generator=generator, dtype=torch.uint8
+    )
     return {
         "support_encoder": {
             "random": [random_frames[:2], random_masks],
@@ -106,22 +111,35 @@ def verification_inputs(model: MFNet, seed: int = 0) -> dict[str, dict[str, list
 def _compare(name: str, ort_out: np.ndarray, ref: np.ndarray, tolerance: Tolerance) -> dict:
     """One output of one graph against the reference: the check's numbers and ``passed``."""
     if ort_out.shape != ref.shape or ort_out.dtype != ref.dtype:
-        return {"output": name, "passed": False,
-                "problem": f"shape/dtype {ort_out.shape} {ort_out.dtype} != {ref.shape} {ref.dtype}"}
+        return {
+            "output": name,
+            "passed": False,
+            "problem": f"shape/dtype {ort_out.shape} {ort_out.dtype} != {ref.shape} {ref.dtype}",
+        }
     if ref.dtype == np.uint8:  # labels
         agreement = float((ort_out == ref).mean())
-        return {"output": name, "label_agreement": agreement,
-                "reference_labels": int(len(np.unique(ref))),
-                "passed": agreement >= tolerance.label_agreement}
+        return {
+            "output": name,
+            "label_agreement": agreement,
+            "reference_labels": int(len(np.unique(ref))),
+            "passed": agreement >= tolerance.label_agreement,
+        }
     difference = np.abs(ort_out.astype(np.float64) - ref)
     if name == PROBABILITIES:
         excess = float(difference.max()) - tolerance.probability_atol
-        return {"output": name, "max_abs_diff": float(difference.max()),
-                "excess_over_tolerance": excess,
-                "passed": bool(np.isfinite(ort_out).all()) and excess <= 0.0}
+        return {
+            "output": name,
+            "max_abs_diff": float(difference.max()),
+            "excess_over_tolerance": excess,
+            "passed": bool(np.isfinite(ort_out).all()) and excess <= 0.0,
+        }
     excess = float((difference - tolerance.rtol * np.abs(ref)).max())
-    return {"output": name, "max_abs_diff": float(difference.max()), "excess_over_tolerance": excess,
-            "passed": bool(np.isfinite(ort_out).all()) and excess <= tolerance.atol}
+    return {
+        "output": name,
+        "max_abs_diff": float(difference.max()),
+        "excess_over_tolerance": excess,
+        "passed": bool(np.isfinite(ort_out).all()) and excess <= tolerance.atol,
+    }
 
 
 def verify_export(
@@ -150,22 +168,35 @@ def verify_export(
         reference = WRAPPERS[graph.role](model, **REFERENCE_OPTIONS.get(graph.role, {}))
         reference = reference.eval()
         for input_set, tensors in inputs[graph.role].items():
-            feed = {spec.name: t.numpy() for spec, t in zip(graph.inputs, tensors)}
+            feed = {spec.name: t.numpy() for spec, t in zip(graph.inputs, tensors, strict=False)}
             ort_outputs = session.run(None, feed)
             with torch.no_grad():
                 ref_outputs = reference(*tensors)
             if isinstance(ref_outputs, torch.Tensor):
                 ref_outputs = (ref_outputs,)
-            checks = [_compare(spec.name, got, want.numpy(), tolerance)
-                      for spec, got, want in zip(graph.outputs, ort_outputs, ref_outputs)]
+            checks = [
+                _compare(spec.name, got, want.numpy(), tolerance)
+                for spec, got, want in zip(graph.outputs, ort_outputs, ref_outputs, strict=False)
+            ]
             passed = all(check["passed"] for check in checks)
-            results.append({"file": graph.file, "inputs": input_set, "passed": passed,
-                            "providers": session.get_providers(), "checks": checks})
+            results.append(
+                {
+                    "file": graph.file,
+                    "inputs": input_set,
+                    "passed": passed,
+                    "providers": session.get_providers(),
+                    "checks": checks,
+                }
+            )
             summary = ", ".join(
-                f"{c['output']}: " + (f"agreement {c['label_agreement']:.4f}"
-                                      if "label_agreement" in c else
-                                      f"max|diff| {c.get('max_abs_diff', float('nan')):.2e}")
-                for c in checks)
+                f"{c['output']}: "
+                + (
+                    f"agreement {c['label_agreement']:.4f}"
+                    if "label_agreement" in c
+                    else f"max|diff| {c.get('max_abs_diff', float('nan')):.2e}"
+                )
+                for c in checks
+            )
             line = f"{'ok  ' if passed else 'FAIL'} {graph.file} [{input_set}] {summary}"
             lines.append(line)
             log.info("%s", line)
@@ -175,5 +206,5 @@ def verify_export(
         "graphs": results,
         "tolerances": {k: vars(v) for k, v in TOLERANCES.items()},
         "reference": "PyTorch FP32 eager wrappers (same model methods; the query decoder's is "
-                     "the plain decode_query), CPU",
+        "the plain decode_query), CPU",
     }

@@ -62,14 +62,22 @@ class QueryDecoder(nn.Module):
     ``fold_prototypes=False`` keeps static pooling only (for A/B timing of the two rewrites).
     """
 
-    def __init__(self, model: MFNet, dtype: torch.dtype = torch.float32,
-                 optimized: bool = True, fold_prototypes: bool = True) -> None:
+    def __init__(
+        self,
+        model: MFNet,
+        dtype: torch.dtype = torch.float32,
+        optimized: bool = True,
+        fold_prototypes: bool = True,
+    ) -> None:
         super().__init__()
         self.model = model
         self.dtype = dtype
         self.optimized = optimized
-        self.fast = (FastQueryDecoder(model, static_pooling=True, fold_prototypes=fold_prototypes)
-                     if optimized else None)
+        self.fast = (
+            FastQueryDecoder(model, static_pooling=True, fold_prototypes=fold_prototypes)
+            if optimized
+            else None
+        )
 
     @property
     def form(self) -> str:

@@ -56,8 +56,10 @@ class ResNetTrunk(Backbone):
 
     def __init__(self, depth: int, weights: str) -> None:
         super().__init__()
-        builders = {50: (models.resnet50, models.ResNet50_Weights.IMAGENET1K_V1),
-                    101: (models.resnet101, models.ResNet101_Weights.IMAGENET1K_V1)}
+        builders = {
+            50: (models.resnet50, models.ResNet50_Weights.IMAGENET1K_V1),
+            101: (models.resnet101, models.ResNet101_Weights.IMAGENET1K_V1),
+        }
         build, enum = builders[depth]
         net = build(weights=None, replace_stride_with_dilation=[False, True, True])
         _load_weights(net, weights, enum, f"resnet{depth}")
@@ -155,7 +157,8 @@ def _load_weights(net: nn.Module, weights: str, enum: models.WeightsEnum, name: 
             )
         if path.is_dir():
             raise WeightsUnavailableError(
-                f"backbone weights {path} is a directory, expected a {name} state-dict file")
+                f"backbone weights {path} is a directory, expected a {name} state-dict file"
+            )
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as error:
@@ -167,25 +170,33 @@ def _load_weights(net: nn.Module, weights: str, enum: models.WeightsEnum, name: 
         if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
             state = state["state_dict"]
         if not isinstance(state, dict) or not all(
-                isinstance(key, str) and isinstance(value, torch.Tensor)
-                for key, value in state.items()):
-            found = (type(state).__name__ if not isinstance(state, dict)
-                     else "a dict with entries that are not tensors")
+            isinstance(key, str) and isinstance(value, torch.Tensor) for key, value in state.items()
+        ):
+            found = (
+                type(state).__name__
+                if not isinstance(state, dict)
+                else "a dict with entries that are not tensors"
+            )
             raise WeightsUnavailableError(
                 f"backbone weights {path} hold {found}, not a state dict (parameter names -> "
                 f"tensors) of torchvision's {name}; save one with "
-                "torch.save(model.state_dict(), path)")
+                "torch.save(model.state_dict(), path)"
+            )
         state = {key.removeprefix("module."): value for key, value in state.items()}
     # Heads that are deleted afterwards (fc, classifier, layer4) may be missing from a file.
     unused = ("fc.", "classifier.", "layer4.")
     expected = net.state_dict()
-    shapes = [f"{k} {list(v.shape)} vs {list(expected[k].shape)}" for k, v in state.items()
-              if k in expected and v.shape != expected[k].shape]
+    shapes = [
+        f"{k} {list(v.shape)} vs {list(expected[k].shape)}"
+        for k, v in state.items()
+        if k in expected and v.shape != expected[k].shape
+    ]
     if shapes:  # one sentence, not one line per tensor
         raise WeightsUnavailableError(
             f"weights {weights!r} do not fit torchvision's {name}: {len(shapes)} tensors of "
             f"another shape (file vs model: {', '.join(shapes[:3])}"
-            f"{', ...' if len(shapes) > 3 else ''})")
+            f"{', ...' if len(shapes) > 3 else ''})"
+        )
     result = net.load_state_dict(state, strict=False)
     missing = [key for key in result.missing_keys if not key.startswith(unused)]
     if missing or result.unexpected_keys:

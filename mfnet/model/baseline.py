@@ -9,7 +9,7 @@ clearly, its attention, decoder and metric learning add nothing over prototype m
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -28,8 +28,9 @@ class PrototypeBaseline(nn.Module):
             not change the argmax, only the softness of the returned logits.
     """
 
-    def __init__(self, extract_features: Callable[[torch.Tensor], torch.Tensor],
-                 scale: float = 20.0) -> None:
+    def __init__(
+        self, extract_features: Callable[[torch.Tensor], torch.Tensor], scale: float = 20.0
+    ) -> None:
         super().__init__()
         self.extract_features = extract_features
         self.scale = scale

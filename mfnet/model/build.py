@@ -15,8 +15,9 @@ def build_mfnet(config: ModelConfig, pool_impl: str = "auto") -> MFNet:
     a training shot K > 1); a 1-shot model applied to K > 1 shots averages them."""
     backbone = build_backbone(config.backbone, config.resolved_weights)
     channels = config.channels
-    neck = MiddleLevelNeck(sum(level.channels for level in backbone.feature_levels), channels,
-                           config.dropout)
+    neck = MiddleLevelNeck(
+        sum(level.channels for level in backbone.feature_levels), channels, config.dropout
+    )
     support_attention = (
         RelationalSupportAttention(channels, config.relation_heads)
         if config.support_attention and config.shot > 1

@@ -38,8 +38,10 @@ says why and the decoder falls back to the model's eager fusion (``_fuse_query_c
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -50,8 +52,12 @@ from .scale_attention import ScaleAttention, ScaleBranch
 
 
 # ------------------------------------------------------------------ exact static adaptive pooling
-def adaptive_pool_matrix(in_size: int, out_size: int, dtype: torch.dtype = torch.float32,
-                         device: torch.device | str | None = None) -> torch.Tensor:
+def adaptive_pool_matrix(
+    in_size: int,
+    out_size: int,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
     """Averaging matrix P [out_size, in_size] of 1-D adaptive average pooling.
 
     Row i averages inputs floor(i * in / out) .. ceil((i + 1) * in / out) - 1, PyTorch's bin
@@ -68,9 +74,12 @@ def adaptive_pool_matrix(in_size: int, out_size: int, dtype: torch.dtype = torch
     return matrix.to(dtype=dtype, device=device)
 
 
-def static_adaptive_avg_pool2d(x: torch.Tensor, output_size: int | tuple[int, int],
-                               pool_h: torch.Tensor | None = None,
-                               pool_w_t: torch.Tensor | None = None) -> torch.Tensor:
+def static_adaptive_avg_pool2d(
+    x: torch.Tensor,
+    output_size: int | tuple[int, int],
+    pool_h: torch.Tensor | None = None,
+    pool_w_t: torch.Tensor | None = None,
+) -> torch.Tensor:
     """``F.adaptive_avg_pool2d`` as two matrix products: x [..., h, w] -> [..., h_z, w_z].
 
     pooled = P_h @ (x @ P_w^T). ``pool_h`` = P_h [h_z, h] and ``pool_w_t`` = P_w^T [w, w_z] may
@@ -93,13 +102,18 @@ def border_index(size: int, pad: int) -> torch.Tensor:
     of a ``size``-sided one equals: [0..p-1, p (size - 2p times), p+1..2p] (size > 2p + 1)."""
     if size <= 2 * pad + 1:
         return torch.arange(size)
-    return torch.tensor(list(range(pad)) + [pad] * (size - 2 * pad)
-                        + list(range(pad + 1, 2 * pad + 1)))
+    return torch.tensor(
+        list(range(pad)) + [pad] * (size - 2 * pad) + list(range(pad + 1, 2 * pad + 1))
+    )
 
 
-def constant_map_conv(vectors: torch.Tensor, weight: torch.Tensor, size: tuple[int, int],
-                      rows: torch.Tensor | None = None, cols: torch.Tensor | None = None
-                      ) -> torch.Tensor:
+def constant_map_conv(
+    vectors: torch.Tensor,
+    weight: torch.Tensor,
+    size: tuple[int, int],
+    rows: torch.Tensor | None = None,
+    cols: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Zero-padded, bias-free conv of constant maps, without convolving them at full size.
 
     vectors [M, C_in] (map m is vectors[m] at every pixel), weight [C_out, C_in, k, k] (k odd,
@@ -152,7 +166,8 @@ def _split_first(sequence: nn.Module) -> tuple[nn.Conv2d, nn.Sequential] | str:
     problem = _foldable_conv(conv)
     if problem is not None:
         return problem
-    return conv, nn.Sequential(*list(first)[1:], *list(sequence)[1:])
+    # _foldable_conv accepted it: exactly an nn.Conv2d
+    return cast(nn.Conv2d, conv), nn.Sequential(*list(first)[1:], *list(sequence)[1:])
 
 
 class _FoldedScaleBranch(nn.Module):
@@ -174,8 +189,9 @@ class _FoldedScaleBranch(nn.Module):
             raise _NotFoldable(f"lower branch: {split}")
         self.transform_first, self.transform_rest = split
 
-    def forward(self, pre: tuple[torch.Tensor | None, torch.Tensor]
-                ) -> tuple[torch.Tensor | None, torch.Tensor]:
+    def forward(
+        self, pre: tuple[torch.Tensor | None, torch.Tensor]
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
         attention_pre, transform_pre = pre
         logits = self.attention_rest(attention_pre) if self.attention_rest is not None else None
         return logits, self.transform_rest(transform_pre)
@@ -192,8 +208,16 @@ class _FoldedScaleAttention(nn.Module):
 
     def __init__(self, scale_attention: ScaleAttention) -> None:
         super().__init__()
-        self.branches = nn.ModuleList(_FoldedScaleBranch(b) for b in scale_attention.branches)
+        # nn.ModuleList types its items as nn.Module: these are ScaleAttention's ScaleBranches
+        self.branches = nn.ModuleList(
+            _FoldedScaleBranch(cast(ScaleBranch, b)) for b in scale_attention.branches
+        )
         self.num_scales = scale_attention.num_scales
+
+    def branch(self, z: int) -> _FoldedScaleBranch:
+        """The folded branch of scale ``z`` (as ``ScaleAttention.forward`` picks it)."""
+        # nn.ModuleList types its items as nn.Module: each is a _FoldedScaleBranch
+        return cast(_FoldedScaleBranch, self.branches[z % len(self.branches)])
 
 
 class _NotFoldable(Exception):
@@ -236,8 +260,9 @@ class FastQueryDecoder(nn.Module):
             ``fold_reason``) when the model's branches do not have the foldable form.
     """
 
-    def __init__(self, model: MFNet, static_pooling: bool = True,
-                 fold_prototypes: bool = True) -> None:
+    def __init__(
+        self, model: MFNet, static_pooling: bool = True, fold_prototypes: bool = True
+    ) -> None:
         super().__init__()
         self.model = model
         self.static_pooling = static_pooling
@@ -270,8 +295,9 @@ class FastQueryDecoder(nn.Module):
             self.register_buffer(name, value, persistent=False)
             self._constants[key] = name
 
-    def _constant(self, key: str, build: Callable[[], torch.Tensor], like: torch.Tensor
-                  ) -> torch.Tensor:
+    def _constant(
+        self, key: str, build: Callable[[], torch.Tensor], like: torch.Tensor
+    ) -> torch.Tensor:
         """The cached buffer ``key`` (floats cast to ``like``'s dtype), else ``build()`` moved to
         ``like``'s device."""
         name = self._constants.get(key)
@@ -291,10 +317,13 @@ class FastQueryDecoder(nn.Module):
 
     def _fold_pads(self) -> set[int]:
         """Paddings (k // 2) of the folded first convs that need border indices (k > 1)."""
-        if self.folded_attention is None:
+        attention = self.folded_attention
+        if attention is None:
             return set()
-        convs = [c for b in self.folded_attention.branches
-                 for c in (b.attention_first, b.transform_first) if c is not None]
+        branches = [attention.branch(z) for z in range(len(attention.branches))]
+        convs = [
+            c for b in branches for c in (b.attention_first, b.transform_first) if c is not None
+        ]
         return {c.kernel_size[0] // 2 for c in convs} - {0}
 
     @property
@@ -316,10 +345,12 @@ class FastQueryDecoder(nn.Module):
         h, w = features.shape[-2:]
         if not self._pools_by_matrix(h, w, bins):
             return F.adaptive_avg_pool2d(features, bins)
-        pool_h = self._constant(f"rows_{h}_{bins}", lambda: self._pool_matrix(h, bins, False),
-                                features)
-        pool_w_t = self._constant(f"cols_{w}_{bins}", lambda: self._pool_matrix(w, bins, True),
-                                  features)
+        pool_h = self._constant(
+            f"rows_{h}_{bins}", lambda: self._pool_matrix(h, bins, False), features
+        )
+        pool_w_t = self._constant(
+            f"cols_{w}_{bins}", lambda: self._pool_matrix(w, bins, True), features
+        )
         return static_adaptive_avg_pool2d(features, bins, pool_h, pool_w_t)
 
     def _scale_sizes(self, h: int, w: int) -> list[tuple[int, int, int]]:
@@ -348,14 +379,16 @@ class FastQueryDecoder(nn.Module):
             )
         return prototypes
 
-    def prepare(self, prototypes: torch.Tensor,
-                feature_size: tuple[int, int] | None = None) -> FoldedPrototypes:
+    def prepare(
+        self, prototypes: torch.Tensor, feature_size: tuple[int, int] | None = None
+    ) -> FoldedPrototypes:
         """Prototype terms of the first A_M convs (no bias), for a cached support set.
 
         prototypes [Bp, N, C] or [N, C]; feature_size (h, w) of the query features (default:
         those of the configured input size). Cost: one conv over N tiny constant maps per scale.
         """
-        if not self.folded:
+        attention = self.folded_attention
+        if attention is None:  # not self.folded
             raise RuntimeError(f"prototype folding is off ({self.fold_reason})")
         prototypes = self._check_prototypes(prototypes)
         if feature_size is None:
@@ -365,35 +398,39 @@ class FastQueryDecoder(nn.Module):
         flat = prototypes.reshape(batch * way, channels)
         terms = []
         for z, (_, h_z, w_z) in enumerate(self._scale_sizes(*feature_size)):
-            branch = self.folded_attention.branches[z % len(self.folded_attention.branches)]
+            branch = attention.branch(z)
             upper = None
             if branch.attention_first is not None:
                 upper = self._prototype_term(branch.attention_first, flat, (h_z, w_z))
                 upper = upper.view(batch, way, *upper.shape[1:])  # [Bp, N, C, h_z, w_z]
             lower = self._prototype_term(branch.transform_first, flat, (h_z, w_z))
             terms.append((upper, lower.view(batch, way, *lower.shape[1:])))  # [Bp, N, C, 1, 1]
-        return FoldedPrototypes(tuple(terms), tuple(feature_size))
+        h, w = feature_size
+        return FoldedPrototypes(tuple(terms), (h, w))
 
-    def _prototype_term(self, conv: nn.Conv2d, vectors: torch.Tensor, size: tuple[int, int]
-                        ) -> torch.Tensor:
+    def _prototype_term(
+        self, conv: nn.Conv2d, vectors: torch.Tensor, size: tuple[int, int]
+    ) -> torch.Tensor:
         """conv_p(expand(vectors)) without bias: [M, C_in] -> [M, C, h_z, w_z] (or [M, C, 1, 1])."""
         pad = conv.kernel_size[0] // 2
-        index = [None, None]  # border indices, only where a side exceeds 2p + 1
+        # border indices, only where a side exceeds 2p + 1
+        index: list[torch.Tensor | None] = [None, None]
         for axis, side in enumerate(size):
             if pad and side > 2 * pad + 1:
-                index[axis] = self._constant(f"border_{side}_{pad}",
-                                             lambda side=side: border_index(side, pad), vectors)
+                index[axis] = self._constant(
+                    f"border_{side}_{pad}", functools.partial(border_index, side, pad), vectors
+                )
         return constant_map_conv(vectors, self._split_weight(conv)[1], size, *index)
 
     @staticmethod
     def _query_term(conv: nn.Conv2d, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """conv_q(x) + bias: [B, C_in, h, w] -> [B, C, h, w], the conv's own settings."""
-        return F.conv2d(x, weight, conv.bias, conv.stride, conv.padding, conv.dilation,
-                        conv.groups)
+        return F.conv2d(x, weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
 
     # ---------------------------------------------------------------------------- forward
-    def forward(self, query: torch.Tensor,
-                prototypes: torch.Tensor | FoldedPrototypes) -> torch.Tensor:
+    def forward(
+        self, query: torch.Tensor, prototypes: torch.Tensor | FoldedPrototypes
+    ) -> torch.Tensor:
         """query [B, 3, H, W] in [0, 1], prototypes [B or 1, N, C] / [N, C] / FoldedPrototypes
         -> logits [B, N+1, H, W] (channel 0 = background), as ``decode_query``."""
         model = self.model
@@ -407,13 +444,16 @@ class FastQueryDecoder(nn.Module):
         h, w = features.shape[-2:]
         sizes = self._scale_sizes(h, w)
 
+        folded: FoldedPrototypes | None
         if isinstance(prototypes, FoldedPrototypes):
             folded = prototypes
             if not self.folded:
                 raise RuntimeError(f"prototype folding is off ({self.fold_reason})")
             if folded.feature_size != (h, w) or folded.way != N:
-                raise ValueError(f"prepared prototypes are for features {folded.feature_size} "
-                                 f"and {folded.way} classes, the query gives {(h, w)} and {N}")
+                raise ValueError(
+                    f"prepared prototypes are for features {folded.feature_size} "
+                    f"and {folded.way} classes, the query gives {(h, w)} and {N}"
+                )
             batch = folded.batch
         else:
             prototypes = self._check_prototypes(prototypes)
@@ -422,26 +462,33 @@ class FastQueryDecoder(nn.Module):
         if batch not in (1, B):
             raise ValueError(f"prototype batch {batch} does not fit query batch {B}")
 
-        pooled_scales = [features if bins >= max(h, w) else self._pool(features, bins)
-                         for bins, _, _ in sizes]  # [B, C, h_z, w_z]
+        pooled_scales = [
+            features if bins >= max(h, w) else self._pool(features, bins) for bins, _, _ in sizes
+        ]  # [B, C, h_z, w_z]
         if folded is None:  # the model's eager fusion (folding off or not applicable)
+            assert isinstance(prototypes, torch.Tensor)  # folded ones take the other branch
             expanded = prototypes.expand(B, -1, -1)  # [B, N, C]
             scales = [model._fuse_query_class(x, expanded) for x in pooled_scales]
             per_class = model.scale_attention(scales, (h, w))  # [B*N, C, h, w]
         else:
-            scales = []
+            attention = self.folded_attention
+            assert attention is not None  # prototypes are folded only while folding is on
+            pre_activations = []  # (upper, lower) per scale
             for z, x in enumerate(pooled_scales):
-                branch = self.folded_attention.branches[z % len(self.folded_attention.branches)]
+                branch = attention.branch(z)
                 upper_term, lower_term = folded.terms[z]
                 upper = None
                 if branch.attention_first is not None:
+                    assert upper_term is not None  # prepare() made one for each upper conv
                     query_term = self._query_term(
-                        branch.attention_first, self._split_weight(branch.attention_first)[0], x)
+                        branch.attention_first, self._split_weight(branch.attention_first)[0], x
+                    )
                     upper = (query_term.unsqueeze(1) + upper_term).flatten(0, 1)  # [B*N, C, hz, wz]
                 query_term = self._query_term(
-                    branch.transform_first, self._split_weight(branch.transform_first)[0], x)
+                    branch.transform_first, self._split_weight(branch.transform_first)[0], x
+                )
                 lower = (query_term.unsqueeze(1) + lower_term).flatten(0, 1)  # [B*N, C, h_z, w_z]
-                scales.append((upper, lower))
-            per_class = self.folded_attention(scales, (h, w))  # [B*N, C, h, w]
+                pre_activations.append((upper, lower))
+            per_class = attention(pre_activations, (h, w))  # [B*N, C, h, w]
 
         return model.decode_classes(per_class, B, (H, W))  # the model's own tail

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal, overload
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +22,7 @@ from ..ops.masked_pooling import mask_area, masked_global_pool
 from .backbone import Backbone, feature_size
 from .decoder import Decoder
 from .scale_attention import ScaleAttention
-from .support import RelationalSupportAttention, EncodedSupport
+from .support import EncodedSupport, RelationalSupportAttention
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,10 @@ class QueryOutput:
 
 
 class MiddleLevelNeck(nn.Module):
-    """concat(levels) -> 1x1 conv (no bias) -> ReLU -> Dropout2d: [M, sum C_l, h, w] -> [M, C, h, w]."""
+    """concat(levels) -> 1x1 conv (no bias) -> ReLU -> Dropout2d.
+
+    [M, sum C_l, h, w] -> [M, C, h, w].
+    """
 
     def __init__(self, in_channels: int, channels: int, dropout: float) -> None:
         super().__init__()
@@ -52,6 +56,9 @@ class MiddleLevelNeck(nn.Module):
 
 
 class MFNet(nn.Module):
+    mean: torch.Tensor  # buffers [1, 3, 1, 1] (nn.Module types attributes as Tensor | Module)
+    std: torch.Tensor
+
     def __init__(
         self,
         config: ModelConfig,
@@ -125,10 +132,14 @@ class MFNet(nn.Module):
 
     def feature_side(self, height: int, width: int) -> tuple[int, int]:
         """(h, w) of the feature maps for an H x W input."""
-        return (feature_size(self.config.backbone, height), feature_size(self.config.backbone, width))
+        return (
+            feature_size(self.config.backbone, height),
+            feature_size(self.config.backbone, width),
+        )
 
     def aggregate_prototypes(self, shot_features: torch.Tensor) -> torch.Tensor:
-        """[B, N, K, C] -> prototypes [B, N, C]: A_S modulation (K > 1), then the mean over shots."""
+        """[B, N, K, C] -> prototypes [B, N, C]: A_S modulation (K > 1), then the mean over
+        shots."""
         if self.support_attention is not None and shot_features.shape[2] > 1:
             shot_features = self.support_attention(shot_features)
         return shot_features.mean(dim=2)
@@ -154,6 +165,19 @@ class MFNet(nn.Module):
             return [feature_size]
         return [max(1, math.ceil(feature_size * f)) for f in self.config.pyramid]
 
+    # return_aux decides the result: logits, or a QueryOutput
+    @overload
+    def decode_query(
+        self, query: torch.Tensor, cache: EncodedSupport, return_aux: Literal[False] = False
+    ) -> torch.Tensor: ...
+    @overload
+    def decode_query(
+        self, query: torch.Tensor, cache: EncodedSupport, return_aux: Literal[True]
+    ) -> QueryOutput: ...
+    @overload
+    def decode_query(
+        self, query: torch.Tensor, cache: EncodedSupport, return_aux: bool
+    ) -> torch.Tensor | QueryOutput: ...
     def decode_query(
         self, query: torch.Tensor, cache: EncodedSupport, return_aux: bool = False
     ) -> torch.Tensor | QueryOutput:
@@ -173,7 +197,8 @@ class MFNet(nn.Module):
         if cache.way != self.way:
             raise ValueError(
                 f"the support set has {cache.way} classes but this model is {self.way}-way; "
-                f"give exactly {self.way} classes (the number of classes is fixed by the checkpoint)"
+                f"give exactly {self.way} classes "
+                "(the number of classes is fixed by the checkpoint)"
             )
         B, _, H, W = query.shape
         if cache.batch not in (1, B):
@@ -188,6 +213,22 @@ class MFNet(nn.Module):
         per_class = self.scale_attention(scales, (h, w))  # [B*N, C, h, w]
         return self.decode_classes(per_class, B, (H, W), return_aux)
 
+    @overload
+    def decode_classes(
+        self,
+        per_class: torch.Tensor,
+        batch: int,
+        size: tuple[int, int],
+        return_aux: Literal[False] = False,
+    ) -> torch.Tensor: ...
+    @overload
+    def decode_classes(
+        self, per_class: torch.Tensor, batch: int, size: tuple[int, int], return_aux: Literal[True]
+    ) -> QueryOutput: ...
+    @overload
+    def decode_classes(
+        self, per_class: torch.Tensor, batch: int, size: tuple[int, int], return_aux: bool
+    ) -> torch.Tensor | QueryOutput: ...
     def decode_classes(
         self, per_class: torch.Tensor, batch: int, size: tuple[int, int], return_aux: bool = False
     ) -> torch.Tensor | QueryOutput:
@@ -222,15 +263,18 @@ class MFNet(nn.Module):
         branch, embedding = self.decoder(per_class)  # [B*N, 2, h, w]
         branch = branch.view(batch, self.way, 2, *branch.shape[-2:])  # [B, N, 2, h, w]
         log_probs = torch.log_softmax(branch, dim=2)
-        scores = torch.cat([log_probs[:, :, 0].amax(dim=1, keepdim=True), log_probs[:, :, 1]],
-                           dim=1)  # [B, N+1, h, w]
+        scores = torch.cat(
+            [log_probs[:, :, 0].amax(dim=1, keepdim=True), log_probs[:, :, 1]], dim=1
+        )  # [B, N+1, h, w]
         logits = F.interpolate(scores, size=size, mode="bilinear", align_corners=True)
         if not return_aux:
             return logits
-        upsampled = F.interpolate(branch.flatten(0, 1), size=size, mode="bilinear",
-                                  align_corners=True)  # [B*N, 2, H, W]
-        return QueryOutput(logits, scores, embedding,
-                           branch_logits=upsampled.view(batch, self.way, 2, *size))
+        upsampled = F.interpolate(
+            branch.flatten(0, 1), size=size, mode="bilinear", align_corners=True
+        )  # [B*N, 2, H, W]
+        return QueryOutput(
+            logits, scores, embedding, branch_logits=upsampled.view(batch, self.way, 2, *size)
+        )
 
     def _fuse_query_class(self, scale: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
         """scale [B, C, h_z, w_z] + prototypes [B, N, C] -> X_n^z [B*N, C or 2C, h_z, w_z]."""
@@ -259,10 +303,13 @@ def _check_support(images: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Ten
         masks = masks.unsqueeze(0)
     if images.dim() != 6 or images.shape[3] != 3:
         raise ValueError(
-            f"support images must be [B, N, K, 3, H, W] or [N, K, 3, H, W], got {tuple(images.shape)}"
+            "support images must be [B, N, K, 3, H, W] or [N, K, 3, H, W], "
+            f"got {tuple(images.shape)}"
         )
     if masks.dim() != 5:
-        raise ValueError(f"support masks must be [B, N, K, H, W] or [N, K, H, W], got {tuple(masks.shape)}")
+        raise ValueError(
+            f"support masks must be [B, N, K, H, W] or [N, K, H, W], got {tuple(masks.shape)}"
+        )
     if images.shape[:3] != masks.shape[:3] or images.shape[-2:] != masks.shape[-2:]:
         raise ValueError(
             f"support images {tuple(images.shape)} and masks {tuple(masks.shape)} do not match: "

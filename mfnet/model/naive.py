@@ -27,12 +27,14 @@ class NaiveMultiWay(nn.Module):
             raise ValueError(f"naive N x 1-way inference needs a 1-way model, got {model.way}-way")
         self.model = model
 
-    def forward(self, support_images: torch.Tensor, support_masks: torch.Tensor,
-                query: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, support_images: torch.Tensor, support_masks: torch.Tensor, query: torch.Tensor
+    ) -> torch.Tensor:
         """support_images [B, N, K, 3, H, W], support_masks [B, N, K, H, W], query [B, 3, H, W]."""
         runs = [
-            torch.softmax(self.model(support_images[:, n:n + 1], support_masks[:, n:n + 1], query),
-                          dim=1)  # [B, 2, H, W]
+            torch.softmax(
+                self.model(support_images[:, n : n + 1], support_masks[:, n : n + 1], query), dim=1
+            )  # [B, 2, H, W]
             for n in range(support_images.shape[1])
         ]
         background = torch.stack([run[:, 0] for run in runs], dim=1).amax(dim=1)  # [B, H, W]

@@ -43,7 +43,11 @@ class ScaleAttention(nn.Module):
     """
 
     def __init__(
-        self, in_channels: int, channels: int, num_scales: int, shared: bool = False,
+        self,
+        in_channels: int,
+        channels: int,
+        num_scales: int,
+        shared: bool = False,
         attention: bool = True,
     ) -> None:
         super().__init__()

@@ -52,12 +52,18 @@ def extension_for(impl: str, device: torch.device) -> ModuleType | None:
     try:
         extension = importlib.import_module("mfnet_ext")
     except ImportError as error:
-        return _unavailable(impl, f"the package mfnet_ext is not importable ({error}); it is "
-                                  "installed with mfnet (`pip install -e .`)", error)
+        _unavailable(
+            impl,
+            f"the package mfnet_ext is not importable ({error}); it is "
+            "installed with mfnet (`pip install -e .`)",
+            error,
+        )
+        return None
     try:
         extension.load()
     except extension.ExtensionUnavailable as error:
-        return _unavailable(impl, str(error), error)
+        _unavailable(impl, str(error), error)
+        return None
     return extension
 
 
@@ -75,5 +81,6 @@ def _warn_fallback(reason: str) -> None:
     """Logged once per distinct reason: impl='auto' falls back to the PyTorch references."""
     log.warning(
         "the mfnet_ext CUDA extension is unavailable (%s); impl='auto' uses the PyTorch "
-        "references, which compute the same, more slowly", reason,
+        "references, which compute the same, more slowly",
+        reason,
     )

@@ -17,7 +17,11 @@ from .extension import IMPLS, extension_for
 EMPTY_MASK_EPS = 1e-5
 
 __all__ = [
-    "EMPTY_MASK_EPS", "IMPLS", "mask_area", "masked_global_pool", "masked_global_pool_reference",
+    "EMPTY_MASK_EPS",
+    "IMPLS",
+    "mask_area",
+    "masked_global_pool",
+    "masked_global_pool_reference",
     "resize_mask",
 ]
 
@@ -51,7 +55,8 @@ def masked_global_pool_reference(features: torch.Tensor, masks: torch.Tensor) ->
         in float32.
     """
     _check_shapes(features, masks)
-    weights = resize_mask(masks, tuple(features.shape[-2:]))  # [B, 1, h, w]
+    h, w = features.shape[-2:]
+    weights = resize_mask(masks, (h, w))  # [B, 1, h, w]
     weighted_sum = (features.float() * weights).sum(dim=(2, 3))  # [B, C]
     area = weights.sum(dim=(2, 3)).clamp_min(EMPTY_MASK_EPS)  # [B, 1]
     return (weighted_sum / area).to(features.dtype)

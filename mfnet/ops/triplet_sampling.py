@@ -209,13 +209,27 @@ def sample_triplets(
         return sample_triplets_reference(
             pred, target, num_classes, num_triplets, positive_mode, tau, generator, embedding
         )
-    _check_inputs(pred, target, num_classes, num_triplets, positive_mode, tau, embedding,
-                  check_values=check_labels)
+    _check_inputs(
+        pred,
+        target,
+        num_classes,
+        num_triplets,
+        positive_mode,
+        tau,
+        embedding,
+        check_values=check_labels,
+    )
     fused = import_module("mfnet_ext.triplet_sampling")
     seed, offset = fused.seed_and_offset(generator, pred.device)
     spatial = positive_mode == "spatial"
     anchor, positive, negative, valid = fused.sample_triplets(
-        pred, target, num_classes, num_triplets, float(tau) if spatial else 0.0, spatial, seed,
+        pred,
+        target,
+        num_classes,
+        num_triplets,
+        float(tau) if spatial else 0.0,
+        spatial,
+        seed,
         offset,
     )
     return TripletSample(anchor=anchor, positive=positive, negative=negative, valid=valid)
@@ -299,8 +313,7 @@ def _check_inputs(
         b, h, w = pred.shape
         if embedding.dim() != 4 or (embedding.shape[0], *embedding.shape[2:]) != (b, h, w):
             raise ValueError(
-                f"embedding must be [B, C, h, w] = [{b}, C, {h}, {w}], "
-                f"got {tuple(embedding.shape)}"
+                f"embedding must be [B, C, h, w] = [{b}, C, {h}, {w}], got {tuple(embedding.shape)}"
             )
         if embedding.device != pred.device:
             raise ValueError(f"embedding is on {embedding.device}, labels on {pred.device}")

@@ -61,8 +61,9 @@ def shard_indices(num_items: int, rank: int, world_size: int) -> list[int]:
     return list(range(rank, num_items, world_size))
 
 
-def all_reduce_sum(tensors: dict[str, torch.Tensor],
-                   device: torch.device) -> dict[str, torch.Tensor]:
+def all_reduce_sum(
+    tensors: dict[str, torch.Tensor], device: torch.device
+) -> dict[str, torch.Tensor]:
     """Sum each tensor over all ranks (returned on the CPU); identity for a single process."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return tensors

@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import math
 from pathlib import Path
+from typing import Any, TextIO
 
 CSV_FIELDS = ("step", "epoch", "loss", "seg", "pml", "lr")
 TENSORBOARD_EVERY = 10  # steps averaged per TensorBoard point (an event costs ~0.1 ms a scalar)
@@ -24,12 +25,17 @@ class TrainLogger:
     checkpoint) are dropped, so the CSV holds each step once.
     """
 
-    def __init__(self, out_dir: str | Path, enabled: bool = True, resume_step: int | None = None,
-                 tensorboard: bool = True) -> None:
+    def __init__(
+        self,
+        out_dir: str | Path,
+        enabled: bool = True,
+        resume_step: int | None = None,
+        tensorboard: bool = True,
+    ) -> None:
         self.out_dir = Path(out_dir)
         self.enabled = enabled
-        self._writer = None
-        self._csv = None
+        self._writer: Any = None  # TensorBoard's SummaryWriter (imported on use), or None
+        self._csv: TextIO | None = None
         self._pending: dict[str, list[float]] = {}
         self._last_step = 0
         if not enabled:
@@ -45,23 +51,27 @@ class TrainLogger:
             self._table.writerow([row[name] for name in CSV_FIELDS])
         self._csv.flush()
         if tensorboard:
-            self._writer = _summary_writer()(str(self.out_dir / "tensorboard"),
-                                         purge_step=resume_step + 1 if resume_step else None)
+            self._writer = _summary_writer()(
+                str(self.out_dir / "tensorboard"),
+                purge_step=resume_step + 1 if resume_step else None,
+            )
 
     @property
     def csv_path(self) -> Path:
         """The per-step CSV, ``<out_dir>/log.csv``."""
         return self.out_dir / "log.csv"
 
-    def step(self, step: int, epoch: int, loss: float, seg: float, pml: float | None,
-             lr: float) -> None:
+    def step(
+        self, step: int, epoch: int, loss: float, seg: float, pml: float | None, lr: float
+    ) -> None:
         """Record optimiser step ``step`` (1-based) of epoch ``epoch`` (1-based): a CSV row, and
         every ``TENSORBOARD_EVERY`` steps the means since the last TensorBoard point."""
         self._last_step = step
-        if not self.enabled:
+        if self._csv is None:  # not enabled
             return
-        self._table.writerow([step, epoch, repr(loss), repr(seg),
-                              "" if pml is None else repr(pml), repr(lr)])
+        self._table.writerow(
+            [step, epoch, repr(loss), repr(seg), "" if pml is None else repr(pml), repr(lr)]
+        )
         self._csv.flush()  # an interrupted run keeps every finished step
         if self._writer is None:
             return
@@ -94,8 +104,11 @@ def _summary_writer() -> type:
     ``MissingDependencyError`` naming the install command."""
     from mfnet_runtime.errors import require
 
-    return require("torch.utils.tensorboard", "TensorBoard logs", "pip install tensorboard "
-                   "(a dependency of mfnet: pip install -e .)").SummaryWriter
+    return require(
+        "torch.utils.tensorboard",
+        "TensorBoard logs",
+        "pip install tensorboard (a dependency of mfnet: pip install -e .)",
+    ).SummaryWriter
 
 
 def write_eval_scalars(out_dir: str | Path, step: int, results: dict) -> None:
@@ -104,12 +117,15 @@ def write_eval_scalars(out_dir: str | Path, step: int, results: dict) -> None:
     scalars = []  # (tag, value)
     for name, result in results.items():
         summary = result.summary()
-        scalars += [(f"eval/{name}/{tag}", summary[f"{metric}_mean"])
-                    for metric, tag in (("miou_star", "mIoU*"), ("miou", "mIoU"),
-                                        ("fbiou", "FB-IoU"))]
-        scalars += [(f"eval/{name}/IoU*_class{class_id}", value)
-                    for class_id, value in summary["per_class_star"].items()
-                    if not math.isnan(value)]
+        scalars += [
+            (f"eval/{name}/{tag}", summary[f"{metric}_mean"])
+            for metric, tag in (("miou_star", "mIoU*"), ("miou", "mIoU"), ("fbiou", "FB-IoU"))
+        ]
+        scalars += [
+            (f"eval/{name}/IoU*_class{class_id}", value)
+            for class_id, value in summary["per_class_star"].items()
+            if not math.isnan(value)
+        ]
     with _summary_writer()(str(Path(out_dir) / "tensorboard")) as writer:
         for tag, value in scalars:
             writer.add_scalar(tag, value, step)
@@ -124,6 +140,7 @@ def read_log(path: str | Path) -> list[dict[str, str]]:
 def plot_curves(csv_path: str | Path, png_path: str | Path) -> Path:
     """Draw loss terms and the learning rate against the step (matplotlib, Agg backend)."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -131,9 +148,9 @@ def plot_curves(csv_path: str | Path, png_path: str | Path) -> Path:
     steps = [int(row["step"]) for row in rows]
     figure, (losses, rates) = plt.subplots(1, 2, figsize=(11, 4))
     for name in ("loss", "seg", "pml"):
-        points = [(s, float(row[name])) for s, row in zip(steps, rows) if row[name]]
+        points = [(s, float(row[name])) for s, row in zip(steps, rows, strict=True) if row[name]]
         if points:
-            xs, ys = zip(*points)
+            xs, ys = zip(*points, strict=True)
             losses.plot(xs, _smooth(ys), label=name, linewidth=1)
     losses.set_xlabel("step")
     losses.set_ylabel("loss (moving average)")

@@ -25,18 +25,18 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
+from ..checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from ..config import Config
 from ..data.datasets import build_episodes
 from ..device import resolve_device
 from ..model.build import build_mfnet
-from ..checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from ..model.mfnet import MFNet
 from ..progress import ProgressLines, progress_bar
-from .rng_state import capture_rng_state, restore_rng_state
 from .distributed import DistContext, broadcast_buffers, shard_indices
 from .logs import TrainLogger, plot_curves
 from .objective import StepLosses, autocast_context, compute_losses
 from .resume import RESUME_FREE
+from .rng_state import capture_rng_state, restore_rng_state
 from .schedule import poly_lr
 
 log = logging.getLogger(__name__)
@@ -48,8 +48,10 @@ class TrainingInterrupted(Exception):
     def __init__(self, signal_number: int, checkpoint: Path, step: int) -> None:
         self.signal_number, self.checkpoint, self.step = signal_number, checkpoint, step
         name = signal.Signals(signal_number).name
-        super().__init__(f"{name} received: stopped after step {step}; checkpoint {checkpoint} "
-                         f"(continue with --resume {checkpoint})")
+        super().__init__(
+            f"{name} received: stopped after step {step}; checkpoint {checkpoint} "
+            f"(continue with --resume {checkpoint})"
+        )
 
 
 class _LossForward(nn.Module):
@@ -60,11 +62,13 @@ class _LossForward(nn.Module):
         super().__init__()
         self.model, self.config = model, config
 
-    def forward(self, batch: dict[str, torch.Tensor], use_metric: bool,
-                generator: torch.Generator | None) -> StepLosses:
+    def forward(
+        self, batch: dict[str, torch.Tensor], use_metric: bool, generator: torch.Generator | None
+    ) -> StepLosses:
         """``compute_losses`` of ``batch`` with the run's configuration and precision."""
-        return compute_losses(self.model, batch, self.config, use_metric, generator,
-                              self.config.train.amp)
+        return compute_losses(
+            self.model, batch, self.config, use_metric, generator, self.config.train.amp
+        )
 
 
 class _StopSignals:
@@ -163,8 +167,11 @@ def train(
     """
     run, start = _set_up(config, context or DistContext(), resume)
     _log_start(run, start, resume)
-    train_log = TrainLogger(run.out_dir, enabled=run.context.is_main,
-                         resume_step=start.step if resume is not None else None)
+    train_log = TrainLogger(
+        run.out_dir,
+        enabled=run.context.is_main,
+        resume_step=start.step if resume is not None else None,
+    )
     with contextlib.closing(train_log), _StopSignals() as signals:
         for number in range(start.epoch, config.train.epochs):
             _train_epoch(run, number, start, train_log, signals, progress and run.context.is_main)
@@ -175,8 +182,7 @@ def train(
     return run.model.eval(), run.checkpoint_path
 
 
-def _set_up(config: Config, context: DistContext,
-            resume: str | Path | None) -> tuple[_Run, _Start]:
+def _set_up(config: Config, context: DistContext, resume: str | Path | None) -> tuple[_Run, _Start]:
     """The run's device, model, SGD optimiser (and fp16 gradient scaler), the state of the
     ``resume`` checkpoint, and the loss forward (under DDP when data-parallel)."""
     device = context.local_device(resolve_device(config.train.device))
@@ -191,8 +197,9 @@ def _set_up(config: Config, context: DistContext,
     )
     scaler = torch.amp.GradScaler("cuda") if config.train.amp == "fp16" else None
     # batch_size is per rank: a global batch is batch_size x world
-    steps_per_epoch = config.train.episodes_per_epoch // (config.train.batch_size
-                                                          * context.world_size)
+    steps_per_epoch = config.train.episodes_per_epoch // (
+        config.train.batch_size * context.world_size
+    )
     if steps_per_epoch == 0:
         raise ValueError("episodes_per_epoch must be at least batch_size x world size")
     start = _Start()
@@ -201,10 +208,12 @@ def _set_up(config: Config, context: DistContext,
     forward: nn.Module = _LossForward(model, config)
     if context.enabled:
         forward = nn.parallel.DistributedDataParallel(
-            forward, device_ids=[device.index] if device.type == "cuda" else None,
+            forward,
+            device_ids=[device.index] if device.type == "cuda" else None,
         )  # every parameter gets a gradient at every step (L_PML on or off, any fusion)
-    run = _Run(config, context, device, model, optimizer, scaler, forward, steps_per_epoch,
-               step=start.step)
+    run = _Run(
+        config, context, device, model, optimizer, scaler, forward, steps_per_epoch, step=start.step
+    )
     return run, start
 
 
@@ -215,29 +224,60 @@ def _log_start(run: _Run, start: _Start, resume: str | Path | None) -> None:
         return
     config, world = run.config, run.context.world_size
     if resume is not None:
-        log.info("resumed from %s at epoch %d, step %d of the epoch (global step %d)",
-                 resume, start.epoch + 1, start.epoch_step, start.step)
+        log.info(
+            "resumed from %s at epoch %d, step %d of the epoch (global step %d)",
+            resume,
+            start.epoch + 1,
+            start.epoch_step,
+            start.step,
+        )
     learnable = sum(p.numel() for p in run.model.parameters() if p.requires_grad)
-    processes = (f" x {world} processes (global batch {config.train.batch_size * world})"
-                 if world > 1 else "")
-    log.info("training on %s%s: %s learnable parameters, %d steps, checkpoints in %s",
-             run.device, processes, f"{learnable:,}", run.total_steps, run.out_dir)
+    processes = (
+        f" x {world} processes (global batch {config.train.batch_size * world})"
+        if world > 1
+        else ""
+    )
+    log.info(
+        "training on %s%s: %s learnable parameters, %d steps, checkpoints in %s",
+        run.device,
+        processes,
+        f"{learnable:,}",
+        run.total_steps,
+        run.out_dir,
+    )
     if config.loss.pml_mode != "off" and config.train.epochs <= config.loss.pml_start_epoch:
         first = config.loss.pml_start_epoch
-        log.warning("the pixel-wise metric loss (PML) never switches on in this run: it starts "
-                    "at epoch %d (--pml-start-epoch %d, counted from 0) but the run has %d "
-                    "epochs; train longer (--epochs %d or more) or lower --pml-start-epoch",
-                    first + 1, first, config.train.epochs, first + 1)
+        log.warning(
+            "the pixel-wise metric loss (PML) never switches on in this run: it starts "
+            "at epoch %d (--pml-start-epoch %d, counted from 0) but the run has %d "
+            "epochs; train longer (--epochs %d or more) or lower --pml-start-epoch",
+            first + 1,
+            first,
+            config.train.epochs,
+            first + 1,
+        )
 
 
-def _train_epoch(run: _Run, number: int, start: _Start, train_log: TrainLogger,
-                 signals: _StopSignals, progress: bool) -> None:
+def _train_epoch(
+    run: _Run,
+    number: int,
+    start: _Start,
+    train_log: TrainLogger,
+    signals: _StopSignals,
+    progress: bool,
+) -> None:
     """Epoch ``number`` (0-based): its optimisation steps, then its log line and checkpoint.
     Raises ``TrainingInterrupted`` after the step in which a stop signal arrived."""
     epoch, batches = _begin_epoch(run, number, start)
     run.model.train()
-    bar = progress_bar(batches, f"epoch {number + 1}/{run.config.train.epochs}", unit="step",
-                       total=run.steps_per_epoch, initial=epoch.skipped, enabled=progress)
+    bar = progress_bar(
+        batches,
+        f"epoch {number + 1}/{run.config.train.epochs}",
+        unit="step",
+        total=run.steps_per_epoch,
+        initial=epoch.skipped,
+        enabled=progress,
+    )
     started = time.perf_counter()
     every = run.config.train.save_every_steps
     for batch in bar:
@@ -245,8 +285,9 @@ def _train_epoch(run: _Run, number: int, start: _Start, train_log: TrainLogger,
         _record_step(run, epoch, losses, lr, train_log, bar)
         if stop:
             _save(run, epoch, epochs_done=number, steps_in_epoch=epoch.done)
-            raise TrainingInterrupted(signals.received or signal.SIGTERM, run.checkpoint_path,
-                                      run.step)
+            raise TrainingInterrupted(
+                signals.received or signal.SIGTERM, run.checkpoint_path, run.step
+            )
         if every and run.step % every == 0 and epoch.done < run.steps_per_epoch:
             _save(run, epoch, epochs_done=number, steps_in_epoch=epoch.done)
     bar.close()
@@ -262,12 +303,18 @@ def _begin_epoch(run: _Run, number: int, start: _Start) -> tuple[_Epoch, Iterato
     skip = start.epoch_step if number == start.epoch else 0
     # Fresh, reproducible episodes every epoch: seed = f(data_seed, epoch); rank r takes
     # r, r + W, ... and the steps already done before a resume are skipped.
-    episodes = build_episodes(config, "train", config.model.shot, config.train.episodes_per_epoch,
-                              seed=config.data.data_seed * 1_000_003 + number)
-    indices = shard_indices(len(episodes), context.rank,
-                            context.world_size)[:run.steps_per_epoch * batch_size]
+    episodes = build_episodes(
+        config,
+        "train",
+        config.model.shot,
+        config.train.episodes_per_epoch,
+        seed=config.data.data_seed * 1_000_003 + number,
+    )
+    indices = shard_indices(len(episodes), context.rank, context.world_size)[
+        : run.steps_per_epoch * batch_size
+    ]
     loader = DataLoader(
-        Subset(episodes, indices[skip * batch_size:]),
+        Subset(episodes, indices[skip * batch_size :]),
         batch_size=batch_size,
         shuffle=False,
         drop_last=True,
@@ -282,14 +329,16 @@ def _begin_epoch(run: _Run, number: int, start: _Start) -> tuple[_Epoch, Iterato
     generator = torch.Generator(device=run.device).manual_seed(epoch_seed)
     if skip:
         batches = iter(loader)
+        assert start.rng is not None  # _restore refuses a mid-epoch checkpoint without them
         restore_rng_state(start.rng, generator)
         return _Epoch(number, use_metric, generator, skip, skip, start.running_loss), batches
     torch.manual_seed(epoch_seed)
     return _Epoch(number, use_metric, generator, 0, 0, None), iter(loader)
 
 
-def _optimisation_step(run: _Run, epoch: _Epoch, batch: dict[str, torch.Tensor],
-                       signals: _StopSignals) -> tuple[StepLosses, float, bool]:
+def _optimisation_step(
+    run: _Run, epoch: _Epoch, batch: dict[str, torch.Tensor], signals: _StopSignals
+) -> tuple[StepLosses, float, bool]:
     """One SGD step on ``batch`` at the poly learning rate; returns the losses, that rate and
     whether any rank got a stop signal (checked after the forward, so a signal that arrives
     during it stops after this step). A non-finite loss raises ``FloatingPointError`` before
@@ -300,14 +349,16 @@ def _optimisation_step(run: _Run, epoch: _Epoch, batch: dict[str, torch.Tensor],
     for group in run.optimizer.param_groups:
         group["lr"] = lr
     losses = run.forward(batch, epoch.use_metric, epoch.generator)
-    stop, finite = _agree(signals.received is not None, bool(torch.isfinite(losses.total)),
-                          run.context, run.device)
+    stop, finite = _agree(
+        signals.received is not None, bool(torch.isfinite(losses.total)), run.context, run.device
+    )
     if not finite:
         raise FloatingPointError(
             f"loss became {losses.total.item()} at step {run.step + 1} (epoch "
             f"{epoch.number + 1}); stopped without saving: the last good checkpoint "
             f"{run.checkpoint_path} is untouched; lower --lr (now {config.train.lr}) or check "
-            f"the data")
+            f"the data"
+        )
     run.optimizer.zero_grad(set_to_none=True)
     if run.scaler is not None:
         run.scaler.scale(losses.total).backward()
@@ -320,8 +371,14 @@ def _optimisation_step(run: _Run, epoch: _Epoch, batch: dict[str, torch.Tensor],
     return losses, lr, stop
 
 
-def _record_step(run: _Run, epoch: _Epoch, losses: StepLosses, lr: float, train_log: TrainLogger,
-                 bar: ProgressLines | tqdm) -> None:
+def _record_step(
+    run: _Run,
+    epoch: _Epoch,
+    losses: StepLosses,
+    lr: float,
+    train_log: TrainLogger,
+    bar: ProgressLines | tqdm,
+) -> None:
     """Count the step done, update the running loss (EMA 0.95), write its log row and show the
     losses beside the progress."""
     epoch.done += 1
@@ -341,8 +398,13 @@ def _log_epoch(run: _Run, epoch: _Epoch, elapsed: float) -> None:
     if not run.context.is_main:
         return
     episodes = (epoch.done - epoch.skipped) * run.config.train.batch_size * run.context.world_size
-    log.info("epoch %d: loss %.4f, %.1f episodes/s, %.0f s", epoch.number + 1, epoch.running,
-             episodes / max(elapsed, 1e-9), elapsed)
+    log.info(
+        "epoch %d: loss %.4f, %.1f episodes/s, %.0f s",
+        epoch.number + 1,
+        epoch.running,
+        episodes / max(elapsed, 1e-9),
+        elapsed,
+    )
 
 
 def _save(run: _Run, epoch: _Epoch, epochs_done: int, steps_in_epoch: int) -> None:
@@ -356,9 +418,14 @@ def _save(run: _Run, epoch: _Epoch, epochs_done: int, steps_in_epoch: int) -> No
         return
     _check_finite_parameters(run)
     payload = {
-        "config": run.config.to_dict(), "model": run.model.state_dict(),
-        "optimizer": run.optimizer.state_dict(), "epoch": epochs_done, "step": run.step,
-        "epoch_step": steps_in_epoch, "world_size": run.context.world_size, "rng": states,
+        "config": run.config.to_dict(),
+        "model": run.model.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "epoch": epochs_done,
+        "step": run.step,
+        "epoch_step": steps_in_epoch,
+        "world_size": run.context.world_size,
+        "rng": states,
         "running_loss": epoch.running,
     }
     if run.scaler is not None:
@@ -372,7 +439,8 @@ def _check_finite_parameters(run: _Run) -> None:
         if value.is_floating_point() and not bool(torch.isfinite(value).all()):
             raise FloatingPointError(
                 f"parameter {name} is not finite at step {run.step}; {run.checkpoint_path} is "
-                f"left as it was (the last good checkpoint)")
+                f"left as it was (the last good checkpoint)"
+            )
 
 
 def _ignore_stop_signals(worker_id: int) -> None:
@@ -382,20 +450,28 @@ def _ignore_stop_signals(worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def _agree(stop: bool, finite: bool, context: DistContext,
-           device: torch.device) -> tuple[bool, bool]:
+def _agree(
+    stop: bool, finite: bool, context: DistContext, device: torch.device
+) -> tuple[bool, bool]:
     """Whether any rank got a stop signal, and whether every rank's loss is finite (one small
     all_reduce per step under DDP, so that all ranks stop at the same step)."""
     if not context.enabled:
         return stop, finite
-    flags = torch.tensor([float(stop), float(not finite)],
-                         device=device if device.type == "cuda" else "cpu")
+    flags = torch.tensor(
+        [float(stop), float(not finite)], device=device if device.type == "cuda" else "cpu"
+    )
     dist.all_reduce(flags, op=dist.ReduceOp.MAX)
     return bool(flags[0] > 0), not bool(flags[1] > 0)
 
 
-def _restore(path: str | Path, config: Config, model: MFNet, optimizer: torch.optim.Optimizer,
-             scaler: torch.amp.GradScaler | None, context: DistContext) -> _Start:
+def _restore(
+    path: str | Path,
+    config: Config,
+    model: MFNet,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler | None,
+    context: DistContext,
+) -> _Start:
     """Load the training checkpoint ``path`` into ``model``, ``optimizer`` (and ``scaler``);
     returns where the run continues. Raises ``CheckpointError`` for another run's checkpoint."""
     payload = load_checkpoint(path)
@@ -408,7 +484,8 @@ def _restore(path: str | Path, config: Config, model: MFNet, optimizer: torch.op
     if epoch_step and saved_world != context.world_size:
         raise CheckpointError(
             f"{path} was written mid-epoch by {saved_world} processes; resume it with the same "
-            f"number (now {context.world_size}) or from an end-of-epoch checkpoint")
+            f"number (now {context.world_size}) or from an end-of-epoch checkpoint"
+        )
     model.load_state_dict(payload["model"])
     optimizer.load_state_dict(payload["optimizer"])
     if scaler is not None and "scaler" in payload:
@@ -417,18 +494,27 @@ def _restore(path: str | Path, config: Config, model: MFNet, optimizer: torch.op
     rng = states[context.rank] if len(states) == context.world_size else states[0]
     if epoch_step and rng is None:
         raise CheckpointError(f"{path} has no random states: it cannot be resumed mid-epoch")
-    return _Start(epoch=int(payload["epoch"]), step=int(payload["step"]), epoch_step=epoch_step,
-                  rng=rng, running_loss=payload.get("running_loss"))
+    return _Start(
+        epoch=int(payload["epoch"]),
+        step=int(payload["step"]),
+        epoch_step=epoch_step,
+        rng=rng,
+        running_loss=payload.get("running_loss"),
+    )
 
 
 def _check_same_run(path: str | Path, saved: dict[str, dict], current: dict[str, dict]) -> None:
     """Everything but the run length, device and I/O options (``RESUME_FREE``) must match the
     checkpoint's configuration, or it is another run."""
     for section, values in saved.items():
-        changed = [name for name, value in values.items()
-                   if name not in RESUME_FREE and current[section].get(name) != value]
+        changed = [
+            name
+            for name, value in values.items()
+            if name not in RESUME_FREE and current[section].get(name) != value
+        ]
         if changed:
             name = changed[0]
             raise CheckpointError(
                 f"cannot resume from {path}: {name} is {values[name]!r} in the checkpoint but "
-                f"{current[section].get(name)!r} now; resume with the same options")
+                f"{current[section].get(name)!r} now; resume with the same options"
+            )

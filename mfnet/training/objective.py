@@ -33,8 +33,10 @@ def autocast_context(amp: str, device: torch.device) -> contextlib.AbstractConte
     if amp == "off":
         return contextlib.nullcontext()
     if amp == "fp16" and device.type != "cuda":
-        raise ValueError("--amp fp16 needs a CUDA device (it uses a GradScaler); on the CPU use "
-                         "--amp bf16 or --amp off")
+        raise ValueError(
+            "--amp fp16 needs a CUDA device (it uses a GradScaler); on the CPU use "
+            "--amp bf16 or --amp off"
+        )
     dtype = torch.bfloat16 if amp == "bf16" else torch.float16
     return torch.autocast(device.type, dtype=dtype)
 
@@ -60,21 +62,28 @@ def compute_losses(
         return _losses(model, output, batch["query_label"], config, use_metric_loss, generator)
 
 
-def _losses(model: MFNet, output: QueryOutput, label: torch.Tensor, config: Config,
-            use_metric_loss: bool, generator: torch.Generator | None) -> StepLosses:
+def _losses(
+    model: MFNet,
+    output: QueryOutput,
+    label: torch.Tensor,
+    config: Config,
+    use_metric_loss: bool,
+    generator: torch.Generator | None,
+) -> StepLosses:
     """L_SEG (+ lambda L_PML) of one forward pass; label [B, H, W]. Outputs are cast to float32
     (a no-op without mixed precision)."""
     if output.branch_logits is not None:  # binary branches: a binary loss per class, no PML
         losses = [
-            weighted_focal_loss(output.branch_logits[:, n].float(),
-                                torch.where(label == 255, label, (label == n + 1).long()),
-                                gamma=config.loss.focal_gamma)
+            weighted_focal_loss(
+                output.branch_logits[:, n].float(),
+                torch.where(label == 255, label, (label == n + 1).long()),
+                gamma=config.loss.focal_gamma,
+            )
             for n in range(model.way)
         ]
         segmentation = torch.stack(losses).mean()
         return StepLosses(segmentation, segmentation, None)
-    segmentation = weighted_focal_loss(output.logits.float(), label,
-                                       gamma=config.loss.focal_gamma)
+    segmentation = weighted_focal_loss(output.logits.float(), label, gamma=config.loss.focal_gamma)
     if not use_metric_loss:
         return StepLosses(segmentation, segmentation, None)
     h, w = output.feature_logits.shape[-2:]

@@ -12,8 +12,8 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from ..config import Config, EvalConfig
 from ..checkpoint import load_checkpoint
+from ..config import Config, EvalConfig
 
 CHECKPOINT_NAME = "last.pt"
 # Options a resumed run may change: the run length, the device, I/O, the evaluation protocol.
@@ -52,8 +52,10 @@ def resume_config(checkpoint: str | Path, overrides: dict[str, Any]) -> Config:
             _check_same_folder(value, folder)
         elif name not in CHANGEABLE_ON_RESUME and comparable != flat[name]:
             allowed = ", ".join(_flag(n) for n in sorted(CHANGEABLE_ON_RESUME))
-            raise ResumeError(f"{_flag(name)} cannot change on resume (checkpoint: "
-                              f"{flat[name]}); on resume only these may change: {allowed}")
+            raise ResumeError(
+                f"{_flag(name)} cannot change on resume (checkpoint: "
+                f"{flat[name]}); on resume only these may change: {allowed}"
+            )
     changes = {name: value for name, value in overrides.items() if name != "out"}
     return saved.replace(**changes, out=str(folder))
 
@@ -64,7 +66,8 @@ def _check_same_folder(out: str | Path, folder: Path) -> None:
         raise ResumeError(
             f"--out cannot change on resume: a resumed run writes beside its checkpoint "
             f"({folder}); to continue into another folder, copy {folder} there and resume "
-            f"from the copy")
+            f"from the copy"
+        )
 
 
 def check_new_run_folder(out: str | Path, overwrite: bool) -> None:
@@ -73,4 +76,5 @@ def check_new_run_folder(out: str | Path, overwrite: bool) -> None:
     if existing.exists() and not overwrite:
         raise ResumeError(
             f"{out} already holds a checkpoint ({existing}): continue that run with --resume "
-            f"{existing}, choose another --out, or pass --overwrite to replace it")
+            f"{existing}, choose another --out, or pass --overwrite to replace it"
+        )

@@ -12,6 +12,5 @@ from .errors import EngineError, MissingDependencyError, RuntimeInputError
 from .segmenter import Segmenter
 from .support import SupportSet
 
-__all__ = ["EngineError", "MissingDependencyError", "RuntimeInputError", "Segmenter",
-           "SupportSet"]
+__all__ = ["EngineError", "MissingDependencyError", "RuntimeInputError", "Segmenter", "SupportSet"]
 __version__ = "0.1.0"

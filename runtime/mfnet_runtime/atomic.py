@@ -56,8 +56,9 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, durable: bool 
     temporary = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.",
-                                                 suffix=".tmp")
+        descriptor, temporary = tempfile.mkstemp(
+            dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"
+        )
         with os.fdopen(descriptor, "wb") as handle:
             handle.write(data)
             os.fchmod(handle.fileno(), _final_mode(path, 0o666))
@@ -87,11 +88,13 @@ def staged_directory(target: str | os.PathLike[str], seed: bool = False) -> Iter
     """
     target = Path(target).resolve()  # "." has no sibling; a symlink keeps pointing at the new one
     if target.exists() and not target.is_dir():
-        raise NotADirectoryError(errno.ENOTDIR, "exists and is a file, expected a directory",
-                                 str(target))
+        raise NotADirectoryError(
+            errno.ENOTDIR, "exists and is a file, expected a directory", str(target)
+        )
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.",
-                                    suffix=".staging"))
+    staging = Path(
+        tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".staging")
+    )
     try:
         staging.chmod(_final_mode(target, 0o777))
         if seed and target.is_dir():
@@ -146,11 +149,15 @@ def _exchange(first: Path, second: Path) -> bool:
         renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
     except (OSError, AttributeError):  # glibc < 2.28, musl
         return False
-    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
-                          ctypes.c_uint]
+    renameat2.argtypes = [
+        ctypes.c_int,
+        ctypes.c_char_p,
+        ctypes.c_int,
+        ctypes.c_char_p,
+        ctypes.c_uint,
+    ]
     at_fdcwd, rename_exchange = -100, 2
-    if renameat2(at_fdcwd, os.fsencode(first), at_fdcwd, os.fsencode(second),
-                 rename_exchange) == 0:
+    if renameat2(at_fdcwd, os.fsencode(first), at_fdcwd, os.fsencode(second), rename_exchange) == 0:
         return True
     code = ctypes.get_errno()
     if code in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):

@@ -51,11 +51,18 @@ def scrub_unsafe_advice(text: str) -> str:
     torch's refusal is replaced by what it found (the unsupported global or opcode), stated as
     a refusal; any other sentence that suggests weakening the safe loader is dropped.
     """
+
     def refusal(match: re.Match[str]) -> str:
-        found = [template.format(hit.group(1)) for pattern, template in _REFUSAL_DETAILS
-                 for hit in [pattern.search(match.group(0))] if hit]
-        return ("the file holds data other than tensors and plain values, which is never "
-                "unpickled" + (f" ({found[0]})" if found else ""))
+        found = [
+            template.format(hit.group(1))
+            for pattern, template in _REFUSAL_DETAILS
+            for hit in [pattern.search(match.group(0))]
+            if hit
+        ]
+        return (
+            "the file holds data other than tensors and plain values, which is never "
+            "unpickled" + (f" ({found[0]})" if found else "")
+        )
 
     text = _TORCH_REFUSAL.sub(refusal, text)
     if not _UNSAFE_ADVICE.search(text):
@@ -86,6 +93,7 @@ def command_boundary(*expected: type[BaseException]) -> Callable[[Main], Main]:
 
     ``KeyboardInterrupt`` returns 130 (the shell's code for SIGINT) without a traceback.
     """
+
     def decorate(main: Main) -> Main:
         @functools.wraps(main)
         def wrapper(*args, **kwargs) -> int:
@@ -96,5 +104,7 @@ def command_boundary(*expected: type[BaseException]) -> Callable[[Main], Main]:
                 return EXIT_INPUT_ERROR
             except KeyboardInterrupt:
                 return EXIT_INTERRUPTED
+
         return wrapper  # type: ignore[return-value]
+
     return decorate

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import colorsys
 import math
+import types
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,8 +65,9 @@ LOOKS: dict[str, Look] = {
 }
 
 
-def _pattern(look: Look, u: np.ndarray, v: np.ndarray, frequency: float,
-             phase: tuple[float, float]) -> np.ndarray:
+def _pattern(
+    look: Look, u: np.ndarray, v: np.ndarray, frequency: float, phase: tuple[float, float]
+) -> np.ndarray:
     """Pattern value in [0, 1] (0 = bright colour, 1 = dark) at rotated coordinates u, v
     (image-side units, object-centred)."""
     w = 2 * math.pi * frequency
@@ -98,35 +100,50 @@ class _Object:
     scale: float  # brightness jitter
 
     def moved(self, dy: float, dx: float) -> _Object:
-        return _Object(self.name, (self.centre[0] + dy, self.centre[1] + dx), self.radii,
-                       self.angle, self.frequency, self.orientation, self.phase, self.scale)
+        return _Object(
+            self.name,
+            (self.centre[0] + dy, self.centre[1] + dx),
+            self.radii,
+            self.angle,
+            self.frequency,
+            self.orientation,
+            self.phase,
+            self.scale,
+        )
 
 
 def _random_object(rng: np.random.Generator, name: str, centre: tuple[float, float]) -> _Object:
     look = LOOKS[name]
     radius = rng.uniform(0.3, 0.45) / 2  # diameters as the benchmark's present objects
-    return _Object(name, centre, (radius, radius * rng.uniform(0.65, 1.0)),
-                   rng.uniform(0.0, math.pi), look.frequency * rng.uniform(0.9, 1.1),
-                   look.orientation + rng.uniform(-25.0, 25.0),
-                   (rng.uniform(0, 2 * math.pi), rng.uniform(0, 2 * math.pi)),
-                   rng.uniform(0.85, 1.1))
+    return _Object(
+        name,
+        centre,
+        (radius, radius * rng.uniform(0.65, 1.0)),
+        rng.uniform(0.0, math.pi),
+        look.frequency * rng.uniform(0.9, 1.1),
+        look.orientation + rng.uniform(-25.0, 25.0),
+        (rng.uniform(0, 2 * math.pi), rng.uniform(0, 2 * math.pi)),
+        rng.uniform(0.85, 1.1),
+    )
 
 
 def _background(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
     """float32 [H, W, 3] in [0, 1]: a smooth, muted colour field with value noise (never a
     class pattern)."""
-    grid = np.stack([rng.random((3, 3)), rng.uniform(0.05, 0.45, (3, 3)),
-                     rng.uniform(0.25, 0.85, (3, 3))], -1)
+    grid = np.stack(
+        [rng.random((3, 3)), rng.uniform(0.05, 0.45, (3, 3)), rng.uniform(0.25, 0.85, (3, 3))], -1
+    )
     rgb = np.array([colorsys.hsv_to_rgb(*p) for p in grid.reshape(-1, 3)], np.float32)
     field = Image.fromarray((rgb.reshape(3, 3, 3) * 255).astype(np.uint8))
     image = np.asarray(field.resize((width, height), Image.Resampling.BILINEAR), np.float32)
-    noise = Image.fromarray((rng.random((6, 6)) * 255).astype(np.uint8))
-    noise = np.asarray(noise.resize((width, height), Image.Resampling.BILINEAR), np.float32)
+    noise_field = Image.fromarray((rng.random((6, 6)) * 255).astype(np.uint8))
+    noise = np.asarray(noise_field.resize((width, height), Image.Resampling.BILINEAR), np.float32)
     return np.clip((image / 255.0) * (0.8 + 0.4 * noise[..., None] / 255.0), 0.0, 1.0)
 
 
-def render(background: np.ndarray, objects: list[_Object], rng: np.random.Generator
-           ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+def render(
+    background: np.ndarray, objects: list[_Object], rng: np.random.Generator
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Paint ``objects`` in order over ``background`` (float32 [H, W, 3]).
 
     Returns the image uint8 [H, W, 3] RGB and each class's visible mask uint8 [H, W] {0, 1}
@@ -158,17 +175,23 @@ def render(background: np.ndarray, objects: list[_Object], rng: np.random.Genera
     return np.clip(image + 0.5, 0, 255).astype(np.uint8), masks
 
 
-def _scene(rng: np.random.Generator, names: tuple[str, ...], height: int, width: int,
-           ) -> tuple[np.ndarray, dict[str, np.ndarray], list[_Object], np.ndarray]:
+def _scene(
+    rng: np.random.Generator,
+    names: tuple[str, ...],
+    height: int,
+    width: int,
+) -> tuple[np.ndarray, dict[str, np.ndarray], list[_Object], np.ndarray]:
     """One image with one object per class in ``names``, spread over the frame."""
     side = max(height, width)
     spots = [(0.3, 0.3), (0.62, 0.68), (0.3, 0.75), (0.68, 0.3)]
     order = rng.permutation(len(spots))
     objects = []
-    for name, spot in zip(names, order):
+    for name, spot in zip(names, order, strict=False):
         cy, cx = spots[spot]
-        centre = (cy * height / side + rng.uniform(-0.04, 0.04),
-                  cx * width / side + rng.uniform(-0.04, 0.04))
+        centre = (
+            cy * height / side + rng.uniform(-0.04, 0.04),
+            cx * width / side + rng.uniform(-0.04, 0.04),
+        )
         objects.append(_random_object(rng, name, centre))
     background = _background(rng, height, width)
     image, masks = render(background, objects, rng)
@@ -186,9 +209,17 @@ class DemoFiles:
     video_is_folder: bool
 
 
-def write_demo(out: str | Path, classes: tuple[str, ...] = DEFAULT_CLASSES, *,
-               images: int = 6, frames: int = 48, size: tuple[int, int] = (144, 192),
-               fps: float = 12.0, seed: int = 0, use_opencv: bool = True) -> DemoFiles:
+def write_demo(
+    out: str | Path,
+    classes: tuple[str, ...] = DEFAULT_CLASSES,
+    *,
+    images: int = 6,
+    frames: int = 48,
+    size: tuple[int, int] = (144, 192),
+    fps: float = 12.0,
+    seed: int = 0,
+    use_opencv: bool = True,
+) -> DemoFiles:
     """Write the demo's support SPEC, query images and video under ``out``; deterministic.
 
     classes: names from ``LOOKS`` (as many as the model's way); size: (height, width) of the
@@ -196,8 +227,10 @@ def write_demo(out: str | Path, classes: tuple[str, ...] = DEFAULT_CLASSES, *,
     """
     unknown = [name for name in classes if name not in LOOKS]
     if unknown or len(set(classes)) != len(classes) or not classes:
-        raise RuntimeInputError(f"demo classes must be distinct names from {', '.join(LOOKS)}; "
-                                f"got {', '.join(classes) or 'none'}")
+        raise RuntimeInputError(
+            f"demo classes must be distinct names from {', '.join(LOOKS)}; "
+            f"got {', '.join(classes) or 'none'}"
+        )
     if len(classes) > 4:
         raise RuntimeInputError("the demo draws at most 4 classes per image")
     root = Path(out)
@@ -218,7 +251,7 @@ def write_demo(out: str | Path, classes: tuple[str, ...] = DEFAULT_CLASSES, *,
         image, _, _, _ = _scene(rng, present, height, width)
         Image.fromarray(image).save(query_dir / f"query{i:02d}.png")
     clip = _clip(rng, classes, frames, height, width)
-    cv2 = None
+    cv2: types.ModuleType | None = None
     if use_opencv:
         try:
             import cv2
@@ -226,8 +259,7 @@ def write_demo(out: str | Path, classes: tuple[str, ...] = DEFAULT_CLASSES, *,
             cv2 = None
     if cv2 is not None:
         video = root / "video.mp4"
-        writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"mp4v"), fps,
-                                 (width, height))
+        writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"mp4v"), fps, (width, height))
         if not writer.isOpened():
             raise RuntimeInputError(f"cannot write {video} (OpenCV's mp4v codec)")
         for frame in clip:
@@ -241,27 +273,36 @@ def write_demo(out: str | Path, classes: tuple[str, ...] = DEFAULT_CLASSES, *,
     return DemoFiles(support, query_dir, video, tuple(classes), True)
 
 
-def _clip(rng: np.random.Generator, classes: tuple[str, ...], frames: int, height: int,
-          width: int) -> list[np.ndarray]:
+def _clip(
+    rng: np.random.Generator, classes: tuple[str, ...], frames: int, height: int, width: int
+) -> list[np.ndarray]:
     """Frames of the classes' objects gliding over a fixed background (uint8 [H, W, 3])."""
     _, _, objects, background = _scene(rng, classes, height, width)
     velocities = [(rng.uniform(-1, 1) * 0.004, rng.uniform(-1, 1) * 0.006) for _ in objects]
     clip = []
     for step in range(frames):
         swing = math.sin(2 * math.pi * step / max(frames, 1))  # there and back again
-        moved = [obj.moved(vy * frames / 4 * swing, vx * frames / 4 * swing)
-                 for obj, (vy, vx) in zip(objects, velocities)]
+        moved = [
+            obj.moved(vy * frames / 4 * swing, vx * frames / 4 * swing)
+            for obj, (vy, vx) in zip(objects, velocities, strict=True)
+        ]
         image, _ = render(background, moved, rng)
         clip.append(image)
     return clip
 
 
-def next_commands(files: DemoFiles, checkpoint: str = "runs/synthetic-cpu/last.pt",
-                  engines: str = "engines/synthetic") -> list[str]:
+def next_commands(
+    files: DemoFiles,
+    checkpoint: str = "runs/synthetic-cpu/last.pt",
+    engines: str = "engines/synthetic",
+) -> list[str]:
     """The commands to run next: install the export (the training package with its ``export``
     extra: torch, onnx), export the default checkpoint, segment the video."""
-    output = (files.video.parent / "segmented.mp4" if not files.video_is_folder
-              else files.video.parent / "segmented")
+    output = (
+        files.video.parent / "segmented.mp4"
+        if not files.video_is_folder
+        else files.video.parent / "segmented"
+    )
     return [
         f"{EXPORT_INSTALL}  # once, in the mfnet checkout: the export needs torch and onnx",
         reexport_hint(engines, checkpoint),

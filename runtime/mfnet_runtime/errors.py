@@ -4,8 +4,9 @@
 support set, an option) cannot be used; the message says which and how to fix it.
 ``EngineError`` is a ``RuntimeError``: the export directory, an engine file or the inference
 backend cannot be used here; the message names the file and the command that recreates it.
-``MissingDependencyError`` is an ``ImportError`` (and a ``RuntimeInputError``): an optional package a feature needs is not
-installed; the message names the ``pip install`` command (the package's extra) that adds it.
+``MissingDependencyError`` is an ``ImportError`` (and a ``RuntimeInputError``): an optional
+package a feature needs is not installed; the message names the ``pip install`` command (the
+package's extra) that adds it.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ def require(module: str, feature: str, install: str):
     except ImportError as error:
         raise MissingDependencyError(
             f"{feature} needs the {module.split('.')[0]} package, which is not installed: "
-            f"{install} (import failed: {error})") from error
+            f"{install} (import failed: {error})"
+        ) from error
 
 
 # The commands that recreate artifacts: the training package's export command, which works

@@ -73,16 +73,21 @@ def read_image_file(path: str | Path, what: str = "image") -> np.ndarray:
 def _depth_hint(dtype: np.dtype) -> str:
     """How to convert an image of ``dtype`` to uint8 (for the refusal's message)."""
     if np.issubdtype(dtype, np.floating):
-        return ("float images are refused (their range is ambiguous); for values in [0, 1] "
-                "convert with (np.clip(image, 0, 1) * 255).round().astype(np.uint8)")
+        return (
+            "float images are refused (their range is ambiguous); for values in [0, 1] "
+            "convert with (np.clip(image, 0, 1) * 255).round().astype(np.uint8)"
+        )
     if np.issubdtype(dtype, np.integer):
-        return ("images with more than 8 bits per channel are refused; for 16-bit images "
-                "convert with (image // 257).astype(np.uint8)")
+        return (
+            "images with more than 8 bits per channel are refused; for 16-bit images "
+            "convert with (image // 257).astype(np.uint8)"
+        )
     return "convert it to uint8 RGB"
 
 
-def as_image_array(image: ImageInput, color: str = "rgb", what: str = "image"
-                   ) -> tuple[np.ndarray, bool]:
+def as_image_array(
+    image: ImageInput, color: str = "rgb", what: str = "image"
+) -> tuple[np.ndarray, bool]:
     """Check an image input -> (uint8 [H, W, 3] array, whether its channels are BGR).
 
     The channel flip of BGR arrays is left to the caller so that it can run after resizing,
@@ -92,8 +97,10 @@ def as_image_array(image: ImageInput, color: str = "rgb", what: str = "image"
     if isinstance(image, (str, Path)):
         return read_image_file(image, what), False
     if not isinstance(image, np.ndarray):
-        raise RuntimeInputError(f"{what} must be a numpy uint8 [H, W, 3] array or an image file "
-                                f"path, got {type(image).__name__}")
+        raise RuntimeInputError(
+            f"{what} must be a numpy uint8 [H, W, 3] array or an image file "
+            f"path, got {type(image).__name__}"
+        )
     if image.dtype != np.uint8:
         raise RuntimeInputError(f"{what} has dtype {image.dtype}: {_depth_hint(image.dtype)}")
     if image.ndim == 3 and image.shape[2] == 1:
@@ -104,8 +111,10 @@ def as_image_array(image: ImageInput, color: str = "rgb", what: str = "image"
     elif image.ndim == 3 and image.shape[2] == 4:  # RGBA / BGRA: alpha dropped
         image = image[:, :, :3]
     elif image.ndim != 3 or image.shape[2] != 3:
-        raise RuntimeInputError(f"{what} must be [H, W, 3] (or grayscale [H, W], RGBA "
-                                f"[H, W, 4]), got shape {image.shape}")
+        raise RuntimeInputError(
+            f"{what} must be [H, W, 3] (or grayscale [H, W], RGBA "
+            f"[H, W, 4]), got shape {image.shape}"
+        )
     if image.shape[0] == 0 or image.shape[1] == 0:
         raise RuntimeInputError(f"{what} is empty (shape {image.shape})")
     return image, color == "bgr"
@@ -120,13 +129,16 @@ def as_mask_array(mask: np.ndarray | str | Path, what: str = "mask") -> np.ndarr
             if picture.mode.endswith("A"):
                 array = array[..., :-1]
             if not (array == array[..., :1]).all():
-                raise RuntimeInputError(f"{what} file {mask} has colours; save the mask as a "
-                                        "single-channel (grayscale or palette) image")
+                raise RuntimeInputError(
+                    f"{what} file {mask} has colours; save the mask as a "
+                    "single-channel (grayscale or palette) image"
+                )
             array = array[..., 0]
         mask = array
     if not isinstance(mask, np.ndarray):
-        raise RuntimeInputError(f"{what} must be a numpy [H, W] array or a mask image path, got "
-                                f"{type(mask).__name__}")
+        raise RuntimeInputError(
+            f"{what} must be a numpy [H, W] array or a mask image path, got {type(mask).__name__}"
+        )
     if mask.ndim == 3 and mask.shape[2] == 1:
         mask = mask[:, :, 0]
     if mask.ndim != 2:
@@ -161,8 +173,9 @@ class Geometry(NamedTuple):
     content_w: int
 
 
-def content_shape(height: int, width: int, size: int, mode: str, multiple: int = 1
-                  ) -> tuple[int, int]:
+def content_shape(
+    height: int, width: int, size: int, mode: str, multiple: int = 1
+) -> tuple[int, int]:
     """(h, w) of an height x width image fitted into size x size, before padding.
 
     "stretch": (size, size). "pad": the longer side becomes exactly ``size`` and the shorter one
@@ -177,8 +190,9 @@ def content_shape(height: int, width: int, size: int, mode: str, multiple: int =
     return max(multiple, h // multiple * multiple), max(multiple, w // multiple * multiple)
 
 
-def fit(array: np.ndarray, size: int, mode: str, resample: Image.Resampling
-        ) -> tuple[np.ndarray, tuple[int, int]]:
+def fit(
+    array: np.ndarray, size: int, mode: str, resample: Image.Resampling
+) -> tuple[np.ndarray, tuple[int, int]]:
     """[H, W(, 3)] uint8 -> [size, size(, 3)] uint8 placed top-left, zero padded; + content h, w."""
     h, w = content_shape(array.shape[0], array.shape[1], size, mode)
     if (h, w) != array.shape[:2]:
@@ -190,8 +204,9 @@ def fit(array: np.ndarray, size: int, mode: str, resample: Image.Resampling
     return canvas, (h, w)
 
 
-def prepare_image(image: ImageInput, size: int, mode: str, color: str = "rgb",
-                  what: str = "image") -> tuple[np.ndarray, Geometry]:
+def prepare_image(
+    image: ImageInput, size: int, mode: str, color: str = "rgb", what: str = "image"
+) -> tuple[np.ndarray, Geometry]:
     """Any image input -> (uint8 [size, size, 3] RGB network input, its geometry)."""
     array, bgr = as_image_array(image, color, what)
     fitted, (h, w) = fit(array, size, mode, Image.Resampling.BILINEAR)
@@ -200,8 +215,9 @@ def prepare_image(image: ImageInput, size: int, mode: str, color: str = "rgb",
     return fitted, Geometry(array.shape[0], array.shape[1], h, w)
 
 
-def prepare_frames(frames: Sequence[ImageInput], size: int, mode: str, color: str = "rgb"
-                   ) -> tuple[np.ndarray, list[Geometry]]:
+def prepare_frames(
+    frames: Sequence[ImageInput], size: int, mode: str, color: str = "rgb"
+) -> tuple[np.ndarray, list[Geometry]]:
     """Frames of any sizes -> (uint8 [B, size, size, 3] RGB network input, one geometry each).
 
     numpy and PIL only, so it may run in another thread (e.g. a video decode thread).
@@ -220,8 +236,7 @@ def restore_labels(labels: np.ndarray, geometry: Geometry) -> np.ndarray:
     content = labels[:h, :w]
     if (h, w) == (orig_h, orig_w):
         return np.ascontiguousarray(content)
-    return np.asarray(Image.fromarray(content).resize((orig_w, orig_h),
-                                                      Image.Resampling.NEAREST))
+    return np.asarray(Image.fromarray(content).resize((orig_w, orig_h), Image.Resampling.NEAREST))
 
 
 def restore_probabilities(probabilities: np.ndarray, geometry: Geometry) -> np.ndarray:
@@ -230,11 +245,16 @@ def restore_probabilities(probabilities: np.ndarray, geometry: Geometry) -> np.n
     content = probabilities[:, :h, :w]
     if (h, w) == (orig_h, orig_w):
         return np.ascontiguousarray(content, dtype=np.float32)
-    return np.stack([
-        np.asarray(Image.fromarray(np.ascontiguousarray(channel, dtype=np.float32))
-                   .resize((orig_w, orig_h), Image.Resampling.BILINEAR))
-        for channel in content
-    ])
+    return np.stack(
+        [
+            np.asarray(
+                Image.fromarray(np.ascontiguousarray(channel, dtype=np.float32)).resize(
+                    (orig_w, orig_h), Image.Resampling.BILINEAR
+                )
+            )
+            for channel in content
+        ]
+    )
 
 
 def restore_smooth(probabilities: np.ndarray, geometry: Geometry) -> np.ndarray:

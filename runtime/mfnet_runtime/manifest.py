@@ -116,7 +116,7 @@ class Manifest:
     @property
     def required_roles(self) -> tuple[str, ...]:
         """Roles a complete set of graphs has (the K = 1 aggregator only for models with A_S)."""
-        roles = ("support_encoder", "prototype_aggregator", "query_decoder")
+        roles: tuple[str, ...] = ("support_encoder", "prototype_aggregator", "query_decoder")
         if self.model.support_attention:
             roles += ("prototype_aggregator_single",)
         return roles
@@ -173,30 +173,40 @@ def _is_int(value: Any) -> bool:
 
 def _is_number(value: Any) -> bool:
     """A finite int or float that is not a bool."""
-    return (isinstance(value, (int, float)) and not isinstance(value, bool)
-            and math.isfinite(value))
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _require(path: Path, where: str, value: Any, ok: bool, expected: str) -> Any:
     """``value`` when ``ok``; else the EngineError naming the field, the value and the fix."""
     if not ok:
-        raise _fail(path, f"field {where} must be {expected}, got {value!r} "
-                          f"({type(value).__name__})")
+        raise _fail(
+            path, f"field {where} must be {expected}, got {value!r} ({type(value).__name__})"
+        )
     return value
 
 
-def _int_field(path: Path, data: Mapping[str, Any], key: str, where: str,
-               minimum: int = 1) -> int:
+def _int_field(path: Path, data: Mapping[str, Any], key: str, where: str, minimum: int = 1) -> int:
     """``data[key]``, an integer >= ``minimum``, else the EngineError naming ``where.key``."""
     if key not in data:
         raise _fail(path, f"field {where}.{key} is missing")
     value = data[key]
-    return _require(path, f"{where}.{key}", value, _is_int(value) and value >= minimum,
-                    f"an integer >= {minimum}")
+    return _require(
+        path,
+        f"{where}.{key}",
+        value,
+        _is_int(value) and value >= minimum,
+        f"an integer >= {minimum}",
+    )
 
 
-def _str_field(path: Path, data: Mapping[str, Any], key: str, where: str,
-               default: str | None = None, choices: tuple[str, ...] = ()) -> str:
+def _str_field(
+    path: Path,
+    data: Mapping[str, Any],
+    key: str,
+    where: str,
+    default: str | None = None,
+    choices: tuple[str, ...] = (),
+) -> str:
     """``data[key]``, a non-empty string (one of ``choices`` if given; ``default`` if absent)."""
     if key not in data and default is not None:
         return default
@@ -204,10 +214,16 @@ def _str_field(path: Path, data: Mapping[str, Any], key: str, where: str,
         raise _fail(path, f"field {where}.{key} is missing")
     value = data[key]
     if choices:
-        return _require(path, f"{where}.{key}", value, value in choices,
-                        f"one of {', '.join(map(repr, choices))}")
-    return _require(path, f"{where}.{key}", value, isinstance(value, str) and bool(value),
-                    "a non-empty string")
+        return _require(
+            path,
+            f"{where}.{key}",
+            value,
+            value in choices,
+            f"one of {', '.join(map(repr, choices))}",
+        )
+    return _require(
+        path, f"{where}.{key}", value, isinstance(value, str) and bool(value), "a non-empty string"
+    )
 
 
 def _tensors(path: Path, items: Any, where: str) -> tuple[TensorInfo, ...]:
@@ -218,11 +234,21 @@ def _tensors(path: Path, items: Any, where: str) -> tuple[TensorInfo, ...]:
         at = f"{where}[{i}]"
         _require(path, at, item, isinstance(item, dict), "an object")
         shape = item.get("shape")
-        _require(path, f"{at}.shape", shape, isinstance(shape, list) and all(
-            (_is_int(d) and d >= 1) or d in DYNAMIC_DIMENSIONS for d in shape),
-            f"a list of sizes >= 1 or dynamic dimensions {DYNAMIC_DIMENSIONS}")
-        tensors.append(TensorInfo(_str_field(path, item, "name", at), tuple(shape),
-                                  _str_field(path, item, "dtype", at)))
+        _require(
+            path,
+            f"{at}.shape",
+            shape,
+            isinstance(shape, list)
+            and all((_is_int(d) and d >= 1) or d in DYNAMIC_DIMENSIONS for d in shape),
+            f"a list of sizes >= 1 or dynamic dimensions {DYNAMIC_DIMENSIONS}",
+        )
+        tensors.append(
+            TensorInfo(
+                _str_field(path, item, "name", at),
+                tuple(shape),
+                _str_field(path, item, "dtype", at),
+            )
+        )
     return tuple(tensors)
 
 
@@ -233,8 +259,11 @@ def _details(path: Path, data: Any, where: str) -> dict[str, Any]:
         if key in data:
             _int_field(path, data, key, where)
     if "min_shots" in data and "max_shots" in data and data["min_shots"] > data["max_shots"]:
-        raise _fail(path, f"field {where}.min_shots ({data['min_shots']}) exceeds "
-                          f"{where}.max_shots ({data['max_shots']})")
+        raise _fail(
+            path,
+            f"field {where}.min_shots ({data['min_shots']}) exceeds "
+            f"{where}.max_shots ({data['max_shots']})",
+        )
     return dict(data)
 
 
@@ -246,11 +275,17 @@ def _graph(path: Path, data: Any, index: int) -> GraphInfo:
         if key not in data:
             raise _fail(path, f"{where} lacks the key {key!r}")
     graph = GraphInfo(
-        role=_str_field(path, data, "role", where), file=_str_field(path, data, "file", where),
+        role=_str_field(path, data, "role", where),
+        file=_str_field(path, data, "file", where),
         precision=_str_field(path, data, "precision", where),
         format=_str_field(path, data, "format", where, default="onnx"),
-        sha256=_require(path, f"{where}.sha256", data.get("sha256", ""),
-                        isinstance(data.get("sha256", ""), str), "a string"),
+        sha256=_require(
+            path,
+            f"{where}.sha256",
+            data.get("sha256", ""),
+            isinstance(data.get("sha256", ""), str),
+            "a string",
+        ),
         inputs=_tensors(path, data["inputs"], f"{where}.inputs"),
         outputs=_tensors(path, data["outputs"], f"{where}.outputs"),
         details=_details(path, data.get("details", {}), f"{where}.details"),
@@ -260,25 +295,39 @@ def _graph(path: Path, data: Any, index: int) -> GraphInfo:
     inputs, outputs = ROLE_IO[graph.role]
     names = (tuple(t.name for t in graph.inputs), tuple(t.name for t in graph.outputs))
     if names != (inputs, outputs):
-        raise _fail(path, f"{graph.file} has inputs {names[0]} and outputs {names[1]}, this "
-                          f"runtime expects {inputs} and {outputs} for the {graph.role} role")
+        raise _fail(
+            path,
+            f"{graph.file} has inputs {names[0]} and outputs {names[1]}, this "
+            f"runtime expects {inputs} and {outputs} for the {graph.role} role",
+        )
     if graph.precision not in PRECISIONS or graph.format not in FORMATS:
-        raise _fail(path, f"{graph.file} has precision {graph.precision!r} / format "
-                          f"{graph.format!r}; expected one of {PRECISIONS} / {FORMATS}")
+        raise _fail(
+            path,
+            f"{graph.file} has precision {graph.precision!r} / format "
+            f"{graph.format!r}; expected one of {PRECISIONS} / {FORMATS}",
+        )
     if Path(graph.file).is_absolute() or ".." in Path(graph.file).parts:
         raise _fail(path, f"graph file {graph.file!r} is not inside the export directory")
     return graph
 
 
-def _rgb_triple(path: Path, data: Mapping[str, Any], key: str, positive: bool
-                ) -> tuple[float, ...]:
+def _rgb_triple(path: Path, data: Mapping[str, Any], key: str, positive: bool) -> tuple[float, ...]:
     """``model.mean`` / ``model.std``: three finite numbers (> 0 if ``positive``)."""
     value = data.get(key)
-    ok = (isinstance(value, list) and len(value) == 3 and all(map(_is_number, value))
-          and (not positive or min(value) > 0))
-    _require(path, f"model.{key}", value, ok,
-             "a list of three finite numbers" + (" > 0" if positive else ""))
-    return tuple(float(v) for v in value)
+    ok = (
+        isinstance(value, list)
+        and len(value) == 3
+        and all(map(_is_number, value))
+        and (not positive or min(value) > 0)
+    )
+    triple = _require(
+        path,
+        f"model.{key}",
+        value,
+        ok,
+        "a list of three finite numbers" + (" > 0" if positive else ""),
+    )
+    return tuple(float(v) for v in triple)
 
 
 def _model(path: Path, data: Any) -> ModelInfo:
@@ -296,8 +345,9 @@ def _model(path: Path, data: Any) -> ModelInfo:
         std=_rgb_triple(path, data, "std", positive=True),
         color=_str_field(path, data, "color", "model"),
         resize=_str_field(path, data, "resize", "model", default="pad", choices=RESIZE_MODES),
-        support_attention=_require(path, "model.support_attention", attention,
-                                   isinstance(attention, bool), "true or false"),
+        support_attention=_require(
+            path, "model.support_attention", attention, isinstance(attention, bool), "true or false"
+        ),
     )
     if model.color.upper() != "RGB":
         raise _fail(path, f"graphs expect colour order {model.color!r}; this runtime feeds RGB")
@@ -309,8 +359,9 @@ def _checkpoint(path: Path, data: Any) -> CheckpointInfo | None:
     if data is None:
         return None
     _require(path, "checkpoint", data, isinstance(data, dict), "an object")
-    return CheckpointInfo(_str_field(path, data, "file", "checkpoint"),
-                          _str_field(path, data, "sha256", "checkpoint"))
+    return CheckpointInfo(
+        _str_field(path, data, "file", "checkpoint"), _str_field(path, data, "sha256", "checkpoint")
+    )
 
 
 def _versions(path: Path, data: Any) -> dict[str, str]:
@@ -324,11 +375,15 @@ def read_manifest(directory: str | Path) -> Manifest:
     directory = Path(directory)
     path = directory / MANIFEST_NAME
     if not directory.is_dir():
-        raise EngineError(f"engine directory {directory} does not exist; create it with: "
-                          f"{reexport_hint(directory)}")
+        raise EngineError(
+            f"engine directory {directory} does not exist; create it with: "
+            f"{reexport_hint(directory)}"
+        )
     if not path.is_file():
-        raise EngineError(f"{path} not found: {directory} is not an MFNet export directory; "
-                          f"create one with: {reexport_hint(directory)}")
+        raise EngineError(
+            f"{path} not found: {directory} is not an MFNet export directory; "
+            f"create one with: {reexport_hint(directory)}"
+        )
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
@@ -336,17 +391,31 @@ def read_manifest(directory: str | Path) -> Manifest:
     if not isinstance(data, dict) or data.get("schema") != SCHEMA:
         found = data.get("schema") if isinstance(data, dict) else type(data).__name__
         raise _fail(path, f"schema {found!r}, this runtime reads {SCHEMA!r}")
-    items = _require(path, "graphs", data.get("graphs"), isinstance(data.get("graphs"), list),
-                     "a list of graph entries")
+    items = _require(
+        path,
+        "graphs",
+        data.get("graphs"),
+        isinstance(data.get("graphs"), list),
+        "a list of graph entries",
+    )
     graphs = tuple(_graph(path, g, i) for i, g in enumerate(items))
     verification = data.get("verification")
-    _require(path, "verification", verification,
-             verification is None or isinstance(verification, dict), "an object")
+    _require(
+        path,
+        "verification",
+        verification,
+        verification is None or isinstance(verification, dict),
+        "an object",
+    )
     opset = data.get("opset")
-    _require(path, "opset", opset, opset is None or (_is_int(opset) and opset >= 1),
-             "an integer >= 1")
+    _require(
+        path, "opset", opset, opset is None or (_is_int(opset) and opset >= 1), "an integer >= 1"
+    )
     return Manifest(
-        directory, _model(path, data.get("model")), graphs, opset=opset,
+        directory,
+        _model(path, data.get("model")),
+        graphs,
+        opset=opset,
         versions=_versions(path, data.get("versions", {})),
         checkpoint=_checkpoint(path, data.get("checkpoint")),
         verification=verification,
@@ -360,11 +429,16 @@ def _tensor_json(tensor: TensorInfo) -> dict[str, Any]:
 
 def _graph_json(graph: GraphInfo) -> dict[str, Any]:
     """A ``GraphInfo`` as its JSON object (an entry of ``graphs``)."""
-    return {"role": graph.role, "file": graph.file, "precision": graph.precision,
-            "format": graph.format, "sha256": graph.sha256,
-            "inputs": [_tensor_json(t) for t in graph.inputs],
-            "outputs": [_tensor_json(t) for t in graph.outputs],
-            "details": dict(graph.details)}
+    return {
+        "role": graph.role,
+        "file": graph.file,
+        "precision": graph.precision,
+        "format": graph.format,
+        "sha256": graph.sha256,
+        "inputs": [_tensor_json(t) for t in graph.inputs],
+        "outputs": [_tensor_json(t) for t in graph.outputs],
+        "details": dict(graph.details),
+    }
 
 
 def manifest_json(manifest: Manifest) -> dict[str, Any]:
@@ -372,11 +446,19 @@ def manifest_json(manifest: Manifest) -> dict[str, Any]:
     model = manifest.model
     data: dict[str, Any] = {
         "schema": SCHEMA,
-        "model": {"way": model.way, "train_shot": model.train_shot, "channels": model.channels,
-                  "input_size": model.input_size, "backbone": model.backbone,
-                  "mean": list(model.mean), "std": list(model.std), "color": model.color,
-                  "resize": model.resize, "image_layout": IMAGE_LAYOUT,
-                  "support_attention": model.support_attention},
+        "model": {
+            "way": model.way,
+            "train_shot": model.train_shot,
+            "channels": model.channels,
+            "input_size": model.input_size,
+            "backbone": model.backbone,
+            "mean": list(model.mean),
+            "std": list(model.std),
+            "color": model.color,
+            "resize": model.resize,
+            "image_layout": IMAGE_LAYOUT,
+            "support_attention": model.support_attention,
+        },
         "graphs": [_graph_json(g) for g in manifest.graphs],
     }
     if manifest.opset is not None:
@@ -384,8 +466,10 @@ def manifest_json(manifest: Manifest) -> dict[str, Any]:
     if manifest.versions:
         data["versions"] = dict(manifest.versions)
     if manifest.checkpoint is not None:
-        data["checkpoint"] = {"file": manifest.checkpoint.file,
-                              "sha256": manifest.checkpoint.sha256}
+        data["checkpoint"] = {
+            "file": manifest.checkpoint.file,
+            "sha256": manifest.checkpoint.sha256,
+        }
     if manifest.verification is not None:
         data["verification"] = dict(manifest.verification)
     return data
@@ -395,8 +479,7 @@ def write_manifest(manifest: Manifest) -> Path:
     """Write ``manifest`` to ``manifest.directory/manifest.json`` atomically and durably;
     returns the path. Only the JSON is written: the files it lists are there already."""
     path = manifest.directory / MANIFEST_NAME
-    atomic_write_bytes(path, json.dumps(manifest_json(manifest), indent=2).encode(),
-                       durable=True)
+    atomic_write_bytes(path, json.dumps(manifest_json(manifest), indent=2).encode(), durable=True)
     return path
 
 
@@ -408,14 +491,21 @@ def verify_files(manifest: Manifest, graphs: list[GraphInfo], check_hashes: bool
         if not path.is_file():
             problems.append(f"{graph.file} is missing")
         elif check_hashes and sha256_of(path) != graph.sha256:
-            problems.append(f"{graph.file} does not match its SHA-256 in the manifest "
-                            "(modified, truncated or replaced)")
+            problems.append(
+                f"{graph.file} does not match its SHA-256 in the manifest "
+                "(modified, truncated or replaced)"
+            )
         else:
             continue
         engines = engines or graph.format == "tensorrt"
     if problems:
         precision = graphs[0].precision if graphs else "fp16"
-        fix = (rebuild_hint(manifest.directory, precision) if engines
-               else reexport_hint(manifest.directory))
-        raise EngineError(f"export directory {manifest.directory} is not what its manifest "
-                          f"describes: {'; '.join(problems)}. Recreate it with: {fix}")
+        fix = (
+            rebuild_hint(manifest.directory, precision)
+            if engines
+            else reexport_hint(manifest.directory)
+        )
+        raise EngineError(
+            f"export directory {manifest.directory} is not what its manifest "
+            f"describes: {'; '.join(problems)}. Recreate it with: {fix}"
+        )

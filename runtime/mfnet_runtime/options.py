@@ -21,6 +21,7 @@ from pathlib import Path
 
 def integer(minimum: int | None = None, maximum: int | None = None) -> Callable[[str], int]:
     """An int within [minimum, maximum] (either bound optional)."""
+
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -28,13 +29,16 @@ def integer(minimum: int | None = None, maximum: int | None = None) -> Callable[
             raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
         _check_range(value, text, minimum, maximum)
         return value
+
     parse.__name__ = "integer"  # argparse names the type in its messages
     return parse
 
 
-def number(minimum: float | None = None, maximum: float | None = None,
-           exclusive_minimum: bool = False) -> Callable[[str], float]:
+def number(
+    minimum: float | None = None, maximum: float | None = None, exclusive_minimum: bool = False
+) -> Callable[[str], float]:
     """A finite float within [minimum, maximum] (``(minimum, ...`` with ``exclusive_minimum``)."""
+
     def parse(text: str) -> float:
         try:
             value = float(text)
@@ -46,6 +50,7 @@ def number(minimum: float | None = None, maximum: float | None = None,
             raise argparse.ArgumentTypeError(f"must be > {minimum:g}, got {text}")
         _check_range(value, text, minimum, maximum)
         return value
+
     parse.__name__ = "number"
     return parse
 

@@ -16,10 +16,26 @@ from PIL import Image, ImageDraw, ImageFont
 # labels beyond the table reuse it cyclically.
 PALETTE: tuple[tuple[int, int, int], ...] = (
     (0, 0, 0),
-    (230, 25, 75), (60, 180, 75), (0, 130, 200), (255, 225, 25), (145, 30, 180),
-    (70, 240, 240), (245, 130, 48), (240, 50, 230), (210, 245, 60), (0, 128, 128),
-    (170, 110, 40), (128, 0, 0), (170, 255, 195), (128, 128, 0), (0, 0, 128),
-    (250, 190, 212), (220, 190, 255), (255, 215, 180), (128, 128, 128), (255, 255, 255),
+    (230, 25, 75),
+    (60, 180, 75),
+    (0, 130, 200),
+    (255, 225, 25),
+    (145, 30, 180),
+    (70, 240, 240),
+    (245, 130, 48),
+    (240, 50, 230),
+    (210, 245, 60),
+    (0, 128, 128),
+    (170, 110, 40),
+    (128, 0, 0),
+    (170, 255, 195),
+    (128, 128, 0),
+    (0, 0, 128),
+    (250, 190, 212),
+    (220, 190, 255),
+    (255, 215, 180),
+    (128, 128, 128),
+    (255, 255, 255),
 )
 
 
@@ -38,8 +54,12 @@ def colorize(labels: np.ndarray) -> np.ndarray:
     return color_table()[labels]
 
 
-def overlay(frame: np.ndarray, labels: np.ndarray, class_names: Sequence[str] | None = None,
-            alpha: float = 0.5) -> np.ndarray:
+def overlay(
+    frame: np.ndarray,
+    labels: np.ndarray,
+    class_names: Sequence[str] | None = None,
+    alpha: float = 0.5,
+) -> np.ndarray:
     """Blend class colours over a frame, then draw a legend of ``class_names`` (when given).
 
     Args:
@@ -51,8 +71,9 @@ def overlay(frame: np.ndarray, labels: np.ndarray, class_names: Sequence[str] | 
         a new uint8 [H, W, 3] RGB image.
     """
     if frame.ndim != 3 or frame.shape[2] != 3 or labels.shape != frame.shape[:2]:
-        raise ValueError(f"frame [H, W, 3] and labels [H, W] must match, got {frame.shape} "
-                         f"and {labels.shape}")
+        raise ValueError(
+            f"frame [H, W, 3] and labels [H, W] must match, got {frame.shape} and {labels.shape}"
+        )
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     out = frame.copy()
@@ -88,8 +109,10 @@ def draw_legend(image: np.ndarray, class_names: Sequence[str]) -> np.ndarray:
     if cv2 is not None:
         scale = side / 22.0  # Hershey simplex capital height is about 22 px at scale 1
         thickness = max(1, row // 16)
-        text_width = max(cv2.getTextSize(name, cv2.FONT_HERSHEY_SIMPLEX, scale, thickness)[0][0]
-                         for name in class_names)
+        text_width = max(
+            cv2.getTextSize(name, cv2.FONT_HERSHEY_SIMPLEX, scale, thickness)[0][0]
+            for name in class_names
+        )
     else:
         font = _pil_font(side)
         text_width = int(max(font.getlength(name) for name in class_names))
@@ -98,12 +121,20 @@ def draw_legend(image: np.ndarray, class_names: Sequence[str]) -> np.ndarray:
     image[:box_h, :box_w] = (image[:box_h, :box_w].astype(np.uint16) * 2 // 5).astype(np.uint8)
     for i in range(len(class_names)):
         top = pad + i * row
-        image[top:min(top + side, height), pad:pad + side] = class_color(i + 1)
+        image[top : min(top + side, height), pad : pad + side] = class_color(i + 1)
     if cv2 is not None:
         for i, name in enumerate(class_names):
             baseline = pad + i * row + side - max(1, side // 8)
-            cv2.putText(image, name, (text_x, baseline), cv2.FONT_HERSHEY_SIMPLEX, scale,
-                        (255, 255, 255), thickness, cv2.LINE_AA)
+            cv2.putText(
+                image,
+                name,
+                (text_x, baseline),
+                cv2.FONT_HERSHEY_SIMPLEX,
+                scale,
+                (255, 255, 255),
+                thickness,
+                cv2.LINE_AA,
+            )
         return image
     canvas = Image.fromarray(image)
     draw = ImageDraw.Draw(canvas)

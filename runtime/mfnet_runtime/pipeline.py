@@ -64,8 +64,9 @@ class FrameSegmenter(Protocol):
         """uint8 [B, S, S, 3] RGB -> labels uint8 [B, S, S] (0 = background)."""
         ...
 
-    def decode_with_probabilities(self, batch: np.ndarray, support: Any
-                                  ) -> tuple[np.ndarray, np.ndarray]:
+    def decode_with_probabilities(
+        self, batch: np.ndarray, support: Any
+    ) -> tuple[np.ndarray, np.ndarray]:
         """uint8 [B, S, S, 3] RGB -> (labels uint8 [B, S, S], softmax probabilities float32
         [B, N+1, S, S])."""
         ...
@@ -102,8 +103,15 @@ def _put(items: queue.Queue, item: object, stop: threading.Event) -> bool:
     return False
 
 
-def _produce(source: FrameSource, size: int, mode: str, batch_size: int,
-             max_frames: int | None, items: queue.Queue, stop: threading.Event) -> None:
+def _produce(
+    source: FrameSource,
+    size: int,
+    mode: str,
+    batch_size: int,
+    max_frames: int | None,
+    items: queue.Queue,
+    stop: threading.Event,
+) -> None:
     """Decode thread: read frames, prepare them batch by batch, feed the queue; owns ``source``."""
     try:
         start, batch = 0, []
@@ -163,8 +171,9 @@ def segment_video(
     Stopping the iteration early (``break``, ``close()``) stops the decode thread.
     """
     if batch_size < 1 or queue_size < 1:
-        raise RuntimeInputError(f"batch_size and queue_size must be >= 1, got {batch_size}, "
-                                f"{queue_size}")
+        raise RuntimeInputError(
+            f"batch_size and queue_size must be >= 1, got {batch_size}, {queue_size}"
+        )
     frames = open_source(source, color)
     try:
         count = frames.count if max_frames is None else min(max_frames, frames.count or max_frames)
@@ -180,30 +189,42 @@ def _enlarged(geometry: Geometry) -> bool:
     return geometry.orig_h > geometry.content_h or geometry.orig_w > geometry.content_w
 
 
-def _decode_batch(segmenter: FrameSegmenter, item: _Batch, support: Support,
-                  smooth: bool) -> list[np.ndarray]:
+def _decode_batch(
+    segmenter: FrameSegmenter, item: _Batch, support: Support, smooth: bool
+) -> list[np.ndarray]:
     """Labels of one prepared batch at each frame's own size (uint8 [H_i, W_i] each)."""
     if smooth and any(_enlarged(g) for g in item.geometry):
         # labels [B, S, S], probabilities [B, N+1, S, S]
         labels, probabilities = segmenter.decode_with_probabilities(item.prepared, support)
-        return [restore_smooth(probabilities[i], item.geometry[i])
-                if _enlarged(item.geometry[i]) else
-                restore_labels(labels[i], item.geometry[i])
-                for i in range(len(item.frames))]
+        return [
+            restore_smooth(probabilities[i], item.geometry[i])
+            if _enlarged(item.geometry[i])
+            else restore_labels(labels[i], item.geometry[i])
+            for i in range(len(item.frames))
+        ]
     labels = segmenter.decode_prepared(item.prepared, support)  # [B, S, S]
     return [restore_labels(labels[i], item.geometry[i]) for i in range(len(item.frames))]
 
 
-def _run(segmenter: FrameSegmenter, source: FrameSource, support: Support,
-         writer: Writer | None, batch_size: int, max_frames: int | None, queue_size: int,
-         smooth: bool) -> Generator[FrameResult, None, None]:
+def _run(
+    segmenter: FrameSegmenter,
+    source: FrameSource,
+    support: Support,
+    writer: Writer | None,
+    batch_size: int,
+    max_frames: int | None,
+    queue_size: int,
+    smooth: bool,
+) -> Generator[FrameResult, None, None]:
     """The consumer: decode, restore, write and yield each batch the decode thread queued."""
     items: queue.Queue = queue.Queue(maxsize=queue_size)
     stop = threading.Event()
     thread = threading.Thread(
-        target=_produce, name="mfnet-decode", daemon=True,
-        args=(source, segmenter.input_size, segmenter.resize, batch_size, max_frames, items,
-              stop))
+        target=_produce,
+        name="mfnet-decode",
+        daemon=True,
+        args=(source, segmenter.input_size, segmenter.resize, batch_size, max_frames, items, stop),
+    )
     thread.start()
     try:
         while True:
@@ -235,37 +256,74 @@ def _run(segmenter: FrameSegmenter, source: FrameSource, support: Support,
 def add_io_arguments(parser: argparse.ArgumentParser) -> None:
     """The source, output and pipeline options of both segment commands."""
     parser.add_argument(
-        "--input", required=True, metavar="SRC",
+        "--input",
+        required=True,
+        metavar="SRC",
         help="what to segment: a video file, a folder of images (sorted by name), one image "
-             "file, or a camera index such as 0")
+        "file, or a camera index such as 0",
+    )
     parser.add_argument(
-        "--output", default=None, metavar="DST", type=options.output_path,
+        "--output",
+        default=None,
+        metavar="DST",
+        type=options.output_path,
         help=f"where to write: a video file ({', '.join(VIDEO_OUTPUT_EXTENSIONS)}; the overlay, "
-             "same size and frame rate as the input) or a folder (per frame, numbered from "
-             "000000: NNNNNN.png, the labels as an 8-bit PNG with 0 = background and i = the "
-             "i-th class, and NNNNNN_overlay.png); omit it to only measure the speed")
-    parser.add_argument("--batch-size", type=options.positive_int, default=1, metavar="B",
-                        help="frames per engine call (default 1; larger helps GPUs)")
-    parser.add_argument("--max-frames", type=options.positive_int, default=None, metavar="N",
-                        help="stop after N frames (cameras run until Ctrl-C otherwise)")
-    parser.add_argument("--fps", type=options.number(0, exclusive_minimum=True), default=None,
-                        help="frame rate of the output video when the input has none (image "
-                             f"folders, images; default {DEFAULT_FPS:g})")
-    parser.add_argument("--alpha", type=options.number(0.0, 1.0), default=0.5,
-                        help="opacity of the class colours in the overlays (0..1, default 0.5)")
-    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
-                        help="show a progress bar on stderr (plain lines when stderr is not a "
-                             "terminal)")
-    parser.add_argument("--smooth", action=argparse.BooleanOptionalAction, default=True,
-                        help="for frames larger than the network input, upsample the class "
-                             "probabilities bilinearly and take the argmax at the frame's size "
-                             "(smooth edges); --no-smooth upsamples the labels by nearest "
-                             "neighbour (blocky, slightly faster) (default: on)")
+        "same size and frame rate as the input) or a folder (per frame, numbered from "
+        "000000: NNNNNN.png, the labels as an 8-bit PNG with 0 = background and i = the "
+        "i-th class, and NNNNNN_overlay.png); omit it to only measure the speed",
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=options.positive_int,
+        default=1,
+        metavar="B",
+        help="frames per engine call (default 1; larger helps GPUs)",
+    )
+    parser.add_argument(
+        "--max-frames",
+        type=options.positive_int,
+        default=None,
+        metavar="N",
+        help="stop after N frames (cameras run until Ctrl-C otherwise)",
+    )
+    parser.add_argument(
+        "--fps",
+        type=options.number(0, exclusive_minimum=True),
+        default=None,
+        help="frame rate of the output video when the input has none (image "
+        f"folders, images; default {DEFAULT_FPS:g})",
+    )
+    parser.add_argument(
+        "--alpha",
+        type=options.number(0.0, 1.0),
+        default=0.5,
+        help="opacity of the class colours in the overlays (0..1, default 0.5)",
+    )
+    parser.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="show a progress bar on stderr (plain lines when stderr is not a terminal)",
+    )
+    parser.add_argument(
+        "--smooth",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="for frames larger than the network input, upsample the class "
+        "probabilities bilinearly and take the argmax at the frame's size "
+        "(smooth edges); --no-smooth upsamples the labels by nearest "
+        "neighbour (blocky, slightly faster) (default: on)",
+    )
     add_threads_argument(parser)
 
 
-def run_and_report(segmenter: FrameSegmenter, support: Support,
-                   args: argparse.Namespace, backend: str, out: TextIO | None = None) -> int:
+def run_and_report(
+    segmenter: FrameSegmenter,
+    support: Support,
+    args: argparse.Namespace,
+    backend: str,
+    out: TextIO | None = None,
+) -> int:
     """Run ``segment_video`` with the options of ``add_io_arguments``; print the report.
 
     Returns the exit code (0, or 130 after Ctrl-C, with the report of the frames done).
@@ -278,11 +336,22 @@ def run_and_report(segmenter: FrameSegmenter, support: Support,
     if not 0.0 <= args.alpha <= 1.0:
         raise RuntimeInputError(f"--alpha must be in [0, 1], got {args.alpha}")
     source = open_source(args.input)
-    total = source.count if args.max_frames is None else min(
-        args.max_frames, source.count or args.max_frames)
-    results = segment_video(segmenter, source, support, args.output,
-                            batch_size=args.batch_size, max_frames=args.max_frames,
-                            fps=args.fps, alpha=args.alpha, smooth=args.smooth)
+    total = (
+        source.count
+        if args.max_frames is None
+        else min(args.max_frames, source.count or args.max_frames)
+    )
+    results = segment_video(
+        segmenter,
+        source,
+        support,
+        args.output,
+        batch_size=args.batch_size,
+        max_frames=args.max_frames,
+        fps=args.fps,
+        alpha=args.alpha,
+        smooth=args.smooth,
+    )
     progress = Progress(total, "segmenting", args.progress)
     start = time.perf_counter()
     code = 0
@@ -294,8 +363,11 @@ def run_and_report(segmenter: FrameSegmenter, support: Support,
     report = Report(progress.count, time.perf_counter() - start, backend)
     print(f"{source.name}: {report.line()}", file=out)
     if code == 0 and args.max_frames is None and source.count and progress.count < source.count:
-        print(f"note: {source.name} announces {source.count} frames but {progress.count} could "
-              "be decoded (truncated or corrupt?)", file=out)
+        print(
+            f"note: {source.name} announces {source.count} frames but {progress.count} could "
+            "be decoded (truncated or corrupt?)",
+            file=out,
+        )
     if args.output is not None and progress.count:
         print(f"wrote {args.output}", file=out)
     return code

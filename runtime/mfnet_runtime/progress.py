@@ -19,8 +19,13 @@ class Progress:
     newline-terminated line per update, at most one a second, and the last one. ``total`` is
     None for endless sources (cameras)."""
 
-    def __init__(self, total: int | None, description: str, enabled: bool = True,
-                 stream: TextIO | None = None) -> None:
+    def __init__(
+        self,
+        total: int | None,
+        description: str,
+        enabled: bool = True,
+        stream: TextIO | None = None,
+    ) -> None:
         self.total, self.description, self.enabled = total, description, enabled
         self.stream = stream or sys.stderr
         self.count, self._last_draw, self._drawn = 0, 0.0, 0
@@ -34,8 +39,13 @@ class Progress:
             except ImportError:
                 tqdm = None
             if tqdm is not None:
-                self._bar = tqdm(total=total, desc=description, unit="frame", file=self.stream,
-                                 dynamic_ncols=True)
+                self._bar = tqdm(
+                    total=total,
+                    desc=description,
+                    unit="frame",
+                    file=self.stream,
+                    dynamic_ncols=True,
+                )
 
     def update(self, frames: int = 1) -> None:
         """Count ``frames`` more; redraw when the rate limit allows (or at the total)."""
@@ -86,5 +96,7 @@ class Report:
 
     def line(self) -> str:
         """The report as one line: frames, seconds, frames per second, backend."""
-        return (f"frames: {self.frames}  seconds: {self.seconds:.2f}  "
-                f"frames per second: {self.fps:.1f}  backend: {self.backend}")
+        return (
+            f"frames: {self.frames}  seconds: {self.seconds:.2f}  "
+            f"frames per second: {self.fps:.1f}  backend: {self.backend}"
+        )

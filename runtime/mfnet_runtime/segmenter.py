@@ -21,7 +21,7 @@ import logging
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -69,14 +69,23 @@ class Segmenter:
         # K = 1 needs the single-shot aggregator when the general one starts at 2 (A_S models).
         aggregators = [g for g in manifest.graphs if g.role == "prototype_aggregator"]
         default = 2 if model.support_attention else 1
-        self._min_shots = int(aggregators[0].details.get("min_shots", default)
-                              if aggregators else default)
+        self._min_shots = int(
+            aggregators[0].details.get("min_shots", default) if aggregators else default
+        )
 
     @classmethod
-    def load(cls, engine_dir: str | Path, backend: str = "auto", device: str = "auto",
-             precision: str = "auto", verify_hashes: bool = True, *,
-             cuda_graph_batch: int = 0, device_id: int = 0,
-             threads: int | None = None) -> Segmenter:
+    def load(
+        cls,
+        engine_dir: str | Path,
+        backend: str = "auto",
+        device: str = "auto",
+        precision: str = "auto",
+        verify_hashes: bool = True,
+        *,
+        cuda_graph_batch: int = 0,
+        device_id: int = 0,
+        threads: int | None = None,
+    ) -> Segmenter:
         """Open an export directory (``manifest.json`` + graphs / engines).
 
         backend: "auto" | "onnxruntime" | "tensorrt"; device: "auto" | "cuda" | "cpu";
@@ -90,19 +99,29 @@ class Segmenter:
         """
         policy = thread_policy(threads)
         manifest = read_manifest(engine_dir)
-        opened = open_backend(manifest, backend, device, precision, verify_hashes,
-                              cuda_graph_batch, device_id)
+        opened = open_backend(
+            manifest, backend, device, precision, verify_hashes, cuda_graph_batch, device_id
+        )
         if opened.name.startswith("onnxruntime"):
-            opened.intra_op_threads = policy.threads  # read when each session is created
+            # ONNX Runtime backends read it when each session is created (not in Backend)
+            opened.intra_op_threads = policy.threads  # type: ignore[attr-defined]
         logger.info(policy.describe())
-        logger.info("%s backend, %s graphs, %d-way, %dx%d input, from %s",
-                    opened.name, opened.precision, manifest.model.way,
-                    manifest.model.input_size, manifest.model.input_size, manifest.directory)
+        logger.info(
+            "%s backend, %s graphs, %d-way, %dx%d input, from %s",
+            opened.name,
+            opened.precision,
+            manifest.model.way,
+            manifest.model.input_size,
+            manifest.model.input_size,
+            manifest.directory,
+        )
         return cls(manifest, opened)
 
     def __repr__(self) -> str:
-        return (f"Segmenter({str(self.engine_dir)!r}, backend={self.backend_name!r}, "
-                f"precision={self.precision!r}, way={self.way}, input_size={self.input_size})")
+        return (
+            f"Segmenter({str(self.engine_dir)!r}, backend={self.backend_name!r}, "
+            f"precision={self.precision!r}, way={self.way}, input_size={self.input_size})"
+        )
 
     def close(self) -> None:
         """Release the backend's sessions / engines and device memory."""
@@ -115,8 +134,9 @@ class Segmenter:
         self.close()
 
     # ---------------------------------------------------------------------------- support side
-    def encode_support(self, classes: Mapping[str, Sequence[tuple[ImageInput, Any]]],
-                       color: str = "rgb") -> SupportSet:
+    def encode_support(
+        self, classes: Mapping[str, Sequence[tuple[ImageInput, Any]]], color: str = "rgb"
+    ) -> SupportSet:
         """Encode a support set: {class name: [(image, mask), ...]} in label order.
 
         Dict order is class order: label n + 1 is the n-th class. Exactly ``way`` classes, each
@@ -124,32 +144,39 @@ class Segmenter:
         file path; mask: [H, W] bool / {0, 1} / {0, 255} / {0, 1, 255} (255 = ignore) or a path.
         """
         if not isinstance(classes, Mapping):
-            raise RuntimeInputError("classes must be a dict {class name: [(image, mask), ...]}, "
-                                    f"got {type(classes).__name__}")
+            raise RuntimeInputError(
+                "classes must be a dict {class name: [(image, mask), ...]}, "
+                f"got {type(classes).__name__}"
+            )
         self._check_way(len(classes), list(classes))
         shots, names, counts = [], [], []
         for name, pairs in classes.items():
             if not isinstance(name, str) or not name:
                 raise RuntimeInputError(f"class names must be non-empty strings, got {name!r}")
             if isinstance(pairs, tuple) and len(pairs) == 2 and not isinstance(pairs[0], tuple):
-                raise RuntimeInputError(f"class {name!r}: give a list of (image, mask) pairs, "
-                                        "e.g. [(image, mask)]")
+                raise RuntimeInputError(
+                    f"class {name!r}: give a list of (image, mask) pairs, e.g. [(image, mask)]"
+                )
             if len(pairs) == 0:
                 raise RuntimeInputError(f"class {name!r} has no support shot")
             for k, pair in enumerate(pairs):
                 if not isinstance(pair, (tuple, list)) or len(pair) != 2:
-                    raise RuntimeInputError(f"class {name!r}, shot {k}: expected an (image, "
-                                            f"mask) pair, got {type(pair).__name__}")
+                    raise RuntimeInputError(
+                        f"class {name!r}, shot {k}: expected an (image, "
+                        f"mask) pair, got {type(pair).__name__}"
+                    )
                 shots.append((name, k, pair[0], pair[1]))
             names.append(name)
             counts.append(len(pairs))
         features = self._encode_shots(shots, color)
         per_class = np.split(features, np.cumsum(counts)[:-1])
-        return SupportSet(tuple(names), tuple(per_class), self._aggregate(per_class, names),
-                          self.engine_id)
+        return SupportSet(
+            tuple(names), tuple(per_class), self._aggregate(per_class, names), self.engine_id
+        )
 
-    def add_shot(self, support: SupportSet, name: str, image: ImageInput, mask: Any,
-                 color: str = "rgb") -> SupportSet:
+    def add_shot(
+        self, support: SupportSet, name: str, image: ImageInput, mask: Any, color: str = "rgb"
+    ) -> SupportSet:
         """A new set: ``support`` with one more shot of class ``name`` (a new name adds a class
         at the end).
 
@@ -159,8 +186,11 @@ class Segmenter:
         """
         self.check_engine(support)
         known = name in support.class_names
-        previous = (support.shot_features[support.class_names.index(name)] if known
-                    else np.zeros((0, self.channels), np.float32))  # [K, C]
+        previous = (
+            support.shot_features[support.class_names.index(name)]
+            if known
+            else np.zeros((0, self.channels), np.float32)
+        )  # [K, C]
         new = self._encode_shots([(name, previous.shape[0], image, mask)], color)  # [1, C]
         features = np.concatenate([previous, new])  # [K + 1, C]
         return support.with_class(name, features, self._aggregate([features], [name])[0])
@@ -171,21 +201,23 @@ class Segmenter:
         self.check_engine(support, source=str(path))
         return support
 
-    def _encode_shots(self, shots: Sequence[tuple[str, int, ImageInput, Any]],
-                      color: str = "rgb") -> np.ndarray:
+    def _encode_shots(
+        self, shots: Sequence[tuple[str, int, ImageInput, Any]], color: str = "rgb"
+    ) -> np.ndarray:
         """(class name, shot index, image, mask) shots -> float32 [len(shots), C] features.
 
         Every shot is checked before any is encoded; the encoder runs in chunks of its limit.
         """
         size, mode = self.input_size, self.resize
         backbone = self._manifest.model.backbone
-        prepared = [prepare_shot(image, mask, size, mode, backbone, color,
-                                 f"class {name!r}, shot {k}")
-                    for name, k, image, mask in shots]
+        prepared = [
+            prepare_shot(image, mask, size, mode, backbone, color, f"class {name!r}, shot {k}")
+            for name, k, image, mask in shots
+        ]
         chunks = []
         step = self._backend.max_support
         for start in range(0, len(prepared), step):
-            part = prepared[start:start + step]
+            part = prepared[start : start + step]
             images = np.stack([image for image, _ in part])  # [S, H, W, 3] uint8 RGB
             masks = np.stack([mask for _, mask in part])  # [S, H, W] uint8 0 / 1 / 255
             chunks.append(self._backend.run_support_encoder(images, masks))
@@ -210,28 +242,32 @@ class Segmenter:
                 raise RuntimeInputError(
                     f"class {names[index]!r} has {shots.shape[0]} shots; the engines take at "
                     f"most {max_shots} per class (an export limit: re-export with a larger "
-                    "--max-shots)")
+                    "--max-shots)"
+                )
             groups[shots.shape[0]].append(index)
         for count, members in groups.items():
             single = count < self._min_shots
             for start in range(0, len(members), self.way):
-                chunk = members[start:start + self.way]
+                chunk = members[start : start + self.way]
                 padding = [features[chunk[0]]] * (self.way - len(chunk))
                 rows = [features[i] for i in chunk] + padding
                 stacked = np.ascontiguousarray(np.stack(rows), dtype=np.float32)  # [way, K, C]
-                prototypes[chunk] = self._backend.run_aggregator(stacked, single)[:len(chunk)]
+                prototypes[chunk] = self._backend.run_aggregator(stacked, single)[: len(chunk)]
         return prototypes
 
     def check_engine(self, support: SupportSet, source: str = "this support set") -> None:
         """Refuse a support set encoded by other engines (other weights)."""
         if not isinstance(support, SupportSet):
-            raise RuntimeInputError(f"expected a SupportSet, got {type(support).__name__}; "
-                                    "make one with Segmenter.encode_support")
+            raise RuntimeInputError(
+                f"expected a SupportSet, got {type(support).__name__}; "
+                "make one with Segmenter.encode_support"
+            )
         if support.engine_id != self.engine_id:
             raise RuntimeInputError(
                 f"{source} was encoded by other engines (engine id {support.engine_id[:12]}..., "
                 f"these are {self.engine_id[:12]}... from {self.engine_dir}): its features mean "
-                "nothing to this decoder; encode the support images again with this segmenter")
+                "nothing to this decoder; encode the support images again with this segmenter"
+            )
 
     def _check_way(self, count: int, names: Sequence[str]) -> None:
         """Refuse a number of support classes other than the engines' way."""
@@ -239,11 +275,13 @@ class Segmenter:
             raise RuntimeInputError(
                 f"{count} support classes given ({', '.join(map(repr, names)) or 'none'}) but "
                 f"the engines are {self.way}-way: the number of classes is fixed at training, "
-                f"so give exactly {self.way} (or use a model trained for {count} ways)")
+                f"so give exactly {self.way} (or use a model trained for {count} ways)"
+            )
 
     # ------------------------------------------------------------------------------ query side
-    def prepare_frames(self, frames: Sequence[ImageInput] | np.ndarray, color: str = "rgb"
-                       ) -> tuple[np.ndarray, list[Geometry]]:
+    def prepare_frames(
+        self, frames: Sequence[ImageInput] | np.ndarray, color: str = "rgb"
+    ) -> tuple[np.ndarray, list[Geometry]]:
         """Frames -> (uint8 [B, S, S, 3] RGB network input, per-frame geometry).
 
         Geometry is (orig_h, orig_w, content_h, content_w). Safe to call from another thread
@@ -253,32 +291,44 @@ class Segmenter:
         if isinstance(frames, np.ndarray) and frames.ndim == 4:
             frames = list(frames)
         if isinstance(frames, (np.ndarray, str, Path)):
-            raise RuntimeInputError("prepare_frames takes a list of frames; wrap a single "
-                                    "frame in a list")
+            raise RuntimeInputError(
+                "prepare_frames takes a list of frames; wrap a single frame in a list"
+            )
         return prepare_frames(frames, self.input_size, self.resize, color)
 
-    def _decode(self, batch: np.ndarray, support: SupportSet, with_probabilities: bool
-                ) -> tuple[np.ndarray, np.ndarray | None]:
+    def _decode(
+        self, batch: np.ndarray, support: SupportSet, with_probabilities: bool
+    ) -> tuple[np.ndarray, np.ndarray | None]:
         """Checked prepared frames -> (labels [B, S, S], probabilities [B, N+1, S, S] or None)."""
         size = self.input_size
-        if (not isinstance(batch, np.ndarray) or batch.dtype != np.uint8
-                or batch.shape[1:] != (size, size, 3) or batch.ndim != 4):
+        if (
+            not isinstance(batch, np.ndarray)
+            or batch.dtype != np.uint8
+            or batch.shape[1:] != (size, size, 3)
+            or batch.ndim != 4
+        ):
             got = f"{batch.dtype} {batch.shape}" if isinstance(batch, np.ndarray) else type(batch)
-            raise RuntimeInputError(f"prepared frames must be uint8 [B, {size}, {size}, 3] (from "
-                                    f"prepare_frames), got {got}")
+            raise RuntimeInputError(
+                f"prepared frames must be uint8 [B, {size}, {size}, 3] (from "
+                f"prepare_frames), got {got}"
+            )
         self.check_engine(support)
         self._check_way(len(support.class_names), support.class_names)
         prototypes = np.ascontiguousarray(support.prototypes, dtype=np.float32)
         labels, probabilities = [], []
         for start in range(0, batch.shape[0], self.max_batch):
-            part = np.ascontiguousarray(batch[start:start + self.max_batch])
-            out_labels, out_probabilities = self._backend.run_decoder(part, prototypes,
-                                                                      with_probabilities)
+            part = np.ascontiguousarray(batch[start : start + self.max_batch])
+            out_labels, out_probabilities = self._backend.run_decoder(
+                part, prototypes, with_probabilities
+            )
             labels.append(out_labels)
             probabilities.append(out_probabilities)
         if not labels:
             return np.zeros((0, size, size), np.uint8), None
-        stacked = np.concatenate(probabilities) if with_probabilities else None
+        # backends return an array for every part when asked for the probabilities
+        stacked = (
+            np.concatenate(cast("list[np.ndarray]", probabilities)) if with_probabilities else None
+        )
         return np.concatenate(labels), stacked
 
     def decode_prepared(self, batch: np.ndarray, support: SupportSet) -> np.ndarray:
@@ -286,12 +336,13 @@ class Segmenter:
         n = ``support.class_names[n - 1]``); batches larger than ``max_batch`` are split."""
         return self._decode(batch, support, False)[0]
 
-    def decode_with_probabilities(self, batch: np.ndarray, support: SupportSet
-                                  ) -> tuple[np.ndarray, np.ndarray]:
+    def decode_with_probabilities(
+        self, batch: np.ndarray, support: SupportSet
+    ) -> tuple[np.ndarray, np.ndarray]:
         """uint8 [B, S, S, 3] prepared frames -> (labels uint8 [B, S, S], probabilities
         float32 [B, N+1, S, S]), for ``restore_smooth``."""
         labels, probabilities = self._decode(batch, support, True)
-        return labels, probabilities
+        return labels, probabilities  # type: ignore[return-value]  # None only when B = 0
 
     def restore_smooth(self, probabilities_s: np.ndarray, geometry: Geometry) -> np.ndarray:
         """float32 [N+1, S, S] -> uint8 [orig_h, orig_w] labels: bilinear upsampling of the
@@ -312,17 +363,22 @@ class Segmenter:
         batch, geometry = self.prepare_frames([frame], color)
         return self.restore_labels(self.decode_prepared(batch, support)[0], geometry[0])
 
-    def segment_batch(self, frames: Sequence[ImageInput], support: SupportSet,
-                      color: str = "rgb") -> list[np.ndarray]:
+    def segment_batch(
+        self, frames: Sequence[ImageInput], support: SupportSet, color: str = "rgb"
+    ) -> list[np.ndarray]:
         """Several frames (any sizes) -> one uint8 [H_i, W_i] label map each; the decoder runs
         on batches of up to ``max_batch`` frames."""
         batch, geometry = self.prepare_frames(frames, color)
         labels = self.decode_prepared(batch, support)
-        return [self.restore_labels(one, shape) for one, shape in zip(labels, geometry)]
+        return [
+            self.restore_labels(one, shape) for one, shape in zip(labels, geometry, strict=False)
+        ]
 
-    def probabilities(self, frame: ImageInput, support: SupportSet, color: str = "rgb"
-                      ) -> np.ndarray:
+    def probabilities(
+        self, frame: ImageInput, support: SupportSet, color: str = "rgb"
+    ) -> np.ndarray:
         """One frame -> float32 [N+1, H, W] softmax (channel 0 = background) at its size."""
         batch, geometry = self.prepare_frames([frame], color)
         _, probabilities = self._decode(batch, support, True)
+        assert probabilities is not None  # one frame: never an empty batch
         return restore_probabilities(probabilities[0], geometry[0])

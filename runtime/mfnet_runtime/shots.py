@@ -54,8 +54,9 @@ def feature_area(foreground: np.ndarray, side: int) -> float:
     return float(rows @ foreground.astype(np.float64) @ cols)
 
 
-def prepare_shot(image: ImageInput, mask: Any, size: int, mode: str, backbone: str,
-                 color: str, label: str) -> tuple[np.ndarray, np.ndarray]:
+def prepare_shot(
+    image: ImageInput, mask: Any, size: int, mode: str, backbone: str, color: str, label: str
+) -> tuple[np.ndarray, np.ndarray]:
     """One support shot -> (uint8 [S, S, 3] RGB, uint8 [S, S] 0/1/255), checked.
 
     ``label`` names the shot in errors, e.g. "class 'cat', shot 2".
@@ -65,11 +66,13 @@ def prepare_shot(image: ImageInput, mask: Any, size: int, mode: str, backbone: s
     if labels.shape != array.shape[:2]:
         raise RuntimeInputError(
             f"the mask of {label} is {labels.shape[0]}x{labels.shape[1]} but its image is "
-            f"{array.shape[0]}x{array.shape[1]}; a mask must have its image's height and width")
+            f"{array.shape[0]}x{array.shape[1]}; a mask must have its image's height and width"
+        )
     if not (labels == 1).any():
         raise RuntimeInputError(
             f"the mask of {label} is empty (no object pixel; ignore-only pixels do not count): "
-            "mark the object with 1, 255 or True")
+            "mark the object with 1, 255 or True"
+        )
     fitted, _ = fit(array, size, mode, Image.Resampling.BILINEAR)
     fitted_mask, _ = fit(labels, size, mode, Image.Resampling.NEAREST)
     if bgr:
@@ -79,5 +82,6 @@ def prepare_shot(image: ImageInput, mask: Any, size: int, mode: str, backbone: s
         raise RuntimeInputError(
             f"the object in the mask of {label} ({int((labels == 1).sum())} pixels) vanishes "
             f"after resizing to the network input {size}x{size} (feature map {side}x{side}): "
-            "use a support image where the object is larger, or crop it tighter")
+            "use a support image where the object is larger, or crop it tighter"
+        )
     return fitted, fitted_mask

@@ -55,8 +55,12 @@ class ClassSpec:
 def is_image_file(path: Path) -> bool:
     """An image by its extension (case-insensitive), not hidden, and not a ``.mask.png``."""
     name = path.name.lower()
-    return (path.is_file() and not name.startswith(".") and name.endswith(IMAGE_EXTENSIONS)
-            and not name.endswith(MASK_SUFFIX))
+    return (
+        path.is_file()
+        and not name.startswith(".")
+        and name.endswith(IMAGE_EXTENSIONS)
+        and not name.endswith(MASK_SUFFIX)
+    )
 
 
 def read_support_spec(path: str | Path) -> list[ClassSpec]:
@@ -74,15 +78,17 @@ def read_support_spec(path: str | Path) -> list[ClassSpec]:
         classes = _read_json(root)
     else:
         raise SupportSpecError(
-            f"support spec {root} is neither a folder (one sub-folder per class) nor a .json file")
+            f"support spec {root} is neither a folder (one sub-folder per class) nor a .json file"
+        )
     if not classes:
         raise SupportSpecError(f"support spec {root} defines no classes")
     for spec in classes:
         for shot in spec.shots:
             for file in (shot.image, shot.mask):
                 if file.is_dir():
-                    raise SupportSpecError(f"class {spec.name!r}: {file} is a directory, "
-                                           "expected an image file")
+                    raise SupportSpecError(
+                        f"class {spec.name!r}: {file} is a directory, expected an image file"
+                    )
                 if not file.is_file():
                     raise SupportSpecError(f"class {spec.name!r}: file {file} does not exist")
     return classes
@@ -99,7 +105,8 @@ def _read_folder(root: Path) -> list[ClassSpec]:
         if missing:
             raise SupportSpecError(
                 f"{order_file} lists {missing} but {root} has no such folder(s); "
-                f"folders: {sorted(folders)}")
+                f"folders: {sorted(folders)}"
+            )
     else:
         names = sorted(folders)
     classes = []
@@ -108,13 +115,15 @@ def _read_folder(root: Path) -> list[ClassSpec]:
         if not images:
             raise SupportSpecError(
                 f"class {name!r}: folder {folders[name]} holds no image "
-                f"(extensions {', '.join(IMAGE_EXTENSIONS)})")
+                f"(extensions {', '.join(IMAGE_EXTENSIONS)})"
+            )
         shots = []
         for image in images:
             mask = image.with_name(image.stem + MASK_SUFFIX)
             if not mask.is_file():
                 raise SupportSpecError(
-                    f"class {name!r}: image {image} has no mask {mask.name} beside it")
+                    f"class {name!r}: image {image} has no mask {mask.name} beside it"
+                )
             shots.append(ShotSpec(image, mask))
         classes.append(ClassSpec(name, tuple(shots)))
     return classes
@@ -132,8 +141,11 @@ def _read_json(file: Path) -> list[ClassSpec]:
     classes = []
     for i, entry in enumerate(entries):
         where = f"{file}: classes[{i}]"
-        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) \
-                or not entry["name"].strip():
+        if (
+            not isinstance(entry, dict)
+            or not isinstance(entry.get("name"), str)
+            or not entry["name"].strip()
+        ):
             raise SupportSpecError(f'{where} needs a non-empty "name" string')
         name = entry["name"].strip()
         raw_shots = entry.get("shots")
@@ -142,9 +154,11 @@ def _read_json(file: Path) -> list[ClassSpec]:
         shots = []
         for j, shot in enumerate(raw_shots):
             if not isinstance(shot, dict) or not all(
-                    isinstance(shot.get(key), str) for key in ("image", "mask")):
+                isinstance(shot.get(key), str) for key in ("image", "mask")
+            ):
                 raise SupportSpecError(
-                    f'{where}.shots[{j}] ({name!r}) needs "image" and "mask" path strings')
+                    f'{where}.shots[{j}] ({name!r}) needs "image" and "mask" path strings'
+                )
             shots.append(ShotSpec(base / shot["image"], base / shot["mask"]))
         classes.append(ClassSpec(name, tuple(shots)))
     _check_unique([c.name for c in classes], file)
@@ -177,10 +191,12 @@ def _read_shot(name: str, shot: ShotSpec) -> tuple[np.ndarray, np.ndarray]:
     if mask.shape != image.shape[:2]:
         raise SupportSpecError(
             f"class {name!r}: mask {shot.mask} is {mask.shape[1]}x{mask.shape[0]} but image "
-            f"{shot.image} is {image.shape[1]}x{image.shape[0]} (width x height)")
+            f"{shot.image} is {image.shape[1]}x{image.shape[0]} (width x height)"
+        )
     if not (mask == 1).any():
-        raise SupportSpecError(f"class {name!r}: mask {shot.mask} marks no pixel of its class "
-                               "(it is all 0)")
+        raise SupportSpecError(
+            f"class {name!r}: mask {shot.mask} marks no pixel of its class (it is all 0)"
+        )
     return image, mask
 
 
@@ -191,5 +207,7 @@ def load_support_spec(path: str | Path) -> dict[str, list[tuple[np.ndarray, np.n
     [H, W, 3] RGB; masks uint8 [H, W] of the same H, W with 1 = class, 0 = not, 255 = ignore.
     Raises ``SupportSpecError`` (a ``RuntimeInputError``) naming the file at fault.
     """
-    return {spec.name: [_read_shot(spec.name, shot) for shot in spec.shots]
-            for spec in read_support_spec(path)}
+    return {
+        spec.name: [_read_shot(spec.name, shot) for shot in spec.shots]
+        for spec in read_support_spec(path)
+    }

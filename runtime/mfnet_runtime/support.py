@@ -44,12 +44,15 @@ class SupportSet:
         if len(set(names)) != len(names) or not all(isinstance(n, str) and n for n in names):
             raise RuntimeInputError(f"class names must be distinct non-empty strings: {names}")
         channels = prototypes.shape[1] if prototypes.ndim == 2 else -1
-        if (len(features) != len(names) or prototypes.shape != (len(names), channels)
-                or any(f.ndim != 2 or f.shape[0] < 1 or f.shape[1] != channels
-                       for f in features)):
+        if (
+            len(features) != len(names)
+            or prototypes.shape != (len(names), channels)
+            or any(f.ndim != 2 or f.shape[0] < 1 or f.shape[1] != channels for f in features)
+        ):
             raise RuntimeInputError(
                 f"inconsistent support set: {len(names)} names, features "
-                f"{[f.shape for f in features]}, prototypes {prototypes.shape}")
+                f"{[f.shape for f in features]}, prototypes {prototypes.shape}"
+            )
         for array in features + (prototypes,):
             array.setflags(write=False)  # the set is immutable, its arrays too
         object.__setattr__(self, "class_names", names)
@@ -62,25 +65,31 @@ class SupportSet:
         return tuple(f.shape[0] for f in self.shot_features)
 
     def __repr__(self) -> str:
-        classes = ", ".join(f"{n!r}: {k}" for n, k in zip(self.class_names, self.shot_counts))
+        classes = ", ".join(
+            f"{n!r}: {k}" for n, k in zip(self.class_names, self.shot_counts, strict=True)
+        )
         return f"SupportSet({{{classes}}}, engine_id={self.engine_id[:12]}...)"
 
-    def _with(self, names: tuple[str, ...], features: tuple[np.ndarray, ...],
-              prototypes: np.ndarray) -> SupportSet:
+    def _with(
+        self, names: tuple[str, ...], features: tuple[np.ndarray, ...], prototypes: np.ndarray
+    ) -> SupportSet:
         """A set of the same engines with these names, per-class features and prototypes."""
         return SupportSet(names, features, prototypes, self.engine_id)
 
-    def with_class(self, name: str, shot_features: np.ndarray, prototype: np.ndarray
-                   ) -> SupportSet:
+    def with_class(self, name: str, shot_features: np.ndarray, prototype: np.ndarray) -> SupportSet:
         """A new set where class ``name`` has ``shot_features`` float32 [K, C] and ``prototype``
         float32 [C]; a new name is added at the end (label N + 1), the others keep theirs."""
         prototype = np.asarray(prototype, dtype=np.float32)[None]  # [1, C]
         if name not in self.class_names:
-            return self._with(self.class_names + (name,), self.shot_features + (shot_features,),
-                              np.concatenate([self.prototypes, prototype]))
+            return self._with(
+                self.class_names + (name,),
+                self.shot_features + (shot_features,),
+                np.concatenate([self.prototypes, prototype]),
+            )
         index = self.class_names.index(name)
-        features = tuple(shot_features if i == index else f
-                         for i, f in enumerate(self.shot_features))
+        features = tuple(
+            shot_features if i == index else f for i, f in enumerate(self.shot_features)
+        )
         prototypes = self.prototypes.copy()
         prototypes[index] = prototype[0]
         return self._with(self.class_names, features, prototypes)
@@ -88,24 +97,37 @@ class SupportSet:
     def remove_class(self, name: str) -> SupportSet:
         """A new set without class ``name``; the labels of later classes move down by one."""
         if name not in self.class_names:
-            raise RuntimeInputError(f"no class {name!r} in this support set (classes: "
-                                    f"{list(self.class_names)})")
+            raise RuntimeInputError(
+                f"no class {name!r} in this support set (classes: {list(self.class_names)})"
+            )
         index = self.class_names.index(name)
         keep = [i for i in range(len(self.class_names)) if i != index]
-        return self._with(tuple(self.class_names[i] for i in keep),
-                          tuple(self.shot_features[i] for i in keep), self.prototypes[keep])
+        return self._with(
+            tuple(self.class_names[i] for i in keep),
+            tuple(self.shot_features[i] for i in keep),
+            self.prototypes[keep],
+        )
 
     def to_bytes(self) -> bytes:
         """The set as a numpy .npz archive (no pickle): format, engine id, names, per-shot
         features, prototypes."""
         counts = np.array(self.shot_counts, dtype=np.int64)
         channels = self.prototypes.shape[1]
-        features = (np.concatenate(self.shot_features) if self.shot_features
-                    else np.zeros((0, channels), np.float32))
+        features = (
+            np.concatenate(self.shot_features)
+            if self.shot_features
+            else np.zeros((0, channels), np.float32)
+        )
         buffer = io.BytesIO()
-        np.savez(buffer, format=np.array(FORMAT), engine_id=np.array(self.engine_id),
-                 class_names=np.array(self.class_names, dtype=str).reshape(-1),
-                 shot_counts=counts, shot_features=features, prototypes=self.prototypes)
+        np.savez(
+            buffer,
+            format=np.array(FORMAT),
+            engine_id=np.array(self.engine_id),
+            class_names=np.array(self.class_names, dtype=str).reshape(-1),
+            shot_counts=counts,
+            shot_features=features,
+            prototypes=self.prototypes,
+        )
         return buffer.getvalue()
 
     @classmethod
@@ -114,18 +136,23 @@ class SupportSet:
         try:
             with np.load(io.BytesIO(data), allow_pickle=False) as archive:
                 if str(archive["format"]) != FORMAT:
-                    raise RuntimeInputError(f"{source} has format {str(archive['format'])!r}, "
-                                            f"expected {FORMAT!r}")
+                    raise RuntimeInputError(
+                        f"{source} has format {str(archive['format'])!r}, expected {FORMAT!r}"
+                    )
                 counts = archive["shot_counts"].astype(np.int64)
                 features = np.split(archive["shot_features"], np.cumsum(counts)[:-1])
-                return cls(tuple(str(n) for n in archive["class_names"]),
-                           tuple(features) if len(counts) else (), archive["prototypes"],
-                           str(archive["engine_id"]))
+                return cls(
+                    tuple(str(n) for n in archive["class_names"]),
+                    tuple(features) if len(counts) else (),
+                    archive["prototypes"],
+                    str(archive["engine_id"]),
+                )
         except RuntimeInputError:
             raise
         except Exception as error:  # zip, npy and key errors alike: not a readable set
-            raise RuntimeInputError(f"{source} is not a readable support set file "
-                                    f"({type(error).__name__}: {error})") from error
+            raise RuntimeInputError(
+                f"{source} is not a readable support set file ({type(error).__name__}: {error})"
+            ) from error
 
     def save(self, path: str | Path) -> None:
         """Write the set to ``path`` (``to_bytes``), atomically."""

@@ -41,12 +41,14 @@ class ThreadPolicy:
     def describe(self) -> str:
         """One log line, e.g. ``threads: 1 (2 cores, 1 loader workers)``."""
         source = ", set by --threads" if self.requested else ""
-        return (f"threads: {self.threads} ({self.cores} cores, {self.workers} loader "
-                f"workers{source})")
+        return (
+            f"threads: {self.threads} ({self.cores} cores, {self.workers} loader workers{source})"
+        )
 
 
-def thread_policy(requested: int | None = None, workers: int = 0,
-                  cores: int | None = None) -> ThreadPolicy:
+def thread_policy(
+    requested: int | None = None, workers: int = 0, cores: int | None = None
+) -> ThreadPolicy:
     """Intra-op threads for one process: ``requested`` when given, else the free cores.
 
     Args:
@@ -69,6 +71,10 @@ def thread_policy(requested: int | None = None, workers: int = 0,
 def add_threads_argument(parser: argparse.ArgumentParser) -> None:
     """``--threads N``: the intra-op thread count; default from the free cores."""
     parser.add_argument(
-        "--threads", type=options.integer(minimum=1), default=None, metavar="N",
+        "--threads",
+        type=options.integer(minimum=1),
+        default=None,
+        metavar="N",
         help="intra-op threads of the inference / training library (default: the cores free "
-             "to this process, i.e. its CPU affinity minus the data-loader workers, at least 1)")
+        "to this process, i.e. its CPU affinity minus the data-loader workers, at least 1)",
+    )

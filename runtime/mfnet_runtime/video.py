@@ -73,8 +73,10 @@ class ImageFilesSource(FrameSource):
         self.paths, self.name, self.count = list(paths), name, len(paths)
         stems = [path.stem for path in self.paths]
         # a.jpg and a.png in one folder would both become a.png: keep their extensions apart
-        self._names = [stem if stems.count(stem) == 1 else f"{stem}_{path.suffix[1:]}"
-                       for stem, path in zip(stems, self.paths)]
+        self._names = [
+            stem if stems.count(stem) == 1 else f"{stem}_{path.suffix[1:]}"
+            for stem, path in zip(stems, self.paths, strict=True)
+        ]
 
     def frames(self) -> Iterator[np.ndarray]:
         for path in self.paths:
@@ -94,8 +96,11 @@ class CaptureSource(FrameSource):
         self._capture = cv2.VideoCapture(target)
         if not self._capture.isOpened():
             self._capture.release()
-            why = ("no such device, no permission, or in use by another program"
-                   if isinstance(target, int) else "corrupt, or a format OpenCV cannot decode")
+            why = (
+                "no such device, no permission, or in use by another program"
+                if isinstance(target, int)
+                else "corrupt, or a format OpenCV cannot decode"
+            )
             raise RuntimeInputError(f"{name} could not be opened ({why})")
         ok, first = self._capture.read()
         if not ok or first is None:
@@ -124,8 +129,9 @@ class CaptureSource(FrameSource):
 class ArraySource(FrameSource):
     """Any iterable of uint8 [H, W, 3] arrays; ``color`` is their channel order ("rgb"/"bgr")."""
 
-    def __init__(self, frames: Iterable[np.ndarray], color: str = "rgb",
-                 name: str = "frames") -> None:
+    def __init__(
+        self, frames: Iterable[np.ndarray], color: str = "rgb", name: str = "frames"
+    ) -> None:
         if color not in ("rgb", "bgr"):
             raise RuntimeInputError(f"color must be 'rgb' or 'bgr', got {color!r}")
         self._frames, self._color, self.name = frames, color, name
@@ -155,15 +161,17 @@ def open_source(source: Any, color: str = "rgb") -> FrameSource:
         images = sorted(p for p in path.iterdir() if is_image_file(p))
         if not images:
             raise RuntimeInputError(
-                f"input folder {path} holds no image ({', '.join(IMAGE_EXTENSIONS)})")
+                f"input folder {path} holds no image ({', '.join(IMAGE_EXTENSIONS)})"
+            )
         return ImageFilesSource(images, f"folder {path}")
     if path.suffix.lower() in IMAGE_EXTENSIONS:
         return ImageFilesSource([path], f"image {path}")
     return CaptureSource(str(path), f"video {path}")
 
 
-def _write_pngs(labels_path: Path, result: FrameResult, class_names: tuple[str, ...],
-                alpha: float) -> Path:
+def _write_pngs(
+    labels_path: Path, result: FrameResult, class_names: tuple[str, ...], alpha: float
+) -> Path:
     """``labels_path`` (mode L, label values 0..N) and ``<stem>_overlay.png`` (RGB) beside it."""
     # uint8 [H, W] is saved as an 8-bit greyscale (mode L) PNG holding the label values
     _save_png(np.asarray(result.labels, np.uint8), labels_path)
@@ -219,8 +227,7 @@ class VideoWriter:
     """Writes overlays to a video (mp4v fourcc) at the size of the first frame; later frames of
     another size (image folders) are resized to it."""
 
-    def __init__(self, path: Path, class_names: tuple[str, ...], alpha: float,
-                 fps: float) -> None:
+    def __init__(self, path: Path, class_names: tuple[str, ...], alpha: float, fps: float) -> None:
         self._cv2 = require_cv2()
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path, self.class_names, self.alpha, self.fps = path, class_names, alpha, fps
@@ -233,11 +240,14 @@ class VideoWriter:
         height, width = drawn.shape[:2]
         if self._writer is None:
             self._size = (width, height)
-            self._writer = cv2.VideoWriter(str(self.path), cv2.VideoWriter_fourcc(*"mp4v"),
-                                           self.fps, self._size)
+            self._writer = cv2.VideoWriter(
+                str(self.path), cv2.VideoWriter_fourcc(*"mp4v"), self.fps, self._size
+            )
             if not self._writer.isOpened():
-                raise RuntimeInputError(f"cannot write video {self.path} (mp4v codec, "
-                                        f"{width}x{height} at {self.fps:g} fps)")
+                raise RuntimeInputError(
+                    f"cannot write video {self.path} (mp4v codec, "
+                    f"{width}x{height} at {self.fps:g} fps)"
+                )
         if (width, height) != self._size:
             drawn = cv2.resize(drawn, self._size, interpolation=cv2.INTER_AREA)
         self._writer.write(cv2.cvtColor(drawn, cv2.COLOR_RGB2BGR))
@@ -251,8 +261,13 @@ class VideoWriter:
 Writer = FolderWriter | ImageWriter | VideoWriter
 
 
-def open_writer(output: str | Path | None, class_names: tuple[str, ...], fps: float | None,
-                alpha: float = 0.5, frames: int | None = None) -> Writer | None:
+def open_writer(
+    output: str | Path | None,
+    class_names: tuple[str, ...],
+    fps: float | None,
+    alpha: float = 0.5,
+    frames: int | None = None,
+) -> Writer | None:
     """The writer ``output`` names (None: no output): a .mp4/.avi path -> overlay video; a .png
     path -> labels + overlay of a single image (``frames`` must be 1); an existing folder or a
     path without an extension -> a folder of PNGs. Any other extension is an error, so that a
@@ -264,21 +279,26 @@ def open_writer(output: str | Path | None, class_names: tuple[str, ...], fps: fl
     if suffix in VIDEO_OUTPUT_EXTENSIONS:
         return VideoWriter(path, class_names, alpha, fps or DEFAULT_FPS)
     if suffix in OTHER_VIDEO_EXTENSIONS:
-        raise RuntimeInputError(f"output {path}: videos are written as "
-                                f"{' or '.join(VIDEO_OUTPUT_EXTENSIONS)} (mp4v codec)")
+        raise RuntimeInputError(
+            f"output {path}: videos are written as "
+            f"{' or '.join(VIDEO_OUTPUT_EXTENSIONS)} (mp4v codec)"
+        )
     if suffix == IMAGE_OUTPUT_EXTENSION and not path.is_dir():
         if frames != 1:
             many = "an unknown number of" if frames is None else str(frames)
             raise RuntimeInputError(
                 f"output {path} is an image file but the input has {many} frames; give a "
                 f"folder (one label and overlay PNG per frame) or a video "
-                f"({', '.join(VIDEO_OUTPUT_EXTENSIONS)})")
+                f"({', '.join(VIDEO_OUTPUT_EXTENSIONS)})"
+            )
         return ImageWriter(path, class_names, alpha)
     if suffix and not path.is_dir():
-        lossy = " (label maps are written losslessly, as .png)" if suffix in IMAGE_EXTENSIONS \
-            else ""
+        lossy = (
+            " (label maps are written losslessly, as .png)" if suffix in IMAGE_EXTENSIONS else ""
+        )
         raise RuntimeInputError(
             f"output {path}: unknown output extension {suffix!r}{lossy}; give a folder (a path "
             f"without an extension), a video ({', '.join(VIDEO_OUTPUT_EXTENSIONS)}) or, for a "
-            f"single input image, a {IMAGE_OUTPUT_EXTENSION} file")
+            f"single input image, a {IMAGE_OUTPUT_EXTENSION} file"
+        )
     return FolderWriter(path, class_names, alpha)

@@ -42,8 +42,9 @@ class Backend(Protocol):
         """float32 [N, K, C] -> prototypes float32 [N, C]; ``single``: the K = 1 graph."""
         ...
 
-    def run_decoder(self, frames: np.ndarray, prototypes: np.ndarray,
-                    with_probabilities: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+    def run_decoder(
+        self, frames: np.ndarray, prototypes: np.ndarray, with_probabilities: bool = False
+    ) -> tuple[np.ndarray, np.ndarray | None]:
         """uint8 [B, H, W, 3] RGB + float32 [N, C] -> (labels uint8 [B, H, W],
         probabilities float32 [B, N+1, H, W] when asked, else None)."""
         ...
@@ -81,9 +82,15 @@ def resolve_onnx_precision(manifest: Manifest, requested: str, device: str) -> s
     return requested
 
 
-def open_backend(manifest: Manifest, backend: str = "auto", device: str = "auto",
-                 precision: str = "auto", verify_hashes: bool = True,
-                 cuda_graph_batch: int = 0, device_id: int = 0) -> Backend:
+def open_backend(
+    manifest: Manifest,
+    backend: str = "auto",
+    device: str = "auto",
+    precision: str = "auto",
+    verify_hashes: bool = True,
+    cuda_graph_batch: int = 0,
+    device_id: int = 0,
+) -> Backend:
     """Open the requested backend, or with ``auto`` the fastest one that works here.
 
     Raises ``RuntimeInputError`` for unknown options and ``EngineError`` when an explicitly
@@ -93,23 +100,23 @@ def open_backend(manifest: Manifest, backend: str = "auto", device: str = "auto"
     device = check_choice("device", device, DEVICES)
     precision = check_choice("precision", precision, PRECISION_CHOICES)
     if backend == "tensorrt" and device == "cpu":
-        raise RuntimeInputError("the tensorrt backend runs on CUDA GPUs only; use "
-                                "backend='onnxruntime' for device='cpu'")
+        raise RuntimeInputError(
+            "the tensorrt backend runs on CUDA GPUs only; use "
+            "backend='onnxruntime' for device='cpu'"
+        )
     if cuda_graph_batch < 0:
         raise RuntimeInputError(f"cuda_graph_batch must be >= 0, got {cuda_graph_batch}")
     if backend in ("auto", "tensorrt") and device in ("auto", "cuda"):
         from .tensorrt import TensorRTBackend
 
         try:
-            return TensorRTBackend(manifest, precision, verify_hashes, cuda_graph_batch,
-                                   device_id)
+            return TensorRTBackend(manifest, precision, verify_hashes, cuda_graph_batch, device_id)
         except EngineError as error:
             if backend == "tensorrt":
                 raise
             if any(g.format == "tensorrt" for g in manifest.graphs):
                 # engines were built, so TensorRT was meant to run: say loudly why it does not
-                logger.warning("TensorRT engines not used, falling back to ONNX Runtime: %s",
-                               error)
+                logger.warning("TensorRT engines not used, falling back to ONNX Runtime: %s", error)
             else:
                 logger.info("TensorRT not used: %s", error)
     from .onnxruntime import OnnxRuntimeBackend, cuda_provider_available
@@ -118,8 +125,13 @@ def open_backend(manifest: Manifest, backend: str = "auto", device: str = "auto"
         if cuda_provider_available():
             try:
                 return OnnxRuntimeBackend(
-                    manifest, "cuda", resolve_onnx_precision(manifest, precision, "cuda"),
-                    verify_hashes, cuda_graph_batch, device_id)
+                    manifest,
+                    "cuda",
+                    resolve_onnx_precision(manifest, precision, "cuda"),
+                    verify_hashes,
+                    cuda_graph_batch,
+                    device_id,
+                )
             except EngineError as error:
                 if device == "cuda":
                     raise
@@ -131,5 +143,11 @@ def open_backend(manifest: Manifest, backend: str = "auto", device: str = "auto"
                 "build with: pip uninstall -y onnxruntime && pip install onnxruntime-gpu "
                 "(or build TensorRT engines and use backend='tensorrt')"
             )
-    return OnnxRuntimeBackend(manifest, "cpu", resolve_onnx_precision(manifest, precision, "cpu"),
-                              verify_hashes, 0, device_id)
+    return OnnxRuntimeBackend(
+        manifest,
+        "cpu",
+        resolve_onnx_precision(manifest, precision, "cpu"),
+        verify_hashes,
+        0,
+        device_id,
+    )

@@ -4,9 +4,9 @@ Sessions are created on first use of each graph (a saved support set needs no en
 graph optimisations and the intra-op threads ``Segmenter.load`` sets (the free cores). On CUDA
 the query decoder runs through IOBinding: the frames are copied in, the outputs are bound on the
 device, and only ``labels`` (uint8, 4x smaller than the float probabilities) is bound and copied
-back unless the probabilities are asked for. With ``cuda_graph_batch = B`` the decoder is also captured as a CUDA
-graph (ONNX Runtime's ``enable_cuda_graph``) for calls of exactly B frames, with inputs and
-outputs bound once to fixed device buffers.
+back unless the probabilities are asked for. With ``cuda_graph_batch = B`` the decoder is also
+captured as a CUDA graph (ONNX Runtime's ``enable_cuda_graph``) for calls of exactly B frames,
+with inputs and outputs bound once to fixed device buffers.
 
 Tested here on the CPU provider, and the CUDA paths (IOBinding, CUDA graphs) on a fake of
 ONNX Runtime's OrtValue / IOBinding surface with device semantics (tests/gpu_fakes.py); their
@@ -48,8 +48,16 @@ class _CudaGraphDecoder:
     (``update_inplace``) and both outputs are bound to fixed OrtValues.
     """
 
-    def __init__(self, path: Path, options: ort.SessionOptions, device_id: int, batch: int,
-                 size: int, way: int, channels: int) -> None:
+    def __init__(
+        self,
+        path: Path,
+        options: ort.SessionOptions,
+        device_id: int,
+        batch: int,
+        size: int,
+        way: int,
+        channels: int,
+    ) -> None:
         providers = [(_CUDA, {"device_id": str(device_id), "enable_cuda_graph": "1"})]
         self.session = ort.InferenceSession(str(path), options, providers=providers)
         if self.session.get_providers()[0] != _CUDA:
@@ -71,8 +79,9 @@ class _CudaGraphDecoder:
         self.uploaded: np.ndarray | None = None  # host copy of the prototypes on the device
         self.lock = threading.Lock()  # one replay at a time: ORT forbids concurrent Run() here
 
-    def run(self, frames: np.ndarray, prototypes: np.ndarray, with_probabilities: bool
-            ) -> tuple[np.ndarray, np.ndarray | None]:
+    def run(
+        self, frames: np.ndarray, prototypes: np.ndarray, with_probabilities: bool
+    ) -> tuple[np.ndarray, np.ndarray | None]:
         with self.lock:
             # update_inplace is a cudaMemcpy from pageable memory on the legacy default stream:
             # it may return before the bytes land, and ONNX Runtime's compute stream does not
@@ -92,13 +101,21 @@ class _CudaGraphDecoder:
 class OnnxRuntimeBackend:
     """The exported ONNX graphs of one precision, on ``device`` "cpu" or "cuda"."""
 
-    def __init__(self, manifest: Manifest, device: str, precision: str,
-                 verify_hashes: bool = True, cuda_graph_batch: int = 0,
-                 device_id: int = 0) -> None:
+    def __init__(
+        self,
+        manifest: Manifest,
+        device: str,
+        precision: str,
+        verify_hashes: bool = True,
+        cuda_graph_batch: int = 0,
+        device_id: int = 0,
+    ) -> None:
         graphs = manifest.graph_set(precision, "onnx")
         if graphs is None:
-            raise EngineError(f"{manifest.directory} has no complete {precision} ONNX graphs; "
-                              f"re-export with: {reexport_hint(manifest.directory)}")
+            raise EngineError(
+                f"{manifest.directory} has no complete {precision} ONNX graphs; "
+                f"re-export with: {reexport_hint(manifest.directory)}"
+            )
         verify_files(manifest, list(graphs.values()), check_hashes=verify_hashes)
         self.name = f"onnxruntime-{device}"
         self.precision = precision
@@ -115,8 +132,9 @@ class OnnxRuntimeBackend:
         if device == "cuda":
             self._session("query_decoder")  # now, so that a CUDA failure shows at load time
             if cuda_graph_batch:
-                self._graph_decoder = self._open_graph_decoder(min(cuda_graph_batch,
-                                                                   self.max_batch))
+                self._graph_decoder = self._open_graph_decoder(
+                    min(cuda_graph_batch, self.max_batch)
+                )
 
     def _options(self) -> ort.SessionOptions:
         options = ort.SessionOptions()
@@ -157,8 +175,15 @@ class OnnxRuntimeBackend:
         model = self._manifest.model
         path = self._manifest.directory / self._graphs["query_decoder"].file
         try:
-            decoder = _CudaGraphDecoder(path, self._options(), self._device_id, batch,
-                                        model.input_size, model.way, model.channels)
+            decoder = _CudaGraphDecoder(
+                path,
+                self._options(),
+                self._device_id,
+                batch,
+                model.input_size,
+                model.way,
+                model.channels,
+            )
         except Exception as error:  # an unsupported model still runs, without graphs
             logger.warning("CUDA graphs disabled for the decoder: %s", error)
             return None
@@ -171,23 +196,27 @@ class OnnxRuntimeBackend:
         except EngineError:
             raise
         except Exception as error:
-            raise EngineError(f"ONNX Runtime failed running {self._graphs[role].file}: "
-                              f"{error}") from error
+            raise EngineError(
+                f"ONNX Runtime failed running {self._graphs[role].file}: {error}"
+            ) from error
 
     def run_support_encoder(self, images: np.ndarray, masks: np.ndarray) -> np.ndarray:
-        return self._run("support_encoder", ["shot_features"],
-                         {"support_images": images, "support_masks": masks})[0]
+        return self._run(
+            "support_encoder", ["shot_features"], {"support_images": images, "support_masks": masks}
+        )[0]
 
     def run_aggregator(self, shot_features: np.ndarray, single: bool = False) -> np.ndarray:
         role = "prototype_aggregator_single" if single else "prototype_aggregator"
         return self._run(role, ["prototypes"], {"shot_features": shot_features})[0]
 
-    def run_decoder(self, frames: np.ndarray, prototypes: np.ndarray,
-                    with_probabilities: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+    def run_decoder(
+        self, frames: np.ndarray, prototypes: np.ndarray, with_probabilities: bool = False
+    ) -> tuple[np.ndarray, np.ndarray | None]:
         if self.device == "cpu":
             fetch = ["labels", "probabilities"] if with_probabilities else ["labels"]
-            outputs = self._run("query_decoder", fetch,
-                                {"frames": frames, "prototypes": prototypes})
+            outputs = self._run(
+                "query_decoder", fetch, {"frames": frames, "prototypes": prototypes}
+            )
             return outputs[0], outputs[1] if with_probabilities else None
         graph = self._graph_decoder
         if graph is not None and frames.shape[0] == graph.batch:
@@ -198,8 +227,9 @@ class OnnxRuntimeBackend:
                 self._graph_decoder = None
         return self._run_bound(frames, prototypes, with_probabilities)
 
-    def _run_bound(self, frames: np.ndarray, prototypes: np.ndarray,
-                   with_probabilities: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    def _run_bound(
+        self, frames: np.ndarray, prototypes: np.ndarray, with_probabilities: bool
+    ) -> tuple[np.ndarray, np.ndarray | None]:
         """Decoder with IOBinding on CUDA: only the requested outputs are bound (on the
         device) and copied back, so ``probabilities`` is not even computed unless asked."""
         session = self._session("query_decoder")
@@ -214,8 +244,9 @@ class OnnxRuntimeBackend:
             session.run_with_iobinding(binding)
             binding.synchronize_outputs()
         except Exception as error:
-            raise EngineError(f"ONNX Runtime failed running the decoder on CUDA: {error}") \
-                from error
+            raise EngineError(
+                f"ONNX Runtime failed running the decoder on CUDA: {error}"
+            ) from error
         outputs = binding.copy_outputs_to_cpu()
         return outputs[0], outputs[1] if with_probabilities else None
 

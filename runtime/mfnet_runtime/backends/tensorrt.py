@@ -35,10 +35,12 @@ TENSORRT_INSTALL = (
     "(>= 580) or 'mfnet-runtime[tensorrt-cu12]' for a CUDA 12 driver (TensorRT and cuda-python "
     "of the same CUDA major; the libraries come from https://pypi.nvidia.com)"
 )
-CUDA_PYTHON_INSTALL = ("NVIDIA's cuda-python bindings are not installed: pip install "
-                       "'mfnet-runtime[tensorrt-cu13]' (CUDA 13 driver, >= 580) or "
-                       "'mfnet-runtime[tensorrt-cu12]' (CUDA 12 driver): the TensorRT backend "
-                       "manages device memory with them")
+CUDA_PYTHON_INSTALL = (
+    "NVIDIA's cuda-python bindings are not installed: pip install "
+    "'mfnet-runtime[tensorrt-cu13]' (CUDA 13 driver, >= 580) or "
+    "'mfnet-runtime[tensorrt-cu12]' (CUDA 12 driver): the TensorRT backend "
+    "manages device memory with them"
+)
 
 
 def import_tensorrt() -> Any:
@@ -84,16 +86,18 @@ def check_driver(cudart: Any) -> None:
             f"the NVIDIA driver supports CUDA {major}.{driver % 1000 // 10}, but cuda-python is "
             f"built for CUDA {runtime // 1000}.{runtime % 1000 // 10}: install the matching "
             f"bindings with pip install 'mfnet-runtime[tensorrt-cu{major}]' (or update the "
-            f"driver)")
+            f"driver)"
+        )
 
 
 def _sm(capability: Any) -> str:
-    """"sm90" for the compute capability (9, 0)."""
+    """The SM name, e.g. "sm90" for the compute capability (9, 0)."""
     return "sm" + "".join(map(str, capability))
 
 
-def engine_mismatch(graph: GraphInfo, gpu: str, capability: tuple[int, int],
-                    tensorrt_version: str) -> list[str]:
+def engine_mismatch(
+    graph: GraphInfo, gpu: str, capability: tuple[int, int], tensorrt_version: str
+) -> list[str]:
     """Why the engine entry ``graph`` cannot run on ``gpu`` with this TensorRT; [] if it can.
 
     The compatibility rule of TensorRT engines (the builder records ``details["gpu"]``,
@@ -104,16 +108,19 @@ def engine_mismatch(graph: GraphInfo, gpu: str, capability: tuple[int, int],
     built = tuple(details.get("compute_capability", ()))
     problems = []
     if details.get("gpu") != gpu or built != tuple(capability):
-        problems.append(f"built for {details.get('gpu')} ({_sm(built)}), this is {gpu} "
-                        f"({_sm(capability)})")
+        problems.append(
+            f"built for {details.get('gpu')} ({_sm(built)}), this is {gpu} ({_sm(capability)})"
+        )
     if details.get("tensorrt") != tensorrt_version:
-        problems.append(f"built with TensorRT {details.get('tensorrt')}, this is TensorRT "
-                        f"{tensorrt_version}")
+        problems.append(
+            f"built with TensorRT {details.get('tensorrt')}, this is TensorRT {tensorrt_version}"
+        )
     return problems
 
 
-def select_engines(manifest: Manifest, precision: str, gpu: str, capability: tuple[int, int],
-                   tensorrt_version: str) -> tuple[str, dict[str, GraphInfo]]:
+def select_engines(
+    manifest: Manifest, precision: str, gpu: str, capability: tuple[int, int], tensorrt_version: str
+) -> tuple[str, dict[str, GraphInfo]]:
     """(precision, role -> engine entry) built for this GPU and TensorRT version.
 
     ``precision`` "auto" prefers FP16 engines. Raises ``EngineError`` with the rebuild command
@@ -129,8 +136,9 @@ def select_engines(manifest: Manifest, precision: str, gpu: str, capability: tup
         chosen: dict[str, GraphInfo] = {}
         for role in manifest.required_roles:
             entries = [g for g in engines if g.role == role and g.precision == candidate]
-            match = [g for g in entries
-                     if not engine_mismatch(g, gpu, capability, tensorrt_version)]
+            match = [
+                g for g in entries if not engine_mismatch(g, gpu, capability, tensorrt_version)
+            ]
             if match:
                 chosen[role] = match[0]
             elif entries:
@@ -150,13 +158,22 @@ def select_engines(manifest: Manifest, precision: str, gpu: str, capability: tup
 def no_engines_error(manifest: Manifest, precision: str) -> EngineError:
     """The ``EngineError`` for an export without TensorRT engines, with the build command."""
     wanted = "fp16" if precision == "auto" else precision
-    return EngineError(f"{manifest.directory} has no TensorRT engines; build them on this GPU "
-                       f"with: {rebuild_hint(manifest.directory, wanted)}")
+    return EngineError(
+        f"{manifest.directory} has no TensorRT engines; build them on this GPU "
+        f"with: {rebuild_hint(manifest.directory, wanted)}"
+    )
 
 
 def _numpy_dtype(trt: Any, dtype: Any) -> np.dtype:
-    names = {"FLOAT": np.float32, "HALF": np.float16, "INT8": np.int8, "INT32": np.int32,
-             "INT64": np.int64, "BOOL": np.bool_, "UINT8": np.uint8}
+    names = {
+        "FLOAT": np.float32,
+        "HALF": np.float16,
+        "INT8": np.int8,
+        "INT32": np.int32,
+        "INT64": np.int64,
+        "BOOL": np.bool_,
+        "UINT8": np.uint8,
+    }
     for name, numpy_type in names.items():
         if hasattr(trt.DataType, name) and dtype == getattr(trt.DataType, name):
             return np.dtype(numpy_type)
@@ -169,8 +186,7 @@ class _Buffer:
     def __init__(self, cudart: Any, nbytes: int, dtype: np.dtype) -> None:
         self.cudart, self.nbytes, self.dtype = cudart, max(nbytes, 1), dtype
         self.device = int(cuda_call(cudart, cudart.cudaMalloc(self.nbytes), "cudaMalloc"))
-        self.host_ptr = int(cuda_call(cudart, cudart.cudaMallocHost(self.nbytes),
-                                      "cudaMallocHost"))
+        self.host_ptr = int(cuda_call(cudart, cudart.cudaMallocHost(self.nbytes), "cudaMallocHost"))
         raw = ctypes.cast(self.host_ptr, ctypes.POINTER(ctypes.c_uint8))
         self.host = np.ctypeslib.as_array(raw, (self.nbytes,))  # uint8 view of the pinned block
 
@@ -191,14 +207,24 @@ class _Engine:
     enqueue at another shape on the capture's context would change the state the graph reads.
     """
 
-    def __init__(self, trt: Any, cudart: Any, runtime: Any, path: Path, graph: GraphInfo,
-                 stream: Any, directory: Path) -> None:
+    def __init__(
+        self,
+        trt: Any,
+        cudart: Any,
+        runtime: Any,
+        path: Path,
+        graph: GraphInfo,
+        stream: Any,
+        directory: Path,
+    ) -> None:
         self.trt, self.cudart, self.stream, self.file = trt, cudart, stream, graph.file
         self.engine = runtime.deserialize_cuda_engine(path.read_bytes())
         if self.engine is None:
-            raise EngineError(f"TensorRT cannot deserialize {path} (corrupt, or built by another "
-                              f"TensorRT); rebuild with: "
-                              f"{rebuild_hint(directory, graph.precision)}")
+            raise EngineError(
+                f"TensorRT cannot deserialize {path} (corrupt, or built by another "
+                f"TensorRT); rebuild with: "
+                f"{rebuild_hint(directory, graph.precision)}"
+            )
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         expected = [t.name for t in graph.inputs + graph.outputs]
         if sorted(names) != sorted(expected):
@@ -230,27 +256,36 @@ class _Engine:
     def _new_context(self, shapes: dict[str, tuple[int, ...]]) -> Any:
         context = self.engine.create_execution_context()
         if context is None:
-            raise EngineError(f"TensorRT could not create an execution context for {self.file} "
-                              "(out of device memory?)")
+            raise EngineError(
+                f"TensorRT could not create an execution context for {self.file} "
+                "(out of device memory?)"
+            )
         for name in self.inputs:
             self._set_shape(context, name, shapes[name])
         return context
 
     def _set_shape(self, context: Any, name: str, shape: tuple[int, ...]) -> None:
         if not context.set_input_shape(name, shape):
-            raise EngineError(f"TensorRT refused the shape {shape} for input {name} of "
-                              f"{self.file} (its profile allows {self.min_shapes[name]} to "
-                              f"{self.max_shapes[name]})")
+            raise EngineError(
+                f"TensorRT refused the shape {shape} for input {name} of "
+                f"{self.file} (its profile allows {self.min_shapes[name]} to "
+                f"{self.max_shapes[name]})"
+            )
 
     def _bind_addresses(self, context: Any) -> None:
         for name, buffer in self.buffers.items():
             if not context.set_tensor_address(name, buffer.device):  # once: fixed
-                raise EngineError(f"TensorRT refused the device address of tensor {name} of "
-                                  f"{self.file} (set_tensor_address returned False)")
+                raise EngineError(
+                    f"TensorRT refused the device address of tensor {name} of "
+                    f"{self.file} (set_tensor_address returned False)"
+                )
 
     def _copy(self, dst: int, src: int, nbytes: int, kind: Any) -> None:
-        cuda_call(self.cudart, self.cudart.cudaMemcpyAsync(dst, src, nbytes, kind, self.stream),
-                  "cudaMemcpyAsync")
+        cuda_call(
+            self.cudart,
+            self.cudart.cudaMemcpyAsync(dst, src, nbytes, kind, self.stream),
+            "cudaMemcpyAsync",
+        )
 
     def _enqueue(self, context: Any) -> None:
         if not context.execute_async_v3(int(self.stream)):
@@ -260,13 +295,16 @@ class _Engine:
         """``EngineError`` when a feed lies outside the optimisation profile (either end)."""
         for name, shape in shapes.items():
             low, high = self.min_shapes[name], self.max_shapes[name]
-            if len(shape) != len(high) or any(s > m for s, m in zip(shape, high)):
-                raise EngineError(f"{name} of shape {shape} exceeds the profile of "
-                                  f"{self.file} (largest {high})")
-            if any(s < m for s, m in zip(shape, low)):
-                raise EngineError(f"{name} of shape {shape} is below the profile of "
-                                  f"{self.file} (smallest {low}): e.g. fewer shots per class "
-                                  f"than the engine was built for")
+            if len(shape) != len(high) or any(s > m for s, m in zip(shape, high, strict=True)):
+                raise EngineError(
+                    f"{name} of shape {shape} exceeds the profile of {self.file} (largest {high})"
+                )
+            if any(s < m for s, m in zip(shape, low, strict=False)):
+                raise EngineError(
+                    f"{name} of shape {shape} is below the profile of "
+                    f"{self.file} (smallest {low}): e.g. fewer shots per class "
+                    f"than the engine was built for"
+                )
 
     def run(self, feeds: dict[str, np.ndarray], fetch: list[str]) -> list[np.ndarray]:
         """Copy ``feeds`` in, execute (or replay the captured graph), copy ``fetch`` out."""
@@ -282,8 +320,11 @@ class _Engine:
             if not replay:  # the graph context keeps the captured shapes
                 self._set_shape(context, name, shapes[name])
         if replay:
-            cuda_call(self.cudart, self.cudart.cudaGraphLaunch(self.graph_exec, self.stream),
-                      "cudaGraphLaunch")
+            cuda_call(
+                self.cudart,
+                self.cudart.cudaGraphLaunch(self.graph_exec, self.stream),
+                "cudaGraphLaunch",
+            )
         else:
             self._enqueue(context)
         d2h = self.cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
@@ -294,8 +335,9 @@ class _Engine:
             view = buffer.view(shape)
             self._copy(buffer.host_ptr, buffer.device, view.nbytes, d2h)
             results.append(view)
-        cuda_call(self.cudart, self.cudart.cudaStreamSynchronize(self.stream),
-                  "cudaStreamSynchronize")
+        cuda_call(
+            self.cudart, self.cudart.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize"
+        )
         return [view.copy() for view in results]  # the pinned buffers are reused next call
 
     def capture(self, feeds: dict[str, np.ndarray]) -> None:
@@ -313,18 +355,19 @@ class _Engine:
         cudart = self.cudart
         cuda_call(cudart, cudart.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
         mode = cudart.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal
-        cuda_call(cudart, cudart.cudaStreamBeginCapture(self.stream, mode),
-                  "cudaStreamBeginCapture")
+        cuda_call(
+            cudart, cudart.cudaStreamBeginCapture(self.stream, mode), "cudaStreamBeginCapture"
+        )
         try:
             self._enqueue(context)
         except Exception:
             cudart.cudaStreamEndCapture(self.stream)  # or the stream stays in capture mode
             raise
-        graph = cuda_call(cudart, cudart.cudaStreamEndCapture(self.stream),
-                          "cudaStreamEndCapture")
+        graph = cuda_call(cudart, cudart.cudaStreamEndCapture(self.stream), "cudaStreamEndCapture")
         try:
-            self.graph_exec = cuda_call(cudart, cudart.cudaGraphInstantiate(graph, 0),
-                                        "cudaGraphInstantiate")
+            self.graph_exec = cuda_call(
+                cudart, cudart.cudaGraphInstantiate(graph, 0), "cudaGraphInstantiate"
+            )
         finally:
             cudart.cudaGraphDestroy(graph)
         self.graph_context, self.graph_shapes = context, shapes
@@ -342,8 +385,14 @@ class _Engine:
 class TensorRTBackend:
     """The manifest's TensorRT engines for this GPU, on one non-default CUDA stream."""
 
-    def __init__(self, manifest: Manifest, precision: str = "auto", verify_hashes: bool = True,
-                 cuda_graph_batch: int = 0, device_id: int = 0) -> None:
+    def __init__(
+        self,
+        manifest: Manifest,
+        precision: str = "auto",
+        verify_hashes: bool = True,
+        cuda_graph_batch: int = 0,
+        device_id: int = 0,
+    ) -> None:
         if not any(g.format == "tensorrt" for g in manifest.graphs):  # before any import
             raise no_engines_error(manifest, precision)
         trt = import_tensorrt()
@@ -353,12 +402,14 @@ class TensorRTBackend:
         if count <= device_id:
             raise EngineError(f"no CUDA GPU {device_id} is visible ({count} found)")
         cuda_call(cudart, cudart.cudaSetDevice(device_id), "cudaSetDevice")
-        props = cuda_call(cudart, cudart.cudaGetDeviceProperties(device_id),
-                          "cudaGetDeviceProperties")
+        props = cuda_call(
+            cudart, cudart.cudaGetDeviceProperties(device_id), "cudaGetDeviceProperties"
+        )
         name = props.name
         name = name.split(b"\0", 1)[0].decode() if isinstance(name, bytes) else str(name)
-        self.precision, graphs = select_engines(manifest, precision, name,
-                                                (props.major, props.minor), trt.__version__)
+        self.precision, graphs = select_engines(
+            manifest, precision, name, (props.major, props.minor), trt.__version__
+        )
         verify_files(manifest, list(graphs.values()), check_hashes=verify_hashes)
         self.name = "tensorrt"
         self._cudart = cudart
@@ -366,16 +417,24 @@ class TensorRTBackend:
         # Non-blocking: legacy default-stream work of other threads (or libraries) neither
         # serialises with this stream nor invalidates a capture on it.
         self._stream = cuda_call(
-            cudart, cudart.cudaStreamCreateWithFlags(cudart.cudaStreamNonBlocking),
-            "cudaStreamCreateWithFlags")
+            cudart,
+            cudart.cudaStreamCreateWithFlags(cudart.cudaStreamNonBlocking),
+            "cudaStreamCreateWithFlags",
+        )
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)
         self._engines: dict[str, _Engine] = {}
         try:
             for role, graph in graphs.items():
-                self._engines[role] = _Engine(trt, cudart, self._runtime,
-                                              manifest.directory / graph.file, graph,
-                                              self._stream, manifest.directory)
+                self._engines[role] = _Engine(
+                    trt,
+                    cudart,
+                    self._runtime,
+                    manifest.directory / graph.file,
+                    graph,
+                    self._stream,
+                    manifest.directory,
+                )
         except Exception:
             self.close()
             raise
@@ -387,32 +446,36 @@ class TensorRTBackend:
 
     def _capture_decoder(self, batch: int, manifest: Manifest) -> None:
         size, way = manifest.model.input_size, manifest.model.way
-        feeds = {"frames": np.zeros((batch, size, size, 3), np.uint8),
-                 "prototypes": np.zeros((way, manifest.model.channels), np.float32)}
+        feeds: dict[str, np.ndarray] = {
+            "frames": np.zeros((batch, size, size, 3), np.uint8),
+            "prototypes": np.zeros((way, manifest.model.channels), np.float32),
+        }
         try:
             self._engines["query_decoder"].capture(feeds)
         except EngineError as error:  # capture is an optimisation: fall back to plain enqueue
-            logger.warning("decoder CUDA graph capture failed, not used: %s",
-                           error)
+            logger.warning("decoder CUDA graph capture failed, not used: %s", error)
             return
         logger.info("decoder captured as a CUDA graph at batch %d", batch)
 
     def run_support_encoder(self, images: np.ndarray, masks: np.ndarray) -> np.ndarray:
         with self._lock:
             return self._engines["support_encoder"].run(
-                {"support_images": images, "support_masks": masks}, ["shot_features"])[0]
+                {"support_images": images, "support_masks": masks}, ["shot_features"]
+            )[0]
 
     def run_aggregator(self, shot_features: np.ndarray, single: bool = False) -> np.ndarray:
         role = "prototype_aggregator_single" if single else "prototype_aggregator"
         with self._lock:
             return self._engines[role].run({"shot_features": shot_features}, ["prototypes"])[0]
 
-    def run_decoder(self, frames: np.ndarray, prototypes: np.ndarray,
-                    with_probabilities: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+    def run_decoder(
+        self, frames: np.ndarray, prototypes: np.ndarray, with_probabilities: bool = False
+    ) -> tuple[np.ndarray, np.ndarray | None]:
         fetch = ["labels", "probabilities"] if with_probabilities else ["labels"]
         with self._lock:
             outputs = self._engines["query_decoder"].run(
-                {"frames": frames, "prototypes": prototypes}, fetch)
+                {"frames": frames, "prototypes": prototypes}, fetch
+            )
         return outputs[0], outputs[1] if with_probabilities else None
 
     def close(self) -> None:
