@@ -97,6 +97,8 @@ setup(
         "data": ["scipy", "pycocotools"],
         # the just-in-time build of the CUDA extension (torch's cpp_extension runs ninja)
         "cuda": ["ninja"],
+        # lint, format and type check (pinned: another version formats or flags differently)
+        "lint": ["ruff==0.17.6", "mypy==2.4.1"],
         "test": [
             "pytest",
             "hypothesis",
@@ -106,6 +108,8 @@ setup(
             "scipy",
             "pycocotools",
             "ninja",
+            "ruff==0.17.6",
+            "mypy==2.4.1",
         ],
     },
     license="MIT",

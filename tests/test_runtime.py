@@ -500,6 +500,12 @@ def test_bad_frames_and_image_files_are_explained(segmenter2, tmp_path) -> None:
         segmenter2.segment(shot(0)[0], support, color="hsv")
     with pytest.raises(RuntimeInputError, match=r"uint8 \[B, 48, 48, 3\]"):
         segmenter2.decode_prepared(np.zeros((1, 32, 32, 3), np.uint8), support)
+    # an empty batch is not an error: empty arrays of the documented shapes
+    nothing = np.zeros((0, 48, 48, 3), np.uint8)
+    assert segmenter2.decode_prepared(nothing, support).shape == (0, 48, 48)
+    labels, probabilities = segmenter2.decode_with_probabilities(nothing, support)
+    assert labels.shape == (0, 48, 48) and labels.dtype == np.uint8
+    assert probabilities.shape == (0, 3, 48, 48) and probabilities.dtype == np.float32
 
 
 # ---------------------------------------------------------------------------- engine problems

@@ -323,8 +323,10 @@ class Segmenter:
             )
             labels.append(out_labels)
             probabilities.append(out_probabilities)
-        if not labels:
-            return np.zeros((0, size, size), np.uint8), None
+        if not labels:  # an empty batch: empty arrays of the documented shapes
+            classes = len(support.class_names) + 1
+            empty = np.zeros((0, classes, size, size), np.float32) if with_probabilities else None
+            return np.zeros((0, size, size), np.uint8), empty
         # backends return an array for every part when asked for the probabilities
         stacked = (
             np.concatenate(cast("list[np.ndarray]", probabilities)) if with_probabilities else None
@@ -342,7 +344,8 @@ class Segmenter:
         """uint8 [B, S, S, 3] prepared frames -> (labels uint8 [B, S, S], probabilities
         float32 [B, N+1, S, S]), for ``restore_smooth``."""
         labels, probabilities = self._decode(batch, support, True)
-        return labels, probabilities  # type: ignore[return-value]  # None only when B = 0
+        assert probabilities is not None  # asked for
+        return labels, probabilities
 
     def restore_smooth(self, probabilities_s: np.ndarray, geometry: Geometry) -> np.ndarray:
         """float32 [N+1, S, S] -> uint8 [orig_h, orig_w] labels: bilinear upsampling of the
