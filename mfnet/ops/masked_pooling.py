@@ -84,7 +84,7 @@ def masked_global_pool(
     extension = extension_for(impl, features.device)  # also rejects an unknown impl
     if extension is None:
         return masked_global_pool_reference(features, masks)
-    return extension.ops.masked_global_pool(features, masks)
+    return extension.masked_pooling.masked_global_pool(features, masks)
 
 
 def _check_shapes(features: torch.Tensor, masks: torch.Tensor) -> None:
