@@ -5,7 +5,10 @@ else running (a data-loader worker, another program) those threads oversubscribe
 every parallel region waits for its slowest thread, which is descheduled: a 10 ms call then takes
 hundreds. The policy here counts the cores this process may run on (``os.sched_getaffinity``,
 which honours ``taskset`` and container CPU sets), subtracts the data-loader worker processes
-that will compete for them, and never goes below one. An explicit request wins.
+that will compete for them and the cores that other programs keep busy when it starts (the
+fewest runnable tasks in a few samples of ``/proc/loadavg`` over 40 ms, so a momentary spike does
+not count), and never goes below one. An explicit request wins. Load that starts later is not
+seen: ``--threads 1`` is the safe choice on a machine that is always shared.
 
 This is the project's one definition of the policy: the runtime applies it to ONNX Runtime's
 sessions and ``mfnet`` (training, evaluation, prediction, benchmarks) to torch.
@@ -15,7 +18,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from . import options
 from .errors import RuntimeInputError
@@ -29,6 +34,27 @@ def available_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def busy_cores(
+    loadavg: str | Path = "/proc/loadavg", samples: int = 5, interval_s: float = 0.01
+) -> int:
+    """Cores that other processes keep busy now: the fewest runnable tasks over ``samples``
+    readings of ``loadavg`` (its fourth field, ``running/total``), less the one reading it.
+
+    0 where the file does not exist or cannot be parsed (not Linux): the policy then counts
+    only the data-loader workers.
+    """
+    fewest = None
+    for index in range(samples):
+        try:
+            running = int(Path(loadavg).read_text().split()[3].split("/")[0])
+        except (OSError, ValueError, IndexError):
+            return 0
+        fewest = running if fewest is None else min(fewest, running)
+        if index + 1 < samples:
+            time.sleep(interval_s)
+    return max(0, (fewest or 0) - 1)
+
+
 @dataclass(frozen=True)
 class ThreadPolicy:
     """The chosen intra-op thread count and what it was computed from."""
@@ -37,17 +63,23 @@ class ThreadPolicy:
     cores: int
     workers: int
     requested: bool  # True when given explicitly (``--threads``), not computed
+    busy: int = 0  # cores other processes kept busy when the policy was computed
 
     def describe(self) -> str:
         """One log line, e.g. ``threads: 1 (2 cores, 1 loader workers)``."""
+        busy = f", {self.busy} busy with other processes" if self.busy else ""
         source = ", set by --threads" if self.requested else ""
         return (
-            f"threads: {self.threads} ({self.cores} cores, {self.workers} loader workers{source})"
+            f"threads: {self.threads} ({self.cores} cores, {self.workers} loader workers"
+            f"{busy}{source})"
         )
 
 
 def thread_policy(
-    requested: int | None = None, workers: int = 0, cores: int | None = None
+    requested: int | None = None,
+    workers: int = 0,
+    cores: int | None = None,
+    busy: int | None = None,
 ) -> ThreadPolicy:
     """Intra-op threads for one process: ``requested`` when given, else the free cores.
 
@@ -55,8 +87,10 @@ def thread_policy(
         requested: an explicit thread count (>= 1), or None to compute it.
         workers: data-loader worker processes that run beside this one (>= 0).
         cores: cores this process may use; None = ``available_cores()``.
+        busy: cores kept busy by other processes; None = ``busy_cores()`` (not measured when
+            a count is requested).
     Returns:
-        a ``ThreadPolicy`` with ``threads = max(1, cores - workers)`` unless requested.
+        a ``ThreadPolicy`` with ``threads = max(1, cores - workers - busy)`` unless requested.
     """
     cores = available_cores() if cores is None else int(cores)
     if workers < 0:
@@ -65,7 +99,8 @@ def thread_policy(
         if isinstance(requested, bool) or int(requested) != requested or requested < 1:
             raise RuntimeInputError(f"threads must be an integer >= 1, got {requested!r}")
         return ThreadPolicy(int(requested), cores, workers, True)
-    return ThreadPolicy(max(1, cores - workers), cores, workers, False)
+    busy = busy_cores() if busy is None else max(0, int(busy))
+    return ThreadPolicy(max(1, cores - workers - busy), cores, workers, False, busy)
 
 
 def add_threads_argument(parser: argparse.ArgumentParser) -> None:
@@ -76,5 +111,6 @@ def add_threads_argument(parser: argparse.ArgumentParser) -> None:
         default=None,
         metavar="N",
         help="intra-op threads of the inference / training library (default: the cores free "
-        "to this process, i.e. its CPU affinity minus the data-loader workers, at least 1)",
+        "to this process, i.e. its CPU affinity minus the data-loader workers and the cores "
+        "other processes keep busy at start, at least 1)",
     )
