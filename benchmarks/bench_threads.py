@@ -33,12 +33,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from _common import device_info, now_utc, percentile, write_json
+from _common import device_info, now_utc, percentile, versions, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 TRAIN_EPISODES = 320  # one epoch of 40 steps: long enough for a stable rate, short when collapsed
-EVAL_EPISODES = 400
+EVAL_EPISODES = 1000
 EPISODES_PER_S = re.compile(r"epoch 1: loss [0-9.]+, ([0-9.]+) episodes/s")
 FRAMES_PER_S = re.compile(r"frames per second: ([0-9.]+)")
 
@@ -69,7 +69,9 @@ def run(command: list[str], cwd: Path) -> tuple[str, float]:
     )
     seconds = time.perf_counter() - started
     if done.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} failed ({done.returncode}):\n{done.stderr[-2000:]}")
+        raise RuntimeError(
+            f"{' '.join(command)} failed ({done.returncode}):\n{done.stderr[-2000:]}"
+        )
     return done.stdout, seconds
 
 
@@ -104,7 +106,7 @@ def prepare(work: Path) -> dict[str, Path]:
              str(engines), "--precisions", "fp32"], work)  # fmt: skip
     demo = work / "demo"
     if not (demo / "support").exists():
-        run(["-m", "mfnet_runtime", "demo", "--out", str(demo), "--frames", "48"], work)
+        run(["-m", "mfnet_runtime", "demo", "--out", str(demo), "--frames", "240"], work)
     large = work / "large"
     large.mkdir(exist_ok=True)
     for path in sorted((demo / "images").glob("*.png")):
@@ -195,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": now_utc(),
         "command": " ".join(["python benchmarks/bench_threads.py", *(argv or sys.argv[1:])]),
         "device": device_info("cpu"),
+        "versions": versions(),
         "cores": cores,
         "competing process": "python -c 'while True: pass'",
         "cells": table,

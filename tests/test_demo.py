@@ -261,3 +261,16 @@ def test_the_thread_option_reaches_onnx_runtime(engines, demo_dir, tmp_path, cap
             assert loaded.threads == threads
     assert _segment(engines, demo_dir / "support", demo_dir / "images", None, "--threads", "2") == 0
     assert "threads: 2 (" in capsys.readouterr().out
+
+
+def test_query_scenes_come_with_their_ground_truth() -> None:
+    from mfnet_runtime.demo import query_scene
+
+    rng = np.random.default_rng(5)
+    for index in range(3):  # both classes, both, then one of them
+        image, truth = query_scene(rng, ("dots", "checker"), index, 72, 96)
+        assert image.shape == (72, 96, 3) and truth.shape == (72, 96) and truth.dtype == np.uint8
+        shown = set(np.unique(truth).tolist())
+        assert shown == ({0, 1, 2} if index != 2 else {0, 1})
+        object_pixels = image[truth > 0].astype(float)
+        assert object_pixels.std() > 10  # a textured object where the truth says one, not blank

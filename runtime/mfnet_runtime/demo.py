@@ -175,7 +175,7 @@ def render(
     return np.clip(image + 0.5, 0, 255).astype(np.uint8), masks
 
 
-def _scene(
+def scene(
     rng: np.random.Generator,
     names: tuple[str, ...],
     height: int,
@@ -196,6 +196,23 @@ def _scene(
     background = _background(rng, height, width)
     image, masks = render(background, objects, rng)
     return image, masks, objects, background
+
+
+def query_scene(
+    rng: np.random.Generator, classes: tuple[str, ...], index: int, height: int, width: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The demo's query image number ``index``: all ``classes``, or one of them every third image.
+
+    Returns the image uint8 [H, W, 3] RGB and its ground truth uint8 [H, W] (0 = background,
+    n = ``classes[n - 1]``), the labels a segmenter given the demo's support set should give.
+    """
+    present = classes if index % 3 != 2 else (classes[index % len(classes)],)
+    image, masks, _, _ = scene(rng, present, height, width)
+    truth = np.zeros((height, width), np.uint8)
+    for label, name in enumerate(classes, start=1):
+        if name in masks:
+            truth[masks[name] == 1] = label
+    return image, truth
 
 
 @dataclass(frozen=True)
@@ -240,15 +257,14 @@ def write_demo(
     for name in classes:  # one shot per class, the object alone and large
         folder = support / name
         folder.mkdir(parents=True, exist_ok=True)
-        image, masks, _, _ = _scene(rng, (name,), 96, 96)
+        image, masks, _, _ = scene(rng, (name,), 96, 96)
         Image.fromarray(image).save(folder / "shot.png")
         Image.fromarray(masks[name] * 255).save(folder / "shot.mask.png")
     (support / "classes.txt").write_text("".join(f"{name}\n" for name in classes))
     query_dir = root / "images"
     query_dir.mkdir(parents=True, exist_ok=True)
-    for i in range(images):  # both classes, or one of them
-        present = classes if i % 3 != 2 else (classes[i % len(classes)],)
-        image, _, _, _ = _scene(rng, present, height, width)
+    for i in range(images):
+        image, _ = query_scene(rng, classes, i, height, width)
         Image.fromarray(image).save(query_dir / f"query{i:02d}.png")
     clip = _clip(rng, classes, frames, height, width)
     cv2: types.ModuleType | None = None
@@ -277,7 +293,7 @@ def _clip(
     rng: np.random.Generator, classes: tuple[str, ...], frames: int, height: int, width: int
 ) -> list[np.ndarray]:
     """Frames of the classes' objects gliding over a fixed background (uint8 [H, W, 3])."""
-    _, _, objects, background = _scene(rng, classes, height, width)
+    _, _, objects, background = scene(rng, classes, height, width)
     velocities = [(rng.uniform(-1, 1) * 0.004, rng.uniform(-1, 1) * 0.006) for _ in objects]
     clip = []
     for step in range(frames):
