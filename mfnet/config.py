@@ -178,7 +178,9 @@ class LossConfig:
     focal_gamma: float = _opt(2.0, "focal exponent gamma of Eq. (1) (not given in the paper)")
     pml_weight: float = _opt(0.4, "lambda: weight of the pixel-wise metric loss")
     pml_margin: float = _opt(1.0, "alpha: triplet margin (embeddings are L2-normalised)")
-    pml_triplets: int = _opt(20, "Nt: anchor seeds per query image")
+    pml_triplets: int = _opt(
+        20, "Nt: anchor seeds per query image (0 = PML off, as Fig. 5's Nt = 0)"
+    )
     pml_mode: str = _opt(
         "spatial",
         "positive selection: spatial (paper), random, feature (hardest), or off",
@@ -192,7 +194,7 @@ class LossConfig:
         _check_choice("pml_mode", self.pml_mode, PML_MODES)
         _check_positive("focal_gamma", self.focal_gamma, allow_zero=True)
         _check_positive("pml_weight", self.pml_weight, allow_zero=True)
-        _check_positive("pml_triplets", self.pml_triplets)
+        _check_positive("pml_triplets", self.pml_triplets, allow_zero=True)
         _check_positive("pml_tau", self.pml_tau)
         _check_positive("pml_start_epoch", self.pml_start_epoch, allow_zero=True)
         _check_positive("pml_margin", self.pml_margin, allow_zero=True)
@@ -502,6 +504,7 @@ def _paper_presets() -> dict[str, dict[str, Any]]:
         presets[f"pascal-{way}way-{shot}shot"] = dict(pascal, way=way, shot=shot)
     for way in (1, 2, 5):  # Tables X and XI
         presets[f"coco-{way}way-1shot"] = dict(coco, way=way, shot=1)
+    presets["coco-1way-5shot"] = dict(coco, way=1, shot=5)  # Table XI's 5-shot column
     # Table II: the setup of MetaSeg, 2-way 5-shot on PASCAL-5^2, every query holds person and
     # the other held-out class.
     presets["pascal-metaseg-2way-5shot"] = dict(pascal, way=2, shot=5, fold=2, protocol="metaseg")

@@ -9,6 +9,7 @@ import pytest
 
 from mfnet.config import (
     Config,
+    ConfigError,
     ModelConfig,
     add_config_arguments,
     overrides_from_args,
@@ -94,3 +95,13 @@ def test_cpu_preset_keeps_the_paper_hyper_parameters() -> None:
     assert (cpu.train.momentum, cpu.train.weight_decay, cpu.train.poly_power) == (0.9, 1e-4, 0.9)
     assert (cpu.loss.pml_weight, cpu.loss.pml_margin, cpu.loss.pml_triplets) == (0.4, 1.0, 20)
     assert cpu.model.relation_heads == 4
+
+
+def test_every_paper_table_has_its_preset() -> None:
+    """Table XI's COCO 1-way 5-shot column included; Nt = 0 (Fig. 5) is a valid setting."""
+    coco = preset("coco-1way-5shot", data_root="/data")
+    assert (coco.data.dataset, coco.model.way, coco.model.shot) == ("coco", 1, 5)
+    assert coco.train.lr == preset("coco-1way-1shot", data_root="/data").train.lr
+    assert preset("synthetic-cpu", pml_triplets=0).loss.pml_triplets == 0
+    with pytest.raises(ConfigError, match="pml_triplets"):
+        preset("synthetic-cpu", pml_triplets=-1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import os
 import shutil
@@ -20,6 +21,7 @@ from mfnet.checkpoint import (
     model_from_checkpoint,
     save_checkpoint,
 )
+from mfnet.config import Config
 from mfnet.data.datasets import build_episodes
 from mfnet.model.build import build_mfnet
 from mfnet.training import loop
@@ -54,6 +56,37 @@ def test_loss_goes_down_on_a_short_run(tiny_config) -> None:
         optimizer.step()
         losses.append(step.segmentation.item())
     assert sum(losses[-5:]) < 0.75 * sum(losses[:5]), losses
+
+
+def test_zero_triplets_trains_exactly_as_pml_off() -> None:
+    """Fig. 5's Nt = 0 is accepted and is PML off: the same optimisation steps, the same weights.
+    On a model whose labels vary (so PML has triplets), Nt = 20 moves the weights elsewhere:
+    the comparison can fail."""
+    from runtime_fixtures import varied_model
+
+    base, config_dict = varied_model(way=2, shot=1, size=48)
+    config = Config.from_dict(config_dict).replace(device="cpu", pml_start_epoch=0)
+    batch = next(iter(DataLoader(build_episodes(config, "train", 1, 4, seed=3), batch_size=4)))
+    weights, metrics = {}, {}
+    for name, loss, use_metric in (("zero", dict(pml_triplets=0), True),
+                                   ("off", dict(pml_mode="off"), False),
+                                   ("on", dict(pml_triplets=20), True)):  # fmt: skip
+        variant = config.replace(**loss)
+        model = copy.deepcopy(base)  # eval mode: the calibrated labels, hence PML triplets
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
+        torch.manual_seed(0)  # the same dropout masks in every variant
+        generator = torch.Generator().manual_seed(0)
+        for _ in range(3):
+            step = compute_losses(model, batch, variant, use_metric, generator)
+            metrics.setdefault(name, None if step.metric is None else step.metric.item())
+            optimizer.zero_grad()
+            step.total.backward()
+            optimizer.step()
+        weights[name] = model.state_dict()
+    assert metrics["zero"] is None and metrics["off"] is None and metrics["on"] > 0
+    for key, value in weights["off"].items():
+        assert torch.equal(weights["zero"][key], value), key
+    assert any(not torch.equal(weights["on"][k], v) for k, v in weights["off"].items())
 
 
 def test_train_writes_a_checkpoint_that_rebuilds_the_model(tiny_config) -> None:

@@ -84,7 +84,7 @@ def _losses(
         segmentation = torch.stack(losses).mean()
         return StepLosses(segmentation, segmentation, None)
     segmentation = weighted_focal_loss(output.logits.float(), label, gamma=config.loss.focal_gamma)
-    if not use_metric_loss:
+    if not use_metric_loss or config.loss.pml_triplets == 0:  # Nt = 0 (Fig. 5) is PML off
         return StepLosses(segmentation, segmentation, None)
     h, w = output.feature_logits.shape[-2:]
     label_small = F.interpolate(label[:, None].float(), size=(h, w), mode="nearest")[:, 0].long()
