@@ -176,6 +176,7 @@ def case_config_value(tmp_path, capsys, monkeypatch):
 def case_usage(tmp_path, capsys, monkeypatch):
     file = tmp_path / "file.txt"
     file.write_text("x")
+    segment = ["segment", "--engines", str(tmp_path), "--support", "s", "--input", "0"]
     cases = [
         (train_cli.main, ["--epochs", "0"], "epochs must be > 0"),
         (train_cli.main, ["--way", "two"], "expected int"),
@@ -205,32 +206,12 @@ def case_usage(tmp_path, capsys, monkeypatch):
         ),
         (
             runtime_cli.main,
-            [
-                "segment",
-                "--engines",
-                str(tmp_path),
-                "--support",
-                "s",
-                "--input",
-                "0",
-                "--batch-size",
-                "0",
-            ],
+            [*segment, "--batch-size", "0"],
             "must be >= 1",
         ),
         (
             runtime_cli.main,
-            [
-                "segment",
-                "--engines",
-                str(tmp_path),
-                "--support",
-                "s",
-                "--input",
-                "0",
-                "--alpha",
-                "1.5",
-            ],
+            [*segment, "--alpha", "1.5"],
             "must be <= 1",
         ),
         (
@@ -248,17 +229,7 @@ def case_usage(tmp_path, capsys, monkeypatch):
         ),
         (
             runtime_cli.main,
-            [
-                "segment",
-                "--engines",
-                str(tmp_path),
-                "--support",
-                "s",
-                "--input",
-                "0",
-                "--output",
-                str(file / "frames"),
-            ],
+            [*segment, "--output", str(file / "frames")],
             "is a file",
         ),
         (

@@ -95,7 +95,8 @@ class Segmenter:
         every file used against the manifest. cuda_graph_batch: on CUDA, capture the decoder
         as a CUDA graph for calls of exactly this many frames (0 = off; untested, see README).
         threads: intra-op threads of ONNX Runtime's CPU sessions; None = the cores free to
-        this process (``threads.thread_policy``: its CPU affinity, at least 1).
+        this process (``threads.thread_policy``: its CPU affinity minus the cores other
+        processes keep busy, at least 1).
         """
         policy = thread_policy(threads)
         manifest = read_manifest(engine_dir)
