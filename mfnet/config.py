@@ -23,6 +23,8 @@ from typing import Any
 BACKBONES = ("small", "resnet50", "resnet101", "vgg16_bn")
 FUSIONS = ("add", "concat")
 CLASS_FUSIONS = ("add", "concat", "binary")
+SUPPORT_MODULES = ("relation", "self_attention", "convlstm")  # A_S, A_S-v1, A_S-v2 (Table VI)
+MULTISCALE_MODULES = ("scale_attention", "fem", "aspp")  # A_M, A_M-v1, A_M-v2 (Table VII)
 PML_MODES = ("off", "random", "feature", "spatial")
 DATASETS = ("synthetic", "pascal", "coco")
 PROTOCOLS = ("panet", "metaseg")
@@ -138,6 +140,23 @@ class ModelConfig:
     scale_attention_shared: bool = _opt(
         False, "share A_M weights across the Z scales (default: one module per scale)"
     )
+    support_module: str = _opt(
+        "relation",
+        "form of A_S (Table VI): relation (the paper's A_S), self_attention (A_S-v1: the query "
+        "concatenated with each shot, combined by softmaxed attention weights), convlstm (A_S-v2: "
+        "combined by a Bi-ConvLSTM); the v1/v2 prototypes depend on the query (no ONNX export)",
+        SUPPORT_MODULES,
+    )
+    multiscale_module: str = _opt(
+        "scale_attention",
+        "form of A_M (Table VII): scale_attention (the paper's A_M), fem (A_M-v1: PFENet's "
+        "hierarchical concatenation of the scales), aspp (A_M-v2: one query scale, ASPP in the "
+        "decoder)",
+        MULTISCALE_MODULES,
+    )
+    self_alignment: bool = _opt(
+        False, "+SA (Tables III, XI): CyCTR's self-alignment transformer block on each query scale"
+    )
     dropout: float = _opt(0.5, "Dropout2d rate after the middle-level feature reduction")
     image_size: int = _opt(473, "square network input size in pixels")
     mean: tuple[float, ...] = _opt(
@@ -150,6 +169,24 @@ class ModelConfig:
         _check_choice("backbone", self.backbone, BACKBONES)
         _check_choice("query_fusion", self.query_fusion, FUSIONS)
         _check_choice("class_fusion", self.class_fusion, CLASS_FUSIONS)
+        _check_choice("support_module", self.support_module, SUPPORT_MODULES)
+        _check_choice("multiscale_module", self.multiscale_module, MULTISCALE_MODULES)
+        if self.support_module != "relation":
+            if not self.support_attention:
+                raise ConfigError(
+                    f"support_module={self.support_module!r} is a form of A_S: it needs "
+                    "support_attention on (w/o A_S is support_attention off)"
+                )
+            if self.query_fusion != "concat":
+                raise ConfigError(
+                    f"support_module={self.support_module!r} concatenates the query with each "
+                    "support shot (paper Sec. IV-C, A_S-v1/v2): set query_fusion='concat'"
+                )
+        if self.multiscale_module != "scale_attention" and not self.scale_attention:
+            raise ConfigError(
+                f"multiscale_module={self.multiscale_module!r} is a form of A_M: it needs "
+                "scale_attention on (w/o A_M is scale_attention off)"
+            )
         for name in ("channels", "way", "shot", "relation_heads", "image_size"):
             _check_positive(name, getattr(self, name))
         if self.channels % self.relation_heads:
@@ -163,6 +200,12 @@ class ModelConfig:
             raise FieldError("dropout", f"dropout must lie in [0, 1), got {self.dropout}")
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
             raise ConfigError("mean and std need three values (RGB), std > 0")
+
+    @property
+    def multi_scale_query(self) -> bool:
+        """Whether the query is pooled into the Z pyramid scales (A_M, A_M-v1); A_M-v2 (ASPP in
+        the decoder) and "w/o A_M" fuse a single scale."""
+        return self.scale_attention and self.multiscale_module != "aspp"
 
     @property
     def resolved_weights(self) -> str:

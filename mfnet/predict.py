@@ -51,6 +51,7 @@ class TorchSegmenter:
     pipeline fits the frames, drives the model and maps the labels back."""
 
     def __init__(self, model: MFNet, resize_mode: str, device: torch.device) -> None:
+        model.require_prototype_split("python -m mfnet.predict (a prototype cache per class)")
         self.model = model.to(device).eval()
         self.device = device
         self.way = model.way

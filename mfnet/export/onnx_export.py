@@ -211,7 +211,8 @@ def export_onnx(
     export leaves the previous one exactly as it was. Returns the manifest (as
     ``mfnet_runtime.manifest.read_manifest(out_dir)`` reads it back). Raises
     ``ExportError`` (with the failed checks) when a verification fails, ``ValueError`` for bad
-    options or an ``out_dir`` that is a file or a non-export directory, ``CheckpointError``,
+    options or an ``out_dir`` that is a file or a non-export directory,
+    ``QueryDependentSupportError`` (a ``ValueError``) for A_S-v1/v2 models, ``CheckpointError``,
     and ``MissingDependencyError`` without onnx / onnxscript / onnxruntime.
     """
     require_export_dependencies(verify)
@@ -221,6 +222,8 @@ def export_onnx(
         if precision not in PRECISIONS:
             raise ValueError(f"unknown precision {precision!r}; choose from {list(PRECISIONS)}")
     model, config = model_from_checkpoint(checkpoint, map_location="cpu")
+    # The query graph takes prototypes [N, C]; A_S-v1/v2 need the query and every shot.
+    model.require_prototype_split("the ONNX export")
     with staged_directory(target) as out:  # swapped in only once verified and complete
         manifest = _export_into(
             out, model, config, checkpoint, precisions, limits, opset, verify, optimize

@@ -70,6 +70,7 @@ class QueryDecoder(nn.Module):
         fold_prototypes: bool = True,
     ) -> None:
         super().__init__()
+        model.require_prototype_split("the ONNX query decoder")  # its input is [N, C]
         self.model = model
         self.dtype = dtype
         self.optimized = optimized

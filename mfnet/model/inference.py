@@ -31,14 +31,19 @@ it can be captured in a CUDA graph. Only the tail of ``decode_query`` (class fus
 final upsampling; ten lines) is restated here; the tests compare every path with it.
 
 Configurations whose first layers do not have this form (stride, dilation, groups, non-zero
-padding mode, a padding other than k // 2) are not folded: ``FastQueryDecoder.fold_reason``
-says why and the decoder falls back to the model's eager fusion (``_fuse_query_class`` and
-``scale_attention``), still with static pooling when asked.
+padding mode, a padding other than k // 2) or whose A_M is not the scale attention (A_M-v1,
+PFENet's FEM) are not folded: ``FastQueryDecoder.fold_reason`` says why (and is logged) and the
+decoder falls back to the model's eager fusion (``_fuse_query_class`` and ``scale_attention``),
+still with static pooling when asked. A_M-v2 (ASPP) folds (its one scale is the lower branch;
+the ASPP is in the decoder, which runs as it is); +SA runs on the pooled query scales before
+either form. A_S-v1/v2 mix the query into every shot: no prototype-only decoder exists for them
+and the constructor raises ``QueryDependentSupportError``.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import cast
@@ -50,6 +55,7 @@ from torch import nn
 from .mfnet import MFNet
 from .scale_attention import ScaleAttention, ScaleBranch
 
+log = logging.getLogger(__name__)
 
 # ------------------------------------------------------------------ exact static adaptive pooling
 def adaptive_pool_matrix(
@@ -264,15 +270,23 @@ class FastQueryDecoder(nn.Module):
         self, model: MFNet, static_pooling: bool = True, fold_prototypes: bool = True
     ) -> None:
         super().__init__()
+        model.require_prototype_split("the fast query decoder")  # A_S-v1/v2 cannot run here
         self.model = model
         self.static_pooling = static_pooling
         self.fold_reason: str | None = None if fold_prototypes else "disabled"
         self.folded_attention: _FoldedScaleAttention | None = None
         if fold_prototypes:
             try:
+                if not isinstance(model.scale_attention, ScaleAttention):
+                    raise _NotFoldable(
+                        f"A_M is {type(model.scale_attention).__name__} "
+                        f"(multiscale_module={model.config.multiscale_module!r}), not the "
+                        "scale attention whose first convs fold"
+                    )
                 self.folded_attention = _FoldedScaleAttention(model.scale_attention)
             except _NotFoldable as problem:
                 self.fold_reason = str(problem)
+                log.info("prototype folding off, the model's eager fusion runs: %s", problem)
         # Constants of the configured input size as buffers (they follow .to() and keep the
         # forward free of host-to-device copies, so it can be captured in a CUDA graph): the
         # pooling matrices P_h [bins, h], P_w^T [w, bins] and the border indices. Other input
@@ -462,9 +476,9 @@ class FastQueryDecoder(nn.Module):
         if batch not in (1, B):
             raise ValueError(f"prototype batch {batch} does not fit query batch {B}")
 
-        pooled_scales = [
-            features if bins >= max(h, w) else self._pool(features, bins) for bins, _, _ in sizes
-        ]  # [B, C, h_z, w_z]
+        pooled_scales = model.align_query(
+            [features if bins >= max(h, w) else self._pool(features, bins) for bins, _, _ in sizes]
+        )  # [B, C, h_z, w_z]; +SA acts on the query only, before the prototypes enter
         if folded is None:  # the model's eager fusion (folding off or not applicable)
             assert isinstance(prototypes, torch.Tensor)  # folded ones take the other branch
             expanded = prototypes.expand(B, -1, -1)  # [B, N, C]

@@ -21,8 +21,9 @@ from ..config import ModelConfig
 from ..ops.masked_pooling import mask_area, masked_global_pool
 from .backbone import Backbone, feature_size
 from .decoder import Decoder
+from .fem import FeatureEnrichment
 from .scale_attention import ScaleAttention
-from .support import EncodedSupport, RelationalSupportAttention
+from .support import EncodedSupport, QueryDependentSupportError, RelationalSupportAttention
 
 
 @dataclass(frozen=True)
@@ -65,9 +66,12 @@ class MFNet(nn.Module):
         backbone: Backbone,
         neck: MiddleLevelNeck,
         support_attention: RelationalSupportAttention | None,
-        scale_attention: ScaleAttention,
+        scale_attention: ScaleAttention | FeatureEnrichment,
         decoder: Decoder,
         pool_impl: str = "auto",
+        *,
+        shot_fusion: nn.Module | None = None,
+        self_alignment: nn.Module | None = None,
     ) -> None:
         super().__init__()
         self.config = config
@@ -76,6 +80,11 @@ class MFNet(nn.Module):
         self.support_attention = support_attention
         self.scale_attention = scale_attention
         self.decoder = decoder
+        # Ablation variants (build.py): A_S-v1/v2 fuse the query with every shot,
+        # forward(scale [B, C, h, w], shots [B, N, K, C]) -> [B*N, 2C, h, w]; +SA maps the list
+        # of query scales to the same shapes. None (no parameters) in the paper's MFNet.
+        self.shot_fusion = shot_fusion
+        self.self_alignment = self_alignment
         self.pool_impl = pool_impl
         self.register_buffer("mean", torch.tensor(config.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(config.std).view(1, 3, 1, 1), persistent=False)
@@ -83,6 +92,12 @@ class MFNet(nn.Module):
     @property
     def way(self) -> int:
         return self.config.way
+
+    def require_prototype_split(self, use: str) -> None:
+        """Raise ``QueryDependentSupportError`` (naming ``use``) when the class features depend
+        on the query (A_S-v1/v2), i.e. when prototypes [N, C] alone cannot drive the decoder."""
+        if self.shot_fusion is not None:
+            raise QueryDependentSupportError(self.config.support_module, use)
 
     def extract_features(self, images: torch.Tensor) -> torch.Tensor:
         """images [M, 3, H, W] RGB in [0, 1] -> middle-level features [M, C, H/8, W/8]."""
@@ -161,7 +176,7 @@ class MFNet(nn.Module):
     # ------------------------------------------------------------------------------- query side
     def pyramid_bins(self, feature_size: int) -> list[int]:
         """Pooled sizes of the Z query scales: (60, 30, 15, 8) for 60 x 60 features."""
-        if not self.config.scale_attention:
+        if not self.config.multi_scale_query:
             return [feature_size]
         return [max(1, math.ceil(feature_size * f)) for f in self.config.pyramid]
 
@@ -206,10 +221,15 @@ class MFNet(nn.Module):
         prototypes = cache.prototypes.expand(B, -1, -1)  # [B, N, C]
         features = self.extract_features(query)  # [B, C, h, w]
         h, w = features.shape[-2:]
-        scales = []
-        for bins in self.pyramid_bins(max(h, w)):
-            pooled = features if bins >= max(h, w) else F.adaptive_avg_pool2d(features, bins)
-            scales.append(self._fuse_query_class(pooled, prototypes))  # [B*N, C', h_z, w_z]
+        pooled = [
+            features if bins >= max(h, w) else F.adaptive_avg_pool2d(features, bins)
+            for bins in self.pyramid_bins(max(h, w))
+        ]  # [B, C, h_z, w_z] per scale
+        if self.shot_fusion is not None:  # A_S-v1/v2: every shot meets the query
+            shots = cache.shot_features.expand(B, -1, -1, -1)  # [B, N, K, C]
+            scales = [self.shot_fusion(x, shots) for x in self.align_query(pooled)]
+        else:
+            scales = [self._fuse_query_class(x, prototypes) for x in self.align_query(pooled)]
         per_class = self.scale_attention(scales, (h, w))  # [B*N, C, h, w]
         return self.decode_classes(per_class, B, (H, W), return_aux)
 
@@ -275,6 +295,10 @@ class MFNet(nn.Module):
         return QueryOutput(
             logits, scores, embedding, branch_logits=upsampled.view(batch, self.way, 2, *size)
         )
+
+    def align_query(self, scales: list[torch.Tensor]) -> list[torch.Tensor]:
+        """+SA on the pooled query scales (each [B, C, h_z, w_z]); unchanged without it."""
+        return scales if self.self_alignment is None else self.self_alignment(scales)
 
     def _fuse_query_class(self, scale: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
         """scale [B, C, h_z, w_z] + prototypes [B, N, C] -> X_n^z [B*N, C or 2C, h_z, w_z]."""

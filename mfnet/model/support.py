@@ -64,3 +64,18 @@ class RelationalSupportAttention(nn.Module):
         weights = torch.softmax(a @ b.transpose(-1, -2) / math.sqrt(d_k), dim=-1)  # [B,N,Nr,K,K]
         relation = (weights @ v).transpose(2, 3).reshape(B, N, K, C)  # concat over heads
         return shots + relation
+
+
+class QueryDependentSupportError(ValueError):
+    """The model's class features depend on the query (A_S-v1 / A_S-v2), so the support side
+    cannot be reduced to query-independent prototypes [N, C]: no prototype-only decoder (the
+    fast decoder, the ONNX query graph, a prototype cache) can run it."""
+
+    def __init__(self, support_module: str, use: str) -> None:
+        super().__init__(
+            f"{use} needs query-independent prototypes, but this model's support module "
+            f"{support_module!r} (A_S-v1/v2, paper Table VI) combines the shots with the query "
+            "inside the decoder: evaluate it with python -m mfnet.evaluate, or train with "
+            "--support_module relation"
+        )
+        self.support_module = support_module
