@@ -244,8 +244,10 @@ def test_query_dependent_support_refuses_every_prototype_only_path(name, tmp_pat
     ("switches", "message"),
     [
         (dict(support_module="self_attention"), "query_fusion='concat'"),
-        (dict(support_module="convlstm", query_fusion="concat", support_attention=False),
-         "needs support_attention on"),  # fmt: skip
+        (
+            dict(support_module="convlstm", query_fusion="concat", support_attention=False),
+            "needs support_attention on",
+        ),
         (dict(multiscale_module="fem", scale_attention=False), "needs scale_attention on"),
         (dict(multiscale_module="pyramid"), "is not one of"),
     ],

@@ -57,6 +57,7 @@ from .scale_attention import ScaleAttention, ScaleBranch
 
 log = logging.getLogger(__name__)
 
+
 # ------------------------------------------------------------------ exact static adaptive pooling
 def adaptive_pool_matrix(
     in_size: int,
