@@ -26,10 +26,12 @@ CLASS_FUSIONS = ("add", "concat", "binary")
 SUPPORT_MODULES = ("relation", "self_attention", "convlstm")  # A_S, A_S-v1, A_S-v2 (Table VI)
 MULTISCALE_MODULES = ("scale_attention", "fem", "aspp")  # A_M, A_M-v1, A_M-v2 (Table VII)
 PML_MODES = ("off", "random", "feature", "spatial")
+PML_REDUCTIONS = ("sum", "mean")
 DATASETS = ("synthetic", "pascal", "coco")
 PROTOCOLS = ("panet", "metaseg")
 EVAL_RESOLUTIONS = ("network", "original")
 TEST_RESIZES = ("pad", "stretch")
+AUGMENTATIONS = ("paper", "pfenet")  # mfnet.data.transforms.AUGMENTATIONS
 AMP_MODES = ("off", "bf16", "fp16")
 OPS_IMPLS = ("auto", "reference", "cuda")  # mfnet.ops.extension.IMPLS
 
@@ -220,7 +222,7 @@ class LossConfig:
 
     focal_gamma: float = _opt(2.0, "focal exponent gamma of Eq. (1) (not given in the paper)")
     pml_weight: float = _opt(0.4, "lambda: weight of the pixel-wise metric loss")
-    pml_margin: float = _opt(1.0, "alpha: triplet margin (embeddings are L2-normalised)")
+    pml_margin: float = _opt(1.0, "alpha: triplet margin of Eq. (6)")
     pml_triplets: int = _opt(
         20, "Nt: anchor seeds per query image (0 = PML off, as Fig. 5's Nt = 0)"
     )
@@ -231,10 +233,25 @@ class LossConfig:
     )
     pml_tau: float = _opt(0.1, "spatial kernel: P(positive) ~ exp(-d / (tau * feature side))")
     pml_start_epoch: int = _opt(5, "epoch (0-based) from which L_PML is switched on")
+    # The two defaults below are the form this code used before the fields existed (a checkpoint
+    # without them was trained so); the paper presets set Eq. (6)'s form: sum, no normalisation.
+    pml_reduction: str = _opt(
+        "mean",
+        "L_PML over the triplets: sum (Eq. 6: summed per query image, mean over the batch; "
+        "the paper presets) or mean (mean over the batch's valid triplets, about Nt times "
+        "smaller; the synthetic-cpu preset, see docs/decisions.md)",
+        PML_REDUCTIONS,
+    )
+    pml_normalize: bool = _opt(
+        True,
+        "L2-normalise the PML embeddings before the distances (squared distances in [0, 4]); "
+        "the paper (Eq. 6, the paper presets: --no-pml-normalize) uses the raw embeddings",
+    )
 
     def __post_init__(self) -> None:
         _check_types(self)
         _check_choice("pml_mode", self.pml_mode, PML_MODES)
+        _check_choice("pml_reduction", self.pml_reduction, PML_REDUCTIONS)
         _check_positive("focal_gamma", self.focal_gamma, allow_zero=True)
         _check_positive("pml_weight", self.pml_weight, allow_zero=True)
         _check_positive("pml_triplets", self.pml_triplets, allow_zero=True)
@@ -297,6 +314,20 @@ class DataConfig:
         "kept, PFENet) or stretch (square resize, PANet)",
         TEST_RESIZES,
     )
+    # "pfenet" is the recipe of every checkpoint written before the field existed.
+    augmentation: str = _opt(
+        "pfenet",
+        "training augmentation of pascal/coco: paper (Sec. IV-B: resize to resize_to x resize_to, "
+        "random rotation, mirror, random crop; the paper presets) or pfenet (scale 0.9-1.1 of "
+        "the original image, rotation, Gaussian blur, mirror, crop)",
+        AUGMENTATIONS,
+    )
+    resize_to: int = _opt(
+        0,
+        "augmentation 'paper': the square side training images are resized to before the "
+        "random crop of image_size (0 = image_size, the paper's 473 x 473; larger lets the "
+        "crop move)",
+    )
     data_seed: int = _opt(0, "seed of the training episodes")
     max_distractors: int = _opt(2, "synthetic: most non-episode objects per image")
 
@@ -308,6 +339,13 @@ class DataConfig:
         _check_choice("protocol", self.protocol, PROTOCOLS)
         _check_choice("eval_resolution", self.eval_resolution, EVAL_RESOLUTIONS)
         _check_choice("test_resize", self.test_resize, TEST_RESIZES)
+        _check_choice("augmentation", self.augmentation, AUGMENTATIONS)
+        _check_positive("resize_to", self.resize_to, allow_zero=True)
+        if self.resize_to and self.augmentation != "paper":
+            raise ConfigError(
+                f"resize_to={self.resize_to} applies to --augmentation paper only "
+                f"(got {self.augmentation!r}); drop --resize-to or add --augmentation paper"
+            )
         if not 0 <= self.fold <= 3:
             raise FieldError("fold", f"fold must be 0..3, got {self.fold}")
         _check_positive("max_distractors", self.max_distractors, allow_zero=True)
@@ -521,6 +559,10 @@ def _paper_presets() -> dict[str, dict[str, Any]]:
         workers=4,
         eval_runs=5,
         eval_batch_size=8,
+        # Eq. (6) as written: the hinge summed over the triplets, raw embeddings
+        pml_reduction="sum",
+        pml_normalize=False,
+        augmentation="paper",  # Sec. IV-B: resized to 473 x 473, random crop, rotation, mirror
     )
     pascal = dict(
         paper,
@@ -542,15 +584,31 @@ def _paper_presets() -> dict[str, dict[str, Any]]:
         pml_start_epoch=1,
         eval_episodes=10000,
     )
+    # The test protocol of each table's comparisons (docs/decisions.md, "Test protocol per
+    # table"): the multi-way tables (I, II, X) follow PANet/PPNet [18], [19], which test on their
+    # training image list (trainaug / train2014), stretched to a square and scored at network
+    # resolution, with no small-object filter; the 1-way tables (III, XI) compare with the PFENet
+    # lineage: VOC val / val2014, longer side resized and padded, scored at the original
+    # resolution, objects of at least 2048 pixels.
+    multi_way = dict(
+        test_source="train", test_resize="stretch", eval_resolution="network", min_object_pixels=0
+    )
+    one_way = dict(
+        test_source="val", test_resize="pad", eval_resolution="original", min_object_pixels=2048
+    )
     presets = {}
     for way, shot in ((1, 1), (1, 5), (2, 1), (2, 5)):  # Tables I and III
-        presets[f"pascal-{way}way-{shot}shot"] = dict(pascal, way=way, shot=shot)
+        protocol = one_way if way == 1 else multi_way
+        presets[f"pascal-{way}way-{shot}shot"] = dict(pascal, **protocol, way=way, shot=shot)
     for way in (1, 2, 5):  # Tables X and XI
-        presets[f"coco-{way}way-1shot"] = dict(coco, way=way, shot=1)
-    presets["coco-1way-5shot"] = dict(coco, way=1, shot=5)  # Table XI's 5-shot column
-    # Table II: the setup of MetaSeg, 2-way 5-shot on PASCAL-5^2, every query holds person and
-    # the other held-out class.
-    presets["pascal-metaseg-2way-5shot"] = dict(pascal, way=2, shot=5, fold=2, protocol="metaseg")
+        protocol = one_way if way == 1 else multi_way
+        presets[f"coco-{way}way-1shot"] = dict(coco, **protocol, way=way, shot=1)
+    presets["coco-1way-5shot"] = dict(coco, **one_way, way=1, shot=5)  # Table XI's 5-shot column
+    # Table II: the setup of MetaSeg, 2-way 5-shot on PASCAL-5^2, every query and every support
+    # holds person and the other held-out class.
+    presets["pascal-metaseg-2way-5shot"] = dict(
+        pascal, **multi_way, way=2, shot=5, fold=2, protocol="metaseg"
+    )
     return presets
 
 

@@ -26,12 +26,16 @@ Pixel-wise triplet loss, ``pixel_triplet_loss`` (Eq. (6), Sec. III-D):
   or from any callable with the same signature passed as ``sampler`` (e.g. a CUDA sampler).
 * The embedding is the decoder's embedding after its first 1x1 conv, at feature resolution; the
   labels are the prediction (argmax) and the nearest-resized ground truth at that resolution.
-* With ``normalize=True`` (default) f_a, f_p, f_n are L2-normalised along C, so squared
-  distances lie in [0, 4] and the margin alpha = 1 has a fixed meaning whatever the feature scale.
-* The paper writes a sum over triplets; this takes the MEAN over the valid triplets of
-  max(|f_a - f_p|^2 - |f_a - f_n|^2 + alpha, 0), so lambda = 0.4 does not depend on Nt or on the
-  batch size. With no valid triplet the loss is ``embedding.sum() * 0``: a zero that is still
-  connected to the graph, so ``backward`` works in every iteration.
+* With ``normalize=True`` f_a, f_p, f_n are L2-normalised along C, so squared distances lie in
+  [0, 4] and the margin alpha = 1 has a fixed meaning whatever the feature scale. The paper
+  (Eq. 6) uses the raw embeddings: ``normalize=False``.
+* ``reduction`` of the hinges max(|f_a - f_p|^2 - |f_a - f_n|^2 + alpha, 0):
+  ``"sum"`` is Eq. (6) as written, the SUM over each query image's valid triplets, then the mean
+  over the B images of the batch (so the loss grows with Nt as in the paper, not with B);
+  ``"mean"`` is the mean over all valid triplets of the batch, so lambda = 0.4 does not depend on
+  Nt (about Nt times smaller than ``"sum"``). With no valid triplet the loss is
+  ``embedding.sum() * 0``: a zero that is still connected to the graph, so ``backward`` works in
+  every iteration.
 * In ``"feature"`` mode the sampler gets the DETACHED embedding (normalised too when
   ``normalize=True``, so "farthest"/"closest" are measured in the space the loss uses): the
   choice of triplets is not differentiated.
@@ -44,6 +48,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from mfnet.config import PML_REDUCTIONS
 from mfnet.ops.triplet_sampling import TripletSample, sample_triplets_reference
 
 TripletSampler = Callable[..., TripletSample]
@@ -115,8 +120,9 @@ def pixel_triplet_loss(
     generator: torch.Generator | None = None,
     normalize: bool = True,
     sampler: TripletSampler = sample_triplets_reference,
+    reduction: str = "mean",
 ) -> torch.Tensor:
-    """Pixel-wise metric learning loss, paper Eq. (6), averaged over the valid triplets.
+    """Pixel-wise metric learning loss, paper Eq. (6).
 
     Args:
         embedding: float [B, C, h, w], the decoder embedding at feature resolution.
@@ -130,6 +136,8 @@ def pixel_triplet_loss(
         generator: optional torch.Generator on the embedding's device.
         normalize: L2-normalise the three embeddings along C before the distances.
         sampler: callable with the signature of ``sample_triplets_reference``.
+        reduction: ``"sum"`` (Eq. 6: summed per image, mean over the batch) or ``"mean"`` (mean
+            over the batch's valid triplets).
 
     Returns:
         Scalar float tensor connected to ``embedding``'s graph (zero if no triplet is valid).
@@ -138,6 +146,8 @@ def pixel_triplet_loss(
         raise ValueError(
             f"embedding must be a float [B, C, h, w] tensor, got {tuple(embedding.shape)}"
         )
+    if reduction not in PML_REDUCTIONS:
+        raise ValueError(f"reduction must be one of {PML_REDUCTIONS}, got {reduction!r}")
     b, c, h, w = embedding.shape
     if tuple(pred.shape) != (b, h, w) or tuple(target.shape) != (b, h, w):
         raise ValueError(
@@ -174,7 +184,31 @@ def pixel_triplet_loss(
     d_pos = (f_a - f_p).pow(2).sum(dim=-1)  # [B, T]
     d_neg = (f_a - f_n).pow(2).sum(dim=-1)  # [B, T]
     hinge = F.relu(d_pos - d_neg + margin)  # [B, T]
-    return hinge[triplets.valid].mean()
+    if reduction == "mean":
+        return hinge[triplets.valid].mean()
+    per_image = torch.where(triplets.valid, hinge, torch.zeros_like(hinge)).sum(dim=1)  # [B]
+    return per_image.mean()
+
+
+def labels_at_logit_positions(label: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """The ground truth at the input pixels the feature-resolution logits stand for.
+
+    The logits are upsampled bilinearly with align_corners=True, so logit (i, j) of an h x w grid
+    sits at input pixel (i (H - 1) / (h - 1), j (W - 1) / (w - 1)) (8i at 473 -> 60); a nearest
+    resize would take floor(i H / h) instead (7.88i), a label up to 7 pixels away.
+
+    Args:
+        label: int64 [B, H, W] at input resolution.
+        size: (h, w), the feature grid.
+
+    Returns:
+        int64 [B, h, w]: the label at the rounded positions (values unchanged, 255 kept).
+    """
+    height, width = label.shape[-2:]
+    h, w = size
+    rows = torch.linspace(0, height - 1, h, device=label.device).round().long()  # [h]
+    cols = torch.linspace(0, width - 1, w, device=label.device).round().long()  # [w]
+    return label.index_select(1, rows).index_select(2, cols)  # [B, h, w]
 
 
 def _gather(feats: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

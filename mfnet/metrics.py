@@ -18,11 +18,14 @@ Decisions:
   denominator TP + FP + FN is non-zero; a class that never had data gets NaN in the per-class
   dict and is left out of the mean; if no class has data the mean is NaN. (For mIoU* a class has
   data as soon as it appeared in an episode and either was present in a query or was predicted.)
-* FB-IoU (PANet ``get_mIoU_binary``, PFENet/HSNet): foreground = union of all episode classes,
-  background = label 0; a pixel of one episode class predicted as another episode class is a
-  foreground TP. TP/FP/FN of both are accumulated over all updates; FB-IoU = mean of the
-  background IoU and the foreground IoU, over those of the two with a non-zero denominator (NaN
-  if neither has one).
+* FB-IoU (PFENet/HSNet, DESIGN.md): foreground = union of all episode classes, background =
+  label 0; a pixel of one episode class predicted as another episode class is a foreground TP
+  (the binary foreground/background question only). TP/FP/FN of both are accumulated over all
+  updates; FB-IoU = mean of the background IoU and the foreground IoU, over those of the two with
+  a non-zero denominator (NaN if neither has one). In 1-way episodes this is PANet's
+  ``get_mIoU_binary`` too; in N-way episodes it is NOT: PANet sums its per-class TP/FP/FN of the
+  classes present in the query, so there a confusion between two episode classes costs FP and FN
+  (docs/decisions.md, "FB-IoU").
 * Accumulation is on the CPU in int64 via one ``torch.bincount`` per update (no Python loop over
   pixels), so long runs cannot overflow and GPU tensors can be passed in directly.
 """

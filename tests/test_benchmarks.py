@@ -15,6 +15,7 @@ from mfnet import evaluate as evaluate_cli
 from mfnet import train as train_cli
 from mfnet.config import PRESETS, preset
 from mfnet.data import datasets
+from mfnet.data.errors import DatasetArgumentError
 from mfnet.data.pascal import voc_palette
 from mfnet.data.prepare_pascal import prepare
 from mfnet.model.build import build_mfnet
@@ -28,15 +29,16 @@ TRAIN = [(6, 7), (8, 9), (6, 8), (7, 9), (6, 9), (7, 8), (8, 6), (9, 7), (1, 6)]
 VAL = [(1, 2), (1, 3), (2, 3), (1, 2), (3, 1), (2, 15), (3, 2), (1, 15)]
 
 
-def make_voc(root: Path) -> Path:
-    """A tiny VOCdevkit/VOC2012 in the real layout: JPEGs, palette PNGs with 255 bands, lists."""
+def make_voc(root: Path, train: list = TRAIN, val: list = VAL) -> Path:
+    """A tiny VOCdevkit/VOC2012 in the real layout: JPEGs, palette PNGs with 255 bands, lists;
+    ``train`` / ``val``: the classes of each image (at most two)."""
     voc = root / "VOCdevkit" / "VOC2012"
     for folder in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
         (voc / folder).mkdir(parents=True)
     rng = np.random.default_rng(0)
     palette = voc_palette().flatten().tolist()
     names = {"train": [], "val": []}
-    for split, items in (("train", TRAIN), ("val", VAL)):
+    for split, items in (("train", train), ("val", val)):
         for index, classes in enumerate(items):
             name = f"2010_{split}{index:03d}"
             names[split].append(name)
@@ -185,6 +187,47 @@ def test_metaseg_needs_person_among_the_novel_classes(tmp_path) -> None:
     config = preset("synthetic-cpu", dataset="pascal", data_root=str(voc), protocol="metaseg")
     with pytest.raises(ValueError, match="use --fold 2"):
         datasets.build_episodes(config, "test", 1, 2, seed=0)
+
+
+# PASCAL-5^2 (novel 11..15, person = 15): person + dog (12) in three val images, person + horse
+# (13) in two, and images with one novel class only.
+METASEG_VAL = [(15, 12), (12, 15), (15, 12), (13, 15), (15, 13), (12, 13), (11,), (15,), (12,)]
+
+
+def test_metaseg_builds_queries_and_supports_from_images_with_person_and_the_other(
+    tmp_path,
+) -> None:
+    voc = make_voc(tmp_path, val=METASEG_VAL)
+    config = preset(
+        "synthetic-cpu",
+        dataset="pascal",
+        data_root=str(voc),
+        fold=2,
+        protocol="metaseg",
+        image_size=48,
+    )
+    episodes = datasets.build_episodes(config, "test", 2, 6, seed=0)
+    names = [f"2010_val{i:03d}" for i in range(len(METASEG_VAL))]
+    with_both = {
+        n for n, classes in zip(names, METASEG_VAL, strict=True) if {12, 15} <= set(classes)
+    }
+    assert episodes.combinations == ((12, 15),)  # (13, 15): two images, 2-shot needs three
+    assert episodes.short_combinations == {(13, 15): 2, (12, 13): 1}
+    loaded: list[str] = []
+    real_load = episodes.images.load
+    episodes.images.load = lambda image_id: (loaded.append(image_id), real_load(image_id))[1]
+    for index in range(len(episodes)):
+        loaded.clear()
+        episode = episodes[index]
+        assert sorted(episode["episode_classes"].tolist()) == [12, 15]
+        assert len(set(loaded)) == 3 and set(loaded) <= with_both  # the query and two supports
+        masks = episode["support_masks"]  # [2, 2, 48, 48]
+        assert set(masks.unique().tolist()) <= {0, 1, 255} and bool(
+            (masks == 1).any(-1).any(-1).all()
+        )
+        assert {1, 2} <= set(episode["query_label"].unique().tolist())
+    with pytest.raises(DatasetArgumentError, match=r"fewer than shot \+ 1 = 4 images"):
+        datasets.build_episodes(config, "test", 3, 6, seed=0)
 
 
 def test_coco_dispatch_uses_the_configured_split_and_folds(monkeypatch) -> None:

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mfnet.losses import pixel_triplet_loss, weighted_focal_loss
+from mfnet.losses import labels_at_logit_positions, pixel_triplet_loss, weighted_focal_loss
 from mfnet.ops.triplet_sampling import TripletSample
 
 # ----------------------------------------------------------------------------- focal loss
@@ -235,3 +235,69 @@ def test_triplet_feature_mode_with_reference_sampler_runs() -> None:
     loss.backward()
     assert torch.isfinite(loss) and loss.item() > 0
     assert emb.grad.abs().sum() > 0
+
+
+def two_image_sampler(
+    pred: torch.Tensor, target: torch.Tensor, num_classes: int, **kwargs: object
+) -> TripletSample:
+    """Fixed triplets on a 1x3 grid: image 0 has two valid triplets, image 1 one (of three)."""
+    return TripletSample(
+        anchor=torch.tensor([[0, 0, 0], [0, 0, 0]]),
+        positive=torch.tensor([[1, 2, 1], [1, 1, 2]]),
+        negative=torch.tensor([[2, 1, 2], [2, 2, 1]]),
+        valid=torch.tensor([[True, True, False], [True, False, False]]),
+    )
+
+
+def test_triplet_reduction_sum_is_per_image_sum_then_batch_mean() -> None:
+    """Eq. (6)'s sum over each image's triplets, then the mean over the B images; "mean" is the
+    mean over all valid triplets. Invalid triplets (with non-zero hinges) count in neither."""
+    pred = torch.tensor([[[1, 0, 1]], [[1, 0, 1]]])
+    target = torch.tensor([[[1, 1, 0]], [[1, 1, 0]]])
+    emb = torch.tensor(
+        [[[[0.0, 1.0, 0.2]], [[1.0, 0.1, 1.0]]], [[[2.0, 0.5, 0.0]], [[0.3, 1.5, 2.5]]]],
+        dtype=torch.float64,
+    )  # [2, 2, 1, 3]
+    feats = emb.reshape(2, 2, 3).transpose(1, 2)  # [B, L, C]
+
+    def hinge(b: int, a: int, p: int, n: int, unit: bool) -> float:
+        f = F.normalize(feats[b], dim=1) if unit else feats[b]
+        return max(float((f[a] - f[p]).pow(2).sum() - (f[a] - f[n]).pow(2).sum()) + 10.0, 0.0)
+
+    for unit in (False, True):
+        h00, h01, h02 = hinge(0, 0, 1, 2, unit), hinge(0, 0, 2, 1, unit), hinge(0, 0, 1, 2, unit)
+        h10, h11 = hinge(1, 0, 1, 2, unit), hinge(1, 0, 1, 2, unit)
+        assert len({round(h, 6) for h in (h00, h01, h10)}) == 3 and h02 > 0 and h11 > 0  # varied
+        kwargs = dict(margin=10.0, normalize=unit, sampler=two_image_sampler)
+        summed = pixel_triplet_loss(emb, pred, target, 1, reduction="sum", **kwargs)
+        mean = pixel_triplet_loss(emb, pred, target, 1, reduction="mean", **kwargs)
+        assert summed.item() == pytest.approx((h00 + h01 + h10) / 2)
+        assert mean.item() == pytest.approx((h00 + h01 + h10) / 3)
+    with pytest.raises(ValueError, match="reduction"):
+        pixel_triplet_loss(emb, pred, target, 1, reduction="max", sampler=two_image_sampler)
+
+
+def test_triplet_reduction_sum_without_valid_triplet_is_zero_with_graph() -> None:
+    pred = torch.zeros(2, 4, 4, dtype=torch.int64)
+    emb = torch.randn(2, 8, 4, 4, requires_grad=True)
+    loss = pixel_triplet_loss(emb, pred, torch.ones_like(pred), 2, reduction="sum")
+    assert loss.item() == 0.0 and loss.requires_grad
+
+
+def test_pml_labels_sit_where_the_upsampled_logits_come_from() -> None:
+    """align_corners=True upsampling puts feature logit i at input pixel i (H - 1) / (h - 1): at
+    473 -> 60 exactly 8i. The labels taken there pair each logit with its own pixel; a nearest
+    resize (floor(i H / h)) does not."""
+    h, size = 60, 473
+    logits = torch.randn(1, 1, h, h, generator=torch.Generator().manual_seed(0))
+    up = F.interpolate(logits, size=(size, size), mode="bilinear", align_corners=True)[:, 0]
+    assert torch.equal(labels_at_logit_positions(up, (h, h)), logits[:, 0])
+    nearest = F.interpolate(up[:, None], size=(h, h), mode="nearest")[:, 0]
+    assert not torch.allclose(nearest, logits[:, 0])  # the old labels sat elsewhere
+
+    label = torch.arange(96 * 80).reshape(1, 96, 80) % 251  # varied values: every pixel differs
+    picked = labels_at_logit_positions(label, (12, 10))
+    rows = [round(i * 95 / 11) for i in range(12)]
+    cols = [round(j * 79 / 9) for j in range(10)]
+    assert picked.tolist() == [[[int(label[0, r, c]) for c in cols] for r in rows]]
+    assert labels_at_logit_positions(label, (1, 1)).tolist() == [[[0]]]

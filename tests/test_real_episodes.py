@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch.utils.data import default_collate
 
+from mfnet.data.errors import DatasetArgumentError
 from mfnet.data.real_episodes import ImageEpisodes, LabelledImages
 from mfnet.data.transforms import IGNORE_INDEX, TestResize, TrainAugment
 
@@ -155,8 +156,26 @@ def test_panet_fixed_classes_and_query_classes_by_cooccurrence() -> None:
     assert counts == {1, 2}  # one or both classes, by co-occurrence only
 
 
+# Each person pair is held by at least two images, so a 1-shot episode finds a support that holds
+# both classes besides its query: (1, P) g m q, (2, P) h n p, (3, P) i o; (1, 2) a, (1, 3) b and
+# (2, 3) c are held by one image each.
+METASEG_SCENES = SCENES | {
+    "m": (PERSON, 0, 1),
+    "n": (0, 2, PERSON),
+    "o": (3, 0, PERSON),
+    "p": (PERSON, 2, 0),
+    "q": (1, PERSON, 0),
+}
+
+
+def metaseg_fake() -> FakeImages:
+    return FakeImages(METASEG_SCENES, (1, 2, 3, 4, PERSON))
+
+
 def test_metaseg_query_holds_all_classes_and_person() -> None:
-    ds = ImageEpisodes(fake(), 2, 1, 20, 3, TrainAugment(S), "metaseg", fixed_classes=(PERSON,))
+    ds = ImageEpisodes(
+        metaseg_fake(), 2, 1, 20, 3, TrainAugment(S), "metaseg", fixed_classes=(PERSON,)
+    )
     assert ds.combinations == ((1, PERSON), (2, PERSON), (3, PERSON))
     person_slots = set()
     for index in range(len(ds)):
@@ -169,9 +188,50 @@ def test_metaseg_query_holds_all_classes_and_person() -> None:
     assert "metaseg 2-way 1-shot" in ds.describe() and "all 2" in ds.describe()
 
 
+def test_metaseg_supports_hold_every_episode_class_too() -> None:
+    """MetaSeg builds the support AND the query sets from images holding person and the other
+    class; each support mask stays binary for its own class. Under PANet's protocol the
+    supports of the same classes come from their own lists (images without person too)."""
+    images = metaseg_fake()
+    holders = {k for k, v in METASEG_SCENES.items() if PERSON in v}
+    for protocol, supports_seen in (("metaseg", set()), ("panet", set())):
+        ds = ImageEpisodes(images, 2, 2, 12, 5, STRETCH, protocol, fixed_classes=(PERSON,))
+        for index in range(len(ds)):
+            item = ds[index]
+            classes = item["episode_classes"].tolist()
+            query = identify(images, item["query_image"])
+            for way, c in enumerate(classes):
+                for shot in range(2):
+                    image_id = identify(images, item["support_images"][way, shot])
+                    assert image_id != query
+                    supports_seen.add(image_id)
+                    mask = item["support_masks"][way, shot]
+                    _, raw = STRETCH(*images.data[image_id])
+                    assert set(mask.unique().tolist()) <= {0, 1, IGNORE_INDEX}
+                    assert torch.equal(mask == 1, torch.from_numpy(raw == c))  # its own class
+                    if protocol == "metaseg":
+                        present = set(np.unique(raw).tolist())
+                        assert set(classes) <= present, (image_id, classes)
+        if protocol == "metaseg":
+            assert supports_seen <= holders
+        else:
+            assert not supports_seen <= holders  # the constraint is what makes the difference
+    # 2-shot: (3, P) has two images, fewer than a query + 2 supports: left out and named
+    ds = ImageEpisodes(images, 2, 2, 1, 0, STRETCH, "metaseg", fixed_classes=(PERSON,))
+    assert ds.combinations == ((1, PERSON), (2, PERSON))
+    assert ds.short_combinations == {(3, PERSON): 2}
+    assert "left out (images): {(3, 15): 2}" in ds.describe()
+
+
+def test_metaseg_with_too_few_images_per_combination_is_a_typed_error() -> None:
+    with pytest.raises(DatasetArgumentError, match=r"fewer than shot \+ 1 = 4 images"):
+        ImageEpisodes(metaseg_fake(), 2, 3, 1, 0, STRETCH, "metaseg", fixed_classes=(PERSON,))
+
+
 def test_metaseg_without_fixed_classes_uses_every_cooccurring_pair() -> None:
-    ds = ImageEpisodes(fake(), 2, 1, 4, 0, STRETCH, "metaseg")
-    assert ds.combinations == ((1, 2), (1, 3), (1, PERSON), (2, 3), (2, PERSON), (3, PERSON))
+    ds = ImageEpisodes(metaseg_fake(), 2, 1, 4, 0, STRETCH, "metaseg")
+    assert ds.combinations == ((1, PERSON), (2, PERSON), (3, PERSON))
+    assert ds.short_combinations == {(1, 2): 1, (1, 3): 1, (2, 3): 1}  # one image each
     for index in range(len(ds)):
         assert {1, 2} <= set(ds[index]["query_label"].unique().tolist())
 

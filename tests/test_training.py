@@ -66,7 +66,8 @@ def test_zero_triplets_trains_exactly_as_pml_off() -> None:
 
     base, config_dict = varied_model(way=2, shot=1, size=48)
     config = Config.from_dict(config_dict).replace(device="cpu", pml_start_epoch=0)
-    batch = next(iter(DataLoader(build_episodes(config, "train", 1, 4, seed=3), batch_size=4)))
+    batch = next(iter(DataLoader(build_episodes(config, "train", 1, 4, seed=0), batch_size=4)))
+    # seed 0: a batch with PML triplets at the logits' label positions (seeds 1-3 have none)
     weights, metrics = {}, {}
     for name, loss, use_metric in (("zero", dict(pml_triplets=0), True),
                                    ("off", dict(pml_mode="off"), False),
@@ -87,6 +88,41 @@ def test_zero_triplets_trains_exactly_as_pml_off() -> None:
     for key, value in weights["off"].items():
         assert torch.equal(weights["zero"][key], value), key
     assert any(not torch.equal(weights["on"][k], v) for k, v in weights["off"].items())
+
+
+def test_pml_switches_and_aligned_labels_reach_the_triplet_loss(monkeypatch) -> None:
+    """compute_losses hands L_PML the configured reduction and normalisation, and the labels at
+    the pixels the feature logits stand for (not a nearest resize); the two reductions give
+    different metric losses on a model whose labels vary."""
+    from mfnet.losses import labels_at_logit_positions
+    from mfnet.training import objective
+    from runtime_fixtures import varied_model
+
+    base, config_dict = varied_model(way=2, shot=1, size=48)
+    config = Config.from_dict(config_dict).replace(device="cpu", pml_start_epoch=0)
+    batch = next(iter(DataLoader(build_episodes(config, "train", 1, 4, seed=0), batch_size=4)))
+    label = batch["query_label"]  # [B, 48, 48]
+    assert len(label.unique()) > 2  # background, both ways (and 255): the labels vary
+    seen: list[dict] = []
+    real = objective.pixel_triplet_loss
+
+    def recording(embedding, pred, target, **kwargs):
+        seen.append(dict(kwargs, target=target))
+        return real(embedding, pred, target, **kwargs)
+
+    monkeypatch.setattr(objective, "pixel_triplet_loss", recording)
+    metrics = {}
+    for reduction, normalize in (("sum", False), ("mean", True)):
+        variant = config.replace(pml_reduction=reduction, pml_normalize=normalize)
+        step = compute_losses(base, batch, variant, True, torch.Generator().manual_seed(0))
+        assert step.metric is not None
+        metrics[reduction] = step.metric.item()
+        assert (seen[-1]["reduction"], seen[-1]["normalize"]) == (reduction, normalize)
+    h, w = seen[-1]["target"].shape[-2:]
+    assert torch.equal(seen[-1]["target"], labels_at_logit_positions(label, (h, w)))
+    nearest = torch.nn.functional.interpolate(label[:, None].float(), size=(h, w))[:, 0].long()
+    assert not torch.equal(seen[-1]["target"], nearest)  # the positions differ at 48 -> 6
+    assert metrics["sum"] > 0 and metrics["sum"] != pytest.approx(metrics["mean"])
 
 
 def test_train_writes_a_checkpoint_that_rebuilds_the_model(tiny_config) -> None:

@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mfnet.data.transforms import IGNORE_INDEX, MEAN_RGB, TestResize, TrainAugment
+from mfnet.data.transforms import (
+    IGNORE_INDEX,
+    MEAN_RGB,
+    TestResize,
+    TrainAugment,
+    train_augment,
+)
 
 RED, GREEN, GRAY = (230, 20, 20), (20, 220, 20), (128, 128, 128)
 
@@ -120,6 +126,61 @@ def test_train_augment_blur_uses_pfenet_sigma() -> None:
     row = out_image[24, :, 0].astype(int)
     assert 0 < row[23] < 128 < row[24] < 255  # the step is smoothed
     assert row[19] == 0 and row[28] == 255  # within a few pixels, as a 5x5 kernel
+
+
+def test_paper_augmentation_resizes_to_a_square_first_without_scale_or_blur() -> None:
+    """Sec. IV-B: resized to S x S (aspect ratio ignored), then rotation, mirror, random crop; no
+    scale jitter, no blur. Without rotation and mirror the output is the stretched image."""
+    image, label = _pattern()  # 60 x 80, labels 0, 1, 2
+    assert len(np.unique(label)) == 3
+    paper = train_augment("paper", 48)
+    assert (paper.resize_to, paper.scale, paper.blur_p) == (48, (1.0, 1.0), 0.0)
+    assert (paper.rotate, paper.rotate_p, paper.flip_p) == (10.0, 0.5, 0.5)
+    still = TrainAugment(48, scale=(1.0, 1.0), blur_p=0.0, flip_p=0.0, rotate_p=0.0, resize_to=48)
+    stretched = TestResize(48, "stretch")(image, label)
+    for seed in range(3):
+        out = still(image, label, np.random.default_rng(seed))
+        assert np.array_equal(out[0], stretched[0]) and np.array_equal(out[1], stretched[1])
+    mirrored = 0
+    for seed in range(12):  # rotation and mirror are drawn; the square resize always happens
+        out_image, out_label = paper(image, label, np.random.default_rng(seed))
+        assert out_label.shape == (48, 48) and set(np.unique(out_label)) <= {0, 1, 2, 255}
+        mirrored += int(np.array_equal(out_label, stretched[1][:, ::-1]))
+    assert mirrored > 0  # some draws are a plain mirror of the stretched image
+
+
+def test_paper_augmentation_crop_moves_inside_a_larger_square() -> None:
+    image, label = _pattern()
+    crop = TrainAugment(48, scale=(1.0, 1.0), blur_p=0.0, flip_p=0.0, rotate_p=0.0, resize_to=64)
+    big_image, big_label = TestResize(64, "stretch")(image, label)
+    corners = set()
+    for seed in range(8):
+        out_image, out_label = crop(image, label, np.random.default_rng(seed))
+        hits = [
+            (top, left)
+            for top in range(17)
+            for left in range(17)
+            if np.array_equal(out_label, big_label[top : top + 48, left : left + 48])
+            and np.array_equal(out_image, big_image[top : top + 48, left : left + 48])
+        ]
+        assert hits, seed  # a window of the 64 x 64 square
+        corners.add(hits[0])
+    assert len(corners) > 1
+
+
+def test_pfenet_augmentation_is_the_default_recipe_and_errors_are_clear() -> None:
+    pfenet = train_augment("pfenet", 48)
+    assert (pfenet.resize_to, pfenet.scale, pfenet.blur_p) == (None, (0.9, 1.1), 0.5)
+    image, label = _pattern()
+    a = pfenet(image, label, np.random.default_rng(4))
+    b = TrainAugment(48)(image, label, np.random.default_rng(4))
+    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+    with pytest.raises(ValueError, match="augmentation must be one of"):
+        train_augment("panet", 48)
+    with pytest.raises(ValueError, match="applies to the 'paper' augmentation only"):
+        train_augment("pfenet", 48, resize_to=64)
+    with pytest.raises(ValueError, match="must be at least the crop size 48"):
+        train_augment("paper", 48, resize_to=40)
 
 
 def test_test_resize_pad_keeps_aspect_and_pads_bottom_right() -> None:

@@ -7,7 +7,7 @@ from ..model.backbone import feature_size
 from . import coco, pascal, synthetic
 from .episodes import EpisodeDataset, synthetic_episodes
 from .real_episodes import ImageEpisodes
-from .transforms import TestResize, TrainAugment
+from .transforms import TestResize, train_augment
 
 SPLITS = ("train", "test")
 PERSON = {"pascal": 15, "coco": 1}  # the fixed class of the MetaSeg setup
@@ -81,7 +81,7 @@ def build_episodes(
             shot,
             num_episodes,
             seed,
-            TrainAugment(size),
+            train_augment(data.augmentation, size, data.resize_to),
             feature_size=side,
         )
     fixed: tuple[int, ...] = ()
@@ -128,7 +128,10 @@ def describe(config: Config) -> str:
         f"{name}, fold {data.fold} (novel classes {list(novel_class_ids(config))}), test images "
         f"{source[data.test_source]}, small-object filter "
         f"{data.min_object_pixels or 'none'} px, training images with novel classes "
-        f"{'dropped' if data.drop_novel_images else 'kept (novel -> background)'}, test resize "
+        f"{'dropped' if data.drop_novel_images else 'kept (novel -> background)'}, training "
+        f"augmentation {data.augmentation}"
+        + (f" (resized to {data.resize_to or size})" if data.augmentation == "paper" else "")
+        + f", test resize "
         f"{data.test_resize} to {size}, scored at {data.eval_resolution} resolution, episodes "
         f"{data.protocol}; 255 ignored"
     )

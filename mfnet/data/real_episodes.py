@@ -5,8 +5,12 @@ Two protocols:
 - "panet" (the paper's default, PANet/PPNet multi-way): ``way`` distinct classes among those with
   at least ``shot + 1`` images; the query is drawn from the image list of one episode class chosen
   uniformly, so it holds 1..N episode classes by co-occurrence; other classes become background.
-- "metaseg" (MetaSeg [27], paper Table II): the query holds *all* N episode classes, before and
-  after the transform; ``fixed_classes=(15,)`` forces person on PASCAL.
+- "metaseg" (MetaSeg [27], paper Table II: "images ... which contain person and another held-out
+  class are sampled to construct support and query sets"): the query AND every support are
+  drawn from the images that hold *all* N episode classes (each support mask stays binary for
+  its own class); the query must still hold them all after the transform; ``fixed_classes=(15,)``
+  forces person on PASCAL. Only class combinations held by at least ``shot + 1`` images (a query
+  and ``shot`` supports besides it) are sampled; the others are named by ``describe``.
 
 The query is drawn first and every support is then drawn from its class list without the query
 image, so "query differs from every support" always holds with ``shot + 1`` images per class.
@@ -27,6 +31,7 @@ import torch
 from torch.utils.data import Dataset
 
 from mfnet.data.episodes import episode_rng, pack_episode, query_label_lut, survives_pooling
+from mfnet.data.errors import DatasetArgumentError
 from mfnet.data.transforms import IGNORE_INDEX, TestResize
 
 PROTOCOLS = ("panet", "metaseg")
@@ -120,7 +125,6 @@ class ImageEpisodes(Dataset):
             )
         self.keep_original_label = keep_original_label
         self.lists = {c: tuple(images.images_with(c)) for c in classes}
-        self.sets = {c: frozenset(ids) for c, ids in self.lists.items()}  # fast membership
         # A class needs a query plus ``shot`` supports that differ from it.
         self.classes = tuple(c for c in classes if len(self.lists[c]) >= shot + 1)
         short = {c: len(self.lists[c]) for c in classes if c not in self.classes}
@@ -134,30 +138,46 @@ class ImageEpisodes(Dataset):
                 f"way={way} exceeds the {len(self.classes)} classes with at least shot + 1 = "
                 f"{shot + 1} images {self.classes}; short of images (class: count): {short}"
             )
-        # metaseg samples uniformly among the combinations some image holds entirely: the same
-        # distribution as re-sampling combinations until one has a query, but always bounded.
-        self.combinations = self._cooccurring_combinations() if protocol == "metaseg" else ()
-        if protocol == "metaseg" and not self.combinations:
+        # metaseg samples uniformly among the combinations that shot + 1 images hold entirely: the
+        # same distribution as re-sampling combinations until one has an episode, but bounded.
+        # image ids holding all classes of a combination: the query and support pool of metaseg
+        held = self._cooccurring_combinations() if protocol == "metaseg" else {}
+        if protocol == "metaseg" and not held:
             raise ValueError(
                 f"metaseg: no image holds {way} of the classes {self.classes} at once"
                 + (f" including the fixed classes {fixed}" if fixed else "")
                 + "; no query can contain every episode class"
             )
+        self.combination_images = {
+            combo: ids for combo, ids in held.items() if len(ids) >= shot + 1
+        }
+        self.short_combinations = {
+            combo: len(ids) for combo, ids in held.items() if len(ids) < shot + 1
+        }
+        self.combinations = tuple(sorted(self.combination_images))
+        if protocol == "metaseg" and not self.combinations:
+            raise DatasetArgumentError(
+                f"metaseg {way}-way {shot}-shot: every class combination some image holds is "
+                f"held by fewer than shot + 1 = {shot + 1} images (a query and {shot} supports "
+                f"that each hold all {way} classes; images per combination: "
+                f"{self.short_combinations}); lower --shot or --eval-shot"
+            )
 
-    def _cooccurring_combinations(self) -> tuple[tuple[int, ...], ...]:
-        """Sorted class combinations (fixed classes included) that some image holds entirely."""
+    def _cooccurring_combinations(self) -> dict[tuple[int, ...], tuple[str, ...]]:
+        """Sorted class combinations (fixed classes included) that some image holds entirely ->
+        the ids of the images that hold them (in the order of the class lists)."""
         held: dict[str, set[int]] = {}
         for c in self.classes:
             for image_id in self.lists[c]:
                 held.setdefault(image_id, set()).add(c)
         fixed = set(self.fixed_classes)
         free = self.way - len(fixed)
-        found: set[tuple[int, ...]] = set()
-        for present in held.values():
+        found: dict[tuple[int, ...], list[str]] = {}
+        for image_id, present in held.items():
             if fixed <= present and len(present) >= self.way:
                 for extra in itertools.combinations(sorted(present - fixed), free):
-                    found.add(tuple(sorted(fixed.union(extra))))
-        return tuple(sorted(found))
+                    found.setdefault(tuple(sorted(fixed.union(extra))), []).append(image_id)
+        return {combo: tuple(found[combo]) for combo in sorted(found)}
 
     def __len__(self) -> int:
         return self.num_episodes
@@ -169,9 +189,15 @@ class ImageEpisodes(Dataset):
                 f"query drawn from one episode class's list, holds 1..{self.way} episode classes"
             )
         else:
+            short = (
+                f"; combinations with fewer than shot + 1 = {self.shot + 1} images left out "
+                f"(images): {self.short_combinations}"
+                if self.short_combinations
+                else ""
+            )
             query = (
-                f"query holds all {self.way} episode classes "
-                f"({len(self.combinations)} co-occurring combinations)"
+                f"query and supports hold all {self.way} episode classes "
+                f"({len(self.combinations)} co-occurring combinations{short})"
             )
         fixed = f", always including {list(self.fixed_classes)}" if self.fixed_classes else ""
         return (
@@ -211,10 +237,7 @@ class ImageEpisodes(Dataset):
         """(image id, image uint8 [S, S, 3], raw label uint8 [S, S]) of the query; re-drawn while
         the transform removes every episode class ("panet") or any of them ("metaseg")."""
         if self.protocol == "metaseg":
-            others = [self.sets[c] for c in classes[1:]]
-            candidates: Sequence[str] = [
-                i for i in self.lists[classes[0]] if all(i in s for s in others)
-            ]
+            candidates: Sequence[str] = self.combination_images[tuple(sorted(classes))]
         for _ in range(MAX_DRAWS):
             if self.protocol == "panet":
                 candidates = self.lists[classes[int(rng.integers(self.way))]]
@@ -230,11 +253,21 @@ class ImageEpisodes(Dataset):
         )
 
     def _draw_supports(
-        self, rng: np.random.Generator, c: int, query_id: str
+        self, rng: np.random.Generator, c: int, query_id: str, classes: list[int]
     ) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """``shot`` distinct support images (uint8 [S, S, 3]) of class ``c`` other than the query,
-        with their masks uint8 [S, S] in {0, 1, 255}; a shot whose class vanished is re-drawn."""
-        free = [i for i in self.lists[c] if i != query_id]
+        with their masks uint8 [S, S] in {0, 1, 255}; a shot whose class vanished is re-drawn.
+        metaseg draws them from the images that hold every episode class ``classes``."""
+        if self.protocol == "metaseg":
+            pool: Sequence[str] = self.combination_images[tuple(sorted(classes))]
+        else:
+            pool = self.lists[c]
+        free = [i for i in pool if i != query_id]
+        if len(free) < self.shot:  # __init__ keeps only combinations with shot + 1 images
+            raise DatasetArgumentError(
+                f"{self.protocol}: only {len(free)} images besides the query can be supports of "
+                f"class {c} in the episode {classes}; {self.shot}-shot needs {self.shot}"
+            )
         images: list[np.ndarray] = []
         masks: list[np.ndarray] = []
         used: set[str] = set()
@@ -268,7 +301,7 @@ class ImageEpisodes(Dataset):
         query_id, query_image, query_raw = self._draw_query(rng, classes)
         support_images, support_masks = [], []
         for c in classes:
-            images, masks = self._draw_supports(rng, c, query_id)
+            images, masks = self._draw_supports(rng, c, query_id, classes)
             support_images += images
             support_masks += masks
 

@@ -6,8 +6,10 @@ randomness only from the ``np.random.Generator`` it is given, so an episode is r
 its seed. Labels are only ever resampled with NEAREST and padded with 255, so the set of label
 values after a transform is a subset of the values before, plus 255.
 
-- ``TrainAugment``: the PFENet training recipe (random scale, rotation, Gaussian blur, mirror,
-  random crop) that the paper's "random crop, rotation and mirror" refers to.
+- ``TrainAugment``: random scale, rotation, Gaussian blur, mirror, random crop; ``train_augment``
+  builds its two recipes: "pfenet" (PFENet's: scale 0.9-1.1 of the original image, blur) and
+  "paper" (Sec. IV-B: "Input images are resized to 473 x 473. Random crop, rotation and mirror":
+  a square resize first, no scale jitter, no blur).
 - ``TestResize``: "pad" = PFENet test resizing (longer side to S, aspect kept, bottom/right padded);
   "stretch" = PANet (S x S, aspect ratio ignored). Its geometry is the runtime's
   (``mfnet_runtime.images.content_shape``), so exported engines fit frames as evaluation does.
@@ -27,6 +29,7 @@ MEAN_RGB = (124, 116, 104)  # round((0.485, 0.456, 0.406) * 255)
 # PIL's GaussianBlur radius is that standard deviation.
 PFENET_BLUR_SIGMA = 0.3 * ((5 - 1) * 0.5 - 1) + 0.8
 RESIZE_MODES = ("pad", "stretch")
+AUGMENTATIONS = ("paper", "pfenet")  # mfnet.config.AUGMENTATIONS
 
 
 def check_pair(image: np.ndarray, label: np.ndarray) -> None:
@@ -71,12 +74,13 @@ def _pad_centred(image: np.ndarray, label: np.ndarray, size: int) -> tuple[np.nd
 class TrainAugment:
     """PFENet training augmentation, applied independently to the query and to every support.
 
-    In order: scale by a uniform factor in ``scale`` (image bilinear, label NEAREST); with
-    probability ``rotate_p`` rotate about the centre by a uniform angle in [-rotate, rotate]
-    degrees (image bilinear, borders filled with the ImageNet mean colour; label NEAREST, borders
-    255); with probability ``blur_p`` Gaussian-blur the image (sigma 1.1, PFENet's 5x5 kernel);
-    with probability ``flip_p`` mirror horizontally; pad to at least size x size (mean colour /
-    255, centred) and crop a uniformly placed size x size window.
+    In order: with ``resize_to``, stretch to resize_to x resize_to (aspect ratio ignored; image
+    bilinear, label NEAREST); scale by a uniform factor in ``scale`` (image bilinear, label
+    NEAREST); with probability ``rotate_p`` rotate about the centre by a uniform angle in
+    [-rotate, rotate] degrees (image bilinear, borders filled with the ImageNet mean colour;
+    label NEAREST, borders 255); with probability ``blur_p`` Gaussian-blur the image (sigma 1.1,
+    PFENet's 5x5 kernel); with probability ``flip_p`` mirror horizontally; pad to at least
+    size x size (mean colour / 255, centred) and crop a uniformly placed size x size window.
 
     ``__call__(image uint8 [H, W, 3], label uint8 [H, W], rng)`` returns
     (image uint8 [size, size, 3], label uint8 [size, size]).
@@ -90,8 +94,15 @@ class TrainAugment:
         blur_p: float = 0.5,
         flip_p: float = 0.5,
         rotate_p: float = 0.5,
+        resize_to: int | None = None,
     ) -> None:
         self.size = _check_size(size)
+        if resize_to is not None and _check_size(resize_to) < self.size:
+            raise ValueError(
+                f"resize_to ({resize_to}) must be at least the crop size {self.size}: the image "
+                "is resized to it before the crop"
+            )
+        self.resize_to = resize_to
         lo, hi = (float(s) for s in scale)
         if not 0.0 < lo <= hi:
             raise ValueError(f"scale must be (low, high) with 0 < low <= high, got {scale}")
@@ -104,8 +115,9 @@ class TrainAugment:
         self.rotate_p = _probability("rotate_p", rotate_p)
 
     def __repr__(self) -> str:
+        resize = "" if self.resize_to is None else f", resize_to={self.resize_to}"
         return (
-            f"TrainAugment(size={self.size}, scale={self.scale}, rotate={self.rotate}, "
+            f"TrainAugment(size={self.size}{resize}, scale={self.scale}, rotate={self.rotate}, "
             f"rotate_p={self.rotate_p}, blur_p={self.blur_p}, flip_p={self.flip_p})"
         )
 
@@ -123,7 +135,11 @@ class TrainAugment:
         flipping = rng.random() < self.flip_p
 
         img, lab = Image.fromarray(image), Image.fromarray(label)
-        h, w = label.shape
+        if self.resize_to is not None and label.shape != (self.resize_to, self.resize_to):
+            square = (self.resize_to, self.resize_to)
+            img = img.resize(square, Image.Resampling.BILINEAR)
+            lab = lab.resize(square, Image.Resampling.NEAREST)
+        h, w = lab.height, lab.width
         new_w, new_h = max(1, round(w * factor)), max(1, round(h * factor))
         if (new_w, new_h) != (w, h):
             img = img.resize((new_w, new_h), Image.Resampling.BILINEAR)
@@ -144,6 +160,25 @@ class TrainAugment:
         left = int(rng.integers(0, w - self.size + 1))
         window = (slice(top, top + self.size), slice(left, left + self.size))
         return np.ascontiguousarray(out_image[window]), np.ascontiguousarray(out_label[window])
+
+
+def train_augment(recipe: str, size: int, resize_to: int = 0) -> TrainAugment:
+    """The training augmentation ``recipe`` for a size x size network input.
+
+    - "pfenet": PFENet's recipe (scale 0.9-1.1 of the original image, rotation +-10 degrees with
+      p = 0.5, Gaussian blur p = 0.5, mirror p = 0.5, crop with mean / 255 padding).
+    - "paper": stretch to resize_to x resize_to (0 = ``size``, the paper's 473 x 473), then the
+      same rotation, mirror and random crop of size x size; no scale jitter, no blur (the paper
+      names neither). The angle range and probabilities are PFENet's: the paper gives none. With
+      resize_to = size the crop window can only sit at (0, 0).
+    """
+    if recipe not in AUGMENTATIONS:
+        raise ValueError(f"augmentation must be one of {AUGMENTATIONS}, got {recipe!r}")
+    if recipe == "pfenet":
+        if resize_to:
+            raise ValueError("resize_to applies to the 'paper' augmentation only")
+        return TrainAugment(size)
+    return TrainAugment(size, scale=(1.0, 1.0), blur_p=0.0, resize_to=resize_to or size)
 
 
 class TestResize:

@@ -10,10 +10,9 @@ import functools
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from ..config import Config
-from ..losses import pixel_triplet_loss, weighted_focal_loss
+from ..losses import labels_at_logit_positions, pixel_triplet_loss, weighted_focal_loss
 from ..model.mfnet import MFNet, QueryOutput
 from ..ops.triplet_sampling import sample_triplets
 
@@ -87,7 +86,7 @@ def _losses(
     if not use_metric_loss or config.loss.pml_triplets == 0:  # Nt = 0 (Fig. 5) is PML off
         return StepLosses(segmentation, segmentation, None)
     h, w = output.feature_logits.shape[-2:]
-    label_small = F.interpolate(label[:, None].float(), size=(h, w), mode="nearest")[:, 0].long()
+    label_small = labels_at_logit_positions(label, (h, w))  # [B, h, w], the logits' pixels
     metric = pixel_triplet_loss(
         output.embedding.float(),
         output.feature_logits.argmax(dim=1),  # [B, h, w]
@@ -98,6 +97,8 @@ def _losses(
         positive_mode=config.loss.pml_mode,
         tau=config.loss.pml_tau,
         generator=generator,
+        normalize=config.loss.pml_normalize,
+        reduction=config.loss.pml_reduction,
         # config.train.ops: "auto" = the fused sampler on a GPU, the reference on the CPU
         sampler=functools.partial(sample_triplets, impl=config.train.ops),
     )
