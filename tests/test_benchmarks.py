@@ -212,7 +212,7 @@ def test_metaseg_builds_queries_and_supports_from_images_with_person_and_the_oth
         n for n, classes in zip(names, METASEG_VAL, strict=True) if {12, 15} <= set(classes)
     }
     assert episodes.combinations == ((12, 15),)  # (13, 15): two images, 2-shot needs three
-    assert episodes.short_combinations == {(13, 15): 2, (12, 13): 1}
+    assert episodes.short_combinations == {(13, 15): 2}  # (12, 13) holds no person: no combination
     loaded: list[str] = []
     real_load = episodes.images.load
     episodes.images.load = lambda image_id: (loaded.append(image_id), real_load(image_id))[1]
@@ -249,7 +249,11 @@ def test_coco_dispatch_uses_the_configured_split_and_folds(monkeypatch) -> None:
         ("/coco", "train", 3, "train"),
         {"fold_split": "B", "min_object_pixels": 2048},
     )
-    assert calls[1] == (("/coco", "val", 3, "test"), {"fold_split": "B", "min_object_pixels": 2048})
+    # the 2-way preset tests on the training list, as PANet/PPNet (docs/decisions.md)
+    assert calls[1] == (
+        ("/coco", "train", 3, "test"),
+        {"fold_split": "B", "min_object_pixels": 2048},
+    )
     assert datasets.novel_class_ids(config) == tuple(4 * k + 4 for k in range(20))
     assert "COCO-20i split B, fold 3" in datasets.describe(config)
 
