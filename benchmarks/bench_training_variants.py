@@ -29,6 +29,7 @@ import argparse
 import csv
 import json
 import math
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -36,9 +37,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import device_info, now_utc, versions, write_json
-
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT / "benchmarks") not in sys.path:  # importable from the tests too
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from _common import device_info, now_utc, versions, write_json  # noqa: E402
+
 RESULTS = ROOT / "benchmarks" / "results"
 METRICS = ("miou_star", "miou", "fbiou")
 SETS: dict[str, dict[str, list[str]]] = {
@@ -83,6 +87,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--only", nargs="+", default=None, help="run only the variants whose names contain these"
     )
+    parser.add_argument(
+        "--train-args",
+        default="",
+        help="more mfnet.train options for every variant, e.g. '--episodes-per-epoch 400'",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder of the JSON result")
     return parser.parse_args(argv)
 
@@ -105,7 +114,7 @@ def run_variant(switches: list[str], args: argparse.Namespace, work: Path) -> di
     command = [
         sys.executable, "-m", "mfnet.train", "--out", str(work), "--overwrite",
         "--epochs", str(args.epochs), "--threads", str(args.threads), "--no-progress",
-        *switches,
+        *shlex.split(args.train_args), *switches,
     ]  # fmt: skip
     started = time.perf_counter()
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
@@ -175,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         "preset": "synthetic-cpu",
         "epochs": args.epochs,
         "threads": args.threads,
+        "train_args": args.train_args,
         "variants": rows,
     }
     path = args.out / f"training_variants_{args.set}.json"
