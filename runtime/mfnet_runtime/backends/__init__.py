@@ -33,6 +33,7 @@ class Backend(Protocol):
     max_batch: int  # frames per decoder call
     max_support: int  # images per support-encoder call
     max_shots: int  # shots per class per aggregator call
+    prototypes_form: str  # the decoder's: "per_frame" ([B, N, C]) | "shared" ([N, C])
 
     def run_support_encoder(self, images: np.ndarray, masks: np.ndarray) -> np.ndarray:
         """uint8 [S, H, W, 3] RGB + uint8 [S, H, W] (1 / 0 / 255) -> float32 [S, C]."""
@@ -45,13 +46,40 @@ class Backend(Protocol):
     def run_decoder(
         self, frames: np.ndarray, prototypes: np.ndarray, with_probabilities: bool = False
     ) -> tuple[np.ndarray, np.ndarray | None]:
-        """uint8 [B, H, W, 3] RGB + float32 [N, C] -> (labels uint8 [B, H, W],
-        probabilities float32 [B, N+1, H, W] when asked, else None)."""
+        """uint8 [B, H, W, 3] RGB + float32 prototypes -> (labels uint8 [B, H, W],
+        probabilities float32 [B, N+1, H, W] when asked, else None).
+
+        Prototypes: [N, C], one support set for every frame (a per-frame graph gets it tiled
+        to [B, N, C], ``decoder_prototypes``), or [B, N, C], row b for frame b (per-frame
+        graphs only; ``Segmenter.decode_frames`` splits a batch by support set for a shared
+        graph)."""
         ...
 
     def close(self) -> None:
         """Release sessions, engines and device memory."""
         ...
+
+
+def decoder_prototypes(prototypes: np.ndarray, batch: int, form: str) -> np.ndarray:
+    """What the query decoder graph of ``form`` is fed for ``batch`` frames.
+
+    "per_frame" graphs take [B, N, C]: one support set [N, C] is tiled (a copy of B * N * C
+    floats, negligible beside the frames), a [B, N, C] array is passed as it is. "shared"
+    graphs (schema v1.0 exports) take [N, C] only. Raises ``RuntimeInputError`` for other
+    shapes (``Segmenter`` checks its inputs first: this is the backends' own guard).
+    """
+    if prototypes.ndim == 2 and form == "per_frame":
+        tiled = np.broadcast_to(prototypes, (batch, *prototypes.shape))  # [B, N, C] view
+        return np.ascontiguousarray(tiled, dtype=np.float32)
+    if (prototypes.ndim == 2 and form == "shared") or (
+        prototypes.ndim == 3 and form == "per_frame" and prototypes.shape[0] == batch
+    ):
+        return prototypes
+    wanted = f"[{batch}, N, C] or [N, C]" if form == "per_frame" else "[N, C]"
+    raise RuntimeInputError(
+        f"the {form} query decoder takes prototypes {wanted} for {batch} frames, got "
+        f"{tuple(prototypes.shape)}"
+    )
 
 
 def check_choice(option: str, value: str, choices: tuple[str, ...]) -> str:
