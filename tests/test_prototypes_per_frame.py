@@ -41,7 +41,7 @@ def uint8_images(images: torch.Tensor) -> np.ndarray:
 
 def episodes(model, count: int = 4) -> list[dict]:
     """Held-out fold-0 episodes (those ``varied_model`` checks its labels on)."""
-    return synthetic_episodes(
+    generated = synthetic_episodes(
         fold=0,
         split="test",
         way=model.way,
@@ -51,6 +51,7 @@ def episodes(model, count: int = 4) -> list[dict]:
         image_size=48,
         feature_size=feature_size(model.config.backbone, 48),
     )
+    return [generated[i] for i in range(count)]
 
 
 def frames_and_sets(model) -> tuple[np.ndarray, torch.Tensor, list[dict]]:

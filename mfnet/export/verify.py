@@ -91,7 +91,8 @@ def verification_inputs(
         prototypes = PrototypeAggregator(model)(shots)
         if prototypes_form == "per_frame":  # each query with its own episode's support set
             per_query = [prototypes]
-            for other in episodes[1:]:
+            for index in range(1, len(episodes)):
+                other = episodes[index]
                 features = SupportEncoder(model)(
                     _as_uint8(other["support_images"]).flatten(0, 1),
                     other["support_masks"].flatten(0, 1),
