@@ -17,6 +17,18 @@ import numpy as np
 
 from ..errors import EngineError, RuntimeInputError, reexport_hint
 from ..manifest import Manifest
+from .feeds import decoder_prototypes
+
+__all__ = [
+    "BACKENDS",
+    "DEVICES",
+    "PRECISION_CHOICES",
+    "Backend",
+    "check_choice",
+    "decoder_prototypes",
+    "open_backend",
+    "resolve_onnx_precision",
+]
 
 BACKENDS = ("auto", "onnxruntime", "tensorrt")
 DEVICES = ("auto", "cuda", "cpu")
@@ -58,28 +70,6 @@ class Backend(Protocol):
     def close(self) -> None:
         """Release sessions, engines and device memory."""
         ...
-
-
-def decoder_prototypes(prototypes: np.ndarray, batch: int, form: str) -> np.ndarray:
-    """What the query decoder graph of ``form`` is fed for ``batch`` frames.
-
-    "per_frame" graphs take [B, N, C]: one support set [N, C] is tiled (a copy of B * N * C
-    floats, negligible beside the frames), a [B, N, C] array is passed as it is. "shared"
-    graphs (schema v1.0 exports) take [N, C] only. Raises ``RuntimeInputError`` for other
-    shapes (``Segmenter`` checks its inputs first: this is the backends' own guard).
-    """
-    if prototypes.ndim == 2 and form == "per_frame":
-        tiled = np.broadcast_to(prototypes, (batch, *prototypes.shape))  # [B, N, C] view
-        return np.ascontiguousarray(tiled, dtype=np.float32)
-    if (prototypes.ndim == 2 and form == "shared") or (
-        prototypes.ndim == 3 and form == "per_frame" and prototypes.shape[0] == batch
-    ):
-        return prototypes
-    wanted = f"[{batch}, N, C] or [N, C]" if form == "per_frame" else "[N, C]"
-    raise RuntimeInputError(
-        f"the {form} query decoder takes prototypes {wanted} for {batch} frames, got "
-        f"{tuple(prototypes.shape)}"
-    )
 
 
 def check_choice(option: str, value: str, choices: tuple[str, ...]) -> str:

@@ -25,7 +25,7 @@ import onnxruntime as ort
 
 from ..errors import EngineError, reexport_hint
 from ..manifest import GraphInfo, Manifest, verify_files
-from . import decoder_prototypes
+from .feeds import decoder_prototypes
 
 logger = logging.getLogger("mfnet_runtime")
 _CUDA = "CUDAExecutionProvider"

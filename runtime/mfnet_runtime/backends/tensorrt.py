@@ -28,7 +28,7 @@ import numpy as np
 
 from ..errors import EngineError, rebuild_hint
 from ..manifest import GraphInfo, Manifest, verify_files
-from . import decoder_prototypes
+from .feeds import decoder_prototypes
 
 logger = logging.getLogger("mfnet_runtime")
 TENSORRT_INSTALL = (
