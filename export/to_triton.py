@@ -1,4 +1,4 @@
-"""python export/to_triton.py ARGS: the same as ``python -m mfnet.export triton ARGS`` (see --help)."""
+"""python export/to_triton.py ARGS: ``python -m mfnet.export triton ARGS`` (see --help)."""
 
 import sys
 

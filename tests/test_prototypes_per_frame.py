@@ -236,7 +236,9 @@ def test_an_old_export_loads_and_runs(old_export, varied_export) -> None:
         for b, s in enumerate(ASSIGNMENT):
             np.testing.assert_array_equal(mixed[b], old_labels[s][b])
         assert probabilities is not None and probabilities.shape == (4, 3, 48, 48)
-        new_mixed, _ = new.decode_frames(frames, np.stack([new_sets[s].prototypes for s in ASSIGNMENT]))
+        new_mixed, _ = new.decode_frames(
+            frames, np.stack([new_sets[s].prototypes for s in ASSIGNMENT])
+        )
         np.testing.assert_array_equal(mixed, new_mixed)
 
 

@@ -122,9 +122,7 @@ def test_configs_parse_with_tritons_schema_and_match_the_graphs(export_2shot, tm
 
 
 def test_gpu_instances_gpus_and_batch_options(export_2shot, tmp_path) -> None:
-    options = RepositoryOptions(
-        gpus=(0, 2), instances=3, max_batch=3, preferred_batch_sizes=(2, 3)
-    )
+    options = RepositoryOptions(gpus=(0, 2), instances=3, max_batch=3, preferred_batch_sizes=(2, 3))
     write_repository(export_2shot, tmp_path / "repo", options)
     for name in repository.MODEL_ROLES:
         config = parse_config(tmp_path / "repo" / name / "config.pbtxt")
@@ -238,7 +236,10 @@ def test_an_old_shared_export_is_served_without_batching(export_2shot, tmp_path)
 
 def test_command_line(export_2shot, tmp_path, capsys) -> None:
     out = tmp_path / "repo"
-    assert to_triton_cli.main(["--engines", str(export_2shot), "--out", str(out), "--kind", "cpu"]) == 0
+    assert (
+        to_triton_cli.main(["--engines", str(export_2shot), "--out", str(out), "--kind", "cpu"])
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "mfnet_segment: onnxruntime_onnx, max_batch_size 4" in printed
     assert parse_config(out / "mfnet_segment" / "config.pbtxt").name == "mfnet_segment"

@@ -4,9 +4,9 @@
 engines to such an export on the GPU they will run on, ``verify`` re-runs the parity check of
 an export, ``triton`` writes a Triton Inference Server model repository from an export.
 ``python export/to_onnx.py``, ``export/to_trt.py``, ``export/verify.py`` and
-``export/to_triton.py`` in a source checkout are the same sub-commands. One error boundary (``mfnet.errors.mfnet_command``):
-bad options, checkpoints or paths end with one ``error: ...`` line and exit code 2; a failed
-verification exits with 1 (docs/errors.md).
+``export/to_triton.py`` in a source checkout are the same sub-commands. One error boundary
+(``mfnet.errors.mfnet_command``): bad options, checkpoints or paths end with one ``error: ...``
+line and exit code 2; a failed verification exits with 1 (docs/errors.md).
 """
 
 from __future__ import annotations

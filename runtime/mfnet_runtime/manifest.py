@@ -13,9 +13,11 @@ refused with the upgrade command (an older runtime cannot feed what it does not 
 adds the query decoder's ``details["prototypes_form"]``: ``"per_frame"`` (prototypes
 [B, N, C], one support set per frame, so one batch can mix streams: the default export) or
 ``"shared"`` (prototypes [N, C] for the whole batch: every ``v1.0`` export, where the field is
-absent). The reader checks that the form matches the ``prototypes`` input's shape. ``write_manifest`` serialises the typed objects below and
-``read_manifest`` parses them back (a round trip gives equal objects); every problem is an
-``EngineError`` that names the file and the command that recreates it.
+absent). The reader checks that the form matches the ``prototypes`` input's shape.
+
+``write_manifest`` serialises the typed objects below and ``read_manifest`` parses them back
+(a round trip gives equal objects); every problem is an ``EngineError`` that names the file and
+the command that recreates it.
 
 Standard library only (json, hashlib): the runtime never imports torch or the training package.
 """
@@ -348,7 +350,9 @@ def _check_prototypes_form(path: Path, graph: GraphInfo, where: str) -> None:
     )
     shape = graph.inputs[1].shape  # ROLE_IO: ("frames", "prototypes")
     expected = ("B", "N", "C") if form == "per_frame" else ("N", "C")
-    fits = len(shape) == len(expected) and (form == "shared" or shape[0] == graph.inputs[0].shape[0])
+    fits = len(shape) == len(expected) and (
+        form == "shared" or shape[0] == graph.inputs[0].shape[0]
+    )
     if not fits:
         raise _fail(
             path,

@@ -232,7 +232,8 @@ def model_config(
     lines += ["instance_group [", "  {", *group, "  }", "]"]
     if cc_files:
         entries = ",\n".join(
-            f"  {{ key: {_quote(cc)} value: {_quote(file)} }}" for cc, file in sorted(cc_files.items())
+            f"  {{ key: {_quote(cc)} value: {_quote(file)} }}"
+            for cc, file in sorted(cc_files.items())
         )
         lines += ["cc_model_filenames [", entries, "]"]
     else:
@@ -263,9 +264,7 @@ def _precision(manifest: Manifest, options: RepositoryOptions) -> str:
     )
 
 
-def _engines_by_capability(
-    manifest: Manifest, role: str, precision: str
-) -> dict[str, GraphInfo]:
+def _engines_by_capability(manifest: Manifest, role: str, precision: str) -> dict[str, GraphInfo]:
     """Compute capability ("9.0") -> the TensorRT engine entry of ``role`` and ``precision``.
 
     Triton picks a plan by compute capability only, so two engines of one capability (two GPU
@@ -414,7 +413,10 @@ def description(manifest: Manifest, plans: list[ModelPlan]) -> dict[str, Any]:
                 "precision": plan.graph.precision,
                 "max_batch_size": plan.max_batch_size,
                 "files": {
-                    name: {"source": _relative(manifest, source), "sha256": hashes[_relative(manifest, source)]}
+                    name: {
+                        "source": _relative(manifest, source),
+                        "sha256": hashes[_relative(manifest, source)],
+                    }
                     for name, source in sorted(plan.files.items())
                 },
                 "tensorrt": plan.graph.details.get("tensorrt"),
