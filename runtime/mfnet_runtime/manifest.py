@@ -350,9 +350,8 @@ def _check_prototypes_form(path: Path, graph: GraphInfo, where: str) -> None:
     )
     shape = graph.inputs[1].shape  # ROLE_IO: ("frames", "prototypes")
     expected = ("B", "N", "C") if form == "per_frame" else ("N", "C")
-    fits = len(shape) == len(expected) and (
-        form == "shared" or shape[0] == graph.inputs[0].shape[0]
-    )
+    frames_batch = graph.inputs[0].shape[:1]  # may be empty in a broken manifest
+    fits = len(shape) == len(expected) and (form == "shared" or shape[:1] == frames_batch)
     if not fits:
         raise _fail(
             path,
@@ -426,8 +425,10 @@ def schema_minor(path: Path, schema: Any) -> int:
     if schema == SCHEMA_MAJOR:
         return 0
     prefix = SCHEMA_MAJOR + "."
-    if isinstance(schema, str) and schema.startswith(prefix) and schema[len(prefix) :].isdigit():
-        minor = int(schema[len(prefix) :])
+    text = schema if isinstance(schema, str) else ""
+    minor_text = text[len(prefix) :]
+    if text.startswith(prefix) and minor_text.isascii() and minor_text.isdigit():
+        minor = int(minor_text)
         if minor <= SCHEMA_MINOR:
             return minor
         raise EngineError(
