@@ -248,7 +248,7 @@ def export_onnx(
             f"unknown prototypes form {prototypes_form!r}; choose from {list(PROTOTYPES_FORMS)}"
         )
     model, config = model_from_checkpoint(checkpoint, map_location="cpu")
-    # The query graph takes prototypes [N, C]; A_S-v1/v2 need the query and every shot.
+    # The query graph takes prototypes only; A_S-v1/v2 need the query and every shot.
     model.require_prototype_split("the ONNX export")
     with staged_directory(target) as out:  # swapped in only once verified and complete
         manifest = _export_into(
