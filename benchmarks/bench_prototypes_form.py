@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 from pathlib import Path
@@ -70,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         mixed = np.stack([s.prototypes for s in (shared, other, shared, other)])
         variants["decode_frames_b4_two_sets"] = lambda: segmenter.decode_frames(four, mixed)
     results = {}
+    load_before = os.getloadavg()  # other processes on the machine (the timings are host time)
     for name, call in variants.items():
         stats = time_calls(call, args.warmup, args.iterations, False)
         stats["iterations"] = stats["n"]
@@ -84,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": now_utc(),
         "device": platform.processor() or "cpu",
         "threads": args.threads,
+        "loadavg_1min_before_after": [load_before[0], os.getloadavg()[0]],
         "runtime_backend": f"{segmenter.backend_name} ({segmenter.precision})",
         "export": {
             "schema": manifest["schema"],
