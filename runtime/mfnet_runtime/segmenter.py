@@ -10,7 +10,8 @@ Typical use::
 
 The support set is encoded once and reused for every frame; only the query decoder runs per
 frame. A server that batches frames of many streams passes each frame's prototypes instead:
-``decode_frames(batch, prototypes_per_frame)`` (float32 [B, N, C], row b for frame b). Frames are fitted to the network's S x S input as the manifest says (``resize``), the
+``decode_frames(batch, prototypes_per_frame)`` (float32 [B, N, C], row b for frame b).
+Frames are fitted to the network's S x S input as the manifest says (``resize``), the
 decoder returns labels at S x S, and ``restore_labels`` maps them back to the frame's size.
 Support sets are plain data (``support.SupportSet``); every operation on them that runs an
 engine or checks that it matches these engines is a method here.
