@@ -110,6 +110,9 @@ setup(
             "ninja",
             "ruff==0.17.6",
             "mypy==2.4.1",
+            # Triton's model-config protobuf schema (tests of the Triton model repository);
+            # it pins protobuf < 7 and ml-dtypes <= 0.5.4, both within onnx's requirements
+            "tritonclient[grpc]",
         ],
     },
     license="MIT",

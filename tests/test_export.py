@@ -170,14 +170,16 @@ def test_query_decoder_dynamic_batch_and_five_shot_parity(varied_export) -> None
     reference = logits.argmax(1).numpy()
     assert_labels_vary(list(reference), list(frames.numpy()), min_labels=3)
     assert np.abs(prototypes - cache.prototypes[0].numpy()).max() < 1e-4
-    labels, probabilities = decoder.run(None, {"frames": frames.numpy(), "prototypes": prototypes})
+    assert manifest.graph_set("fp32")["query_decoder"].prototypes_form == "per_frame"
+    tiled = np.ascontiguousarray(np.broadcast_to(prototypes, (4, *prototypes.shape)))  # [4, N, C]
+    labels, probabilities = decoder.run(None, {"frames": frames.numpy(), "prototypes": tiled[:3]})
     assert labels.dtype == np.uint8 and labels.shape == (3, 48, 48)
     np.testing.assert_array_equal(labels, reference)
     assert np.abs(probabilities - torch.softmax(logits, 1).numpy()).max() <= 1e-5
     assert np.allclose(probabilities.sum(1), 1.0, atol=1e-5)
     for batch in (1, 4):  # dynamic batch axis: each frame's labels do not depend on the batch
         many = np.concatenate([frames.numpy()] * 2)[:batch]
-        out_labels = decoder.run(None, {"frames": many, "prototypes": prototypes})[0]
+        out_labels = decoder.run(None, {"frames": many, "prototypes": tiled[:batch]})[0]
         assert out_labels.shape == (batch, 48, 48)
         np.testing.assert_array_equal(out_labels, np.concatenate([reference] * 2)[:batch])
 

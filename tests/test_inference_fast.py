@@ -285,13 +285,14 @@ def test_exported_optimised_decoder_equals_eager(tmp_path, precision) -> None:
     frames, prototypes = verification_inputs(model)["query_decoder"]["synthetic"]  # 3 queries
     wrapper = QueryDecoder(variant, dtype).eval()
     assert wrapper.form == "static_pooling+prototype_folding"
+    batch = torch.export.Dim("B", min=1, max=4)
     _export_graph(
         wrapper,
         (frames, prototypes),
         path,
         ["frames", "prototypes"],
         ["labels", "probabilities"],
-        {"frames": {0: torch.export.Dim("B", min=1, max=4)}, "prototypes": None},
+        {"frames": {0: batch}, "prototypes": {0: batch}},  # prototypes per frame [B, N, C]
         18,
     )
     ops = collections.Counter(node.op_type for node in onnx.load(str(path)).graph.node)

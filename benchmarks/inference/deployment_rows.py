@@ -18,6 +18,8 @@ from mfnet.checkpoint import save_checkpoint
 from mfnet.export.onnx_export import ExportLimits, export_onnx
 from mfnet.export.tensorrt import build_engines
 from mfnet_runtime import Segmenter
+from mfnet_runtime.backends.feeds import decoder_prototypes
+from mfnet_runtime.manifest import read_manifest
 
 from .context import Env, NotMeasured, Prepared, progress
 from .workload import WayContext
@@ -72,7 +74,8 @@ def ensure_engines(env: Env, ctx: WayContext) -> Path:
     staging = cache / f"staging-{ctx.way}way.pt"
     save_checkpoint(staging, {"config": ctx.config.to_dict(), "model": state})
     digest = hashlib.sha256(staging.read_bytes()).hexdigest()[:16]
-    form = "default" if EXPORT_OPTIONS["optimize"] else "plain"  # part of the cache key
+    # part of the cache key: the decoder form and its prototypes form (per frame since v1.1)
+    form = ("default" if EXPORT_OPTIONS["optimize"] else "plain") + "-pf"
     tag = (
         f"{env.args.backbone}-{env.args.size}-c{env.args.channels}-{ctx.way}way-{form}-"
         f"{'-'.join(env.args.onnx_precision_list)}-{digest}"
@@ -131,7 +134,8 @@ def ort_session(path: Path, cuda: bool, cuda_graph: bool, threads: int | None = 
 def ort_row(env: Env, ctx: WayContext, batch: int, precision: str, cuda_graph: bool) -> Prepared:
     """The exported query decoder on ONNX Runtime with IOBinding.
 
-    Inputs: frames uint8 [B, S, S, 3], prototypes float32 [N, C]; outputs: labels uint8
+    Inputs: frames uint8 [B, S, S, 3], prototypes float32 [B, N, C] (one support set tiled; [N, C]
+    for a schema-v1.0 export); outputs: labels uint8
     [B, S, S] (and probabilities float32 [B, N+1, S, S]). CUDA: frames and prototypes live in
     device buffers bound once; the labels are bound to a device buffer (and, with CUDA graphs,
     the probabilities too: replay needs every output at a fixed address). CPU: the CPU provider
@@ -146,7 +150,11 @@ def ort_row(env: Env, ctx: WayContext, batch: int, precision: str, cuda_graph: b
     )
     size, way = env.args.size, ctx.way
     frames = np.ascontiguousarray(ctx.data["frames_np"][:batch])
-    prototypes = np.ascontiguousarray(ctx.prototypes[0].float().cpu().numpy())
+    decoder = read_manifest(engines).graph_set(precision, "onnx")
+    form = decoder["query_decoder"].prototypes_form if decoder else "per_frame"
+    prototypes = decoder_prototypes(
+        np.ascontiguousarray(ctx.prototypes[0].float().cpu().numpy()), batch, str(form)
+    )
     binding = session.io_binding()
     if not env.cuda:
         binding.bind_cpu_input("frames", frames)

@@ -1,4 +1,4 @@
-"""``python -m mfnet.export onnx|trt|verify``: the command line (see ``command.py``)."""
+"""``python -m mfnet.export onnx|trt|verify|triton``: the command line (see ``command.py``)."""
 
 from __future__ import annotations
 

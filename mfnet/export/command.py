@@ -1,11 +1,12 @@
-"""``python -m mfnet.export onnx|trt|verify``: the export command of an installed mfnet.
+"""``python -m mfnet.export onnx|trt|verify|triton``: the export command of an installed mfnet.
 
 ``onnx`` exports a checkpoint to verified ONNX graphs and a manifest, ``trt`` adds TensorRT
 engines to such an export on the GPU they will run on, ``verify`` re-runs the parity check of
-an export. ``python export/to_onnx.py``, ``export/to_trt.py`` and ``export/verify.py`` in a
-source checkout are the same sub-commands. One error boundary (``mfnet.errors.mfnet_command``):
-bad options, checkpoints or paths end with one ``error: ...`` line and exit code 2; a failed
-verification exits with 1 (docs/errors.md).
+an export, ``triton`` writes a Triton Inference Server model repository from an export.
+``python export/to_onnx.py``, ``export/to_trt.py``, ``export/verify.py`` and
+``export/to_triton.py`` in a source checkout are the same sub-commands. One error boundary
+(``mfnet.errors.mfnet_command``): bad options, checkpoints or paths end with one ``error: ...``
+line and exit code 2; a failed verification exits with 1 (docs/errors.md).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from mfnet_runtime import options
 from mfnet_runtime.console import configure_logging
 from mfnet_runtime.errors import EngineError
 from mfnet_runtime.manifest import read_manifest, sha256_of, verify_files
+from mfnet_runtime.triton_repository import RepositoryOptions, write_repository
 
 from ..checkpoint import model_from_checkpoint
 from ..errors import error_line, mfnet_command, require_export_dependencies
@@ -59,6 +61,18 @@ python -m mfnet.export verify --dir DIR --checkpoint CKPT [--provider cpu|cuda]
 Re-run the parity check of an export directory: file hashes against the manifest, the
 checkpoint against the manifest's SHA-256, then every ONNX graph with ONNX Runtime against the
 PyTorch model (tolerances in mfnet/export/verify.py). Exit code 0 when everything passes.
+"""
+
+TRITON_DESCRIPTION = """\
+python -m mfnet.export triton --engines DIR --out REPO [--kind gpu|cpu] [--instances N]
+(the same: python export/to_triton.py --engines DIR --out REPO ...)
+
+Write a model repository for NVIDIA Triton Inference Server (tritonserver
+--model-repository=REPO) from an export directory: mfnet_encode_support (support encoder),
+mfnet_aggregate_prototypes (+ _single for models with A_S) and mfnet_segment (query decoder,
+prototypes per frame, dynamic batching), each a config.pbtxt and the graph, as onnxruntime_onnx
+or, where DIR holds TensorRT engines of the precision, tensorrt_plan. REPO is replaced only
+once the new repository is complete. See docs/serving.md.
 """
 
 PROVIDERS = {
@@ -202,8 +216,77 @@ def _add_verify_parser(commands: argparse._SubParsersAction) -> None:
     )
 
 
+def _add_triton_parser(commands: argparse._SubParsersAction) -> None:
+    """The ``triton`` sub-command's options (``RepositoryOptions``)."""
+    parser = commands.add_parser(
+        "triton",
+        help="write a Triton Inference Server model repository from an export",
+        description=TRITON_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--engines", required=True, type=options.directory_path, help="export directory"
+    )
+    parser.add_argument(
+        "--out",
+        required=True,
+        type=options.output_directory,
+        help="repository directory (new, empty, or an earlier repository, which is replaced "
+        "only once the new one is complete)",
+    )
+    defaults = RepositoryOptions()
+    parser.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "fp16"],
+        default=defaults.precision,
+        help="graph precision (auto: fp16 for GPU instances when exported, else fp32)",
+    )
+    parser.add_argument(
+        "--platform",
+        choices=["auto", "onnxruntime", "tensorrt"],
+        default=defaults.platform,
+        help="auto: tensorrt_plan where DIR has TensorRT engines of the precision, else "
+        "onnxruntime_onnx",
+    )
+    parser.add_argument(
+        "--kind", choices=["gpu", "cpu"], default=defaults.kind, help="instance kind"
+    )
+    parser.add_argument(
+        "--instances",
+        type=options.positive_int,
+        default=defaults.instances,
+        help="model instances per GPU (or on the CPU)",
+    )
+    parser.add_argument(
+        "--gpus",
+        type=options.integer(minimum=0),
+        nargs="+",
+        default=[],
+        help="GPU indices of the instances (default: every visible GPU)",
+    )
+    parser.add_argument(
+        "--max-batch",
+        type=options.positive_int,
+        default=None,
+        help="max_batch_size of the batched models (default and upper bound: the export's)",
+    )
+    parser.add_argument(
+        "--max-queue-delay-us",
+        type=options.integer(minimum=0),
+        default=defaults.max_queue_delay_us,
+        help="dynamic batcher: the longest a request waits for others (microseconds)",
+    )
+    parser.add_argument(
+        "--preferred-batch-sizes",
+        type=options.positive_int,
+        nargs="+",
+        default=[],
+        help="dynamic batcher of mfnet_segment (default: 4, 8, ... up to max_batch_size)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The parser of ``python -m mfnet.export`` and its three sub-commands."""
+    """The parser of ``python -m mfnet.export`` and its four sub-commands."""
     parser = argparse.ArgumentParser(
         prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -211,6 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_onnx_parser(commands)
     _add_trt_parser(commands)
     _add_verify_parser(commands)
+    _add_triton_parser(commands)
     return parser
 
 
@@ -261,7 +345,29 @@ def verify_command(args: argparse.Namespace) -> int:
     return 0 if report["passed"] else EXIT_VERIFICATION_FAILED
 
 
-COMMANDS = {"onnx": onnx_command, "trt": trt_command, "verify": verify_command}
+def triton_command(args: argparse.Namespace) -> int:
+    """Write the model repository."""
+    repository_options = RepositoryOptions(
+        precision=args.precision,
+        platform=args.platform,
+        kind=args.kind,
+        instances=args.instances,
+        gpus=tuple(args.gpus),
+        max_batch=args.max_batch,
+        max_queue_delay_us=args.max_queue_delay_us,
+        preferred_batch_sizes=tuple(args.preferred_batch_sizes),
+    )
+    for plan in write_repository(args.engines, args.out, repository_options):
+        print(f"{plan.name}: {plan.platform}, max_batch_size {plan.max_batch_size}")
+    return 0
+
+
+COMMANDS = {
+    "onnx": onnx_command,
+    "trt": trt_command,
+    "verify": verify_command,
+    "triton": triton_command,
+}
 
 
 @mfnet_command(TensorRTUnavailable)

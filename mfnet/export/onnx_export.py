@@ -7,8 +7,11 @@ Graphs (``<precision>`` is ``fp32`` and, unless disabled, ``fp16`` with float32 
 - ``prototype_aggregator.<p>.onnx``: shot_features [N, K, C] -> prototypes [N, C]; K dynamic
   (K >= 2 when the model has A_S, whose K = 1 case is ``prototype_aggregator_single.<p>.onnx``,
   traced from the same method, where A_S is skipped as in the paper).
-- ``query_decoder.<p>.onnx``: frames uint8 [B, H, W, 3] RGB + prototypes float32 [N, C] ->
-  labels uint8 [B, H, W], probabilities float32 [B, N+1, H, W]; B dynamic, H = W = input size.
+- ``query_decoder.<p>.onnx``: frames uint8 [B, H, W, 3] RGB + prototypes float32 [B, N, C]
+  (one support set per frame, so that a batch can mix streams; ``prototypes_form="shared"``
+  exports the schema-v1.0 form, [N, C] for the whole batch) -> labels uint8 [B, H, W],
+  probabilities float32 [B, N+1, H, W]; B dynamic (one dimension for both inputs), H = W =
+  input size. The form is recorded in the graph's ``details["prototypes_form"]``.
   By default (``optimize=True``) it is traced from ``FastQueryDecoder`` (static adaptive pooling
   as MatMuls, prototype folding of the first A_M convs: ``mfnet/model/inference.py``), an exact
   rewrite of ``decode_query``; the verification compares it with the plain eager
@@ -54,6 +57,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_OPSET = 18  # the dynamo exporter's native opset; TensorRT 10/11 parse opsets <= 20
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16}
+PROTOTYPES_FORMS = ("per_frame", "shared")  # mfnet_runtime.manifest.PROTOTYPES_FORMS
 
 
 @dataclass(frozen=True)
@@ -116,16 +120,29 @@ def _export_graph(
     onnx.checker.check_model(str(path), full_check=True)
 
 
-def graph_plan(model: MFNet, limits: ExportLimits, optimize: bool = True) -> list[dict[str, Any]]:
+def graph_plan(
+    model: MFNet,
+    limits: ExportLimits,
+    optimize: bool = True,
+    prototypes_form: str = "per_frame",
+) -> list[dict[str, Any]]:
     """What to export: one entry per graph role, with example inputs and I/O specs.
 
-    ``options`` are keyword arguments of the wrapper (the query decoder's ``optimized``).
+    ``options`` are keyword arguments of the wrapper (the query decoder's ``optimized`` and
+    ``per_frame``). ``prototypes_form`` "per_frame": the decoder's prototypes are [B, N, C],
+    with the frames' own batch dimension (one ``Dim`` for both); "shared": [N, C].
     """
+    if prototypes_form not in PROTOTYPES_FORMS:
+        raise ValueError(
+            f"prototypes_form must be one of {PROTOTYPES_FORMS}, got {prototypes_form!r}"
+        )
+    per_frame = prototypes_form == "per_frame"
     size, channels, way = model.config.image_size, model.config.channels, model.way
     uint8_image = torch.zeros(2, size, size, 3, dtype=torch.uint8)
     mask = torch.zeros(2, size, size, dtype=torch.uint8)
     mask[:, size // 4 : 3 * size // 4, size // 4 : 3 * size // 4] = 1
     has_attention = model.support_attention is not None
+    batch = torch.export.Dim("B", min=1, max=limits.max_batch)  # frames and their prototypes
     plan = [
         dict(
             role="support_encoder",
@@ -158,21 +175,23 @@ def graph_plan(model: MFNet, limits: ExportLimits, optimize: bool = True) -> lis
         dict(
             role="query_decoder",
             wrapper=QueryDecoder,
-            args=(uint8_image, torch.randn(way, channels)),
+            args=(
+                uint8_image,
+                torch.randn(2, way, channels) if per_frame else torch.randn(way, channels),
+            ),
             inputs=[
                 TensorInfo("frames", ("B", size, size, 3), "uint8"),
-                TensorInfo("prototypes", (way, channels), "float32"),
+                TensorInfo(
+                    "prototypes", ("B", way, channels) if per_frame else (way, channels), "float32"
+                ),
             ],
             outputs=[
                 TensorInfo("labels", ("B", size, size), "uint8"),
                 TensorInfo("probabilities", ("B", way + 1, size, size), "float32"),
             ],
-            dynamic={
-                "frames": {0: torch.export.Dim("B", min=1, max=limits.max_batch)},
-                "prototypes": None,
-            },
-            details={"max_batch": limits.max_batch},
-            options={"optimized": optimize},
+            dynamic={"frames": {0: batch}, "prototypes": {0: batch} if per_frame else None},
+            details={"max_batch": limits.max_batch, "prototypes_form": prototypes_form},
+            options={"optimized": optimize, "per_frame": per_frame},
         ),
     ]
     if has_attention:  # K = 1 skips A_S (paper): a static graph of the same method
@@ -200,11 +219,14 @@ def export_onnx(
     opset: int = DEFAULT_OPSET,
     verify: bool = True,
     optimize: bool = True,
+    prototypes_form: str = "per_frame",
 ) -> Manifest:
     """Export every graph in every precision, verify them, and write ``manifest.json``.
 
     ``optimize=False`` exports the query decoder in its plain form (``decode_query`` as it is),
-    for comparison with the default optimised form.
+    for comparison with the default optimised form. ``prototypes_form="shared"`` exports the
+    decoder with prototypes [N, C] for the whole batch (the schema-v1.0 form, for runtimes
+    before the per-frame form); the default "per_frame" takes [B, N, C].
 
     Everything is written into a hidden sibling of ``out_dir`` and verified there; only a
     complete, verified export replaces ``out_dir`` (in one rename), so a failed or interrupted
@@ -221,12 +243,24 @@ def export_onnx(
     for precision in precisions:
         if precision not in PRECISIONS:
             raise ValueError(f"unknown precision {precision!r}; choose from {list(PRECISIONS)}")
+    if prototypes_form not in PROTOTYPES_FORMS:
+        raise ValueError(
+            f"unknown prototypes form {prototypes_form!r}; choose from {list(PROTOTYPES_FORMS)}"
+        )
     model, config = model_from_checkpoint(checkpoint, map_location="cpu")
-    # The query graph takes prototypes [N, C]; A_S-v1/v2 need the query and every shot.
+    # The query graph takes prototypes only; A_S-v1/v2 need the query and every shot.
     model.require_prototype_split("the ONNX export")
     with staged_directory(target) as out:  # swapped in only once verified and complete
         manifest = _export_into(
-            out, model, config, checkpoint, precisions, limits, opset, verify, optimize
+            out,
+            model,
+            config,
+            checkpoint,
+            precisions,
+            limits,
+            opset,
+            verify,
+            (optimize, prototypes_form),
         )
     log.info("wrote %s", target / MANIFEST_NAME)
     return dataclasses.replace(manifest, directory=target)
@@ -275,16 +309,18 @@ def _export_into(
     limits: ExportLimits,
     opset: int,
     verify: bool,
-    optimize: bool,
+    decoder: tuple[bool, str],
 ) -> Manifest:
-    """Every graph, its verification and ``manifest.json`` (last) into the directory ``out``."""
+    """Every graph, its verification and ``manifest.json`` (last) into the directory ``out``.
+
+    ``decoder`` = (optimize, prototypes_form) of the query decoder graph."""
     from .verify import verify_export  # verification needs onnxruntime; imported on use
 
     graphs: list[GraphInfo] = []
     for precision in precisions:
         dtype = PRECISIONS[precision]
         variant = model if dtype == torch.float32 else copy.deepcopy(model).to(dtype)
-        for entry in graph_plan(variant, limits, optimize):
+        for entry in graph_plan(variant, limits, *decoder):
             file = f"{entry['role']}.{precision}.onnx"
             log.info("exporting %s", file)
             module = entry["wrapper"](variant, dtype, **entry.get("options", {})).eval()

@@ -1,8 +1,10 @@
 """Parity of every exported graph with PyTorch: ONNX Runtime outputs vs the eager wrappers.
 
 Each graph runs on two input sets: fixed random inputs (seeded) and synthetic-benchmark data
-(real images and masks; for the query decoder three queries with prototypes from one real
-support set, so labels are meaningful).
+(real images and masks; for the query decoder three queries with prototypes of real support
+sets, so labels are meaningful). A per-frame decoder (prototypes [B, N, C]) gets different
+prototypes for each frame in both sets (random ones; each query's own episode's support set),
+so every export checks that frame b is decoded with row b; a shared one ([N, C]) gets one set.
 The reference is always the FP32 PyTorch model, so FP16 graphs are measured against the exact
 result; for the query decoder it is the plain ``decode_query`` (``QueryDecoder(optimized=False)``),
 so the exact rewrite of the optimised graph (``FastQueryDecoder``) is verified by every export.
@@ -65,8 +67,13 @@ def _as_uint8(images: torch.Tensor) -> torch.Tensor:
     return (images * 255).round().to(torch.uint8).movedim(-3, -1)
 
 
-def verification_inputs(model: MFNet, seed: int = 0) -> dict[str, dict[str, list[torch.Tensor]]]:
-    """role -> input-set name -> the graph's inputs (as torch tensors)."""
+def verification_inputs(
+    model: MFNet, seed: int = 0, prototypes_form: str = "per_frame"
+) -> dict[str, dict[str, list[torch.Tensor]]]:
+    """role -> input-set name -> the graph's inputs (as torch tensors).
+
+    The query decoder's prototypes follow ``prototypes_form``: "per_frame" [3, N, C] (a
+    different set per frame), "shared" [N, C] (episode 0's set for the three queries)."""
     generator = torch.Generator().manual_seed(seed)
     size, channels, way = model.config.image_size, model.config.channels, model.way
     shot = 3
@@ -82,12 +89,23 @@ def verification_inputs(model: MFNet, seed: int = 0) -> dict[str, dict[str, list
     with torch.no_grad():
         shots = SupportEncoder(model)(support_images, support_masks).view(way, shot, channels)
         prototypes = PrototypeAggregator(model)(shots)
+        if prototypes_form == "per_frame":  # each query with its own episode's support set
+            per_query = [prototypes]
+            for index in range(1, len(episodes)):
+                other = episodes[index]
+                features = SupportEncoder(model)(
+                    _as_uint8(other["support_images"]).flatten(0, 1),
+                    other["support_masks"].flatten(0, 1),
+                ).view(way, shot, channels)
+                per_query.append(PrototypeAggregator(model)(features))
+            prototypes = torch.stack(per_query)  # [3, N, C]
     random_masks = torch.zeros(2, size, size, dtype=torch.uint8)
     random_masks[:, size // 5 : size // 2, size // 4 : 3 * size // 4] = 1
     random_masks[:, size // 5] = 255
     random_frames = torch.randint(
         0, 256, (3, size, size, 3), generator=generator, dtype=torch.uint8
     )
+    random_shape = (3, way, channels) if prototypes_form == "per_frame" else (way, channels)
     return {
         "support_encoder": {
             "random": [random_frames[:2], random_masks],
@@ -102,7 +120,7 @@ def verification_inputs(model: MFNet, seed: int = 0) -> dict[str, dict[str, list
             "synthetic": [shots[:, :1]],
         },
         "query_decoder": {
-            "random": [random_frames, torch.randn(way, channels, generator=generator)],
+            "random": [random_frames, torch.randn(*random_shape, generator=generator)],
             "synthetic": [queries, prototypes],
         },
     }
@@ -156,7 +174,8 @@ def verify_export(
     import onnxruntime as ort
 
     model = model.float().eval()
-    inputs = verification_inputs(model)
+    # per prototypes form of the decoder (the other roles' inputs do not depend on it)
+    inputs_of: dict[str, dict[str, dict[str, list[torch.Tensor]]]] = {}
     results, lines = [], []
     for graph in manifest.graphs:
         if graph.format != "onnx":
@@ -165,8 +184,15 @@ def verify_export(
         onnx.checker.check_model(str(path), full_check=True)
         tolerance = TOLERANCES[graph.precision]
         session = ort.InferenceSession(str(path), providers=list(providers))
-        reference = WRAPPERS[graph.role](model, **REFERENCE_OPTIONS.get(graph.role, {}))
-        reference = reference.eval()
+        options = dict(REFERENCE_OPTIONS.get(graph.role, {}))
+        # the other roles' inputs are the same in every form's set: reuse the first one made
+        form = graph.prototypes_form or next(iter(inputs_of), "per_frame")
+        if graph.role == "query_decoder":
+            options["per_frame"] = form == "per_frame"
+        if form not in inputs_of:
+            inputs_of[form] = verification_inputs(model, prototypes_form=form)
+        inputs = inputs_of[form]
+        reference = WRAPPERS[graph.role](model, **options).eval()
         for input_set, tensors in inputs[graph.role].items():
             feed = {spec.name: t.numpy() for spec, t in zip(graph.inputs, tensors, strict=False)}
             ort_outputs = session.run(None, feed)

@@ -50,14 +50,20 @@ class PrototypeAggregator(nn.Module):
 
 
 class QueryDecoder(nn.Module):
-    """frames uint8 [B, H, W, 3] RGB + prototypes float32 [N, C] ->
+    """frames uint8 [B, H, W, 3] RGB + prototypes float32 [B, N, C] (``per_frame``: row b is
+    frame b's support set) or [N, C] (``per_frame=False``: one set for the whole batch) ->
     labels uint8 [B, H, W] (0 = background, n = the n-th class) and
     probabilities float32 [B, N+1, H, W] (softmax over background and the N classes).
+
+    Prototypes per frame are what a server with dynamic batching needs: requests of different
+    streams (different support sets) are stacked along B, every input along its first axis.
+    The shared form is the export of schema v1.0 (``prototypes_form="shared"``), kept for
+    comparison and for runtimes that predate the per-frame form.
 
     ``optimized=True`` (the default, what is exported) decodes with ``FastQueryDecoder``: static
     adaptive pooling (MatMuls instead of the exporter's gather decomposition) and prototype
     folding of the first A_M convs; the prototype terms are computed inside the graph from the
-    [N, C] input, so the runtime contract is the same. ``optimized=False`` calls
+    prototypes input, so the runtime contract is the same. ``optimized=False`` calls
     ``MFNet.decode_query`` (the plain form, the reference of the export verification);
     ``fold_prototypes=False`` keeps static pooling only (for A/B timing of the two rewrites).
     """
@@ -68,12 +74,14 @@ class QueryDecoder(nn.Module):
         dtype: torch.dtype = torch.float32,
         optimized: bool = True,
         fold_prototypes: bool = True,
+        per_frame: bool = True,
     ) -> None:
         super().__init__()
-        model.require_prototype_split("the ONNX query decoder")  # its input is [N, C]
+        model.require_prototype_split("the ONNX query decoder")  # its input is prototypes only
         self.model = model
         self.dtype = dtype
         self.optimized = optimized
+        self.per_frame = per_frame
         self.fast = (
             FastQueryDecoder(model, static_pooling=True, fold_prototypes=fold_prototypes)
             if optimized
@@ -85,16 +93,28 @@ class QueryDecoder(nn.Module):
         """What the graph computes the logits with: "plain" (decode_query) or the fast form."""
         return self.fast.form if self.fast is not None else "plain"
 
+    @property
+    def prototypes_form(self) -> str:
+        """The manifest's name of the prototypes input's form: "per_frame" or "shared"."""
+        return "per_frame" if self.per_frame else "shared"
+
     def forward(
         self, frames: torch.Tensor, prototypes: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         prototypes = prototypes.to(self.dtype)
+        expected = 3 if self.per_frame else 2
+        if prototypes.dim() != expected:
+            raise ValueError(
+                f"prototypes must be {'[B, N, C]' if self.per_frame else '[N, C]'} "
+                f"({self.prototypes_form} form), got {tuple(prototypes.shape)}"
+            )
+        batched = prototypes if self.per_frame else prototypes[None]  # [B or 1, N, C]
         images = _to_model_images(frames, self.dtype)
         if self.fast is not None:
-            logits = self.fast(images, prototypes[None])  # [B, N+1, H, W]
+            logits = self.fast(images, batched)  # [B, N+1, H, W]
         else:
             # The decoder reads only the prototypes; the per-shot view is the K = 1 cache shape.
-            cache = EncodedSupport(prototypes[None, :, None, :], prototypes[None])
+            cache = EncodedSupport(batched[:, :, None, :], batched)
             logits = self.model.decode_query(images, cache)
         logits = logits.float()  # [B, N+1, H, W]
         labels = logits.argmax(dim=1).to(torch.uint8)  # [B, H, W]

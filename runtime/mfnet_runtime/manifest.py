@@ -4,11 +4,20 @@ artifact format, for the exporter (``mfnet.export`` writes it) and the runtime (
 The manifest records the model's contract (way, input size, channels, normalisation, colour
 order, resize mode), every graph's inputs and outputs (names, shapes with symbolic dimensions,
 dtypes), the opset, the versions that produced it, the SHA-256 of the source checkpoint and of
-every file, and the verification report. Schema ``mfnet-export-v1``: written by
+every file, and the verification report. Schema ``mfnet-export-v1.1``: written by
 ``python -m mfnet.export onnx`` and extended with TensorRT engine entries by
-``python -m mfnet.export trt``. ``write_manifest`` serialises the typed objects below and
-``read_manifest`` parses them back (a round trip gives equal objects); every problem is an
-``EngineError`` that names the file and the command that recreates it.
+``python -m mfnet.export trt``.
+
+Versions: a reader of ``v1.m`` reads ``v1`` (= ``v1.0``) up to ``v1.m``; a newer minor version is
+refused with the upgrade command (an older runtime cannot feed what it does not know). ``v1.1``
+adds the query decoder's ``details["prototypes_form"]``: ``"per_frame"`` (prototypes
+[B, N, C], one support set per frame, so one batch can mix streams: the default export) or
+``"shared"`` (prototypes [N, C] for the whole batch: every ``v1.0`` export, where the field is
+absent). The reader checks that the form matches the ``prototypes`` input's shape.
+
+``write_manifest`` serialises the typed objects below and ``read_manifest`` parses them back
+(a round trip gives equal objects); every problem is an ``EngineError`` that names the file and
+the command that recreates it.
 
 Standard library only (json, hashlib): the runtime never imports torch or the training package.
 """
@@ -26,13 +35,18 @@ from typing import Any
 from .atomic import atomic_write_bytes
 from .errors import EngineError, rebuild_hint, reexport_hint
 
-SCHEMA = "mfnet-export-v1"  # the format version; a reader refuses any other
+SCHEMA_MAJOR = "mfnet-export-v1"  # the format family: v1 (= v1.0) and v1.<minor>
+SCHEMA_MINOR = 1  # what this module writes, and the newest minor version it reads
+SCHEMA = f"{SCHEMA_MAJOR}.{SCHEMA_MINOR}"  # "mfnet-export-v1.1"
 MANIFEST_NAME = "manifest.json"
 # What every graph's image inputs are (recorded for readers of the JSON; the runtime feeds it).
 IMAGE_LAYOUT = "NHWC uint8, normalised inside the graphs"
 PRECISIONS = ("fp32", "fp16")
 FORMATS = ("onnx", "tensorrt")
 RESIZE_MODES = ("pad", "stretch")
+# How the query decoder takes its prototypes (details["prototypes_form"]; absent = "shared"):
+# "per_frame" = [B, N, C] (row b decodes frame b), "shared" = [N, C] for every frame of a call.
+PROTOTYPES_FORMS = ("per_frame", "shared")
 # The I/O contract the runtime feeds, per graph role: (input names, output names).
 ROLE_IO: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "support_encoder": (("support_images", "support_masks"), ("shot_features",)),
@@ -73,6 +87,16 @@ class GraphInfo:
         if self.role != "query_decoder":
             return None
         return str(self.details.get("decoder_form", "plain"))
+
+    @property
+    def prototypes_form(self) -> str | None:
+        """How a query decoder graph takes its prototypes: ``details["prototypes_form"]``,
+        "per_frame" (input [B, N, C], the default export since schema v1.1) or "shared" ([N, C]
+        for the whole batch; every export written before the field existed). None for the
+        other roles. ``read_manifest`` checks it against the ``prototypes`` input's shape."""
+        if self.role != "query_decoder":
+            return None
+        return str(self.details.get("prototypes_form", "shared"))
 
 
 @dataclass(frozen=True)
@@ -308,7 +332,32 @@ def _graph(path: Path, data: Any, index: int) -> GraphInfo:
         )
     if Path(graph.file).is_absolute() or ".." in Path(graph.file).parts:
         raise _fail(path, f"graph file {graph.file!r} is not inside the export directory")
+    if graph.role == "query_decoder":
+        _check_prototypes_form(path, graph, where)
     return graph
+
+
+def _check_prototypes_form(path: Path, graph: GraphInfo, where: str) -> None:
+    """The decoder's ``prototypes_form`` is known and matches its ``prototypes`` input:
+    "per_frame" = ("B", N, C) with the frames' batch dimension, "shared" = (N, C)."""
+    form = graph.details.get("prototypes_form", "shared")
+    _require(
+        path,
+        f"{where}.details.prototypes_form",
+        form,
+        form in PROTOTYPES_FORMS,
+        f"one of {', '.join(map(repr, PROTOTYPES_FORMS))}",
+    )
+    shape = graph.inputs[1].shape  # ROLE_IO: ("frames", "prototypes")
+    expected = ("B", "N", "C") if form == "per_frame" else ("N", "C")
+    frames_batch = graph.inputs[0].shape[:1]  # may be empty in a broken manifest
+    fits = len(shape) == len(expected) and (form == "shared" or shape[:1] == frames_batch)
+    if not fits:
+        raise _fail(
+            path,
+            f"{graph.file}: prototypes_form {form!r} expects the prototypes input of shape "
+            f"{list(expected)}, the manifest gives {list(shape)}",
+        )
 
 
 def _rgb_triple(path: Path, data: Mapping[str, Any], key: str, positive: bool) -> tuple[float, ...]:
@@ -370,6 +419,26 @@ def _versions(path: Path, data: Any) -> dict[str, str]:
     return dict(_require(path, "versions", data, ok, "an object of version strings"))
 
 
+def schema_minor(path: Path, schema: Any) -> int:
+    """The minor version of a ``schema`` string this runtime reads ("mfnet-export-v1" = 0,
+    "mfnet-export-v1.<m>" = m for m <= ``SCHEMA_MINOR``); else the ``EngineError``."""
+    if schema == SCHEMA_MAJOR:
+        return 0
+    prefix = SCHEMA_MAJOR + "."
+    text = schema if isinstance(schema, str) else ""
+    minor_text = text[len(prefix) :]
+    if text.startswith(prefix) and minor_text.isascii() and minor_text.isdigit():
+        minor = int(minor_text)
+        if minor <= SCHEMA_MINOR:
+            return minor
+        raise EngineError(
+            f"{path}: schema {schema!r} was written by a newer exporter; this runtime reads up to "
+            f"{SCHEMA!r}. Upgrade the runtime (pip install -U ./runtime from the exporter's "
+            f"checkout), or re-export with this version: {reexport_hint(path.parent)}"
+        )
+    raise _fail(path, f"schema {schema!r}, this runtime reads {SCHEMA_MAJOR!r} to {SCHEMA!r}")
+
+
 def read_manifest(directory: str | Path) -> Manifest:
     """Parse and validate ``directory/manifest.json`` (no file hashes: see ``verify_files``)."""
     directory = Path(directory)
@@ -388,9 +457,9 @@ def read_manifest(directory: str | Path) -> Manifest:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise _fail(path, f"not valid JSON ({error})") from error
-    if not isinstance(data, dict) or data.get("schema") != SCHEMA:
-        found = data.get("schema") if isinstance(data, dict) else type(data).__name__
-        raise _fail(path, f"schema {found!r}, this runtime reads {SCHEMA!r}")
+    if not isinstance(data, dict):
+        raise _fail(path, f"schema {type(data).__name__!r}, this runtime reads {SCHEMA!r}")
+    schema_minor(path, data.get("schema"))
     items = _require(
         path,
         "graphs",

@@ -9,7 +9,9 @@ Typical use::
     support = segmenter.add_shot(support, "dog", image3, mask3)  # encodes the new shot only
 
 The support set is encoded once and reused for every frame; only the query decoder runs per
-frame. Frames are fitted to the network's S x S input as the manifest says (``resize``), the
+frame. A server that batches frames of many streams passes each frame's prototypes instead:
+``decode_frames(batch, prototypes_per_frame)`` (float32 [B, N, C], row b for frame b).
+Frames are fitted to the network's S x S input as the manifest says (``resize``), the
 decoder returns labels at S x S, and ``restore_labels`` maps them back to the frame's size.
 Support sets are plain data (``support.SupportSet``); every operation on them that runs an
 engine or checks that it matches these engines is a method here.
@@ -297,10 +299,8 @@ class Segmenter:
             )
         return prepare_frames(frames, self.input_size, self.resize, color)
 
-    def _decode(
-        self, batch: np.ndarray, support: SupportSet, with_probabilities: bool
-    ) -> tuple[np.ndarray, np.ndarray | None]:
-        """Checked prepared frames -> (labels [B, S, S], probabilities [B, N+1, S, S] or None)."""
+    def _check_prepared(self, batch: np.ndarray) -> None:
+        """Refuse anything but prepared frames: uint8 [B, S, S, 3]."""
         size = self.input_size
         if (
             not isinstance(batch, np.ndarray)
@@ -313,26 +313,109 @@ class Segmenter:
                 f"prepared frames must be uint8 [B, {size}, {size}, 3] (from "
                 f"prepare_frames), got {got}"
             )
+
+    def _decode(
+        self, batch: np.ndarray, support: SupportSet, with_probabilities: bool
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Checked prepared frames -> (labels [B, S, S], probabilities [B, N+1, S, S] or None)."""
+        self._check_prepared(batch)
         self.check_engine(support)
         self._check_way(len(support.class_names), support.class_names)
-        prototypes = np.ascontiguousarray(support.prototypes, dtype=np.float32)
+        prototypes = np.ascontiguousarray(support.prototypes, dtype=np.float32)  # [N, C]
+        return self._run_decoder(batch, prototypes, with_probabilities)
+
+    def _run_decoder(
+        self, batch: np.ndarray, prototypes: np.ndarray, with_probabilities: bool
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Checked frames [B, S, S, 3] + prototypes [N, C] (one set) or [B, N, C] (per frame)
+        -> (labels [B, S, S], probabilities [B, N+1, S, S] or None), in calls of at most
+        ``max_batch`` frames."""
+        size = self.input_size
         labels, probabilities = [], []
         for start in range(0, batch.shape[0], self.max_batch):
             part = np.ascontiguousarray(batch[start : start + self.max_batch])
-            out_labels, out_probabilities = self._backend.run_decoder(
-                part, prototypes, with_probabilities
-            )
+            rows = prototypes if prototypes.ndim == 2 else prototypes[start : start + len(part)]
+            out_labels, out_probabilities = self._decode_part(part, rows, with_probabilities)
             labels.append(out_labels)
             probabilities.append(out_probabilities)
         if not labels:  # an empty batch: empty arrays of the documented shapes
-            classes = len(support.class_names) + 1
-            empty = np.zeros((0, classes, size, size), np.float32) if with_probabilities else None
+            empty = (
+                np.zeros((0, self.way + 1, size, size), np.float32) if with_probabilities else None
+            )
             return np.zeros((0, size, size), np.uint8), empty
         # backends return an array for every part when asked for the probabilities
         stacked = (
             np.concatenate(cast("list[np.ndarray]", probabilities)) if with_probabilities else None
         )
         return np.concatenate(labels), stacked
+
+    def _decode_part(
+        self, frames: np.ndarray, prototypes: np.ndarray, with_probabilities: bool
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """One decoder call, or for per-frame prototypes on a shared-form export (schema v1.0:
+        prototypes [N, C] for the whole call) one call per distinct support set of the part,
+        the frames' order kept."""
+        if prototypes.ndim == 2 or self._backend.prototypes_form == "per_frame":
+            return self._backend.run_decoder(
+                frames, np.ascontiguousarray(prototypes), with_probabilities
+            )
+        count = frames.shape[0]
+        sets, which = np.unique(prototypes.reshape(count, -1), axis=0, return_inverse=True)
+        which = which.reshape(-1)  # numpy 2.0.x returned it with the input's rank
+        size = self.input_size
+        labels = np.empty((count, size, size), np.uint8)
+        probabilities = (
+            np.empty((count, self.way + 1, size, size), np.float32) if with_probabilities else None
+        )
+        for index, flat in enumerate(sets):
+            members = np.flatnonzero(which == index)
+            out_labels, out_probabilities = self._backend.run_decoder(
+                np.ascontiguousarray(frames[members]),
+                np.ascontiguousarray(flat.reshape(prototypes.shape[1:])),
+                with_probabilities,
+            )
+            labels[members] = out_labels
+            if probabilities is not None:
+                probabilities[members] = out_probabilities
+        return labels, probabilities
+
+    def decode_frames(
+        self, batch: np.ndarray, prototypes_per_frame: np.ndarray, with_probabilities: bool = False
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Frames of different streams in one batch, each with its own support set.
+
+        batch: uint8 [B, S, S, 3] prepared frames (``prepare_frames``); prototypes_per_frame:
+        float32 [B, N, C], row b = the prototypes of frame b's support set (the
+        ``SupportSet.prototypes`` its stream encoded with these engines) -> (labels uint8
+        [B, S, S], probabilities float32 [B, N+1, S, S] when ``with_probabilities``, else
+        None). Frame b's result equals decoding it alone with its own set. For a server with
+        dynamic batching: requests are stateless, each carries its prototypes. The arrays carry
+        no engine id, so matching them to these engines is the caller's part (a server checks
+        the id once, where the support set is encoded). Batches larger than ``max_batch`` are
+        split; on an export of schema v1.0 (a shared-prototypes decoder) each distinct support
+        set of a call is decoded in a call of its own.
+        """
+        self._check_prepared(batch)
+        expected = (batch.shape[0], self.way, self.channels)
+        if (
+            not isinstance(prototypes_per_frame, np.ndarray)
+            or prototypes_per_frame.shape != expected
+            or not np.issubdtype(prototypes_per_frame.dtype, np.floating)
+        ):
+            got = (
+                f"{prototypes_per_frame.dtype} {prototypes_per_frame.shape}"
+                if isinstance(prototypes_per_frame, np.ndarray)
+                else type(prototypes_per_frame).__name__
+            )
+            raise RuntimeInputError(
+                f"prototypes_per_frame must be float32 [B, N, C] = {list(expected)} (one "
+                f"support set's prototypes per frame, N = {self.way} classes, C = "
+                f"{self.channels} channels), got {got}"
+            )
+        prototypes = np.ascontiguousarray(prototypes_per_frame, dtype=np.float32)
+        if not np.isfinite(prototypes).all():
+            raise RuntimeInputError("prototypes_per_frame holds NaN or infinite values")
+        return self._run_decoder(batch, prototypes, with_probabilities)
 
     def decode_prepared(self, batch: np.ndarray, support: SupportSet) -> np.ndarray:
         """uint8 [B, S, S, 3] prepared frames -> labels uint8 [B, S, S] (0 = background,

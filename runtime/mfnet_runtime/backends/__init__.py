@@ -17,6 +17,18 @@ import numpy as np
 
 from ..errors import EngineError, RuntimeInputError, reexport_hint
 from ..manifest import Manifest
+from .feeds import decoder_prototypes
+
+__all__ = [
+    "BACKENDS",
+    "DEVICES",
+    "PRECISION_CHOICES",
+    "Backend",
+    "check_choice",
+    "decoder_prototypes",
+    "open_backend",
+    "resolve_onnx_precision",
+]
 
 BACKENDS = ("auto", "onnxruntime", "tensorrt")
 DEVICES = ("auto", "cuda", "cpu")
@@ -33,6 +45,7 @@ class Backend(Protocol):
     max_batch: int  # frames per decoder call
     max_support: int  # images per support-encoder call
     max_shots: int  # shots per class per aggregator call
+    prototypes_form: str  # the decoder's: "per_frame" ([B, N, C]) | "shared" ([N, C])
 
     def run_support_encoder(self, images: np.ndarray, masks: np.ndarray) -> np.ndarray:
         """uint8 [S, H, W, 3] RGB + uint8 [S, H, W] (1 / 0 / 255) -> float32 [S, C]."""
@@ -45,8 +58,13 @@ class Backend(Protocol):
     def run_decoder(
         self, frames: np.ndarray, prototypes: np.ndarray, with_probabilities: bool = False
     ) -> tuple[np.ndarray, np.ndarray | None]:
-        """uint8 [B, H, W, 3] RGB + float32 [N, C] -> (labels uint8 [B, H, W],
-        probabilities float32 [B, N+1, H, W] when asked, else None)."""
+        """uint8 [B, H, W, 3] RGB + float32 prototypes -> (labels uint8 [B, H, W],
+        probabilities float32 [B, N+1, H, W] when asked, else None).
+
+        Prototypes: [N, C], one support set for every frame (a per-frame graph gets it tiled
+        to [B, N, C], ``decoder_prototypes``), or [B, N, C], row b for frame b (per-frame
+        graphs only; ``Segmenter.decode_frames`` splits a batch by support set for a shared
+        graph)."""
         ...
 
     def close(self) -> None:

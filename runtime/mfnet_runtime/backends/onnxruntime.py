@@ -25,6 +25,7 @@ import onnxruntime as ort
 
 from ..errors import EngineError, reexport_hint
 from ..manifest import GraphInfo, Manifest, verify_files
+from .feeds import decoder_prototypes
 
 logger = logging.getLogger("mfnet_runtime")
 _CUDA = "CUDAExecutionProvider"
@@ -45,7 +46,8 @@ class _CudaGraphDecoder:
 
     ONNX Runtime captures the graph on the first run and replays it afterwards; replay reads and
     writes the same device addresses, so inputs are copied into fixed OrtValues in place
-    (``update_inplace``) and both outputs are bound to fixed OrtValues.
+    (``update_inplace``) and both outputs are bound to fixed OrtValues. ``prototypes_shape`` is
+    the graph's prototypes input at this batch: (batch, N, C) per frame, (N, C) shared.
     """
 
     def __init__(
@@ -56,7 +58,7 @@ class _CudaGraphDecoder:
         batch: int,
         size: int,
         way: int,
-        channels: int,
+        prototypes_shape: tuple[int, ...],
     ) -> None:
         providers = [(_CUDA, {"device_id": str(device_id), "enable_cuda_graph": "1"})]
         self.session = ort.InferenceSession(str(path), options, providers=providers)
@@ -68,7 +70,7 @@ class _CudaGraphDecoder:
 
         self.batch = batch
         self.frames = device_value((batch, size, size, 3), np.uint8)
-        self.prototypes = device_value((way, channels), np.float32)
+        self.prototypes = device_value(prototypes_shape, np.float32)
         self.labels = device_value((batch, size, size), np.uint8)
         self.probabilities = device_value((batch, way + 1, size, size), np.float32)
         self.binding = self.session.io_binding()
@@ -128,6 +130,7 @@ class OnnxRuntimeBackend:
         self.max_batch = _limit(graphs["query_decoder"], "max_batch")
         self.max_support = _limit(graphs["support_encoder"], "max_support")
         self.max_shots = _limit(graphs["prototype_aggregator"], "max_shots")
+        self.prototypes_form = str(graphs["query_decoder"].prototypes_form)
         self._graph_decoder: _CudaGraphDecoder | None = None
         if device == "cuda":
             self._session("query_decoder")  # now, so that a CUDA failure shows at load time
@@ -174,6 +177,9 @@ class OnnxRuntimeBackend:
     def _open_graph_decoder(self, batch: int) -> _CudaGraphDecoder | None:
         model = self._manifest.model
         path = self._manifest.directory / self._graphs["query_decoder"].file
+        prototypes_shape: tuple[int, ...] = (model.way, model.channels)
+        if self.prototypes_form == "per_frame":
+            prototypes_shape = (batch, *prototypes_shape)
         try:
             decoder = _CudaGraphDecoder(
                 path,
@@ -182,7 +188,7 @@ class OnnxRuntimeBackend:
                 batch,
                 model.input_size,
                 model.way,
-                model.channels,
+                prototypes_shape,
             )
         except Exception as error:  # an unsupported model still runs, without graphs
             logger.warning("CUDA graphs disabled for the decoder: %s", error)
@@ -212,6 +218,7 @@ class OnnxRuntimeBackend:
     def run_decoder(
         self, frames: np.ndarray, prototypes: np.ndarray, with_probabilities: bool = False
     ) -> tuple[np.ndarray, np.ndarray | None]:
+        prototypes = decoder_prototypes(prototypes, frames.shape[0], self.prototypes_form)
         if self.device == "cpu":
             fetch = ["labels", "probabilities"] if with_probabilities else ["labels"]
             outputs = self._run(

@@ -28,6 +28,7 @@ import numpy as np
 
 from ..errors import EngineError, rebuild_hint
 from ..manifest import GraphInfo, Manifest, verify_files
+from .feeds import decoder_prototypes
 
 logger = logging.getLogger("mfnet_runtime")
 TENSORRT_INSTALL = (
@@ -441,14 +442,16 @@ class TensorRTBackend:
         self.max_batch = self._engines["query_decoder"].max_shapes["frames"][0]
         self.max_support = self._engines["support_encoder"].max_shapes["support_images"][0]
         self.max_shots = self._engines["prototype_aggregator"].max_shapes["shot_features"][1]
+        self.prototypes_form = str(graphs["query_decoder"].prototypes_form)
         if cuda_graph_batch:
             self._capture_decoder(min(cuda_graph_batch, self.max_batch), manifest)
 
     def _capture_decoder(self, batch: int, manifest: Manifest) -> None:
         size, way = manifest.model.input_size, manifest.model.way
+        shared = np.zeros((way, manifest.model.channels), np.float32)
         feeds: dict[str, np.ndarray] = {
             "frames": np.zeros((batch, size, size, 3), np.uint8),
-            "prototypes": np.zeros((way, manifest.model.channels), np.float32),
+            "prototypes": decoder_prototypes(shared, batch, self.prototypes_form),
         }
         try:
             self._engines["query_decoder"].capture(feeds)
@@ -472,6 +475,7 @@ class TensorRTBackend:
         self, frames: np.ndarray, prototypes: np.ndarray, with_probabilities: bool = False
     ) -> tuple[np.ndarray, np.ndarray | None]:
         fetch = ["labels", "probabilities"] if with_probabilities else ["labels"]
+        prototypes = decoder_prototypes(prototypes, frames.shape[0], self.prototypes_form)
         with self._lock:
             outputs = self._engines["query_decoder"].run(
                 {"frames": frames, "prototypes": prototypes}, fetch
