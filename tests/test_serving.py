@@ -316,15 +316,38 @@ def test_bad_requests_get_clear_errors_and_other_streams_keep_going(server, loca
                 with pytest.raises(InferenceServerException) as caught:
                     raw_segment(server.url, frames_in, prototypes_in)
                 assert expected_text in str(caught.value), (name, str(caught.value)[-400:])
-        # garbage bytes: a body that is no inference request at all
-        request = urllib.request.Request(
-            f"http://{server.url}/v2/models/{protocol.SEGMENT_MODEL}/infer",
-            data=b"\x00\xffnot a request" * 10,
-            headers={"Content-Type": "application/octet-stream"},
-        )
-        with pytest.raises(urllib.error.HTTPError) as http_error:
-            urllib.request.urlopen(request, timeout=10)
-        assert http_error.value.code == 400 and b"error" in http_error.value.read()
+        # garbage bytes: a body that is no inference request at all (Triton answers 500 to
+        # JSON it cannot parse), and binary data shorter than the header announces (400)
+        header = json.dumps(
+            {
+                "inputs": [
+                    {
+                        "name": protocol.FRAMES,
+                        "shape": [1, SIZE, SIZE, 3],
+                        "datatype": "UINT8",
+                        "parameters": {"binary_data_size": SIZE * SIZE * 3},
+                    }
+                ]
+            }
+        ).encode()
+        for body, headers, code, text in (
+            (b"\x00\xffnot a request" * 10, {}, 500, "failed to parse the request"),
+            (
+                header + b"\x00" * 100,
+                {"Inference-Header-Content-Length": str(len(header))},
+                400,
+                "unexpected size for input",
+            ),
+        ):
+            request = urllib.request.Request(
+                f"http://{server.url}/v2/models/{protocol.SEGMENT_MODEL}/infer",
+                data=body,
+                headers={"Content-Type": "application/octet-stream", **headers},
+            )
+            with pytest.raises(urllib.error.HTTPError) as http_error:
+                urllib.request.urlopen(request, timeout=10)
+            assert http_error.value.code == code, http_error.value.code
+            assert text in http_error.value.read().decode()
         # an empty mask sent to the encoder by hand
         client = httpclient.InferenceServerClient(server.url, network_timeout=20)
         inputs = []
@@ -382,10 +405,10 @@ def test_segment_cli_through_the_server(server, engines, tmp_path, capsys) -> No
     out = capsys.readouterr().out
     assert "frames: 3 " in out and "frames per second" in out and "backend: server" in out
     for index in range(3):
-        a = np.asarray(Image.open(tmp_path / "a" / f"{index:06d}.png"))
-        b = np.asarray(Image.open(tmp_path / "b" / f"{index:06d}.png"))
+        a = np.asarray(Image.open(tmp_path / "a" / f"{index}.png"))
+        b = np.asarray(Image.open(tmp_path / "b" / f"{index}.png"))
         np.testing.assert_array_equal(b, a)
-        assert (tmp_path / "b" / f"{index:06d}_overlay.png").is_file()
+        assert (tmp_path / "b" / f"{index}_overlay.png").is_file()
     # nothing listens on this port: one error line, exit 2, fast
     closed = free_ports(1)[0]
     started = time.monotonic()

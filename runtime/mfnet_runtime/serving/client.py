@@ -16,7 +16,8 @@ be reached, does not answer within ``timeout`` seconds, dies or refuses a reques
 ``ServerError`` (never a hang). After such an error the connection is rebuilt on the next
 call, so a restarted server is used again without a new ``RemoteSegmenter``. A request that
 failed only because another client's bad request shared its batch is sent again (up to
-``retries`` times). One ``RemoteSegmenter`` serves one thread: give each stream its own.
+``retries`` times). A ``RemoteSegmenter`` may be shared by threads: each thread gets its own
+connection.
 """
 
 from __future__ import annotations
@@ -70,6 +71,14 @@ def _split_url(url: str, kind: str) -> str:
     return text
 
 
+def _close(client: Any) -> None:
+    """Close a tritonclient client; a broken one (or one of another thread) may refuse."""
+    try:
+        client.close()
+    except Exception as error:  # noqa: BLE001 - closing a broken client may fail too
+        logger.debug("closing a tritonclient client failed: %s", error)
+
+
 class RemoteSegmenter:
     """A ``Segmenter`` whose engines run on an MFNet server (``python -m mfnet_runtime
     serve``). ``url``: host:port of its HTTP (default 8000) or gRPC (8001) endpoint;
@@ -101,7 +110,8 @@ class RemoteSegmenter:
             f"tritonclient.{protocol}", "RemoteSegmenter", CLIENT_INSTALL
         )  # tritonclient.http | tritonclient.grpc
         self._utils = require("tritonclient.utils", "RemoteSegmenter", CLIENT_INSTALL)
-        self._client: Any = None
+        self._local = threading.local()  # one tritonclient client per thread
+        self._clients: list[Any] = []  # all of them, for close()
         self._lock = threading.Lock()
         self.info: ServingInfo = self._read_info()
         self.way: int = self.info.way
@@ -121,24 +131,31 @@ class RemoteSegmenter:
 
     # -------------------------------------------------------------------------- transport
     def _connect(self) -> Any:
-        if self._client is None:
+        """This thread's tritonclient client (the HTTP one is gevent-based and must stay on
+        the thread that made it), created on first use."""
+        client = getattr(self._local, "client", None)
+        if client is None:
             if self.protocol == "http":
-                self._client = self._module.InferenceServerClient(
+                client = self._module.InferenceServerClient(
                     self.url, connection_timeout=self.timeout, network_timeout=self.timeout
                 )
             else:
-                self._client = self._module.InferenceServerClient(self.url)
-        return self._client
+                client = self._module.InferenceServerClient(self.url)
+            self._local.client = client
+            with self._lock:
+                self._clients.append(client)
+        return client
 
     def _drop(self) -> None:
-        """Forget the connection (rebuilt on the next call): after a broken or timed-out call
-        its pooled sockets may be dead, e.g. when the server restarted."""
-        client, self._client = self._client, None
+        """Forget this thread's connection (rebuilt on the next call): after a broken or
+        timed-out call its pooled sockets may be dead, e.g. when the server restarted."""
+        client = getattr(self._local, "client", None)
+        self._local.client = None
         if client is not None:
-            try:
-                client.close()
-            except Exception as error:  # noqa: BLE001 - closing a broken client may fail too
-                logger.debug("closing the old tritonclient failed: %s", error)
+            with self._lock:
+                if client in self._clients:
+                    self._clients.remove(client)
+            _close(client)
 
     def _server_error(self, error: BaseException, what: str) -> ServerError:
         """A transport or server failure as a ``ServerError`` with its kind."""
@@ -180,26 +197,22 @@ class RemoteSegmenter:
         because of another request of its batch is sent again."""
         errors = (self._utils.InferenceServerException, OSError, ConnectionError)
         attempt = 0
-        with self._lock:
-            while True:
-                try:
-                    return function(self._connect())
-                except errors as error:
-                    failure = self._server_error(error, what)
-                except Exception as error:  # noqa: BLE001 - transport libraries raise their own
-                    if type(error).__module__.split(".")[0] not in ("geventhttpclient", "gevent"):
-                        raise
-                    failure = self._server_error(error, what)
-                if (
-                    failure.kind == "refused"
-                    and protocol.NOT_RUN in str(failure)
-                    and attempt < self.retries
-                ):
+        while True:
+            try:
+                return function(self._connect())
+            except errors as error:
+                failure = self._server_error(error, what)
+            except Exception as error:  # transport libraries raise their own types
+                if type(error).__module__.split(".")[0] not in ("geventhttpclient", "gevent"):
+                    raise
+                failure = self._server_error(error, what)
+            if failure.kind == "refused" and protocol.NOT_RUN in str(failure):
+                if attempt < self.retries:
                     attempt += 1
                     logger.info("resending a request its batch-mate's refusal stopped: %s", failure)
                     time.sleep(0.01 * attempt)
                     continue
-                raise failure from None
+            raise failure from None
 
     def _infer(
         self,
@@ -275,9 +288,12 @@ class RemoteSegmenter:
             return False
 
     def close(self) -> None:
-        """Close the connection to the server."""
+        """Close the connections to the server (every thread's)."""
         with self._lock:
-            self._drop()
+            clients, self._clients = self._clients, []
+        self._local.client = None
+        for client in clients:
+            _close(client)
 
     def __enter__(self) -> RemoteSegmenter:
         return self
