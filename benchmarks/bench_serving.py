@@ -107,7 +107,7 @@ class Server:
         for line in self.process.stdout:
             self.log.write(line)
             self.log.flush()
-            if line.startswith("serving: "):
+            if "serving: " in line:
                 self.ready.set()
 
     def wait_ready(self, timeout: float = 180.0) -> float:

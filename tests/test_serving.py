@@ -102,7 +102,7 @@ class Server:
         assert self.process.stdout is not None
         for line in self.process.stdout:
             self.lines.append(line.rstrip("\n"))
-            if line.startswith("serving: "):
+            if "serving: " in line:
                 self.ready.set()
 
     def wait_ready(self) -> Server:
@@ -435,21 +435,31 @@ def test_dead_server_fails_fast_restart_serves_again_and_sigterm_drains(engines,
     assert time.monotonic() - started < 6 and caught.value.kind in ("unreachable", "timeout")
     # restarted on the same ports (1 s queue delay: requests wait in the batcher): the same
     # client serves again
-    second = Server(engines, ports, "--queue-delay-us", "1000000", "--max-batch", "8").wait_ready()
+    second = Server(
+        engines, ports, "--queue-delay-us", "1000000", "--max-batch", "8", "--exit-timeout", "20"
+    ).wait_ready()
     try:
         np.testing.assert_array_equal(remote.segment(frames[1], support), expected[1])
+        remote.close()  # Triton's shutdown waits for open keep-alive connections
         # SIGTERM while a request waits in the batcher: it finishes, then the server exits 0
         answers: list[object] = []
-        waiting = threading.Thread(
-            target=lambda: answers.append(_try(lambda: remote.segment(frames[2], support)))
-        )
+
+        def one_request() -> None:
+            with RemoteSegmenter(second.url, timeout=10) as client:
+                waiting_started.set()
+                answers.append(_try(lambda: client.segment(frames[2], support)))
+
+        waiting_started = threading.Event()
+        waiting = threading.Thread(target=one_request)
         waiting.start()
-        time.sleep(0.4)
+        assert waiting_started.wait(10)
+        time.sleep(0.4)  # the request now waits in the batcher (1 s queue delay)
+        started = time.monotonic()
         assert second.terminate() == 0, "\n".join(second.lines[-30:])
         waiting.join(timeout=30)
         assert len(answers) == 1 and isinstance(answers[0], np.ndarray), answers
         np.testing.assert_array_equal(answers[0], expected[2])
-        assert "stopped" in second.lines
+        assert "stopped" in second.lines and time.monotonic() - started < 15
     finally:
         second.kill()
         remote.close()

@@ -189,6 +189,13 @@ def add_serve_parser(commands: Any) -> None:
         metavar="LEVEL",
         help="Triton's verbose log level (default 0)",
     )
+    serve.add_argument(
+        "--triton-log",
+        type=options.output_file,
+        default=None,
+        metavar="FILE",
+        help="write Triton's own log to FILE (default: on stdout)",
+    )
     add_threads_argument(serve)
 
 
@@ -212,6 +219,7 @@ def serve_command(args: argparse.Namespace) -> int:
             instances=args.instances,
             exit_timeout=args.exit_timeout,
             log_verbose=args.log_verbose,
+            triton_log=args.triton_log,
         )
     )
 

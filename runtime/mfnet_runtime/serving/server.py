@@ -35,7 +35,7 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from ..errors import RuntimeInputError, require
+from ..errors import EngineError, RuntimeInputError, require
 from ..segmenter import Segmenter
 from ..support import SupportSet
 from ..threads import thread_policy
@@ -70,6 +70,7 @@ class ServeOptions:
     instances: int = 1
     exit_timeout: int = 30
     log_verbose: int = 0
+    triton_log: Path | None = None  # Triton's own log (None: on stdout, between our lines)
 
 
 def python_library_path() -> str:
@@ -365,6 +366,7 @@ def serve(
             metrics_port=options.metrics_port,
             exit_timeout_secs=options.exit_timeout,
             log_verbose=options.log_verbose,
+            log_file=options.triton_log,
             allow_gpu_metrics=False,
         )
         stop = stop or threading.Event()
@@ -374,7 +376,8 @@ def serve(
             with Triton(config=config) as triton:
                 _bind_models(triton, segmenters, options)
                 triton.run()
-                print(
+                _say(
+                    out,
                     f"serving: {options.engines} ({info.way}-way, {info.input_size}x"
                     f"{info.input_size}, {info.backend} {info.precision}) on "
                     f"http://{options.address}:{options.http_port}, "
@@ -383,20 +386,28 @@ def serve(
                     f"{protocol.SEGMENT_MODEL}: max batch {options.max_batch}, queue delay "
                     f"{options.queue_delay_us} us, {options.instances} instance(s); ready in "
                     f"{time.perf_counter() - started:.1f} s",
-                    file=out,
-                    flush=True,
+                    fresh_line=options.triton_log is None,
                 )
                 while not stop.wait(0.5):
                     if not triton.is_alive():
-                        raise RuntimeError("the Triton server process ended on its own")
-                print("stopping: finishing the requests in flight", file=out, flush=True)
-            print("stopped", file=out, flush=True)
+                        raise EngineError(
+                            "the Triton server process ended on its own (its log says why)"
+                        )
+                _say(out, "stopping: finishing the requests in flight", options.triton_log is None)
+            _say(out, "stopped", options.triton_log is None)
         finally:
             _restore_handlers(previous)
     finally:
         for segmenter in segmenters:
             segmenter.close()
     return 0
+
+
+def _say(out: TextIO, line: str, fresh_line: bool = False) -> None:
+    """Write one line in one call; ``fresh_line``: start it on a new line, as Triton's log
+    (printed by PyTriton from another thread, in pieces) may have left one unfinished."""
+    out.write(("\n" if fresh_line else "") + line + "\n")
+    out.flush()
 
 
 def _install_handlers(stop: threading.Event) -> dict[int, Any]:
