@@ -95,7 +95,10 @@ class Server:
         command += ["--metrics-port", str(ports[2]), *extra]
         self.log = log.open("a")
         self.process = subprocess.Popen(
-            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            command,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
             start_new_session=True,
         )
         self.ready = threading.Event()
@@ -172,15 +175,20 @@ def in_process(segmenter: Segmenter, streams: list, supports: list, seconds: flo
         latencies.append((time.perf_counter() - begin) * 1e3)
         count += 1
     elapsed = time.perf_counter() - started
-    return {"frames": count, "seconds": round(elapsed, 3), "fps": round(count / elapsed, 2),
-            **stats_ms(latencies)}
+    return {
+        "frames": count,
+        "seconds": round(elapsed, 3),
+        "fps": round(count / elapsed, 2),
+        **stats_ms(latencies),
+    }
 
 
 class Stream(threading.Thread):
     """One client stream: its own RemoteSegmenter and support set, one frame per request."""
 
-    def __init__(self, url: str, protocol_name: str, inputs: tuple, expected: list,
-                 timeout: float) -> None:
+    def __init__(
+        self, url: str, protocol_name: str, inputs: tuple, expected: list, timeout: float
+    ) -> None:
         super().__init__(daemon=True)
         self.client = RemoteSegmenter(url, protocol=protocol_name, timeout=timeout)
         self.support = self.client.encode_support(inputs[0])
@@ -215,11 +223,17 @@ class Stream(threading.Thread):
             index += 1
 
 
-def run_streams(url: str, protocol_name: str, inputs: list, expected: list, count: int,
-                seconds: float, timeout: float, server: Server) -> dict:
-    streams = [
-        Stream(url, protocol_name, inputs[i], expected[i], timeout) for i in range(count)
-    ]
+def run_streams(
+    url: str,
+    protocol_name: str,
+    inputs: list,
+    expected: list,
+    count: int,
+    seconds: float,
+    timeout: float,
+    server: Server,
+) -> dict:
+    streams = [Stream(url, protocol_name, inputs[i], expected[i], timeout) for i in range(count)]
     for stream in streams:
         stream.start()
     before = server.metrics()
@@ -299,8 +313,13 @@ def bad_requests(url: str, size: int, way: int, channels: int, max_batch: int) -
         urllib.request.urlopen(request, timeout=30)
         answers.append({"case": "garbage bytes", "refused": False})
     except urllib.error.HTTPError as error:
-        answers.append({"case": "garbage bytes", "refused": True,
-                        "error": f"HTTP {error.code}: {error.read().decode()[:200]}"})
+        answers.append(
+            {
+                "case": "garbage bytes",
+                "refused": True,
+                "error": f"HTTP {error.code}: {error.read().decode()[:200]}",
+            }
+        )
     return answers
 
 
@@ -333,7 +352,10 @@ def main(argv: list[str] | None = None) -> int:
         count = max(args.streams + [4])
         inputs = [stream_inputs(100 + i, way, size, args.frames) for i in range(count)]
         supports = [local.encode_support(classes) for classes, _ in inputs]
-        expected = [[local.segment(f, s) for f in frames] for (_, frames), s in zip(inputs, supports)]
+        expected = [
+            [local.segment(f, s) for f in frames]
+            for (_, frames), s in zip(inputs, supports, strict=True)
+        ]
         varied = sum(len(np.unique(labels)) > 1 for stream in expected for labels in stream)
         if varied < len(expected) * args.frames // 2:
             raise SystemExit(f"only {varied} of the reference label maps hold > 1 label")
@@ -345,25 +367,36 @@ def main(argv: list[str] | None = None) -> int:
         log = RESULTS / f"{args.name}.server.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         log.write_text("")
-        serve_args = ["--threads", str(args.threads), "--max-batch", str(args.max_batch),
-                      "--queue-delay-us", str(args.queue_delay_us)]
+        serve_args = [
+            "--threads",
+            str(args.threads),
+            "--max-batch",
+            str(args.max_batch),
+            "--queue-delay-us",
+            str(args.queue_delay_us),
+        ]
         server = Server(engines, ports, serve_args, log)
         startup_s = server.wait_ready()
         url = server.url if args.protocol == "http" else f"127.0.0.1:{ports[1]}"
         rows = []
         for streams in args.streams:
-            row = run_streams(url, args.protocol, inputs, expected, streams, args.seconds,
-                              args.timeout, server)
+            row = run_streams(
+                url, args.protocol, inputs, expected, streams, args.seconds, args.timeout, server
+            )
             row["ratio_to_in_process"] = round(row["fps"] / reference["fps"], 3)
             rows.append(row)
-            print(f"{streams:>2} streams: {row['fps']} frames/s, p50 {row['p50_ms']} ms, p99 "
-                  f"{row['p99_ms']} ms, ratio {row['ratio_to_in_process']}, requests/exec "
-                  f"{row['server']['requests_per_execution']}, failed {row['failed_requests']}, "
-                  f"mismatches {row['label_mismatches']}", flush=True)
+            print(
+                f"{streams:>2} streams: {row['fps']} frames/s, p50 {row['p50_ms']} ms, p99 "
+                f"{row['p99_ms']} ms, ratio {row['ratio_to_in_process']}, requests/exec "
+                f"{row['server']['requests_per_execution']}, failed {row['failed_requests']}, "
+                f"mismatches {row['label_mismatches']}",
+                flush=True,
+            )
 
         # faults: bad requests while 4 streams run
-        streams = [Stream(url, args.protocol, inputs[i], expected[i], args.timeout)
-                   for i in range(4)]
+        streams = [
+            Stream(url, args.protocol, inputs[i], expected[i], args.timeout) for i in range(4)
+        ]
         for stream in streams:
             stream.start()
             stream.go.set()
@@ -383,8 +416,9 @@ def main(argv: list[str] | None = None) -> int:
         # kill the server mid-run: every stream must get a ServerError within the timeout
         for stream in streams:
             stream.stop.clear()
-        killers = [Stream(url, args.protocol, inputs[i], expected[i], args.timeout)
-                   for i in range(4)]
+        killers = [
+            Stream(url, args.protocol, inputs[i], expected[i], args.timeout) for i in range(4)
+        ]
         for stream in killers:
             stream.until_error = True
             stream.start()
@@ -399,8 +433,7 @@ def main(argv: list[str] | None = None) -> int:
             "all_got_server_error": all(s.error_after_s is not None for s in killers),
             "hung": sum(s.is_alive() for s in killers),
             "seconds_to_error_max": round(time.perf_counter() - killed_at, 3),
-            "error_kinds": sorted({getattr(s, "error").kind for s in killers
-                                   if s.error_after_s is not None}),
+            "error_kinds": sorted({s.error.kind for s in killers if s.error_after_s is not None}),
             "error_sample": str(getattr(killers[0], "error", ""))[:240],
             "client_timeout_s": args.timeout,
         }
@@ -409,13 +442,16 @@ def main(argv: list[str] | None = None) -> int:
         restart_s = server.wait_ready()
         served_again, mismatches = 0, 0
         for stream in killers:
-            for frame, want in zip(stream.frames, stream.expected):
+            for frame, want in zip(stream.frames, stream.expected, strict=True):
                 labels = stream.client.segment(frame, stream.support)
                 served_again += 1
                 mismatches += int(not np.array_equal(labels, want))
             stream.client.close()
-        restart = {"startup_s": round(restart_s, 2), "frames_served_by_old_clients": served_again,
-                   "label_mismatches": mismatches}
+        restart = {
+            "startup_s": round(restart_s, 2),
+            "frames_served_by_old_clients": served_again,
+            "label_mismatches": mismatches,
+        }
         sigterm_code = server.terminate()
         local.close()
 
@@ -423,13 +459,30 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "bench_serving",
         "created": now_utc(),
         "command": "python benchmarks/bench_serving.py " + " ".join(argv or sys.argv[1:]),
-        "device": {"cpu": cpu_model(), "cpu_count": os.cpu_count(),
-                   "platform": platform.platform()},
+        "device": {
+            "cpu": cpu_model(),
+            "cpu_count": os.cpu_count(),
+            "platform": platform.platform(),
+        },
         "versions": {**versions(), **_serving_versions()},
-        "model": {"way": way, "input_size": size, "channels": local.channels,
-                  "backend": local.backend_name},
-        "settings": {k: getattr(args, k) for k in ("protocol", "seconds", "frames", "timeout",
-                                                   "threads", "max_batch", "queue_delay_us")},
+        "model": {
+            "way": way,
+            "input_size": size,
+            "channels": local.channels,
+            "backend": local.backend_name,
+        },
+        "settings": {
+            k: getattr(args, k)
+            for k in (
+                "protocol",
+                "seconds",
+                "frames",
+                "timeout",
+                "threads",
+                "max_batch",
+                "queue_delay_us",
+            )
+        },
         "server_startup_s": round(startup_s, 2),
         "in_process": reference,
         "rows": rows,
@@ -443,9 +496,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {path}")
     ok = (
         all(r["failed_requests"] == 0 and r["label_mismatches"] == 0 for r in rows)
-        and during_bad["all_refused"] and during_bad["good_failed"] == 0
-        and during_bad["good_mismatches"] == 0 and kill["all_got_server_error"]
-        and kill["hung"] == 0 and mismatches == 0 and sigterm_code == 0
+        and during_bad["all_refused"]
+        and during_bad["good_failed"] == 0
+        and during_bad["good_mismatches"] == 0
+        and kill["all_got_server_error"]
+        and kill["hung"] == 0
+        and mismatches == 0
+        and sigterm_code == 0
     )
     print("all checks passed" if ok else "SOME CHECKS FAILED (see the JSON)")
     return 0 if ok else 1

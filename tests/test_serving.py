@@ -35,13 +35,14 @@ httpclient = pytest.importorskip(
     "tritonclient.http", reason="tritonclient is not installed: pip install './runtime[serve]'"
 )
 
+from tritonclient.utils import InferenceServerException  # noqa: E402
+
 from mfnet.data.episodes import synthetic_episodes  # noqa: E402
 from mfnet_runtime import Segmenter, cli  # noqa: E402
 from mfnet_runtime.errors import RuntimeInputError, ServerError  # noqa: E402
 from mfnet_runtime.serving import RemoteSegmenter, protocol  # noqa: E402
 from mfnet_runtime.support import SupportSet  # noqa: E402
 from tests.runtime_fixtures import assert_labels_vary  # noqa: E402
-from tritonclient.utils import InferenceServerException  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE, WAY, MAX_BATCH = 48, 2, 4
@@ -80,7 +81,9 @@ class Server:
         self.metrics_url = f"http://127.0.0.1:{ports[2]}/metrics"
         env = {
             **os.environ,
-            "PYTHONPATH": os.pathsep.join([str(ROOT / "runtime"), os.environ.get("PYTHONPATH", "")]),
+            "PYTHONPATH": os.pathsep.join(
+                [str(ROOT / "runtime"), os.environ.get("PYTHONPATH", "")]
+            ),
         }
         command = [sys.executable, "-c", SERVE_SCRIPT, "serve", "--engines", str(engines)]
         command += ["--http-port", str(ports[0]), "--grpc-port", str(ports[1])]
@@ -365,9 +368,7 @@ def test_bad_requests_get_clear_errors_and_other_streams_keep_going(server, loca
         client.close()
         # the client refuses broken prototypes before sending them
         remote = RemoteSegmenter(server.url, timeout=20)
-        broken = SupportSet(
-            support.class_names, support.shot_features, nan[0], support.engine_id
-        )
+        broken = SupportSet(support.class_names, support.shot_features, nan[0], support.engine_id)
         with pytest.raises(RuntimeInputError, match="NaN or infinite"):
             remote.segment(frames[0], broken)
         remote.close()
@@ -397,11 +398,17 @@ def test_segment_cli_through_the_server(server, engines, tmp_path, capsys) -> No
     for index, frame in enumerate(frames):
         Image.fromarray(frame).save(tmp_path / "in" / f"{index}.png")
     common = ["--support", str(spec), "--input", str(tmp_path / "in"), "--no-progress"]
-    assert cli.main(["segment", "--engines", str(engines), *common, "--output", str(tmp_path / "a")]) == 0
-    assert cli.main(
-        ["segment", "--server", server.grpc_url, "--protocol", "grpc", *common]
-        + ["--output", str(tmp_path / "b"), "--timeout", "20"]
-    ) == 0
+    assert (
+        cli.main(["segment", "--engines", str(engines), *common, "--output", str(tmp_path / "a")])
+        == 0
+    )
+    assert (
+        cli.main(
+            ["segment", "--server", server.grpc_url, "--protocol", "grpc", *common]
+            + ["--output", str(tmp_path / "b"), "--timeout", "20"]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "frames: 3 " in out and "frames per second" in out and "backend: server" in out
     for index in range(3):
@@ -482,6 +489,8 @@ def test_serve_refuses_bad_options(engines, capsys) -> None:
         RemoteSegmenter("not a url")
     with pytest.raises(RuntimeInputError, match="not an MFNet serving record"):
         protocol.ServingInfo.from_json(b'{"way": 1}', "server x")
-    fields = json.loads(protocol.ServingInfo(1, 2, 3, "pad", "small", "e", 4, 5, 6, "b", "fp32").to_json())
+    fields = json.loads(
+        protocol.ServingInfo(1, 2, 3, "pad", "small", "e", 4, 5, 6, "b", "fp32").to_json()
+    )
     with pytest.raises(RuntimeInputError, match="protocol version 99"):
         protocol.ServingInfo.from_json(json.dumps({**fields, "version": 99}).encode())

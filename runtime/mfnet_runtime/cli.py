@@ -177,9 +177,7 @@ def add_serve_parser(commands: Any) -> None:
         metavar="S",
         help="seconds the requests in flight get to finish on SIGTERM (default 30)",
     )
-    serve.add_argument(
-        "--backend", choices=("auto", "onnxruntime", "tensorrt"), default="auto"
-    )
+    serve.add_argument("--backend", choices=("auto", "onnxruntime", "tensorrt"), default="auto")
     serve.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     serve.add_argument("--precision", choices=("auto", "fp32", "fp16"), default="auto")
     serve.add_argument(

@@ -279,9 +279,13 @@ class RemoteSegmenter:
             return bool(
                 self._call(
                     "readiness",
-                    lambda client: client.is_model_ready(protocol.SEGMENT_MODEL)
-                    if self.protocol == "http"
-                    else client.is_model_ready(protocol.SEGMENT_MODEL, client_timeout=self.timeout),
+                    lambda client: (
+                        client.is_model_ready(protocol.SEGMENT_MODEL)
+                        if self.protocol == "http"
+                        else client.is_model_ready(
+                            protocol.SEGMENT_MODEL, client_timeout=self.timeout
+                        )
+                    ),
                 )
             )
         except ServerError:
@@ -347,8 +351,7 @@ class RemoteSegmenter:
         """Refuse a support set encoded by other engines than the server's."""
         if not isinstance(support, SupportSet):
             raise RuntimeInputError(
-                f"expected a SupportSet, got {type(support).__name__}; "
-                "make one with encode_support"
+                f"expected a SupportSet, got {type(support).__name__}; make one with encode_support"
             )
         if support.engine_id != self.engine_id:
             raise RuntimeInputError(
@@ -441,7 +444,9 @@ class RemoteSegmenter:
         """Several frames (any sizes) -> one uint8 [H_i, W_i] label map each."""
         batch, geometry = self.prepare_frames(frames, color)
         labels = self.decode_prepared(batch, support)
-        return [self.restore_labels(one, shape) for one, shape in zip(labels, geometry, strict=True)]
+        return [
+            self.restore_labels(one, shape) for one, shape in zip(labels, geometry, strict=True)
+        ]
 
     def probabilities(
         self, frame: ImageInput, support: SupportSet, color: str = "rgb"

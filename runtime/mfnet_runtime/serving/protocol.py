@@ -212,4 +212,3 @@ def refusal_reason(message: str) -> str | None:
         return None
     reason = message[start + len(REFUSAL) :].splitlines()[0].strip()
     return reason.rstrip("'\"") or None
-

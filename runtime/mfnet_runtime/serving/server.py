@@ -102,9 +102,7 @@ def decode_per_frame(
         groups[prototypes[index].tobytes()].append(index)
     labels = np.empty((batch, size, size), np.uint8)
     probabilities = (
-        np.empty((batch, segmenter.way + 1, size, size), np.float32)
-        if with_probabilities
-        else None
+        np.empty((batch, segmenter.way + 1, size, size), np.float32) if with_probabilities else None
     )
     names = tuple(f"class {n + 1}" for n in range(segmenter.way))
     for members in groups.values():
@@ -414,7 +412,7 @@ def _install_handlers(stop: threading.Event) -> dict[int, Any]:
     """SIGTERM and SIGINT set ``stop`` (main thread only); returns the previous handlers."""
     if threading.current_thread() is not threading.main_thread():
         return {}
-    previous = {}
+    previous: dict[int, Any] = {}
     for number in (signal.SIGTERM, signal.SIGINT):
         previous[number] = signal.signal(number, lambda *_: stop.set())
     return previous
