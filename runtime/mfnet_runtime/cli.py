@@ -18,7 +18,7 @@ from typing import Any
 from . import options
 from .boundary import command_boundary
 from .demo import DEFAULT_CLASSES, LOOKS, next_commands, write_demo
-from .errors import EngineError, MissingDependencyError, RuntimeInputError, ServerError
+from .errors import EngineError, MissingDependencyError, RuntimeInputError
 from .pipeline import add_io_arguments, run_and_report
 from .segmenter import Segmenter
 from .serving.client import PROTOCOLS, RemoteSegmenter
@@ -26,7 +26,8 @@ from .spec import load_support_spec
 from .threads import add_threads_argument, thread_policy
 
 # What the runtime's commands report as one line (exit 2); anything else is a bug.
-RUNTIME_ERRORS = (RuntimeInputError, EngineError, MissingDependencyError, ServerError, OSError)
+# (ServerError, a server that cannot be used, is an EngineError)
+RUNTIME_ERRORS = (RuntimeInputError, EngineError, MissingDependencyError, OSError)
 
 
 def build_parser() -> argparse.ArgumentParser:

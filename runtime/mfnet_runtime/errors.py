@@ -7,7 +7,7 @@ backend cannot be used here; the message names the file and the command that rec
 ``MissingDependencyError`` is an ``ImportError`` (and a ``RuntimeInputError``): an optional
 package a feature needs is not installed; the message names the ``pip install`` command (the
 package's extra) that adds it.
-``ServerError`` is a ``RuntimeError``: an inference server (``python -m mfnet_runtime serve``)
+``ServerError`` is an ``EngineError``: an inference server (``python -m mfnet_runtime serve``)
 cannot be reached, stopped answering within the timeout, died, or refused a request; the
 message names the server and what to do.
 """
@@ -30,7 +30,7 @@ class MissingDependencyError(RuntimeInputError, ImportError):
     OpenCV check always raised) keeps catching it."""
 
 
-class ServerError(RuntimeError):
+class ServerError(EngineError):
     """An MFNet inference server that cannot be reached, timed out, died or refused a request.
 
     ``url`` is the server's address; ``kind`` is "unreachable" (nothing answers, or the
