@@ -13,8 +13,9 @@ prototypes; the server may batch it with other clients' frames.
 
 Errors: bad input raises ``RuntimeInputError`` before anything is sent; a server that cannot
 be reached, does not answer within ``timeout`` seconds, dies or refuses a request raises
-``ServerError`` (never a hang). After such an error the connection is rebuilt on the next
-call, so a restarted server is used again without a new ``RemoteSegmenter``. A request that
+``ServerError`` (never a hang). A call whose connection broke is sent once more on a new
+connection (requests are stateless), so a restarted server is used again without a new
+``RemoteSegmenter``. A request that
 failed only because another client's bad request shared its batch is sent again (up to
 ``retries`` times). A ``RemoteSegmenter`` may be shared by threads: each thread gets its own
 connection.
@@ -193,10 +194,11 @@ class RemoteSegmenter:
         )
 
     def _call(self, what: str, function: Any) -> Any:
-        """Run ``function(client)``; failures become ``ServerError``; a request refused only
-        because of another request of its batch is sent again."""
+        """Run ``function(client)``; failures become ``ServerError``. A call whose connection
+        broke is sent once more on a new one; a request refused only because of another
+        request of its batch is sent again (up to ``retries`` times)."""
         errors = (self._utils.InferenceServerException, OSError, ConnectionError)
-        attempt = 0
+        attempt, reconnected = 0, False
         while True:
             try:
                 return function(self._connect())
@@ -206,6 +208,11 @@ class RemoteSegmenter:
                 if type(error).__module__.split(".")[0] not in ("geventhttpclient", "gevent"):
                     raise
                 failure = self._server_error(error, what)
+            if failure.kind == "unreachable" and not reconnected:
+                # a pooled connection of a server that restarted is dead: one new connection
+                # (requests are stateless, so sending one again is safe)
+                reconnected = True
+                continue
             if failure.kind == "refused" and protocol.NOT_RUN in str(failure):
                 if attempt < self.retries:
                     attempt += 1
