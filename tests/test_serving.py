@@ -494,3 +494,67 @@ def test_serve_refuses_bad_options(engines, capsys) -> None:
     )
     with pytest.raises(RuntimeInputError, match="protocol version 99"):
         protocol.ServingInfo.from_json(json.dumps({**fields, "version": 99}).encode())
+
+
+# ------------------------------------------------------------------ the models, in process
+class FakeRequest(dict):
+    """What PyTriton hands a model function: the inputs by name, plus request parameters."""
+
+    def __init__(self, parameters: dict | None = None, **inputs: np.ndarray) -> None:
+        super().__init__(inputs)
+        self.parameters = parameters or {}
+
+
+def test_per_frame_prototypes_decode_each_frame_with_its_own_set(local) -> None:
+    """One batch mixing three streams' frames: each frame's labels equal its own stream's."""
+    from mfnet_runtime.serving.server import decode_per_frame
+
+    streams = [stream_inputs(seed, frames=2) for seed in (7, 11, 13)]
+    supports = [local.encode_support(classes) for classes, _ in streams]
+    frames, prototypes, expected = [], [], []
+    for (_, queries), support in zip(streams, supports, strict=True):
+        prepared, _ = local.prepare_frames(queries)
+        frames.append(prepared)
+        prototypes.append(np.repeat(support.prototypes[None], len(queries), 0))
+        expected.append(local.decode_prepared(prepared, support))
+    order = [0, 2, 4, 1, 3, 5]  # interleave the streams
+    batch = np.concatenate(frames)[order]
+    per_frame = np.concatenate(prototypes)[order]
+    want = np.concatenate(expected)[order]
+    assert_labels_vary(list(want), list(batch))
+    labels, probabilities = decode_per_frame(local, batch, per_frame, True)
+    np.testing.assert_array_equal(labels, want)
+    assert probabilities is not None and probabilities.shape == (6, WAY + 1, SIZE, SIZE)
+    np.testing.assert_array_equal(probabilities.argmax(1), want)
+
+
+def test_a_refused_request_names_itself_and_its_batch_mates(local) -> None:
+    from mfnet_runtime.serving.server import _InFlight, segment_function, serving_info
+
+    infer = segment_function(local, serving_info(local), _InFlight())
+    classes, queries = stream_inputs(7, frames=2)
+    support = local.encode_support(classes)
+    frames, _ = local.prepare_frames(queries)
+    good = np.repeat(support.prototypes[None], 2, 0)
+    bad = good.copy()
+    bad[1, 0, 0] = np.inf
+    answers = infer(
+        [FakeRequest(frames=frames, prototypes=good, parameters={"probabilities": True})]
+    )
+    np.testing.assert_array_equal(
+        answers[0][protocol.LABELS], local.decode_prepared(frames, support)
+    )
+    assert answers[0][protocol.PROBABILITIES].shape == (2, WAY + 1, SIZE, SIZE)
+    plain = infer([FakeRequest(frames=frames, prototypes=good)])
+    assert protocol.PROBABILITIES not in plain[0]
+    with pytest.raises(RuntimeInputError) as caught:
+        infer(
+            [
+                FakeRequest(frames=frames, prototypes=good),
+                FakeRequest(frames=frames, prototypes=bad),
+            ]
+        )
+    text = str(caught.value)
+    assert text.startswith(protocol.REFUSAL) and "request 2 of 2" in text and "frame(s) [1]" in text
+    assert protocol.NOT_RUN in text and "request 1 of 2" not in text
+    assert protocol.refusal_reason("Traceback ...\n" + text + "\n") == text[len(protocol.REFUSAL) :]
