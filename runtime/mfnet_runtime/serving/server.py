@@ -120,7 +120,7 @@ def decode_per_frame(
 
 # ------------------------------------------------------------------------------ the models
 class _InFlight:
-    """Counts the executions running in the models, for the shutdown report."""
+    """Counts the model executions running and done (the shutdown line reports them)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -251,13 +251,14 @@ def serving_info(segmenter: Segmenter) -> ServingInfo:
     )
 
 
-def _bind_models(triton: Any, segmenters: Sequence[Segmenter], options: ServeOptions) -> None:
+def _bind_models(
+    triton: Any, segmenters: Sequence[Segmenter], options: ServeOptions, in_flight: _InFlight
+) -> None:
     """Bind the three models to a PyTriton ``Triton``; one mfnet_segment instance per
     segmenter."""
     from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
 
     info = serving_info(segmenters[0])
-    in_flight = _InFlight()
     size, way, channels = info.input_size, info.way, info.channels
     triton.bind(
         model_name=protocol.INFO_MODEL,
@@ -368,11 +369,12 @@ def serve(
             allow_gpu_metrics=False,
         )
         stop = stop or threading.Event()
+        in_flight = _InFlight()
         previous = _install_handlers(stop)
         try:
             started = time.perf_counter()
             with Triton(config=config) as triton:
-                _bind_models(triton, segmenters, options)
+                _bind_models(triton, segmenters, options, in_flight)
                 triton.run()
                 _say(
                     out,
@@ -392,7 +394,11 @@ def serve(
                             "the Triton server process ended on its own (its log says why)"
                         )
                 _say(out, "stopping: finishing the requests in flight", options.triton_log is None)
-            _say(out, "stopped", options.triton_log is None)
+            _say(
+                out,
+                f"stopped ({in_flight.served} model executions served)",
+                options.triton_log is None,
+            )
         finally:
             _restore_handlers(previous)
     finally:
