@@ -18,7 +18,8 @@ Then the faults, with 4 streams running: bad requests (wrong dtype, shape, N, Na
 garbage bytes, an oversize batch) must each get a clear error while the streams see no
 failure; the server is killed (SIGKILL of its process group) and every stream must get a
 ``ServerError`` within the client timeout, never hang; a server restarted on the same ports
-must serve the same clients again. The JSON goes to benchmarks/results/ (atomically).
+must serve the same clients again; SIGTERM must end it with exit code 0. The JSON goes to
+benchmarks/results/ (atomically); exit code 1 when a check failed.
 """
 
 from __future__ import annotations
@@ -119,7 +120,8 @@ class Server:
         while not self.ready.wait(0.2):
             if self.process.poll() is not None or time.monotonic() > deadline:
                 self.kill()
-                raise SystemExit(f"the server did not start; see {self.log.name}")
+                tail = Path(self.log.name).read_text().splitlines()[-30:]
+                raise SystemExit("the server did not start:\n" + "\n".join(tail))
         return time.perf_counter() - self.started
 
     def kill(self) -> None:
@@ -364,9 +366,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"in-process: {reference['fps']} frames/s, p99 {reference['p99_ms']} ms", flush=True)
 
         ports = free_ports(3)
-        log = RESULTS / f"{args.name}.server.log"
-        log.parent.mkdir(parents=True, exist_ok=True)
-        log.write_text("")
+        log = Path(scratch) / "server.log"  # Triton's log: its tail is printed on a failure
         serve_args = [
             "--threads",
             str(args.threads),
