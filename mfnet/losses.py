@@ -25,7 +25,8 @@ Pixel-wise triplet loss, ``pixel_triplet_loss`` (Eq. (6), Sec. III-D):
   the pools, the spatial kernel softmax(-d / (tau * max(h, w))) and the skipping of empty pools),
   or from any callable with the same signature passed as ``sampler`` (e.g. a CUDA sampler).
 * The embedding is the decoder's embedding after its first 1x1 conv, at feature resolution; the
-  labels are the prediction (argmax) and the nearest-resized ground truth at that resolution.
+  labels are the prediction (argmax) and the ground truth at the features' receptive-field
+  centres (``labels_at_feature_centres``).
 * With ``normalize=True`` f_a, f_p, f_n are L2-normalised along C, so squared distances lie in
   [0, 4] and the margin alpha = 1 has a fixed meaning whatever the feature scale. The paper
   (Eq. 6) uses the raw embeddings: ``normalize=False``.
@@ -190,25 +191,36 @@ def pixel_triplet_loss(
     return per_image.mean()
 
 
-def labels_at_logit_positions(label: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """The ground truth at the input pixels the feature-resolution logits stand for.
+def labels_at_feature_centres(
+    label: torch.Tensor, size: tuple[int, int], stride: int, offset: float = 0.0
+) -> torch.Tensor:
+    """The ground truth at the input pixels the feature grid stands for: the centres of the
+    features' receptive fields, ``stride * i + offset`` (``FeatureLevel``).
 
-    The logits are upsampled bilinearly with align_corners=True, so logit (i, j) of an h x w grid
-    sits at input pixel (i (H - 1) / (h - 1), j (W - 1) / (w - 1)) (8i at 473 -> 60); a nearest
-    resize would take floor(i H / h) instead (7.88i), a label up to 7 pixels away.
+    This is where the logits' upsampling puts them too when the input is ``stride * (h - 1) + 1``
+    pixels: at the paper's 473 -> 60, align_corners=True places logit i at i * 472 / 59 = 8i,
+    while a nearest resize would take floor(i * 473 / 60) = 7.88i, a label up to 7 pixels away.
+    At an input of ``stride * h`` pixels (the synthetic 96 -> 12) the centres are the nearest
+    resize's floor(i * H / h) = 8i, and align_corners positions (i * 95 / 11) would be the ones
+    up to 7 pixels away from what the embedding sees.
 
     Args:
         label: int64 [B, H, W] at input resolution.
         size: (h, w), the feature grid.
+        stride, offset: the feature level's geometry.
 
     Returns:
-        int64 [B, h, w]: the label at the rounded positions (values unchanged, 255 kept).
+        int64 [B, h, w]: the label at the centres, clamped into the image (values unchanged,
+        255 kept).
     """
     height, width = label.shape[-2:]
     h, w = size
-    rows = torch.linspace(0, height - 1, h, device=label.device).round().long()  # [h]
-    cols = torch.linspace(0, width - 1, w, device=label.device).round().long()  # [w]
-    return label.index_select(1, rows).index_select(2, cols)  # [B, h, w]
+
+    def centres(count: int, limit: int) -> torch.Tensor:
+        positions = torch.arange(count, device=label.device) * stride + offset
+        return positions.round().clamp(max=limit - 1).long()  # [count]
+
+    return label.index_select(1, centres(h, height)).index_select(2, centres(w, width))
 
 
 def _gather(feats: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

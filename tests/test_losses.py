@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mfnet.losses import labels_at_logit_positions, pixel_triplet_loss, weighted_focal_loss
+from mfnet.losses import labels_at_feature_centres, pixel_triplet_loss, weighted_focal_loss
 from mfnet.ops.triplet_sampling import TripletSample
 
 # ----------------------------------------------------------------------------- focal loss
@@ -284,20 +284,42 @@ def test_triplet_reduction_sum_without_valid_triplet_is_zero_with_graph() -> Non
     assert loss.item() == 0.0 and loss.requires_grad
 
 
-def test_pml_labels_sit_where_the_upsampled_logits_come_from() -> None:
-    """align_corners=True upsampling puts feature logit i at input pixel i (H - 1) / (h - 1): at
-    473 -> 60 exactly 8i. The labels taken there pair each logit with its own pixel; a nearest
-    resize (floor(i H / h)) does not."""
+def test_pml_labels_sit_at_the_features_receptive_field_centres() -> None:
+    """Feature pixel i of a stride-8 trunk sees input pixels centred on 8i. At the paper's
+    473 -> 60, align_corners=True upsampling puts logit i there too (i * 472 / 59): the labels
+    taken at the centres pair each logit with its own pixel, a nearest resize (floor(i 473 / 60))
+    does not. At 96 -> 12 the centres are the nearest resize's 8i, not i * 95 / 11; VGG's
+    unpadded pools centre on 8i + 3.5."""
     h, size = 60, 473
     logits = torch.randn(1, 1, h, h, generator=torch.Generator().manual_seed(0))
     up = F.interpolate(logits, size=(size, size), mode="bilinear", align_corners=True)[:, 0]
-    assert torch.equal(labels_at_logit_positions(up, (h, h)), logits[:, 0])
+    assert torch.equal(labels_at_feature_centres(up, (h, h), 8), logits[:, 0])
     nearest = F.interpolate(up[:, None], size=(h, h), mode="nearest")[:, 0]
-    assert not torch.allclose(nearest, logits[:, 0])  # the old labels sat elsewhere
+    assert not torch.allclose(nearest, logits[:, 0])  # a nearest resize sits elsewhere at 473
 
     label = torch.arange(96 * 80).reshape(1, 96, 80) % 251  # varied values: every pixel differs
-    picked = labels_at_logit_positions(label, (12, 10))
-    rows = [round(i * 95 / 11) for i in range(12)]
-    cols = [round(j * 79 / 9) for j in range(10)]
-    assert picked.tolist() == [[[int(label[0, r, c]) for c in cols] for r in rows]]
-    assert labels_at_logit_positions(label, (1, 1)).tolist() == [[[0]]]
+    picked = labels_at_feature_centres(label, (12, 10), 8)
+    assert torch.equal(picked, label[:, ::8, ::8])
+    assert torch.equal(picked, F.interpolate(label[:, None].float(), size=(12, 10))[:, 0].long())
+    rows, cols = [round(i * 95 / 11) for i in range(12)], [round(j * 79 / 9) for j in range(10)]
+    corners = label[:, rows][:, :, cols]
+    assert not torch.equal(picked, corners)  # align_corners positions are off at 96 -> 12
+    assert torch.equal(labels_at_feature_centres(label, (12, 10), 8, 3.5), label[:, 4::8, 4::8])
+    assert labels_at_feature_centres(label, (13, 11), 8)[0, -1, -1] == label[0, 95, 79]  # clamped
+    assert labels_at_feature_centres(label, (1, 1), 8).tolist() == [[[0]]]
+
+
+@pytest.mark.parametrize("name", ["small", "vgg16_bn"])
+def test_feature_levels_declare_where_their_pixels_look(name) -> None:
+    """The declared stride * i + offset is the centre of the input region feature pixel i
+    depends on: the middle of the non-zero gradient's extent, away from the borders."""
+    from mfnet.model.backbone import build_backbone
+
+    trunk = build_backbone(name, "none").eval()
+    image = torch.randn(1, 3, 384, 384, requires_grad=True)
+    for index, level in enumerate(trunk.feature_levels):
+        feature = trunk(image)[index]  # [1, C, 48, 48]
+        (grad,) = torch.autograd.grad(feature[0, :, 24, 24].sum(), image)
+        rows = grad.abs().sum(dim=(0, 1, 3)).nonzero()[:, 0]  # input rows the pixel depends on
+        assert 0 < rows.min() and rows.max() < 383  # the whole field lies inside the image
+        assert (rows.min() + rows.max()).item() / 2 == level.stride * 24 + level.offset

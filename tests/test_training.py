@@ -92,9 +92,9 @@ def test_zero_triplets_trains_exactly_as_pml_off() -> None:
 
 def test_pml_switches_and_aligned_labels_reach_the_triplet_loss(monkeypatch) -> None:
     """compute_losses hands L_PML the configured reduction and normalisation, and the labels at
-    the pixels the feature logits stand for (not a nearest resize); the two reductions give
+    the features' receptive-field centres; the two reductions give
     different metric losses on a model whose labels vary."""
-    from mfnet.losses import labels_at_logit_positions
+    from mfnet.losses import labels_at_feature_centres
     from mfnet.training import objective
     from runtime_fixtures import varied_model
 
@@ -119,9 +119,9 @@ def test_pml_switches_and_aligned_labels_reach_the_triplet_loss(monkeypatch) -> 
         metrics[reduction] = step.metric.item()
         assert (seen[-1]["reduction"], seen[-1]["normalize"]) == (reduction, normalize)
     h, w = seen[-1]["target"].shape[-2:]
-    assert torch.equal(seen[-1]["target"], labels_at_logit_positions(label, (h, w)))
-    nearest = torch.nn.functional.interpolate(label[:, None].float(), size=(h, w))[:, 0].long()
-    assert not torch.equal(seen[-1]["target"], nearest)  # the positions differ at 48 -> 6
+    assert torch.equal(seen[-1]["target"], labels_at_feature_centres(label, (h, w), 8))
+    corners = [round(i * 47 / (h - 1)) for i in range(h)]  # align_corners positions at 48 -> 6
+    assert not torch.equal(seen[-1]["target"], label[:, corners][:, :, corners])
     assert metrics["sum"] > 0 and metrics["sum"] != pytest.approx(metrics["mean"])
 
 

@@ -22,9 +22,14 @@ from mfnet_runtime.boundary import scrub_unsafe_advice
 
 @dataclass(frozen=True)
 class FeatureLevel:
+    """A feature map of the trunk: feature pixel i sees input pixels centred on
+    ``stride * i + offset`` (0 for trunks of padded convs and pools, whose stride-2 layers centre
+    output j on input 2j; (stride - 1) / 2 for VGG's unpadded 2 x 2 max-pools)."""
+
     name: str
     channels: int
     stride: int
+    offset: float = 0.0
 
 
 class WeightsUnavailableError(RuntimeError):
@@ -87,7 +92,10 @@ class VGGTrunk(Backbone):
         _load_weights(net, weights, models.VGG16_BN_Weights.IMAGENET1K_V1, "vgg16_bn")
         self.block3 = net.features[:24]  # conv1_1 .. pool3
         self.block4 = net.features[24:33]  # conv4_1 .. relu4_3 (pool4 dropped)
-        self.feature_levels = (FeatureLevel("conv3", 256, 8), FeatureLevel("conv4", 512, 8))
+        self.feature_levels = (
+            FeatureLevel("conv3", 256, 8, offset=3.5),
+            FeatureLevel("conv4", 512, 8, offset=3.5),
+        )
         self.freeze()
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:

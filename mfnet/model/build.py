@@ -16,7 +16,7 @@ from .support import RelationalSupportAttention
 from .support_convlstm import ShotBiConvLSTM
 from .support_self_attention import ShotSelfAttention
 
-# Ablation variants (docs/decisions.md, "Ablation variants"); the paper gives none of these.
+# Ablation variants (docs/decisions.md, "Paper fidelity II"); the paper gives none of these.
 ASPP_RATES = (6, 12, 18)  # A_M-v2: DeepLab v3's rates at output stride 16
 SELF_ALIGNMENT_HEADS = 8  # +SA: CyCTR's transformer width (heads) ...
 SELF_ALIGNMENT_HIDDEN = 4  # ... and its feed-forward width, in multiples of C

@@ -2,9 +2,9 @@
 
 Instead of attention weights over the scales, the Z scale features are refined with information
 passed from the previous (finer) scale and hierarchically concatenated before decoding.
-Differences to PFENet (docs/decisions.md): no prior mask channel (MFNet has none), no per-scale
-auxiliary classifiers (the training loss is MFNet's), and the concatenation is reduced by one
-1x1 conv (MFNet's decoder follows with its own residual block).
+Differences to PFENet (docs/paper_tables.md, "A_M-v1 (FEM) as built"): no prior mask channel
+(MFNet has none), no per-scale auxiliary classifiers (the training loss is MFNet's), and the
+concatenation is reduced by one 1x1 conv (MFNet's decoder follows with its own residual block).
 """
 
 from __future__ import annotations

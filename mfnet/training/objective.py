@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import Config
-from ..losses import labels_at_logit_positions, pixel_triplet_loss, weighted_focal_loss
+from ..losses import labels_at_feature_centres, pixel_triplet_loss, weighted_focal_loss
 from ..model.mfnet import MFNet, QueryOutput
 from ..ops.triplet_sampling import sample_triplets
 
@@ -86,7 +86,8 @@ def _losses(
     if not use_metric_loss or config.loss.pml_triplets == 0:  # Nt = 0 (Fig. 5) is PML off
         return StepLosses(segmentation, segmentation, None)
     h, w = output.feature_logits.shape[-2:]
-    label_small = labels_at_logit_positions(label, (h, w))  # [B, h, w], the logits' pixels
+    level = model.backbone.feature_levels[-1]  # the embedding's grid (every level: stride 8)
+    label_small = labels_at_feature_centres(label, (h, w), level.stride, level.offset)  # [B, h, w]
     metric = pixel_triplet_loss(
         output.embedding.float(),
         output.feature_logits.argmax(dim=1),  # [B, h, w]

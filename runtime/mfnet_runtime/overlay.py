@@ -103,7 +103,7 @@ def draw_legend(image: np.ndarray, class_names: Sequence[str]) -> np.ndarray:
     """
     height, width = image.shape[:2]
     row, side = _legend_layout(height, width, len(class_names))
-    pad = max(2, row // 6)
+    pad = max(1, row // 6)  # 1 px at the smallest rows keeps the legend near 7 % of a 96 px frame
     text_x = 2 * pad + side
     cv2 = _optional_cv2() if all(name.isascii() for name in class_names) else None
     if cv2 is not None:
