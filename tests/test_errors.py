@@ -10,6 +10,7 @@ import errno
 import json
 import os
 import re
+import socket
 import sys
 from pathlib import Path
 
@@ -44,7 +45,7 @@ from mfnet.model.backbone import WeightsUnavailableError, build_backbone
 from mfnet_runtime import cli as runtime_cli
 from mfnet_runtime.atomic import atomic_write_bytes
 from mfnet_runtime.boundary import command_boundary, error_line, scrub_unsafe_advice
-from mfnet_runtime.errors import EngineError, MissingDependencyError, RuntimeInputError
+from mfnet_runtime.errors import EngineError, MissingDependencyError, RuntimeInputError, ServerError
 from mfnet_runtime.manifest import read_manifest
 from mfnet_runtime.segmenter import Segmenter
 from mfnet_runtime.spec import load_support_spec
@@ -420,6 +421,22 @@ def case_optional_dependencies(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
     with pytest.raises(MissingDependencyError, match="pip install tensorboard"):
         write_eval_scalars(tmp_path, 0, {})
+
+
+def case_server_unreachable(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("tritonclient.http", reason="tritonclient: pip install './runtime[serve]'")
+    from mfnet_runtime.serving import RemoteSegmenter
+
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        url = f"127.0.0.1:{probe.getsockname()[1]}"
+    for protocol in ("http", "grpc"):
+        with pytest.raises(ServerError, match="cannot reach it") as caught:
+            RemoteSegmenter(url, protocol=protocol, timeout=5)
+        assert caught.value.kind == "unreachable" and isinstance(caught.value, EngineError)
+    argv = ["segment", "--server", url, "--support", str(tmp_path / "spec")]
+    assert runtime_cli.main(argv + ["--input", str(tmp_path), "--timeout", "5"]) == 2
+    assert f"inference server {url} (http)" in one_error_line(capsys)
 
 
 # ------------------------------------------------------------------------- writes, devices

@@ -7,6 +7,9 @@ backend cannot be used here; the message names the file and the command that rec
 ``MissingDependencyError`` is an ``ImportError`` (and a ``RuntimeInputError``): an optional
 package a feature needs is not installed; the message names the ``pip install`` command (the
 package's extra) that adds it.
+``ServerError`` is an ``EngineError``: an inference server (``python -m mfnet_runtime serve``)
+cannot be reached, stopped answering within the timeout, died, or refused a request; the
+message names the server and what to do.
 """
 
 from __future__ import annotations
@@ -25,6 +28,20 @@ class MissingDependencyError(RuntimeInputError, ImportError):
 
     Also a ``RuntimeInputError``, so code that handles the runtime's input errors (as the
     OpenCV check always raised) keeps catching it."""
+
+
+class ServerError(EngineError):
+    """An MFNet inference server that cannot be reached, timed out, died or refused a request.
+
+    ``url`` is the server's address; ``kind`` is "unreachable" (nothing answers, or the
+    connection broke: a dead or restarting server), "timeout" (no answer in time) or "refused"
+    (the server answered with an error: a bad request, or a failure inside the model).
+    """
+
+    def __init__(self, message: str, url: str = "", kind: str = "refused") -> None:
+        super().__init__(message)
+        self.url = url
+        self.kind = kind
 
 
 def require(module: str, feature: str, install: str):

@@ -46,6 +46,51 @@ from .threads import thread_policy
 logger = logging.getLogger("mfnet_runtime")
 
 
+def support_shots(
+    classes: Mapping[str, Sequence[tuple[ImageInput, Any]]], way: int
+) -> tuple[list[tuple[str, int, ImageInput, Any]], list[str], list[int]]:
+    """Check a support set {class name: [(image, mask), ...]} of ``way`` classes; return its
+    shots as (class name, shot index, image, mask), the class names and the shots per class.
+
+    Shared by ``Segmenter`` and ``serving.RemoteSegmenter``, so both refuse the same input."""
+    if not isinstance(classes, Mapping):
+        raise RuntimeInputError(
+            "classes must be a dict {class name: [(image, mask), ...]}, "
+            f"got {type(classes).__name__}"
+        )
+    check_way(len(classes), list(classes), way)
+    shots, names, counts = [], [], []
+    for name, pairs in classes.items():
+        if not isinstance(name, str) or not name:
+            raise RuntimeInputError(f"class names must be non-empty strings, got {name!r}")
+        if isinstance(pairs, tuple) and len(pairs) == 2 and not isinstance(pairs[0], tuple):
+            raise RuntimeInputError(
+                f"class {name!r}: give a list of (image, mask) pairs, e.g. [(image, mask)]"
+            )
+        if len(pairs) == 0:
+            raise RuntimeInputError(f"class {name!r} has no support shot")
+        for k, pair in enumerate(pairs):
+            if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+                raise RuntimeInputError(
+                    f"class {name!r}, shot {k}: expected an (image, "
+                    f"mask) pair, got {type(pair).__name__}"
+                )
+            shots.append((name, k, pair[0], pair[1]))
+        names.append(name)
+        counts.append(len(pairs))
+    return shots, names, counts
+
+
+def check_way(count: int, names: Sequence[str], way: int) -> None:
+    """Refuse a number of support classes other than the engines' ``way``."""
+    if count != way:
+        raise RuntimeInputError(
+            f"{count} support classes given ({', '.join(map(repr, names)) or 'none'}) but "
+            f"the engines are {way}-way: the number of classes is fixed at training, "
+            f"so give exactly {way} (or use a model trained for {count} ways)"
+        )
+
+
 class Segmenter:
     """Runs an export directory's graphs on one backend. Create it with ``Segmenter.load``.
 
@@ -146,31 +191,7 @@ class Segmenter:
         with at least one shot. image: uint8 [H, W, 3] RGB (``color="bgr"`` for OpenCV) or a
         file path; mask: [H, W] bool / {0, 1} / {0, 255} / {0, 1, 255} (255 = ignore) or a path.
         """
-        if not isinstance(classes, Mapping):
-            raise RuntimeInputError(
-                "classes must be a dict {class name: [(image, mask), ...]}, "
-                f"got {type(classes).__name__}"
-            )
-        self._check_way(len(classes), list(classes))
-        shots, names, counts = [], [], []
-        for name, pairs in classes.items():
-            if not isinstance(name, str) or not name:
-                raise RuntimeInputError(f"class names must be non-empty strings, got {name!r}")
-            if isinstance(pairs, tuple) and len(pairs) == 2 and not isinstance(pairs[0], tuple):
-                raise RuntimeInputError(
-                    f"class {name!r}: give a list of (image, mask) pairs, e.g. [(image, mask)]"
-                )
-            if len(pairs) == 0:
-                raise RuntimeInputError(f"class {name!r} has no support shot")
-            for k, pair in enumerate(pairs):
-                if not isinstance(pair, (tuple, list)) or len(pair) != 2:
-                    raise RuntimeInputError(
-                        f"class {name!r}, shot {k}: expected an (image, "
-                        f"mask) pair, got {type(pair).__name__}"
-                    )
-                shots.append((name, k, pair[0], pair[1]))
-            names.append(name)
-            counts.append(len(pairs))
+        shots, names, counts = support_shots(classes, self.way)
         features = self._encode_shots(shots, color)
         per_class = np.split(features, np.cumsum(counts)[:-1])
         return SupportSet(
@@ -274,12 +295,7 @@ class Segmenter:
 
     def _check_way(self, count: int, names: Sequence[str]) -> None:
         """Refuse a number of support classes other than the engines' way."""
-        if count != self.way:
-            raise RuntimeInputError(
-                f"{count} support classes given ({', '.join(map(repr, names)) or 'none'}) but "
-                f"the engines are {self.way}-way: the number of classes is fixed at training, "
-                f"so give exactly {self.way} (or use a model trained for {count} ways)"
-            )
+        check_way(count, names, self.way)
 
     # ------------------------------------------------------------------------------ query side
     def prepare_frames(
