@@ -33,14 +33,9 @@ from typing import Any
 import numpy as np
 
 from ..errors import RuntimeInputError, ServerError, require
+from ..frame_api import FrameAPI
 from ..images import (
-    Geometry,
     ImageInput,
-    check_color,
-    prepare_frames,
-    restore_labels,
-    restore_probabilities,
-    restore_smooth,
 )
 from ..segmenter import check_way, support_shots
 from ..shots import prepare_shot
@@ -80,7 +75,7 @@ def _close(client: Any) -> None:
         logger.debug("closing a tritonclient client failed: %s", error)
 
 
-class RemoteSegmenter:
+class RemoteSegmenter(FrameAPI):
     """A ``Segmenter`` whose engines run on an MFNet server (``python -m mfnet_runtime
     serve``). ``url``: host:port of its HTTP (default 8000) or gRPC (8001) endpoint;
     ``protocol``: "http" | "grpc"; ``timeout``: seconds any call may wait for the server;
@@ -368,19 +363,6 @@ class RemoteSegmenter:
             )
 
     # -------------------------------------------------------------------------- query side
-    def prepare_frames(
-        self, frames: Sequence[ImageInput] | np.ndarray, color: str = "rgb"
-    ) -> tuple[np.ndarray, list[Geometry]]:
-        """Frames -> (uint8 [B, S, S, 3] RGB network input, per-frame geometry)."""
-        check_color(color)
-        if isinstance(frames, np.ndarray) and frames.ndim == 4:
-            frames = list(frames)
-        if isinstance(frames, (np.ndarray, str, Path)):
-            raise RuntimeInputError(
-                "prepare_frames takes a list of frames; wrap a single frame in a list"
-            )
-        return prepare_frames(frames, self.input_size, self.resize, color)
-
     def _decode(
         self, batch: np.ndarray, support: SupportSet, with_probabilities: bool
     ) -> tuple[np.ndarray, np.ndarray | None]:
@@ -413,53 +395,3 @@ class RemoteSegmenter:
                 probabilities.append(answer[protocol.PROBABILITIES])
         stacked = np.concatenate(probabilities) if with_probabilities else None
         return np.concatenate(labels), stacked
-
-    def decode_prepared(self, batch: np.ndarray, support: SupportSet) -> np.ndarray:
-        """uint8 [B, S, S, 3] prepared frames -> labels uint8 [B, S, S]."""
-        return self._decode(batch, support, False)[0]
-
-    def decode_with_probabilities(
-        self, batch: np.ndarray, support: SupportSet
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """uint8 [B, S, S, 3] prepared frames -> (labels uint8 [B, S, S], probabilities
-        float32 [B, N+1, S, S])."""
-        labels, probabilities = self._decode(batch, support, True)
-        assert probabilities is not None  # asked for
-        return labels, probabilities
-
-    def restore_labels(self, labels_s: np.ndarray, geometry: Geometry) -> np.ndarray:
-        """uint8 [S, S] labels -> uint8 [orig_h, orig_w] (crop the content, nearest resize)."""
-        size = self.input_size
-        if not isinstance(labels_s, np.ndarray) or labels_s.shape != (size, size):
-            got = labels_s.shape if isinstance(labels_s, np.ndarray) else type(labels_s)
-            raise RuntimeInputError(f"labels must be [{size}, {size}], got {got}")
-        return restore_labels(labels_s, geometry)
-
-    def restore_smooth(self, probabilities_s: np.ndarray, geometry: Geometry) -> np.ndarray:
-        """float32 [N+1, S, S] -> uint8 [orig_h, orig_w] labels (bilinear, then argmax)."""
-        return restore_smooth(probabilities_s, geometry)
-
-    def segment(self, frame: ImageInput, support: SupportSet, color: str = "rgb") -> np.ndarray:
-        """One frame (uint8 [H, W, 3] RGB, BGR with ``color="bgr"``, or a path) -> labels
-        uint8 [H, W] at the frame's own size."""
-        batch, geometry = self.prepare_frames([frame], color)
-        return self.restore_labels(self.decode_prepared(batch, support)[0], geometry[0])
-
-    def segment_batch(
-        self, frames: Sequence[ImageInput], support: SupportSet, color: str = "rgb"
-    ) -> list[np.ndarray]:
-        """Several frames (any sizes) -> one uint8 [H_i, W_i] label map each."""
-        batch, geometry = self.prepare_frames(frames, color)
-        labels = self.decode_prepared(batch, support)
-        return [
-            self.restore_labels(one, shape) for one, shape in zip(labels, geometry, strict=True)
-        ]
-
-    def probabilities(
-        self, frame: ImageInput, support: SupportSet, color: str = "rgb"
-    ) -> np.ndarray:
-        """One frame -> float32 [N+1, H, W] softmax (channel 0 = background) at its size."""
-        batch, geometry = self.prepare_frames([frame], color)
-        _, probabilities = self._decode(batch, support, True)
-        assert probabilities is not None  # one frame: never an empty batch
-        return restore_probabilities(probabilities[0], geometry[0])
