@@ -28,10 +28,7 @@ import argparse
 import json
 import os
 import platform
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -46,6 +43,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import cpu_model, now_utc, percentile, versions  # noqa: E402
+from _server_process import ServerProcess, free_ports  # noqa: E402
 from mfnet.data.episodes import synthetic_episodes  # noqa: E402
 from mfnet_runtime import Segmenter  # noqa: E402
 from mfnet_runtime.atomic import atomic_write_bytes  # noqa: E402
@@ -74,69 +72,13 @@ def stream_inputs(seed: int, way: int, size: int, frames: int) -> tuple[dict, li
 
 
 # ------------------------------------------------------------------------------ server
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
+def start_server(engines: Path, ports: list[int], extra: list[str], log: Path) -> ServerProcess:
+    """``python -m mfnet_runtime serve`` on ``ports``, ready (startup seconds in .startup_s)."""
+    server = ServerProcess([sys.executable, "-m", "mfnet_runtime"], engines, ports, extra, log=log)
     try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
-class Server:
-    """``python -m mfnet_runtime serve`` in its own process group."""
-
-    def __init__(self, engines: Path, ports: list[int], extra: list[str], log: Path) -> None:
-        self.url, self.ports = f"127.0.0.1:{ports[0]}", ports
-        self.metrics_url = f"http://127.0.0.1:{ports[2]}/metrics"
-        command = [sys.executable, "-m", "mfnet_runtime", "serve", "--engines", str(engines)]
-        command += ["--http-port", str(ports[0]), "--grpc-port", str(ports[1])]
-        command += ["--metrics-port", str(ports[2]), *extra]
-        self.log = log.open("a")
-        self.process = subprocess.Popen(
-            command,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            start_new_session=True,
-        )
-        self.ready = threading.Event()
-        self.started = time.perf_counter()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.process.stdout is not None
-        for line in self.process.stdout:
-            self.log.write(line)
-            self.log.flush()
-            if "serving: " in line:
-                self.ready.set()
-
-    def wait_ready(self, timeout: float = 180.0) -> float:
-        """Seconds until the readiness line."""
-        deadline = time.monotonic() + timeout
-        while not self.ready.wait(0.2):
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                self.kill()
-                tail = Path(self.log.name).read_text().splitlines()[-30:]
-                raise SystemExit("the server did not start:\n" + "\n".join(tail))
-        return time.perf_counter() - self.started
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGKILL)
-        self.process.wait(timeout=30)
-
-    def terminate(self) -> int:
-        self.process.send_signal(signal.SIGTERM)
-        code = self.process.wait(timeout=90)
-        try:
-            os.killpg(self.process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        return code
+        return server.wait_ready(180.0)
+    except RuntimeError as error:
+        raise SystemExit(str(error)) from None
 
     def metrics(self) -> dict[str, float]:
         """The mfnet_segment counters: requests, frames, executions."""
@@ -233,7 +175,7 @@ def run_streams(
     count: int,
     seconds: float,
     timeout: float,
-    server: Server,
+    server: ServerProcess,
 ) -> dict:
     streams = [Stream(url, protocol_name, inputs[i], expected[i], timeout) for i in range(count)]
     for stream in streams:
@@ -375,8 +317,8 @@ def main(argv: list[str] | None = None) -> int:
             "--queue-delay-us",
             str(args.queue_delay_us),
         ]
-        server = Server(engines, ports, serve_args, log)
-        startup_s = server.wait_ready()
+        server = start_server(engines, ports, serve_args, log)
+        startup_s = server.startup_s
         url = server.url if args.protocol == "http" else f"127.0.0.1:{ports[1]}"
         rows = []
         for streams in args.streams:
@@ -438,8 +380,8 @@ def main(argv: list[str] | None = None) -> int:
             "client_timeout_s": args.timeout,
         }
         # restart on the same ports: the same clients serve again
-        server = Server(engines, ports, serve_args, log)
-        restart_s = server.wait_ready()
+        server = start_server(engines, ports, serve_args, log)
+        restart_s = server.startup_s
         served_again, mismatches = 0, 0
         for stream in killers:
             for frame, want in zip(stream.frames, stream.expected, strict=True):

@@ -33,6 +33,7 @@ EVAL_RESOLUTIONS = ("network", "original")
 TEST_RESIZES = ("pad", "stretch")
 AUGMENTATIONS = ("paper", "pfenet")  # mfnet.data.transforms.AUGMENTATIONS
 AMP_MODES = ("off", "bf16", "fp16")
+MAX_WAY = 254  # labels are uint8: 0 = background, 255 = ignore
 OPS_IMPLS = ("auto", "reference", "cuda")  # mfnet.ops.extension.IMPLS
 
 
@@ -120,6 +121,12 @@ class ModelConfig:
     )
     channels: int = _opt(256, "feature channels C of the query-support embedding")
     way: int = _opt(2, "N: number of classes per episode (fixed by the checkpoint)")
+    max_way: int = _opt(
+        0,
+        "way-flexible model (an extension, docs/decisions.md): Nmax class slots; training "
+        "episodes draw 1..Nmax classes, unused slots take a learned 'no class' prototype and "
+        "their logits are masked; 0 = off, the paper's model with N = way fixed",
+    )
     shot: int = _opt(1, "K: support shots per class used in training")
     relation_heads: int = _opt(4, "Nr: relation heads of the support attention A_S")
     pyramid: tuple[float, ...] = _opt(
@@ -191,6 +198,7 @@ class ModelConfig:
             )
         for name in ("channels", "way", "shot", "relation_heads", "image_size"):
             _check_positive(name, getattr(self, name))
+        self._check_max_way()
         if self.channels % self.relation_heads:
             raise ConfigError(
                 f"channels ({self.channels}) must be divisible by relation_heads "
@@ -202,6 +210,24 @@ class ModelConfig:
             raise FieldError("dropout", f"dropout must lie in [0, 1), got {self.dropout}")
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
             raise ConfigError("mean and std need three values (RGB), std > 0")
+
+    def _check_max_way(self) -> None:
+        if self.max_way == 0:
+            return
+        if not 1 <= self.max_way <= MAX_WAY:
+            raise FieldError(
+                "max_way", f"max_way must be 0 (off) or 1..{MAX_WAY}, got {self.max_way}"
+            )
+        if self.class_fusion == "binary" or self.support_module != "relation":
+            raise ConfigError(
+                "max_way (the way-flexible extension) is built for the paper's MFNet: "
+                "class_fusion 'concat' or 'add' and support_module 'relation'"
+            )
+
+    @property
+    def slots(self) -> int:
+        """The model's class slots: Nmax for a way-flexible model, else N = way."""
+        return self.max_way or self.way
 
     @property
     def multi_scale_query(self) -> bool:

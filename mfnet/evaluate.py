@@ -26,6 +26,7 @@ from .config import Config, add_config_arguments, overrides_from_args
 from .device import resolve_device
 from .errors import mfnet_command
 from .model.baseline import PrototypeBaseline
+from .model.grouping import GroupedMultiWay
 from .model.mfnet import MFNet
 from .model.naive import NaiveMultiWay
 from .protocol import (
@@ -51,17 +52,24 @@ def evaluate_model(
     progress: bool = True,
     naive: bool = False,
     context: DistContext | None = None,
+    grouped: bool = False,
 ) -> dict[str, ProtocolResult]:
     """Run the protocol for ``model`` (and the baseline on its features) on the same episodes.
 
     With ``naive``, ``model`` is 1-way and runs once per class of the ``config.model.way``-way
-    episodes. With a data-parallel ``context`` the episodes are sharded over the ranks and the
-    counts summed (every rank must call this; all get the same results).
+    episodes. With ``grouped``, episodes of any number of classes are decoded in groups of the
+    model's slots where they do not fit (``model.grouping``). With a data-parallel
+    ``context`` the episodes are sharded over the ranks and the counts summed (every rank
+    must call this; all get the same results).
     """
     model = model.to(device).eval()
-    predictors: dict[str, Predictor] = {
-        "MFNet 1-way x N" if naive else "MFNet": NaiveMultiWay(model) if naive else model
-    }
+    predictors: dict[str, Predictor]
+    if naive:
+        predictors = {"MFNet 1-way x N": NaiveMultiWay(model)}
+    elif grouped:
+        predictors = {"MFNet (groups)": GroupedMultiWay(model)}
+    else:
+        predictors = {"MFNet": model}
     if baseline:
         predictors["baseline"] = PrototypeBaseline(model.extract_features)
     return run_protocol(predictors, config, device, progress=progress, context=context)
@@ -107,6 +115,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="N",
         help="evaluate a 1-way checkpoint on N-way episodes by running it N times (paper Table V)",
+    )
+    parser.add_argument(
+        "--way",
+        type=options.positive_int,
+        default=None,
+        metavar="N",
+        help="evaluate N-way episodes (default: the checkpoint's way): a way-flexible checkpoint "
+        "(--max-way) takes 1..max_way; other numbers need --group-classes",
+    )
+    parser.add_argument(
+        "--group-classes",
+        action="store_true",
+        help="decode classes that do not fit the model's slots in groups and merge them per "
+        "pixel (n > max_way, or n != N for a fixed-N checkpoint; docs/decisions.md)",
     )
     parser.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda' or 'cuda:N'")
     parser.add_argument(
@@ -165,6 +187,8 @@ def _resolved_config(path: str, args: argparse.Namespace) -> Config:
         overrides["workers"] = args.workers
     if args.naive_way is not None:
         overrides["way"] = args.naive_way
+    if args.way is not None:
+        overrides["way"] = args.way
     return config.replace(**overrides)
 
 
@@ -174,6 +198,8 @@ def _evaluate_checkpoint(
     """Evaluate one checkpoint and print its results (and draw its visuals on request)."""
     model, _ = model_from_checkpoint(path, map_location=device)
     config = _resolved_config(path, args)
+    if args.naive_way is None and not args.group_classes:
+        model.check_classes(config.model.way)  # before any episode is drawn
     results = evaluate_model(
         model,
         config,
@@ -181,6 +207,7 @@ def _evaluate_checkpoint(
         baseline=args.baseline,
         progress=args.progress,
         naive=args.naive_way is not None,
+        grouped=args.group_classes,
     )
     print(format_results(results, protocol_description(config)))
     if args.save_visuals is not None and args.naive_way is None:
@@ -213,6 +240,10 @@ def _folds(text: str) -> list[int]:
 def main(argv: list[str] | None = None) -> int:
     """``python -m mfnet.evaluate``: returns the exit code (0; 2 on an error)."""
     args = build_parser().parse_args(argv)
+    if args.naive_way is not None and (args.way is not None or args.group_classes):
+        raise ValueError(
+            "--naive-way runs a 1-way checkpoint N times: drop --way / --group-classes"
+        )
     configure_logging()  # the library's warnings (a data cache it cannot write, ...)
     checkpoint = str(args.checkpoint)
     first_path = checkpoint.replace("{fold}", str((args.folds or [0])[0]))

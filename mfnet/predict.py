@@ -32,6 +32,7 @@ from .checkpoint import model_from_checkpoint
 from .data.transforms import check_pair
 from .device import resolve_device
 from .errors import mfnet_command
+from .model.grouping import fits_slots, grouped_scores
 from .model.mfnet import MFNet
 from .model.support import EncodedSupport
 from .threads import set_torch_threads
@@ -50,11 +51,14 @@ class TorchSegmenter:
     (``input_size``, ``resize`` and the decoder on prepared frames), so the runtime's frame
     pipeline fits the frames, drives the model and maps the labels back."""
 
-    def __init__(self, model: MFNet, resize_mode: str, device: torch.device) -> None:
+    def __init__(
+        self, model: MFNet, resize_mode: str, device: torch.device, group_classes: bool = False
+    ) -> None:
         model.require_prototype_split("python -m mfnet.predict (a prototype cache per class)")
         self.model = model.to(device).eval()
         self.device = device
         self.way = model.way
+        self.group_classes = group_classes  # any number of classes, decoded in groups
         self.input_size = model.config.image_size
         self.resize = resize_mode  # "pad" | "stretch", the checkpoint's test resize
 
@@ -72,12 +76,11 @@ class TorchSegmenter:
         """``{name: [(image uint8 [H, W, 3] RGB, mask uint8 [H, W] 1/0/255), ...]}`` in class
         order -> prototypes. Classes may have different shot counts: each class is pooled and
         aggregated on its own (A_S relates the shots of one class only)."""
-        if len(classes) != self.way:
-            raise ValueError(
-                f"the checkpoint is {self.way}-way but the support set has "
-                f"{len(classes)} classes ({', '.join(classes)}); give exactly "
-                f"{self.way}"
-            )
+        if not self.group_classes or not classes:
+            try:
+                self.model.check_classes(len(classes))
+            except ValueError as error:
+                raise ValueError(f"{error} (the SPEC's classes: {', '.join(classes)})") from None
         prototypes = []
         with torch.inference_mode():
             for name, shots in classes.items():
@@ -94,24 +97,26 @@ class TorchSegmenter:
         # The decoder reads only the prototypes: the K = 1 view of them is a complete cache.
         return TorchSupportSet(tuple(classes), EncodedSupport(stacked[:, :, None, :], stacked))
 
-    def _logits(self, batch: np.ndarray, support: TorchSupportSet) -> torch.Tensor:
-        """uint8 [B, S, S, 3] RGB -> logits float32 [B, N+1, S, S]."""
+    def _scores(self, batch: np.ndarray, support: TorchSupportSet) -> torch.Tensor:
+        """uint8 [B, S, S, 3] RGB -> probabilities float32 [B, n+1, S, S]: the softmax of the
+        logits, or the merged scores of the groups (``grouped_scores``)."""
         query = torch.from_numpy(batch).to(self.device).permute(0, 3, 1, 2).float() / 255.0
-        return self.model.decode_query(query, support.cache)
+        if fits_slots(self.model, support.cache.way):
+            return self.model.decode_query(query, support.cache).float().softmax(dim=1)
+        return grouped_scores(self.model, query, support.cache.prototypes)
 
     def decode_prepared(self, batch: np.ndarray, support: TorchSupportSet) -> np.ndarray:
         """uint8 [B, S, S, 3] RGB -> labels uint8 [B, S, S] (0 = background)."""
         with torch.inference_mode():
-            return self._logits(batch, support).argmax(dim=1).to(torch.uint8).cpu().numpy()
+            return self._scores(batch, support).argmax(dim=1).to(torch.uint8).cpu().numpy()
 
     def decode_with_probabilities(
         self, batch: np.ndarray, support: TorchSupportSet
     ) -> tuple[np.ndarray, np.ndarray]:
-        """-> (labels uint8 [B, S, S], softmax probabilities float32 [B, N+1, S, S])."""
+        """-> (labels uint8 [B, S, S], probabilities float32 [B, n+1, S, S])."""
         with torch.inference_mode():
-            logits = self._logits(batch, support)
-            labels = logits.argmax(dim=1).to(torch.uint8).cpu().numpy()
-            return labels, logits.softmax(dim=1).float().cpu().numpy()
+            scores = self._scores(batch, support)
+            return scores.argmax(dim=1).to(torch.uint8).cpu().numpy(), scores.cpu().numpy()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -134,9 +139,16 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SPEC",
         help="support set: a folder with one sub-folder of images and "
         "<image>.mask.png masks per class, or a JSON file "
-        "(docs/support_spec.md); as many classes as the checkpoint's way",
+        "(docs/support_spec.md); as many classes as the checkpoint's way (1..max_way for a "
+        "way-flexible one; any number with --group-classes)",
     )
     add_io_arguments(parser)
+    parser.add_argument(
+        "--group-classes",
+        action="store_true",
+        help="take any number of classes: those that do not fit the checkpoint's slots are "
+        "decoded in groups and merged per pixel (docs/decisions.md)",
+    )
     parser.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda' or 'cuda:N'")
     return parser
 
@@ -148,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     device = resolve_device(args.device)
     print(set_torch_threads(args.threads).describe())
     model, config = model_from_checkpoint(args.checkpoint, map_location=device)
-    segmenter = TorchSegmenter(model, config.data.test_resize, device)
+    segmenter = TorchSegmenter(model, config.data.test_resize, device, args.group_classes)
     support = segmenter.encode_support(load_support_spec(args.support))
     print(
         f"support: {len(support.class_names)} classes ({', '.join(support.class_names)}) "

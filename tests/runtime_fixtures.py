@@ -90,11 +90,16 @@ def _calibrate_classifier(model: MFNet, shot: int, size: int) -> None:
         classifier.bias.sub_(mean).div_(std)
 
 
-def varied_model(way: int = 2, shot: int = 1, size: int = 48) -> tuple[MFNet, dict]:
+def varied_model(
+    way: int = 2, shot: int = 1, size: int = 48, max_way: int = 0
+) -> tuple[MFNet, dict]:
     """The small synthetic-cpu model (16 channels) under ``torch.manual_seed(0)``, calibrated so
     that its labels vary, in eval mode, + its config dict. Raises AssertionError when the
-    guarantee of the module docstring does not hold on fold-0 test episodes."""
-    config = preset("synthetic-cpu").replace(image_size=size, channels=16, way=way, shot=shot)
+    guarantee of the module docstring does not hold on fold-0 test episodes. ``max_way``: a
+    way-flexible model with that many slots (checked with all of them filled, ``way`` = it)."""
+    config = preset("synthetic-cpu").replace(
+        image_size=size, channels=16, way=way, shot=shot, max_way=max_way
+    )
     torch.manual_seed(0)
     model = build_mfnet(config.model).eval()
     _calibrate_classifier(model, shot, size)
@@ -122,14 +127,15 @@ def export_varied(
     shot: int = 1,
     size: int = 48,
     precisions: tuple[str, ...] = ("fp32",),
+    max_way: int = 0,
 ) -> tuple[Path, Path, dict]:
     """Checkpoint of ``varied_model`` + its ONNX export (verified, as every export) under
     ``tmp_dir``. Returns (engine_dir, checkpoint_path, manifest); the engine directory holds
     ``manifest.json``."""
     tmp_dir = Path(tmp_dir)
     tmp_dir.mkdir(parents=True, exist_ok=True)
-    model, config = varied_model(way, shot, size)
-    tag = f"{way}way-{shot}shot-{size}-{'-'.join(precisions)}"
+    model, config = varied_model(way, shot, size, max_way)
+    tag = f"{way}way{max_way or ''}-{shot}shot-{size}-{'-'.join(precisions)}"
     checkpoint = tmp_dir / f"varied-{tag}.pt"
     save_checkpoint(checkpoint, {"config": config, "model": model.state_dict()})
     engine_dir = tmp_dir / f"engines-{tag}"

@@ -15,9 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
-import subprocess
 import sys
 import threading
 import time
@@ -44,6 +41,9 @@ from mfnet_runtime.serving import RemoteSegmenter, protocol  # noqa: E402
 from mfnet_runtime.support import SupportSet  # noqa: E402
 from tests.runtime_fixtures import assert_labels_vary  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from _server_process import ServerProcess, free_ports  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 SIZE, WAY, MAX_BATCH = 48, 2, 4
 READY_TIMEOUT = 90.0  # seconds a server may take to start (Triton + 3 models)
@@ -60,80 +60,14 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
-class Server:
-    """``python -m mfnet_runtime serve`` in its own process group; stdout is collected."""
-
-    def __init__(self, engines: Path, ports: list[int], *extra: str) -> None:
-        self.ports = ports
-        self.url = f"127.0.0.1:{ports[0]}"
-        self.grpc_url = f"127.0.0.1:{ports[1]}"
-        self.metrics_url = f"http://127.0.0.1:{ports[2]}/metrics"
-        env = {
-            **os.environ,
-            "PYTHONPATH": os.pathsep.join(
-                [str(ROOT / "runtime"), os.environ.get("PYTHONPATH", "")]
-            ),
-        }
-        command = [sys.executable, "-c", SERVE_SCRIPT, "serve", "--engines", str(engines)]
-        command += ["--http-port", str(ports[0]), "--grpc-port", str(ports[1])]
-        command += ["--metrics-port", str(ports[2]), "--threads", "1", *extra]
-        self.process = subprocess.Popen(
-            command,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env=env,
-            start_new_session=True,
-        )
-        self.lines: list[str] = []
-        self.ready = threading.Event()
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.process.stdout is not None
-        for line in self.process.stdout:
-            self.lines.append(line.rstrip("\n"))
-            if "serving: " in line:
-                self.ready.set()
-
-    def wait_ready(self) -> Server:
-        deadline = time.monotonic() + READY_TIMEOUT
-        while not self.ready.wait(0.2):
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                self.kill()
-                raise AssertionError("the server did not start:\n" + "\n".join(self.lines[-40:]))
-        return self
-
-    def kill(self) -> None:
-        """SIGKILL the whole group (the PyTriton process, tritonserver, the backend stubs)."""
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGKILL)
-        self.process.wait(timeout=30)
-        self._reader.join(timeout=5)
-
-    def terminate(self, timeout: float = 60.0) -> int:
-        """SIGTERM the server process; its exit code."""
-        self.process.send_signal(signal.SIGTERM)
-        code = self.process.wait(timeout=timeout)
-        self._reader.join(timeout=5)
-        if code is not None:  # whatever is left of the group (nothing, if it shut down well)
-            try:
-                os.killpg(self.process.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        return code
+def serve_process(engines: Path, ports: list[int], *extra: str) -> ServerProcess:
+    """The serve command (torch blocked, one thread) on ``ports``; call ``wait_ready``."""
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "runtime"), os.environ.get("PYTHONPATH", "")]),
+    }
+    launcher = [sys.executable, "-c", SERVE_SCRIPT]
+    return ServerProcess(launcher, engines, ports, [*extra, "--threads", "1"], env=env)
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -176,9 +110,9 @@ def local(engines) -> Segmenter:
 def server(engines):
     """A server shared by the module's tests (max batch 4, 20 ms queue delay so that
     concurrent streams share batches)."""
-    running = Server(
+    running = serve_process(
         engines, free_ports(3), "--max-batch", str(MAX_BATCH), "--queue-delay-us", "20000"
-    ).wait_ready()
+    ).wait_ready(READY_TIMEOUT)
     yield running
     running.kill()
 
@@ -431,7 +365,7 @@ def test_dead_server_fails_fast_restart_serves_again_and_sigterm_drains(engines,
     ports = free_ports(3)
     classes, frames = stream_inputs(7, frames=3)
     expected = local.segment_batch(frames, local.encode_support(classes))
-    first = Server(engines, ports).wait_ready()
+    first = serve_process(engines, ports).wait_ready(READY_TIMEOUT)
     remote = RemoteSegmenter(first.url, timeout=5)
     support = remote.encode_support(classes)
     np.testing.assert_array_equal(remote.segment(frames[0], support), expected[0])
@@ -442,9 +376,9 @@ def test_dead_server_fails_fast_restart_serves_again_and_sigterm_drains(engines,
     assert time.monotonic() - started < 6 and caught.value.kind in ("unreachable", "timeout")
     # restarted on the same ports (1 s queue delay: requests wait in the batcher): the same
     # client serves again
-    second = Server(
+    second = serve_process(
         engines, ports, "--queue-delay-us", "1000000", "--max-batch", "8", "--exit-timeout", "20"
-    ).wait_ready()
+    ).wait_ready(READY_TIMEOUT)
     try:
         np.testing.assert_array_equal(remote.segment(frames[1], support), expected[1])
         remote.close()  # Triton's shutdown waits for open keep-alive connections

@@ -5,7 +5,7 @@ from __future__ import annotations
 from ..config import Config
 from ..model.backbone import feature_size
 from . import coco, pascal, synthetic
-from .episodes import EpisodeDataset, synthetic_episodes
+from .episodes import EpisodeDataset, MixedWayEpisodes, synthetic_episodes
 from .real_episodes import ImageEpisodes
 from .transforms import TestResize, train_augment
 
@@ -48,17 +48,32 @@ def _real_images(config: Config, split: str):
 
 
 def build_episodes(
-    config: Config, split: str, shot: int, num_episodes: int, seed: int
-) -> EpisodeDataset | ImageEpisodes:
+    config: Config, split: str, shot: int, num_episodes: int, seed: int, batch_group: int = 1
+) -> EpisodeDataset | ImageEpisodes | MixedWayEpisodes:
     """N-way K-shot episodes of the configured benchmark.
 
     ``split`` "train" draws from the fold's base classes (with augmentation on real data),
     "test" from its novel classes (with the configured test resize, protocol and resolution).
     Episodes are a pure function of ``seed``. Support shots whose object would vanish at the
-    network's feature resolution are re-drawn.
+    network's feature resolution are re-drawn. A way-flexible model (``model.max_way``) trains
+    on episodes of 1..max_way classes, one number per run of ``batch_group`` episodes (a
+    global batch); it is tested on ``model.way`` classes like any model.
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if split == "train" and config.model.max_way:
+        by_way = {
+            n: _episodes(config.replace(way=n), split, shot, num_episodes, seed)
+            for n in range(1, config.model.max_way + 1)
+        }
+        return MixedWayEpisodes(by_way, batch_group, seed)  # type: ignore[arg-type]
+    return _episodes(config, split, shot, num_episodes, seed)
+
+
+def _episodes(
+    config: Config, split: str, shot: int, num_episodes: int, seed: int
+) -> EpisodeDataset | ImageEpisodes:
+    """``build_episodes`` for one number of classes, ``config.model.way``."""
     data, size = config.data, config.model.image_size
     side = feature_size(config.model.backbone, size)
     if data.dataset == "synthetic":

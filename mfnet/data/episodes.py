@@ -209,6 +209,41 @@ class EpisodeDataset(Dataset):
         return pack_episode(classes, spec.shot, support_images, support_masks, image, label)
 
 
+class MixedWayEpisodes(Dataset):
+    """Episodes of 1..Nmax classes for way-flexible training (``ModelConfig.max_way``).
+
+    ``by_way[n]`` holds the n-way episodes (all of one length). Each run of ``group``
+    consecutive indices (a global batch: batch size x processes, which ``shard_indices``
+    deals out in order) takes one number of classes, drawn uniformly from ``by_way`` by
+    ``default_rng([seed, index // group])``, so every batch stacks and every rank agrees.
+    """
+
+    def __init__(self, by_way: dict[int, Dataset], group: int, seed: int) -> None:
+        lengths = {len(episodes) for episodes in by_way.values()}  # type: ignore[arg-type]
+        if not by_way or len(lengths) != 1:
+            raise ValueError(f"by_way needs datasets of one length, got {sorted(lengths)}")
+        if group < 1 or seed < 0:
+            raise ValueError(f"group must be >= 1 and seed >= 0, got {group}, {seed}")
+        self.by_way = dict(sorted(by_way.items()))
+        self.ways = tuple(self.by_way)
+        self.group = group
+        self.seed = seed
+        self.num_episodes = lengths.pop()
+
+    def __len__(self) -> int:
+        return self.num_episodes
+
+    def way_of(self, index: int) -> int:
+        """The number of classes of episode ``index``."""
+        draw = np.random.default_rng([self.seed, index // self.group]).integers(len(self.ways))
+        return self.ways[int(draw)]
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        if index < 0:
+            index += self.num_episodes
+        return self.by_way[self.way_of(index)][index]
+
+
 def synthetic_episodes(
     fold: int,
     split: str,

@@ -137,12 +137,35 @@ def graph_plan(
             f"prototypes_form must be one of {PROTOTYPES_FORMS}, got {prototypes_form!r}"
         )
     per_frame = prototypes_form == "per_frame"
+    if model.way_flexible and not per_frame:
+        raise ValueError(
+            "a way-flexible model exports its decoder with prototypes per frame only (its "
+            "slot_mask input is per frame): drop --prototypes-form shared"
+        )
     size, channels, way = model.config.image_size, model.config.channels, model.way
     uint8_image = torch.zeros(2, size, size, 3, dtype=torch.uint8)
     mask = torch.zeros(2, size, size, dtype=torch.uint8)
     mask[:, size // 4 : 3 * size // 4, size // 4 : 3 * size // 4] = 1
     has_attention = model.support_attention is not None
     batch = torch.export.Dim("B", min=1, max=limits.max_batch)  # frames and their prototypes
+    decoder_args: tuple[torch.Tensor, ...] = (
+        uint8_image,
+        torch.randn(2, way, channels) if per_frame else torch.randn(way, channels),
+    )
+    decoder_inputs = [
+        TensorInfo("frames", ("B", size, size, 3), "uint8"),
+        TensorInfo("prototypes", ("B", way, channels) if per_frame else (way, channels), "float32"),
+    ]
+    decoder_dynamic: dict[str, Any] = {
+        "frames": {0: batch},
+        "prototypes": {0: batch} if per_frame else None,
+    }
+    if model.way_flexible:  # slot_mask [B, N]: 1 = a class, 0 = an empty slot (ClassSlots)
+        slot_mask = torch.ones(2, way, dtype=torch.uint8)
+        slot_mask[1, way // 2 + 1 :] = 0  # frame 1: the first slots only (when way > 1)
+        decoder_args += (slot_mask,)
+        decoder_inputs.append(TensorInfo("slot_mask", ("B", way), "uint8"))
+        decoder_dynamic["slot_mask"] = {0: batch}
     plan = [
         dict(
             role="support_encoder",
@@ -175,21 +198,13 @@ def graph_plan(
         dict(
             role="query_decoder",
             wrapper=QueryDecoder,
-            args=(
-                uint8_image,
-                torch.randn(2, way, channels) if per_frame else torch.randn(way, channels),
-            ),
-            inputs=[
-                TensorInfo("frames", ("B", size, size, 3), "uint8"),
-                TensorInfo(
-                    "prototypes", ("B", way, channels) if per_frame else (way, channels), "float32"
-                ),
-            ],
+            args=decoder_args,
+            inputs=decoder_inputs,
             outputs=[
                 TensorInfo("labels", ("B", size, size), "uint8"),
                 TensorInfo("probabilities", ("B", way + 1, size, size), "float32"),
             ],
-            dynamic={"frames": {0: batch}, "prototypes": {0: batch} if per_frame else None},
+            dynamic=decoder_dynamic,
             details={"max_batch": limits.max_batch, "prototypes_form": prototypes_form},
             options={"optimized": optimize, "per_frame": per_frame},
         ),
@@ -297,6 +312,7 @@ def model_info(model: MFNet, config: Config) -> ModelInfo:
         # longer side to input_size, aspect kept, bottom/right padding; "stretch" = square.
         resize=config.data.test_resize,
         support_attention=model.support_attention is not None,
+        way_flexible=model.way_flexible,
     )
 
 

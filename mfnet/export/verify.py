@@ -106,6 +106,15 @@ def verification_inputs(
         0, 256, (3, size, size, 3), generator=generator, dtype=torch.uint8
     )
     random_shape = (3, way, channels) if prototypes_form == "per_frame" else (way, channels)
+    decoder = {
+        "random": [random_frames, torch.randn(*random_shape, generator=generator)],
+        "synthetic": [queries, prototypes],
+    }
+    if model.way_flexible:  # the slot_mask input: frame b uses its first way - b slots
+        slot_mask = torch.arange(way)[None] < torch.tensor([way, way - 1, way - 2])[:, None]
+        slot_mask[:, 0] = True  # at least one class per frame
+        for tensors in decoder.values():
+            tensors.append(slot_mask.to(torch.uint8))
     return {
         "support_encoder": {
             "random": [random_frames[:2], random_masks],
@@ -119,10 +128,7 @@ def verification_inputs(
             "random": [torch.randn(way, 1, channels, generator=generator)],
             "synthetic": [shots[:, :1]],
         },
-        "query_decoder": {
-            "random": [random_frames, torch.randn(*random_shape, generator=generator)],
-            "synthetic": [queries, prototypes],
-        },
+        "query_decoder": decoder,
     }
 
 

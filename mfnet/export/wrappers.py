@@ -99,8 +99,11 @@ class QueryDecoder(nn.Module):
         return "per_frame" if self.per_frame else "shared"
 
     def forward(
-        self, frames: torch.Tensor, prototypes: torch.Tensor
+        self, frames: torch.Tensor, prototypes: torch.Tensor, slot_mask: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A way-flexible model's graph also takes ``slot_mask`` uint8 [B, N] (1 = a class,
+        0 = an empty slot: its prototype row is ignored, the "no class" prototype inside the
+        graph takes its place, and its probability is 0)."""
         prototypes = prototypes.to(self.dtype)
         expected = 3 if self.per_frame else 2
         if prototypes.dim() != expected:
@@ -111,7 +114,9 @@ class QueryDecoder(nn.Module):
         batched = prototypes if self.per_frame else prototypes[None]  # [B or 1, N, C]
         images = _to_model_images(frames, self.dtype)
         if self.fast is not None:
-            logits = self.fast(images, batched)  # [B, N+1, H, W]
+            logits = self.fast(images, batched, slot_mask)  # [B, N+1, H, W]
+        elif slot_mask is not None:
+            logits = self.model.decode_slots(images, batched, slot_mask)
         else:
             # The decoder reads only the prototypes; the per-shot view is the K = 1 cache shape.
             cache = EncodedSupport(batched[:, :, None, :], batched)

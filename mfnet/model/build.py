@@ -12,6 +12,7 @@ from .fem import FeatureEnrichment
 from .mfnet import MFNet, MiddleLevelNeck
 from .scale_attention import ScaleAttention
 from .self_alignment import SelfAlignment
+from .slots import ClassSlots
 from .support import RelationalSupportAttention
 from .support_convlstm import ShotBiConvLSTM
 from .support_self_attention import ShotSelfAttention
@@ -51,9 +52,9 @@ def build_mfnet(config: ModelConfig, pool_impl: str = "auto") -> MFNet:
             shared=config.scale_attention_shared,
             attention=config.scale_attention and config.multiscale_module == "scale_attention",
         )
-    decoder_in = channels * config.way if config.class_fusion == "concat" else channels
+    decoder_in = channels * config.slots if config.class_fusion == "concat" else channels
     # The binary-branches baseline decodes background / foreground once per class.
-    outputs = 2 if config.class_fusion == "binary" else config.way + 1
+    outputs = 2 if config.class_fusion == "binary" else config.slots + 1
     decoder = (
         ASPPDecoder(decoder_in, channels, outputs, ASPP_RATES)
         if config.multiscale_module == "aspp"
@@ -84,6 +85,7 @@ def build_mfnet(config: ModelConfig, pool_impl: str = "auto") -> MFNet:
         pool_impl,
         shot_fusion=shot_fusion,
         self_alignment=self_alignment,
+        class_slots=ClassSlots(config.max_way, channels) if config.max_way else None,
     )
 
 

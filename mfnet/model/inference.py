@@ -241,6 +241,9 @@ class FoldedPrototypes:
 
     terms: tuple[tuple[torch.Tensor | None, torch.Tensor], ...]
     feature_size: tuple[int, int]
+    # a way-flexible model's (ClassSlots.fill): slot_mask [Bp, N], the channels to keep
+    slot_mask: torch.Tensor | None = None
+    keep: int | None = None
 
     @property
     def way(self) -> int:
@@ -387,25 +390,30 @@ class FastQueryDecoder(nn.Module):
     def _check_prototypes(self, prototypes: torch.Tensor) -> torch.Tensor:
         if prototypes.dim() == 2:
             prototypes = prototypes.unsqueeze(0)
-        if prototypes.dim() != 3 or prototypes.shape[1] != self.model.way:
+        if prototypes.dim() != 3:
             raise ValueError(
-                f"prototypes must be [B, N, C] or [N, C] with N = {self.model.way} (fixed by the "
-                f"checkpoint), got {tuple(prototypes.shape)}"
+                f"prototypes must be [B, N, C] or [N, C], got {tuple(prototypes.shape)}"
             )
         return prototypes
 
     def prepare(
-        self, prototypes: torch.Tensor, feature_size: tuple[int, int] | None = None
+        self,
+        prototypes: torch.Tensor,
+        feature_size: tuple[int, int] | None = None,
+        slot_mask: torch.Tensor | None = None,
     ) -> FoldedPrototypes:
         """Prototype terms of the first A_M convs (no bias), for a cached support set.
 
-        prototypes [Bp, N, C] or [N, C]; feature_size (h, w) of the query features (default:
-        those of the configured input size). Cost: one conv over N tiny constant maps per scale.
+        prototypes [Bp, N, C] or [N, C] (a way-flexible model: [Bp, n, C], or [Bp, N, C] with
+        ``slot_mask`` [Bp, N]); feature_size (h, w) of the query features (default: those of
+        the configured input size). Cost: one conv over N tiny constant maps per scale.
         """
         attention = self.folded_attention
         if attention is None:  # not self.folded
             raise RuntimeError(f"prototype folding is off ({self.fold_reason})")
-        prototypes = self._check_prototypes(prototypes)
+        prototypes, slot_mask, keep = self.model.fill_slots(
+            self._check_prototypes(prototypes), slot_mask
+        )
         if feature_size is None:
             size = self.model.config.image_size
             feature_size = self.model.feature_side(size, size)
@@ -421,7 +429,7 @@ class FastQueryDecoder(nn.Module):
             lower = self._prototype_term(branch.transform_first, flat, (h_z, w_z))
             terms.append((upper, lower.view(batch, way, *lower.shape[1:])))  # [Bp, N, C, 1, 1]
         h, w = feature_size
-        return FoldedPrototypes(tuple(terms), (h, w))
+        return FoldedPrototypes(tuple(terms), (h, w), slot_mask, keep)
 
     def _prototype_term(
         self, conv: nn.Conv2d, vectors: torch.Tensor, size: tuple[int, int]
@@ -444,10 +452,17 @@ class FastQueryDecoder(nn.Module):
 
     # ---------------------------------------------------------------------------- forward
     def forward(
-        self, query: torch.Tensor, prototypes: torch.Tensor | FoldedPrototypes
+        self,
+        query: torch.Tensor,
+        prototypes: torch.Tensor | FoldedPrototypes,
+        slot_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """query [B, 3, H, W] in [0, 1], prototypes [B or 1, N, C] / [N, C] / FoldedPrototypes
-        -> logits [B, N+1, H, W] (channel 0 = background), as ``decode_query``."""
+        -> logits [B, N+1, H, W] (channel 0 = background), as ``decode_query``.
+
+        A way-flexible model takes n <= N classes ([B, n, C] -> logits [B, n+1, H, W]), or
+        all N slots with ``slot_mask`` [B or 1, N] (1 = a class; logits [B, N+1, H, W] with
+        the empty slots' channels at ``slots.EMPTY_SLOT_LOGIT``, the exported form)."""
         model = self.model
         if model.training:
             raise RuntimeError("FastQueryDecoder is for inference: call model.eval() first")
@@ -464,6 +479,9 @@ class FastQueryDecoder(nn.Module):
             folded = prototypes
             if not self.folded:
                 raise RuntimeError(f"prototype folding is off ({self.fold_reason})")
+            if slot_mask is not None:
+                raise ValueError("prepared prototypes carry their slot mask: pass none here")
+            slot_mask, keep = folded.slot_mask, folded.keep
             if folded.feature_size != (h, w) or folded.way != N:
                 raise ValueError(
                     f"prepared prototypes are for features {folded.feature_size} "
@@ -471,9 +489,11 @@ class FastQueryDecoder(nn.Module):
                 )
             batch = folded.batch
         else:
-            prototypes = self._check_prototypes(prototypes)
+            prototypes, slot_mask, keep = model.fill_slots(
+                self._check_prototypes(prototypes), slot_mask
+            )
             batch = prototypes.shape[0]
-            folded = self.prepare(prototypes, (h, w)) if self.folded else None
+            folded = self.prepare(prototypes, (h, w), slot_mask) if self.folded else None
         if batch not in (1, B):
             raise ValueError(f"prototype batch {batch} does not fit query batch {B}")
 
@@ -506,4 +526,6 @@ class FastQueryDecoder(nn.Module):
                 pre_activations.append((upper, lower))
             per_class = attention(pre_activations, (h, w))  # [B*N, C, h, w]
 
-        return model.decode_classes(per_class, B, (H, W))  # the model's own tail
+        if slot_mask is not None:
+            slot_mask = slot_mask.expand(B, -1)  # [B, N]
+        return model.decode_classes(per_class, B, (H, W), False, slot_mask, keep)  # model's tail

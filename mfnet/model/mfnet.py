@@ -23,6 +23,7 @@ from .backbone import Backbone, feature_size
 from .decoder import Decoder
 from .fem import FeatureEnrichment
 from .scale_attention import ScaleAttention
+from .slots import ClassSlots
 from .support import EncodedSupport, QueryDependentSupportError, RelationalSupportAttention
 
 
@@ -72,6 +73,7 @@ class MFNet(nn.Module):
         *,
         shot_fusion: nn.Module | None = None,
         self_alignment: nn.Module | None = None,
+        class_slots: ClassSlots | None = None,
     ) -> None:
         super().__init__()
         self.config = config
@@ -85,13 +87,49 @@ class MFNet(nn.Module):
         # of query scales to the same shapes. None (no parameters) in the paper's MFNet.
         self.shot_fusion = shot_fusion
         self.self_alignment = self_alignment
+        # Way-flexible models (config.max_way): the "no class" prototype of empty slots.
+        self.class_slots = class_slots
         self.pool_impl = pool_impl
         self.register_buffer("mean", torch.tensor(config.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(config.std).view(1, 3, 1, 1), persistent=False)
 
     @property
     def way(self) -> int:
-        return self.config.way
+        """The model's N: its class slots (Nmax for a way-flexible model)."""
+        return self.config.slots
+
+    @property
+    def way_flexible(self) -> bool:
+        """Whether one call may take any 1..``way`` classes (``config.max_way``)."""
+        return self.class_slots is not None
+
+    def check_classes(self, count: int) -> None:
+        """Refuse a support set of ``count`` classes that this model cannot decode in one call."""
+        if self.way_flexible:
+            if not 1 <= count <= self.way:
+                raise ValueError(
+                    f"the support set has {count} classes; this way-flexible model takes "
+                    f"1..{self.way} per call (more are decoded in groups: --group-classes)"
+                )
+        elif count != self.way:
+            raise ValueError(
+                f"the support set has {count} classes but this model is {self.way}-way; "
+                f"give exactly {self.way} classes "
+                "(the number of classes is fixed by the checkpoint; --group-classes decodes "
+                "other numbers in groups)"
+            )
+
+    def fill_slots(
+        self, prototypes: torch.Tensor, slot_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None, int | None]:
+        """prototypes [B, n, C] -> (prototypes [B, N, C], slot_mask [B, N] or None, channels to
+        keep or None); the identity (and a check) for a fixed-N model (``ClassSlots.fill``)."""
+        if self.class_slots is None:
+            if slot_mask is not None:
+                raise ValueError("slot_mask is for way-flexible models (config.max_way)")
+            self.check_classes(prototypes.shape[1])
+            return prototypes, None, None
+        return self.class_slots.fill(prototypes, slot_mask)
 
     def require_prototype_split(self, use: str) -> None:
         """Raise ``QueryDependentSupportError`` (naming ``use``) when the class features depend
@@ -209,16 +247,27 @@ class MFNet(nn.Module):
         """
         if query.dim() != 4 or query.shape[1] != 3:
             raise ValueError(f"query must be [B, 3, H, W], got {tuple(query.shape)}")
-        if cache.way != self.way:
-            raise ValueError(
-                f"the support set has {cache.way} classes but this model is {self.way}-way; "
-                f"give exactly {self.way} classes "
-                "(the number of classes is fixed by the checkpoint)"
-            )
-        B, _, H, W = query.shape
+        self.check_classes(cache.way)
+        B = query.shape[0]
         if cache.batch not in (1, B):
             raise ValueError(f"support cache batch {cache.batch} does not fit query batch {B}")
-        prototypes = cache.prototypes.expand(B, -1, -1)  # [B, N, C]
+        # [B, N, C]; a way-flexible model's n classes fill the first n of its N slots
+        prototypes, slot_mask, keep = self.fill_slots(cache.prototypes.expand(B, -1, -1))
+        return self._decode(
+            query, EncodedSupport(cache.shot_features, prototypes), return_aux, slot_mask, keep
+        )
+
+    def _decode(
+        self,
+        query: torch.Tensor,
+        cache: EncodedSupport,
+        return_aux: bool,
+        slot_mask: torch.Tensor | None,
+        keep: int | None,
+    ) -> torch.Tensor | QueryOutput:
+        """decode_query after the checks: ``cache.prototypes`` [B, N, C] fill every slot."""
+        B, _, H, W = query.shape
+        prototypes = cache.prototypes
         features = self.extract_features(query)  # [B, C, h, w]
         h, w = features.shape[-2:]
         pooled = [
@@ -231,7 +280,23 @@ class MFNet(nn.Module):
         else:
             scales = [self._fuse_query_class(x, prototypes) for x in self.align_query(pooled)]
         per_class = self.scale_attention(scales, (h, w))  # [B*N, C, h, w]
-        return self.decode_classes(per_class, B, (H, W), return_aux)
+        return self.decode_classes(per_class, B, (H, W), return_aux, slot_mask, keep)
+
+    def decode_slots(
+        self, query: torch.Tensor, prototypes: torch.Tensor, slot_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """A way-flexible model's decoder with every slot given, as the exported graph runs it.
+
+        query [B, 3, H, W], prototypes [B, N, C], slot_mask [B, N] (1 = a class, 0 = empty) ->
+        logits [B, N+1, H, W], the empty slots' channels at ``slots.EMPTY_SLOT_LOGIT``.
+        """
+        if self.class_slots is None:
+            raise ValueError("decode_slots is for way-flexible models (config.max_way)")
+        prototypes, slot_mask, _ = self.class_slots.fill(prototypes, slot_mask)
+        cache = EncodedSupport(prototypes[:, :, None, :], prototypes)
+        logits = self._decode(query, cache, False, slot_mask, None)
+        assert isinstance(logits, torch.Tensor)  # return_aux=False
+        return logits
 
     @overload
     def decode_classes(
@@ -240,22 +305,44 @@ class MFNet(nn.Module):
         batch: int,
         size: tuple[int, int],
         return_aux: Literal[False] = False,
+        slot_mask: torch.Tensor | None = None,
+        keep: int | None = None,
     ) -> torch.Tensor: ...
     @overload
     def decode_classes(
-        self, per_class: torch.Tensor, batch: int, size: tuple[int, int], return_aux: Literal[True]
+        self,
+        per_class: torch.Tensor,
+        batch: int,
+        size: tuple[int, int],
+        return_aux: Literal[True],
+        slot_mask: torch.Tensor | None = None,
+        keep: int | None = None,
     ) -> QueryOutput: ...
     @overload
     def decode_classes(
-        self, per_class: torch.Tensor, batch: int, size: tuple[int, int], return_aux: bool
+        self,
+        per_class: torch.Tensor,
+        batch: int,
+        size: tuple[int, int],
+        return_aux: bool,
+        slot_mask: torch.Tensor | None = None,
+        keep: int | None = None,
     ) -> torch.Tensor | QueryOutput: ...
     def decode_classes(
-        self, per_class: torch.Tensor, batch: int, size: tuple[int, int], return_aux: bool = False
+        self,
+        per_class: torch.Tensor,
+        batch: int,
+        size: tuple[int, int],
+        return_aux: bool = False,
+        slot_mask: torch.Tensor | None = None,
+        keep: int | None = None,
     ) -> torch.Tensor | QueryOutput:
         """The tail of ``decode_query``: class fusion, decoder, upsampling to ``size``.
 
         per_class [B*N, C, h, w] (the S_n of every class) -> logits [B, N+1, H, W] (or a
         ``QueryOutput`` when ``return_aux``). Shared with ``inference.FastQueryDecoder``.
+        A way-flexible model's ``slot_mask`` [B, N] masks the logits of empty slots, and
+        ``keep`` (n + 1) drops them from the output ([B, n+1, ...]).
         """
         if self.config.class_fusion == "binary":
             return self._decode_binary_branches(per_class, batch, size, return_aux)
@@ -266,6 +353,8 @@ class MFNet(nn.Module):
         else:
             embedding_in = per_class.sum(dim=1)  # [B, C, h, w]
         feature_logits, embedding = self.decoder(embedding_in)  # [B, N+1, h, w], [B, C, h, w]
+        if slot_mask is not None:
+            feature_logits = ClassSlots.mask_logits(feature_logits, slot_mask)[:, :keep]
         logits = F.interpolate(feature_logits, size=size, mode="bilinear", align_corners=True)
         if return_aux:
             return QueryOutput(logits, feature_logits, embedding)

@@ -309,6 +309,7 @@ def _begin_epoch(run: _Run, number: int, start: _Start) -> tuple[_Epoch, Iterato
         config.model.shot,
         config.train.episodes_per_epoch,
         seed=config.data.data_seed * 1_000_003 + number,
+        batch_group=batch_size * context.world_size,  # way-flexible: one n per global batch
     )
     indices = shard_indices(len(episodes), context.rank, context.world_size)[
         : run.steps_per_epoch * batch_size

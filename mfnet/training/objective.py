@@ -92,7 +92,7 @@ def _losses(
         output.embedding.float(),
         output.feature_logits.argmax(dim=1),  # [B, h, w]
         label_small,  # [B, h, w]
-        num_classes=model.way,
+        num_classes=output.logits.shape[1] - 1,  # the episode's n (<= N slots if way-flexible)
         num_triplets=config.loss.pml_triplets,
         margin=config.loss.pml_margin,
         positive_mode=config.loss.pml_mode,

@@ -113,6 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="engine precision; auto = fp16 on CUDA when exported, else fp32 (default auto)",
     )
+    segment.add_argument(
+        "--group-classes",
+        action="store_true",
+        help="take any number of support classes (up to 254): those that do not fit the "
+        "engines' slots are decoded in groups and merged per pixel (local engines only)",
+    )
     add_demo_parser(commands)
     add_serve_parser(commands)
     return parser
@@ -274,6 +280,11 @@ def segment_command(args: argparse.Namespace) -> int:
     ``ServerError`` when ``--server`` cannot be used."""
     segmenter: Segmenter | RemoteSegmenter
     if args.server is not None:
+        if args.group_classes:
+            raise RuntimeInputError(
+                "--group-classes runs on local engines (--engines DIR); a server decodes the "
+                "number of classes its engines were exported for"
+            )
         segmenter = RemoteSegmenter(args.server, protocol=args.protocol, timeout=args.timeout)
         print(f"server: {segmenter.url} ({args.protocol}), {segmenter.info.backend} engines")
     else:
@@ -285,6 +296,7 @@ def segment_command(args: argparse.Namespace) -> int:
             device=args.device,
             precision=args.precision,
             threads=policy.threads,
+            group_classes=args.group_classes,
         )
     started = time.perf_counter()
     if args.load_support is not None:

@@ -230,6 +230,29 @@ def prepare_frames(
     return batch, geometry
 
 
+def check_prepared(frames: object, size: int, what: str, min_batch: int = 0) -> np.ndarray:
+    """Refuse anything but prepared frames, uint8 [B, S, S, 3] RGB with B >= ``min_batch``
+    (``prepare_frames``' output); returned C-contiguous. ``what`` names them in the error."""
+    if (
+        not isinstance(frames, np.ndarray)
+        or frames.dtype != np.uint8
+        or frames.ndim != 4
+        or frames.shape[1:] != (size, size, 3)
+        or frames.shape[0] < min_batch
+    ):
+        got = (
+            f"{frames.dtype} {list(frames.shape)}"
+            if isinstance(frames, np.ndarray)
+            else type(frames).__name__
+        )
+        batch = f" (B >= {min_batch})" if min_batch else ""
+        raise RuntimeInputError(
+            f"{what} must be uint8 [B, {size}, {size}, 3] RGB fitted to the network input"
+            f"{batch}, got {got}"
+        )
+    return np.ascontiguousarray(frames)
+
+
 def restore_labels(labels: np.ndarray, geometry: Geometry) -> np.ndarray:
     """uint8 [S, S] labels of the network input -> uint8 [orig_h, orig_w] (crop, nearest)."""
     orig_h, orig_w, h, w = geometry

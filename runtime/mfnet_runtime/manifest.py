@@ -4,7 +4,7 @@ artifact format, for the exporter (``mfnet.export`` writes it) and the runtime (
 The manifest records the model's contract (way, input size, channels, normalisation, colour
 order, resize mode), every graph's inputs and outputs (names, shapes with symbolic dimensions,
 dtypes), the opset, the versions that produced it, the SHA-256 of the source checkpoint and of
-every file, and the verification report. Schema ``mfnet-export-v1.1``: written by
+every file, and the verification report. Schema ``mfnet-export-v1.2``: written by
 ``python -m mfnet.export onnx`` and extended with TensorRT engine entries by
 ``python -m mfnet.export trt``.
 
@@ -13,7 +13,10 @@ refused with the upgrade command (an older runtime cannot feed what it does not 
 adds the query decoder's ``details["prototypes_form"]``: ``"per_frame"`` (prototypes
 [B, N, C], one support set per frame, so one batch can mix streams: the default export) or
 ``"shared"`` (prototypes [N, C] for the whole batch: every ``v1.0`` export, where the field is
-absent). The reader checks that the form matches the ``prototypes`` input's shape.
+absent). The reader checks that the form matches the ``prototypes`` input's shape. ``v1.2``
+adds ``model.way_flexible`` (absent = false): a way-flexible model's decoder has ``way`` class
+slots and a third input ``slot_mask`` uint8 [B, way] (1 = a class, 0 = an empty slot), so one
+export segments 1..way classes; the reader checks that the flag and the input agree.
 
 ``write_manifest`` serialises the typed objects below and ``read_manifest`` parses them back
 (a round trip gives equal objects); every problem is an ``EngineError`` that names the file and
@@ -36,8 +39,8 @@ from .atomic import atomic_write_bytes
 from .errors import EngineError, rebuild_hint, reexport_hint
 
 SCHEMA_MAJOR = "mfnet-export-v1"  # the format family: v1 (= v1.0) and v1.<minor>
-SCHEMA_MINOR = 1  # what this module writes, and the newest minor version it reads
-SCHEMA = f"{SCHEMA_MAJOR}.{SCHEMA_MINOR}"  # "mfnet-export-v1.1"
+SCHEMA_MINOR = 2  # what this module writes, and the newest minor version it reads
+SCHEMA = f"{SCHEMA_MAJOR}.{SCHEMA_MINOR}"  # "mfnet-export-v1.2"
 MANIFEST_NAME = "manifest.json"
 # What every graph's image inputs are (recorded for readers of the JSON; the runtime feeds it).
 IMAGE_LAYOUT = "NHWC uint8, normalised inside the graphs"
@@ -113,6 +116,7 @@ class ModelInfo:
     color: str
     resize: str  # "pad" | "stretch"
     support_attention: bool
+    way_flexible: bool = False  # v1.2: ``way`` slots, the decoder's slot_mask input
 
 
 @dataclass(frozen=True)
@@ -318,6 +322,8 @@ def _graph(path: Path, data: Any, index: int) -> GraphInfo:
         return graph  # a role this runtime does not use: ignored, not an error
     inputs, outputs = ROLE_IO[graph.role]
     names = (tuple(t.name for t in graph.inputs), tuple(t.name for t in graph.outputs))
+    if graph.role == "query_decoder" and names[0] == (*inputs, "slot_mask"):
+        inputs = names[0]  # a way-flexible model's (v1.2): _check_slot_mask checks the rest
     if names != (inputs, outputs):
         raise _fail(
             path,
@@ -384,6 +390,7 @@ def _model(path: Path, data: Any) -> ModelInfo:
     if not isinstance(data, dict):
         raise _fail(path, "the 'model' entry is missing")
     attention = data.get("support_attention")
+    flexible = data.get("way_flexible", False)
     model = ModelInfo(
         way=_int_field(path, data, "way", "model"),
         train_shot=_int_field(path, data, "train_shot", "model"),
@@ -396,6 +403,9 @@ def _model(path: Path, data: Any) -> ModelInfo:
         resize=_str_field(path, data, "resize", "model", default="pad", choices=RESIZE_MODES),
         support_attention=_require(
             path, "model.support_attention", attention, isinstance(attention, bool), "true or false"
+        ),
+        way_flexible=_require(
+            path, "model.way_flexible", flexible, isinstance(flexible, bool), "true or false"
         ),
     )
     if model.color.upper() != "RGB":
@@ -480,15 +490,37 @@ def read_manifest(directory: str | Path) -> Manifest:
     _require(
         path, "opset", opset, opset is None or (_is_int(opset) and opset >= 1), "an integer >= 1"
     )
+    model = _model(path, data.get("model"))
+    _check_slot_mask(path, model, graphs)
     return Manifest(
         directory,
-        _model(path, data.get("model")),
+        model,
         graphs,
         opset=opset,
         versions=_versions(path, data.get("versions", {})),
         checkpoint=_checkpoint(path, data.get("checkpoint")),
         verification=verification,
     )
+
+
+def _check_slot_mask(path: Path, model: ModelInfo, graphs: tuple[GraphInfo, ...]) -> None:
+    """A way-flexible model's decoders take ``slot_mask`` uint8 [B, way]; no other does."""
+    for graph in graphs:
+        if graph.role != "query_decoder":
+            continue
+        masks = [t for t in graph.inputs if t.name == "slot_mask"]
+        if bool(masks) != model.way_flexible:
+            raise _fail(
+                path,
+                f"model.way_flexible is {str(model.way_flexible).lower()} but the query decoder "
+                f"{graph.file} {'has' if masks else 'has no'} slot_mask input",
+            )
+        if masks and (masks[0].dtype != "uint8" or masks[0].shape[1:] != (model.way,)):
+            raise _fail(
+                path,
+                f"the slot_mask input of {graph.file} must be uint8 [B, {model.way}], got "
+                f"{masks[0].dtype} {list(masks[0].shape)}",
+            )
 
 
 def _tensor_json(tensor: TensorInfo) -> dict[str, Any]:
@@ -527,6 +559,7 @@ def manifest_json(manifest: Manifest) -> dict[str, Any]:
             "resize": model.resize,
             "image_layout": IMAGE_LAYOUT,
             "support_attention": model.support_attention,
+            "way_flexible": model.way_flexible,
         },
         "graphs": [_graph_json(g) for g in manifest.graphs],
     }

@@ -15,6 +15,11 @@ Frames are fitted to the network's S x S input as the manifest says (``resize``)
 decoder returns labels at S x S, and ``restore_labels`` maps them back to the frame's size.
 Support sets are plain data (``support.SupportSet``); every operation on them that runs an
 engine or checks that it matches these engines is a method here.
+
+The number of classes: a fixed-N export takes exactly N; a way-flexible export (manifest
+``model.way_flexible``) takes 1..N, its unused slots masked inside the graph. With
+``group_classes=True`` any number (up to 254) is decoded in groups of slots and merged per
+pixel (``grouping``: the rule and its cost).
 """
 
 from __future__ import annotations
@@ -30,9 +35,8 @@ import numpy as np
 from .backends import Backend, open_backend
 from .errors import RuntimeInputError
 from .frame_api import FrameAPI
-from .images import (
-    ImageInput,
-)
+from .grouping import merge_groups, plan_groups
+from .images import ImageInput, check_prepared
 from .manifest import Manifest, read_manifest
 from .shots import prepare_shot
 from .support import SupportSet
@@ -42,10 +46,11 @@ logger = logging.getLogger("mfnet_runtime")
 
 
 def support_shots(
-    classes: Mapping[str, Sequence[tuple[ImageInput, Any]]], way: int
+    classes: Mapping[str, Sequence[tuple[ImageInput, Any]]], way: int, accepts: str = "exact"
 ) -> tuple[list[tuple[str, int, ImageInput, Any]], list[str], list[int]]:
-    """Check a support set {class name: [(image, mask), ...]} of ``way`` classes; return its
-    shots as (class name, shot index, image, mask), the class names and the shots per class.
+    """Check a support set {class name: [(image, mask), ...]} of classes that ``way`` slots
+    take (``accepts``, see ``check_way``); return its shots as (class name, shot index,
+    image, mask), the class names and the shots per class.
 
     Shared by ``Segmenter`` and ``serving.RemoteSegmenter``, so both refuse the same input."""
     if not isinstance(classes, Mapping):
@@ -53,7 +58,7 @@ def support_shots(
             "classes must be a dict {class name: [(image, mask), ...]}, "
             f"got {type(classes).__name__}"
         )
-    check_way(len(classes), list(classes), way)
+    check_way(len(classes), list(classes), way, accepts)
     shots, names, counts = [], [], []
     for name, pairs in classes.items():
         if not isinstance(name, str) or not name:
@@ -76,13 +81,28 @@ def support_shots(
     return shots, names, counts
 
 
-def check_way(count: int, names: Sequence[str], way: int) -> None:
-    """Refuse a number of support classes other than the engines' ``way``."""
-    if count != way:
+MAX_CLASSES = 254  # labels are uint8: 0 = background, 255 = ignore
+ACCEPTS = ("exact", "up_to", "any")  # what check_way lets through
+
+
+def check_way(count: int, names: Sequence[str], way: int, accepts: str = "exact") -> None:
+    """Refuse a number of support classes that engines with ``way`` slots cannot decode.
+
+    ``accepts``: "exact" (a fixed-N export: exactly ``way``), "up_to" (way-flexible: 1..way),
+    "any" (decoding in groups: 1..254)."""
+    given = f"{count} support classes given ({', '.join(map(repr, names)) or 'none'})"
+    if count < 1 or count > MAX_CLASSES:
+        raise RuntimeInputError(f"{given}: give 1..{MAX_CLASSES} classes")
+    if accepts == "exact" and count != way:
         raise RuntimeInputError(
-            f"{count} support classes given ({', '.join(map(repr, names)) or 'none'}) but "
-            f"the engines are {way}-way: the number of classes is fixed at training, "
-            f"so give exactly {way} (or use a model trained for {count} ways)"
+            f"{given} but the engines are {way}-way: the number of classes is fixed at "
+            f"training, so give exactly {way}, decode in groups (group_classes=True, "
+            f"--group-classes), or train a way-flexible model (--max-way)"
+        )
+    if accepts == "up_to" and count > way:
+        raise RuntimeInputError(
+            f"{given} but the engines take at most {way} (a way-flexible model with {way} "
+            "slots): decode in groups (group_classes=True, --group-classes)"
         )
 
 
@@ -94,13 +114,15 @@ class Segmenter(FrameAPI):
     max_batch (frames per decoder call), engine_id (SHA-256 identifying the exported weights).
     """
 
-    def __init__(self, manifest: Manifest, backend: Backend) -> None:
+    def __init__(self, manifest: Manifest, backend: Backend, group_classes: bool = False) -> None:
         self._manifest = manifest
         self._backend = backend
         model = manifest.model
         self.backend_name: str = backend.name
         self.precision: str = backend.precision
         self.way: int = model.way
+        self.way_flexible: bool = model.way_flexible
+        self.group_classes: bool = group_classes
         self.input_size: int = model.input_size
         self.channels: int = model.channels
         self.resize: str = model.resize
@@ -127,6 +149,7 @@ class Segmenter(FrameAPI):
         cuda_graph_batch: int = 0,
         device_id: int = 0,
         threads: int | None = None,
+        group_classes: bool = False,
     ) -> Segmenter:
         """Open an export directory (``manifest.json`` + graphs / engines).
 
@@ -138,7 +161,8 @@ class Segmenter(FrameAPI):
         as a CUDA graph for calls of exactly this many frames (0 = off; untested, see README).
         threads: intra-op threads of ONNX Runtime's CPU sessions; None = the cores free to
         this process (``threads.thread_policy``: its CPU affinity minus the cores other
-        processes keep busy, at least 1).
+        processes keep busy, at least 1). group_classes: accept any number of classes
+        (up to 254) and decode those that do not fit the slots in groups (``grouping``).
         """
         policy = thread_policy(threads)
         manifest = read_manifest(engine_dir)
@@ -158,7 +182,7 @@ class Segmenter(FrameAPI):
             manifest.model.input_size,
             manifest.directory,
         )
-        return cls(manifest, opened)
+        return cls(manifest, opened, group_classes)
 
     def __repr__(self) -> str:
         return (
@@ -182,11 +206,12 @@ class Segmenter(FrameAPI):
     ) -> SupportSet:
         """Encode a support set: {class name: [(image, mask), ...]} in label order.
 
-        Dict order is class order: label n + 1 is the n-th class. Exactly ``way`` classes, each
-        with at least one shot. image: uint8 [H, W, 3] RGB (``color="bgr"`` for OpenCV) or a
+        Dict order is class order: label n + 1 is the n-th class. Exactly ``way`` classes
+        (1..way for a way-flexible export; any number with ``group_classes``), each with at
+        least one shot. image: uint8 [H, W, 3] RGB (``color="bgr"`` for OpenCV) or a
         file path; mask: [H, W] bool / {0, 1} / {0, 255} / {0, 1, 255} (255 = ignore) or a path.
         """
-        shots, names, counts = support_shots(classes, self.way)
+        shots, names, counts = support_shots(classes, self.way, self.accepts)
         features = self._encode_shots(shots, color)
         per_class = np.split(features, np.cumsum(counts)[:-1])
         return SupportSet(
@@ -288,25 +313,21 @@ class Segmenter(FrameAPI):
                 "nothing to this decoder; encode the support images again with this segmenter"
             )
 
+    @property
+    def accepts(self) -> str:
+        """The numbers of classes these engines decode (``check_way``)."""
+        if self.group_classes:
+            return "any"
+        return "up_to" if self.way_flexible else "exact"
+
     def _check_way(self, count: int, names: Sequence[str]) -> None:
-        """Refuse a number of support classes other than the engines' way."""
-        check_way(count, names, self.way)
+        """Refuse a number of support classes that these engines cannot decode."""
+        check_way(count, names, self.way, self.accepts)
 
     # ------------------------------------------------------------------------------ query side
     def _check_prepared(self, batch: np.ndarray) -> None:
         """Refuse anything but prepared frames: uint8 [B, S, S, 3]."""
-        size = self.input_size
-        if (
-            not isinstance(batch, np.ndarray)
-            or batch.dtype != np.uint8
-            or batch.shape[1:] != (size, size, 3)
-            or batch.ndim != 4
-        ):
-            got = f"{batch.dtype} {batch.shape}" if isinstance(batch, np.ndarray) else type(batch)
-            raise RuntimeInputError(
-                f"prepared frames must be uint8 [B, {size}, {size}, 3] (from "
-                f"prepare_frames), got {got}"
-            )
+        check_prepared(batch, self.input_size, "prepared frames (from prepare_frames)")
 
     def _decode(
         self, batch: np.ndarray, support: SupportSet, with_probabilities: bool
@@ -314,22 +335,72 @@ class Segmenter(FrameAPI):
         """Checked prepared frames -> (labels [B, S, S], probabilities [B, N+1, S, S] or None)."""
         self._check_prepared(batch)
         self.check_engine(support)
-        self._check_way(len(support.class_names), support.class_names)
-        prototypes = np.ascontiguousarray(support.prototypes, dtype=np.float32)  # [N, C]
-        return self._run_decoder(batch, prototypes, with_probabilities)
+        count = len(support.class_names)
+        self._check_way(count, support.class_names)
+        prototypes = np.ascontiguousarray(support.prototypes, dtype=np.float32)  # [n, C]
+        if count == self.way and not self.way_flexible:  # the paper's fixed-N model
+            return self._run_decoder(batch, prototypes, with_probabilities)
+        if self.way_flexible and count <= self.way:
+            slots, slot_mask = self._fill_slots([tuple(range(count))], prototypes)
+            assert slot_mask is not None  # way-flexible
+            labels, probabilities = self._run_decoder(
+                batch, slots[0], with_probabilities, slot_mask[0]
+            )
+            return labels, None if probabilities is None else probabilities[:, : count + 1]
+        return self._decode_groups(batch, prototypes, with_probabilities)
 
-    def _run_decoder(
+    def _fill_slots(
+        self, groups: Sequence[tuple[int, ...]], prototypes: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """prototypes [n, C] -> per group: slot prototypes [G, N, C] (unused slots zero: the
+        graph puts its "no class" prototype there) and, way-flexible, slot masks [G, N]."""
+        slots = np.zeros((len(groups), self.way, prototypes.shape[1]), np.float32)
+        mask = np.zeros((len(groups), self.way), np.uint8)
+        for g, group in enumerate(groups):
+            slots[g, : len(group)] = prototypes[list(group)]
+            mask[g, : len(group)] = 1
+        return slots, mask if self.way_flexible else None
+
+    def _decode_groups(
         self, batch: np.ndarray, prototypes: np.ndarray, with_probabilities: bool
     ) -> tuple[np.ndarray, np.ndarray | None]:
+        """n classes that do not fit the slots: G groups, decoded in one batched call (every
+        frame once per group, each with its group's prototypes), merged per pixel."""
+        count, frames = prototypes.shape[0], batch.shape[0]
+        groups = plan_groups(count, self.way, fill=not self.way_flexible)
+        slots, slot_mask = self._fill_slots(groups, prototypes)  # [G, N, C], [G, N]
+        tiled = np.concatenate([batch] * len(groups))  # [G*B, S, S, 3], group-major
+        per_frame = np.repeat(slots, frames, axis=0)  # [G*B, N, C]
+        masks = None if slot_mask is None else np.repeat(slot_mask, frames, axis=0)  # [G*B, N]
+        _, probabilities = self._run_decoder(tiled, per_frame, True, masks)
+        assert probabilities is not None  # asked for
+        size = self.input_size
+        by_group = probabilities.reshape(len(groups), frames, self.way + 1, size, size)
+        labels, merged = merge_groups(by_group, groups, count)
+        logger.debug("%d classes decoded in %d groups of %d slots", count, len(groups), self.way)
+        return labels, merged if with_probabilities else None
+
+    def _run_decoder(
+        self,
+        batch: np.ndarray,
+        prototypes: np.ndarray,
+        with_probabilities: bool,
+        slot_mask: np.ndarray | None = None,
+    ) -> tuple[np.ndarray, np.ndarray | None]:
         """Checked frames [B, S, S, 3] + prototypes [N, C] (one set) or [B, N, C] (per frame)
-        -> (labels [B, S, S], probabilities [B, N+1, S, S] or None), in calls of at most
-        ``max_batch`` frames."""
+        (+ a way-flexible export's slot_mask [N] or [B, N]) -> (labels [B, S, S],
+        probabilities [B, N+1, S, S] or None), in calls of at most ``max_batch`` frames."""
         size = self.input_size
         labels, probabilities = [], []
         for start in range(0, batch.shape[0], self.max_batch):
             part = np.ascontiguousarray(batch[start : start + self.max_batch])
             rows = prototypes if prototypes.ndim == 2 else prototypes[start : start + len(part)]
-            out_labels, out_probabilities = self._decode_part(part, rows, with_probabilities)
+            masks = (
+                slot_mask
+                if slot_mask is None or slot_mask.ndim == 1
+                else slot_mask[start : start + len(part)]
+            )
+            out_labels, out_probabilities = self._decode_part(part, rows, with_probabilities, masks)
             labels.append(out_labels)
             probabilities.append(out_probabilities)
         if not labels:  # an empty batch: empty arrays of the documented shapes
@@ -344,15 +415,20 @@ class Segmenter(FrameAPI):
         return np.concatenate(labels), stacked
 
     def _decode_part(
-        self, frames: np.ndarray, prototypes: np.ndarray, with_probabilities: bool
+        self,
+        frames: np.ndarray,
+        prototypes: np.ndarray,
+        with_probabilities: bool,
+        slot_mask: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray | None]:
         """One decoder call, or for per-frame prototypes on a shared-form export (schema v1.0:
         prototypes [N, C] for the whole call) one call per distinct support set of the part,
-        the frames' order kept."""
+        the frames' order kept. (Way-flexible exports are per-frame: no slot_mask there.)"""
         if prototypes.ndim == 2 or self._backend.prototypes_form == "per_frame":
-            return self._backend.run_decoder(
-                frames, np.ascontiguousarray(prototypes), with_probabilities
-            )
+            prototypes = np.ascontiguousarray(prototypes)
+            if slot_mask is None:
+                return self._backend.run_decoder(frames, prototypes, with_probabilities)
+            return self._backend.run_decoder(frames, prototypes, with_probabilities, slot_mask)
         count = frames.shape[0]
         sets, which = np.unique(prototypes.reshape(count, -1), axis=0, return_inverse=True)
         which = which.reshape(-1)  # numpy 2.0.x returned it with the input's rank
@@ -374,7 +450,11 @@ class Segmenter(FrameAPI):
         return labels, probabilities
 
     def decode_frames(
-        self, batch: np.ndarray, prototypes_per_frame: np.ndarray, with_probabilities: bool = False
+        self,
+        batch: np.ndarray,
+        prototypes_per_frame: np.ndarray,
+        with_probabilities: bool = False,
+        slot_mask: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray | None]:
         """Frames of different streams in one batch, each with its own support set.
 
@@ -387,7 +467,8 @@ class Segmenter(FrameAPI):
         no engine id, so matching them to these engines is the caller's part (a server checks
         the id once, where the support set is encoded). Batches larger than ``max_batch`` are
         split; on an export of schema v1.0 (a shared-prototypes decoder) each distinct support
-        set of a call is decoded in a call of its own.
+        set of a call is decoded in a call of its own. A way-flexible export also takes
+        ``slot_mask`` uint8 [B, N] (1 = a class, 0 = an empty slot; None = every slot a class).
         """
         self._check_prepared(batch)
         expected = (batch.shape[0], self.way, self.channels)
@@ -409,4 +490,28 @@ class Segmenter(FrameAPI):
         prototypes = np.ascontiguousarray(prototypes_per_frame, dtype=np.float32)
         if not np.isfinite(prototypes).all():
             raise RuntimeInputError("prototypes_per_frame holds NaN or infinite values")
-        return self._run_decoder(batch, prototypes, with_probabilities)
+        return self._run_decoder(
+            batch, prototypes, with_probabilities, self._slot_mask(slot_mask, batch.shape[0])
+        )
+
+    def _slot_mask(self, slot_mask: np.ndarray | None, frames: int) -> np.ndarray | None:
+        """``decode_frames``' slot_mask checked: uint8 [B, N] for a way-flexible export."""
+        if not self.way_flexible:
+            if slot_mask is not None:
+                raise RuntimeInputError(
+                    "slot_mask is for way-flexible exports; these engines are "
+                    f"{self.way}-way (fixed)"
+                )
+            return None
+        if slot_mask is None:
+            return np.ones((frames, self.way), np.uint8)
+        if (
+            not isinstance(slot_mask, np.ndarray)
+            or slot_mask.shape != (frames, self.way)
+            or not np.isin(slot_mask, (0, 1)).all()
+        ):
+            got = slot_mask.shape if isinstance(slot_mask, np.ndarray) else type(slot_mask)
+            raise RuntimeInputError(
+                f"slot_mask must be [B, N] = [{frames}, {self.way}] of 0 / 1, got {got}"
+            )
+        return np.ascontiguousarray(slot_mask, dtype=np.uint8)

@@ -17,7 +17,7 @@ import numpy as np
 
 from ..errors import EngineError, RuntimeInputError, reexport_hint
 from ..manifest import Manifest
-from .feeds import decoder_prototypes
+from .feeds import decoder_feeds, decoder_prototypes
 
 __all__ = [
     "BACKENDS",
@@ -25,6 +25,7 @@ __all__ = [
     "PRECISION_CHOICES",
     "Backend",
     "check_choice",
+    "decoder_feeds",
     "decoder_prototypes",
     "open_backend",
     "resolve_onnx_precision",
@@ -56,7 +57,11 @@ class Backend(Protocol):
         ...
 
     def run_decoder(
-        self, frames: np.ndarray, prototypes: np.ndarray, with_probabilities: bool = False
+        self,
+        frames: np.ndarray,
+        prototypes: np.ndarray,
+        with_probabilities: bool = False,
+        slot_mask: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray | None]:
         """uint8 [B, H, W, 3] RGB + float32 prototypes -> (labels uint8 [B, H, W],
         probabilities float32 [B, N+1, H, W] when asked, else None).
@@ -64,7 +69,8 @@ class Backend(Protocol):
         Prototypes: [N, C], one support set for every frame (a per-frame graph gets it tiled
         to [B, N, C], ``decoder_prototypes``), or [B, N, C], row b for frame b (per-frame
         graphs only; ``Segmenter.decode_frames`` splits a batch by support set for a shared
-        graph)."""
+        graph). ``slot_mask`` uint8 [B, N] or [N]: the way-flexible decoder's third input
+        (required there, refused elsewhere by the graph itself)."""
         ...
 
     def close(self) -> None:

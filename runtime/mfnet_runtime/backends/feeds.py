@@ -1,4 +1,4 @@
-"""What the backends feed the graphs: the query decoder's prototypes in the graph's form.
+"""What the backends feed the graphs: the query decoder's inputs in the graph's form.
 
 Its own module (numpy only) so that the backend modules import it without importing the
 package's ``open_backend`` (no import cycle).
@@ -31,3 +31,23 @@ def decoder_prototypes(prototypes: np.ndarray, batch: int, form: str) -> np.ndar
         f"the {form} query decoder takes prototypes {wanted} for {batch} frames, got "
         f"{tuple(prototypes.shape)}"
     )
+
+
+def decoder_feeds(
+    frames: np.ndarray, prototypes: np.ndarray, form: str, slot_mask: np.ndarray | None = None
+) -> dict[str, np.ndarray]:
+    """The query decoder's inputs by name: frames, prototypes (``decoder_prototypes``) and,
+    for a way-flexible export, ``slot_mask`` uint8 [B, N] (an [N] mask is tiled to B)."""
+    batch = frames.shape[0]
+    feeds = {"frames": frames, "prototypes": decoder_prototypes(prototypes, batch, form)}
+    if slot_mask is not None:
+        slots = feeds["prototypes"].shape[-2]
+        if slot_mask.ndim == 1:
+            slot_mask = np.broadcast_to(slot_mask, (batch, slot_mask.shape[0]))
+        if slot_mask.shape != (batch, slots):
+            raise RuntimeInputError(
+                f"slot_mask must be [{batch}, {slots}] for {batch} frames and {slots} slots, "
+                f"got {tuple(slot_mask.shape)}"
+            )
+        feeds["slot_mask"] = np.ascontiguousarray(slot_mask, dtype=np.uint8)
+    return feeds

@@ -25,7 +25,7 @@ import onnxruntime as ort
 
 from ..errors import EngineError, reexport_hint
 from ..manifest import GraphInfo, Manifest, verify_files
-from .feeds import decoder_prototypes
+from .feeds import decoder_feeds
 
 logger = logging.getLogger("mfnet_runtime")
 _CUDA = "CUDAExecutionProvider"
@@ -216,33 +216,37 @@ class OnnxRuntimeBackend:
         return self._run(role, ["prototypes"], {"shot_features": shot_features})[0]
 
     def run_decoder(
-        self, frames: np.ndarray, prototypes: np.ndarray, with_probabilities: bool = False
+        self,
+        frames: np.ndarray,
+        prototypes: np.ndarray,
+        with_probabilities: bool = False,
+        slot_mask: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray | None]:
-        prototypes = decoder_prototypes(prototypes, frames.shape[0], self.prototypes_form)
+        feeds = decoder_feeds(frames, prototypes, self.prototypes_form, slot_mask)
         if self.device == "cpu":
             fetch = ["labels", "probabilities"] if with_probabilities else ["labels"]
-            outputs = self._run(
-                "query_decoder", fetch, {"frames": frames, "prototypes": prototypes}
-            )
+            outputs = self._run("query_decoder", fetch, feeds)
             return outputs[0], outputs[1] if with_probabilities else None
         graph = self._graph_decoder
-        if graph is not None and frames.shape[0] == graph.batch:
+        prototypes = feeds["prototypes"]
+        # the captured graph binds frames and prototypes only: way-flexible calls bind all
+        if graph is not None and frames.shape[0] == graph.batch and slot_mask is None:
             try:
                 return graph.run(frames, prototypes, with_probabilities)
             except Exception as error:  # capture failed on the first run: stop using graphs
                 logger.warning("CUDA graph replay failed, disabled: %s", error)
                 self._graph_decoder = None
-        return self._run_bound(frames, prototypes, with_probabilities)
+        return self._run_bound(feeds, with_probabilities)
 
     def _run_bound(
-        self, frames: np.ndarray, prototypes: np.ndarray, with_probabilities: bool
+        self, feeds: dict[str, np.ndarray], with_probabilities: bool
     ) -> tuple[np.ndarray, np.ndarray | None]:
         """Decoder with IOBinding on CUDA: only the requested outputs are bound (on the
         device) and copied back, so ``probabilities`` is not even computed unless asked."""
         session = self._session("query_decoder")
         binding = session.io_binding()  # per call: a binding must not be shared by threads
-        binding.bind_cpu_input("frames", frames)
-        binding.bind_cpu_input("prototypes", prototypes)
+        for name, value in feeds.items():
+            binding.bind_cpu_input(name, value)
         binding.bind_output("labels", "cuda", self._device_id)
         if with_probabilities:
             binding.bind_output("probabilities", "cuda", self._device_id)

@@ -28,7 +28,7 @@ import numpy as np
 
 from ..errors import EngineError, rebuild_hint
 from ..manifest import GraphInfo, Manifest, verify_files
-from .feeds import decoder_prototypes
+from .feeds import decoder_feeds
 
 logger = logging.getLogger("mfnet_runtime")
 TENSORRT_INSTALL = (
@@ -449,10 +449,9 @@ class TensorRTBackend:
     def _capture_decoder(self, batch: int, manifest: Manifest) -> None:
         size, way = manifest.model.input_size, manifest.model.way
         shared = np.zeros((way, manifest.model.channels), np.float32)
-        feeds: dict[str, np.ndarray] = {
-            "frames": np.zeros((batch, size, size, 3), np.uint8),
-            "prototypes": decoder_prototypes(shared, batch, self.prototypes_form),
-        }
+        slot_mask = np.ones(way, np.uint8) if manifest.model.way_flexible else None
+        frames = np.zeros((batch, size, size, 3), np.uint8)
+        feeds = decoder_feeds(frames, shared, self.prototypes_form, slot_mask)
         try:
             self._engines["query_decoder"].capture(feeds)
         except EngineError as error:  # capture is an optimisation: fall back to plain enqueue
@@ -472,14 +471,16 @@ class TensorRTBackend:
             return self._engines[role].run({"shot_features": shot_features}, ["prototypes"])[0]
 
     def run_decoder(
-        self, frames: np.ndarray, prototypes: np.ndarray, with_probabilities: bool = False
+        self,
+        frames: np.ndarray,
+        prototypes: np.ndarray,
+        with_probabilities: bool = False,
+        slot_mask: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray | None]:
         fetch = ["labels", "probabilities"] if with_probabilities else ["labels"]
-        prototypes = decoder_prototypes(prototypes, frames.shape[0], self.prototypes_form)
+        feeds = decoder_feeds(frames, prototypes, self.prototypes_form, slot_mask)
         with self._lock:
-            outputs = self._engines["query_decoder"].run(
-                {"frames": frames, "prototypes": prototypes}, fetch
-            )
+            outputs = self._engines["query_decoder"].run(feeds, fetch)
         return outputs[0], outputs[1] if with_probabilities else None
 
     def close(self) -> None:

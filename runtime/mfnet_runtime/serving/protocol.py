@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import RuntimeInputError
+from ..images import check_prepared
 
 INFO_MODEL = "mfnet_info"
 ENCODE_MODEL = "mfnet_encode_support"
@@ -110,18 +111,7 @@ def _describe(array: Any) -> str:
 
 def check_frames(frames: Any, size: int) -> np.ndarray:
     """``frames`` must be uint8 [B, S, S, 3] (B >= 1); returned C-contiguous."""
-    if (
-        not isinstance(frames, np.ndarray)
-        or frames.dtype != np.uint8
-        or frames.ndim != 4
-        or frames.shape[1:] != (size, size, 3)
-        or frames.shape[0] < 1
-    ):
-        raise RuntimeInputError(
-            f"{FRAMES} must be uint8 [B, {size}, {size}, 3] RGB fitted to the network input "
-            f"(B >= 1), got {_describe(frames)}"
-        )
-    return np.ascontiguousarray(frames)
+    return check_prepared(frames, size, FRAMES, min_batch=1)
 
 
 def check_prototypes(prototypes: Any, batch: int, way: int, channels: int) -> np.ndarray:

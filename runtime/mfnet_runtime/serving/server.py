@@ -314,6 +314,11 @@ def serve(
                     threads=per_instance,
                 )
             )
+        if segmenters[0].way_flexible:
+            raise RuntimeInputError(
+                f"{options.engines} is a way-flexible export (slot_mask input): serving takes "
+                "fixed-N exports for now; serve one exported from a checkpoint without --max-way"
+            )
         info = serving_info(segmenters[0])
         library_path = python_library_path()
         if library_path:
