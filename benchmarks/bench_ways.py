@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -49,6 +50,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--eval-episodes", type=int, default=500, help="episodes per run (default 500)"
     )
     parser.add_argument("--threads", type=int, default=1, help="threads of every process")
+    parser.add_argument(
+        "--ways", type=int, nargs="+", default=list(WAYS), help="evaluated n (default 1 2 3 5)"
+    )
+    parser.add_argument(
+        "--grouped",
+        type=int,
+        nargs="+",
+        default=list(GROUPED),
+        help="n at which the 2-way model runs in groups (default 1 3 5)",
+    )
+    parser.add_argument(
+        "--train-args",
+        default="",
+        help="more mfnet.train options for every model, e.g. '--episodes-per-epoch 400'",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder of the JSON result")
     return parser.parse_args(argv)
 
@@ -69,7 +85,7 @@ def train(name: str, switches: list[str], args: argparse.Namespace, work: Path) 
         [
             sys.executable, "-m", "mfnet.train", "--out", str(out), "--overwrite",
             "--epochs", str(args.epochs), "--threads", str(args.threads), "--no-progress",
-            "--no-evaluate", *switches,
+            "--no-evaluate", *shlex.split(args.train_args), *switches,
         ]
     )  # fmt: skip
     return {"checkpoint": str(out / "last.pt"), "command": line, "wall_s": wall}
@@ -101,13 +117,13 @@ def cell(row: dict[str, Any] | None) -> str:
     return " / ".join(f"{100 * row[f'{m}_mean']:.2f}" for m in METRICS)
 
 
-def table(rows: dict[str, Any], max_way: int) -> str:
+def table(rows: dict[str, Any], max_way: int, ways: list[int]) -> str:
     """n | dedicated n-way | way-flexible | 2-way in groups (mIoU* / mIoU / FB-IoU)."""
     lines = [
         f"| n | dedicated n-way | way-flexible (Nmax = {max_way}) | 2-way model in groups |",
         "|---|---|---|---|",
     ]
-    for way in WAYS:
+    for way in ways:
         lines.append(
             f"| {way} | {cell(rows['dedicated'].get(str(way)))} | "
             f"{cell(rows['flexible'].get(str(way)))} | {cell(rows['grouped'].get(str(way)))} |"
@@ -122,11 +138,12 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="mfnet-ways-") as scratch:
         work = Path(scratch)
         flexible = ["--max-way", str(args.max_way), "--way", str(args.max_way)]
-        plan = [("flexible", flexible)] + [(f"way{n}", ["--way", str(n)]) for n in WAYS]
+        dedicated = sorted({*args.ways, 2})  # the 2-way model also runs in groups
+        plan = [("flexible", flexible)] + [(f"way{n}", ["--way", str(n)]) for n in dedicated]
         for name, switches in plan:
             print(f"training {name}: {' '.join(switches)}", flush=True)
             models[name] = train(name, switches, args, work)
-        for way in WAYS:
+        for way in args.ways:
             print(f"evaluating n = {way}", flush=True)
             rows["dedicated"][str(way)] = evaluate(
                 models[f"way{way}"]["checkpoint"], way, False, args, work
@@ -134,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
             rows["flexible"][str(way)] = evaluate(
                 models["flexible"]["checkpoint"], way, False, args, work
             )
-        for way in GROUPED:
+        for way in args.grouped:
             rows["grouped"][str(way)] = evaluate(
                 models["way2"]["checkpoint"], way, True, args, work
             )
@@ -151,12 +168,13 @@ def main(argv: list[str] | None = None) -> int:
         "eval_runs": args.eval_runs,
         "eval_episodes": args.eval_episodes,
         "threads": args.threads,
+        "train_args": args.train_args,
         "training": models,
         "results": rows,
     }
     path = args.out / "ways_synthetic.json"
     write_json(path, payload)
-    print(table(rows, args.max_way))
+    print(table(rows, args.max_way, sorted({*args.ways, *args.grouped})))
     print(f"written: {path}")
     return 0
 
