@@ -545,7 +545,7 @@ def _field_owners() -> dict[str, str]:
 
 # Named configurations applied on top of the dataclass defaults. ``synthetic-cpu`` is the default
 # of ``python -m mfnet.train``: the small trainable backbone, 2-way 1-shot, sized to train and
-# evaluate in about eight minutes on two CPU cores.
+# evaluate in 8 to 12 minutes on two CPU cores (README, the measured table).
 PRESETS: dict[str, dict[str, Any]] = {
     "synthetic-cpu": dict(
         backbone="small",

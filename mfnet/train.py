@@ -1,7 +1,7 @@
 """``python -m mfnet.train``: episodic N-way K-shot training of MFNet, then evaluation.
 
 With no arguments it runs the ``synthetic-cpu`` preset: the embedded synthetic benchmark (no
-download), the small trainable backbone, 2-way 1-shot on fold 0, about eight minutes on two CPU
+download), the small trainable backbone, 2-way 1-shot on fold 0, 8 to 12 minutes on two CPU
 cores. After training it evaluates the checkpoint on the fold's novel classes with the paper's
 protocol and prints mIoU*, mIoU and FB-IoU next to the training-free prototype baseline.
 Any option below overrides the preset; the defaults shown are those of the preset chosen with
