@@ -80,21 +80,23 @@ def start_server(engines: Path, ports: list[int], extra: list[str], log: Path) -
     except RuntimeError as error:
         raise SystemExit(str(error)) from None
 
-    def metrics(self) -> dict[str, float]:
-        """The mfnet_segment counters: requests, frames, executions."""
-        text = urllib.request.urlopen(self.metrics_url, timeout=10).read().decode()
-        wanted = {
-            "nv_inference_request_success": "requests",
-            "nv_inference_request_failure": "failed_requests",
-            "nv_inference_count": "frames",
-            "nv_inference_exec_count": "executions",
-        }
-        found = {}
-        for line in text.splitlines():
-            name = line.split("{", 1)[0]
-            if name in wanted and f'model="{protocol.SEGMENT_MODEL}"' in line:
-                found[wanted[name]] = float(line.rsplit(" ", 1)[1])
-        return found
+
+def segment_metrics(server: ServerProcess) -> dict[str, float]:
+    """The mfnet_segment counters of ``server``'s metrics endpoint: requests, failed requests,
+    frames, executions."""
+    text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
+    wanted = {
+        "nv_inference_request_success": "requests",
+        "nv_inference_request_failure": "failed_requests",
+        "nv_inference_count": "frames",
+        "nv_inference_exec_count": "executions",
+    }
+    found = {}
+    for line in text.splitlines():
+        name = line.split("{", 1)[0]
+        if name in wanted and f'model="{protocol.SEGMENT_MODEL}"' in line:
+            found[wanted[name]] = float(line.rsplit(" ", 1)[1])
+    return found
 
 
 # -------------------------------------------------------------------------------- runs
@@ -180,7 +182,7 @@ def run_streams(
     streams = [Stream(url, protocol_name, inputs[i], expected[i], timeout) for i in range(count)]
     for stream in streams:
         stream.start()
-    before = server.metrics()
+    before = segment_metrics(server)
     started = time.perf_counter()
     for stream in streams:
         stream.go.set()
@@ -190,7 +192,7 @@ def run_streams(
     for stream in streams:
         stream.join(timeout=timeout + 10)
     elapsed = time.perf_counter() - started
-    after = server.metrics()
+    after = segment_metrics(server)
     delta = {key: after.get(key, 0.0) - before.get(key, 0.0) for key in after}
     latencies = [x for s in streams for x in s.latencies]
     frames = len(latencies)
@@ -282,7 +284,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="server and in-process threads")
     parser.add_argument("--max-batch", type=int, default=16)
     parser.add_argument("--queue-delay-us", type=int, default=2000)
-    parser.add_argument("--name", default="serving_cpu")
+    parser.add_argument("--name", default="serving_cpu", help="the JSON's name (without .json)")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder of the JSON result")
     args = parser.parse_args(argv)
 
     with tempfile.TemporaryDirectory(prefix="mfnet-bench-serving-") as scratch:
@@ -433,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
         "restart": restart,
         "sigterm_exit_code": sigterm_code,
     }
-    path = RESULTS / f"{args.name}.json"
+    path = args.out / f"{args.name}.json"
     atomic_write_bytes(path, (json.dumps(payload, indent=2) + "\n").encode())
     print(f"wrote {path}")
     ok = (

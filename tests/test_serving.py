@@ -13,6 +13,7 @@ flight finish. Skipped only when PyTriton or tritonclient is not installed (CI i
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import sys
@@ -45,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from _server_process import ServerProcess, free_ports  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+BENCH_SERVING = ROOT / "benchmarks" / "bench_serving.py"
 SIZE, WAY, MAX_BATCH = 48, 2, 4
 READY_TIMEOUT = 90.0  # seconds a server may take to start (Triton + 3 models)
 # The server's process, with torch (and the training package) blocked: serving is torch-free.
@@ -495,3 +497,21 @@ def test_a_refused_request_names_itself_and_its_batch_mates(local) -> None:
     assert text.startswith(protocol.REFUSAL) and "request 2 of 2" in text and "frame(s) [1]" in text
     assert protocol.NOT_RUN in text and "request 1 of 2" not in text
     assert protocol.refusal_reason("Traceback ...\n" + text + "\n") == text[len(protocol.REFUSAL) :]
+
+
+# -------------------------------------------------------------------------- benchmark
+def test_load_benchmark_runs_at_a_small_scale(engines, tmp_path, capsys) -> None:
+    """benchmarks/bench_serving.py end to end (2 streams for 1 s, then the faults): its checks
+    pass and its JSON holds the measured rows, batches seen and fault outcomes."""
+    spec = importlib.util.spec_from_file_location("bench_serving", BENCH_SERVING)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    argv = ["--engines", str(engines), "--streams", "2", "--seconds", "1", "--frames", "3"]
+    assert bench.main([*argv, "--out", str(tmp_path), "--name", "tiny"]) == 0
+    assert "all checks passed" in capsys.readouterr().out
+    payload = json.loads((tmp_path / "tiny.json").read_text())
+    (row,) = payload["rows"]
+    assert row["streams"] == 2 and row["frames"] > 0 and row["server"]["executions"] > 0
+    assert row["failed_requests"] == 0 and row["label_mismatches"] == 0
+    assert payload["in_process"]["fps"] > 0 and payload["sigterm_exit_code"] == 0
+    assert payload["bad_requests"]["all_refused"] and payload["kill"]["hung"] == 0
