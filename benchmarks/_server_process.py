@@ -9,6 +9,7 @@ import socket
 import subprocess
 import threading
 import time
+import urllib.request
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -82,6 +83,17 @@ class ServerProcess:
                 raise RuntimeError("the server did not start:\n" + "\n".join(self.lines[-40:]))
         self.startup_s = time.perf_counter() - self.started
         return self
+
+    def model_counters(self, model: str) -> dict[str, float]:
+        """The Prometheus counters of ``model`` from the metrics endpoint, by metric name
+        (e.g. ``nv_inference_exec_count``)."""
+        text = urllib.request.urlopen(self.metrics_url, timeout=10).read().decode()
+        found = {}
+        for line in text.splitlines():
+            name = line.split("{", 1)[0]
+            if name.startswith("nv_") and f'model="{model}"' in line:
+                found[name] = float(line.rsplit(" ", 1)[1])
+        return found
 
     def kill(self) -> None:
         """SIGKILL the whole group."""

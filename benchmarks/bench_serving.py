@@ -82,21 +82,15 @@ def start_server(engines: Path, ports: list[int], extra: list[str], log: Path) -
 
 
 def segment_metrics(server: ServerProcess) -> dict[str, float]:
-    """The mfnet_segment counters of ``server``'s metrics endpoint: requests, failed requests,
-    frames, executions."""
-    text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
-    wanted = {
+    """The mfnet_segment counters of ``server``: requests, failed requests, frames, executions."""
+    counters = server.model_counters(protocol.SEGMENT_MODEL)
+    names = {
         "nv_inference_request_success": "requests",
         "nv_inference_request_failure": "failed_requests",
         "nv_inference_count": "frames",
         "nv_inference_exec_count": "executions",
     }
-    found = {}
-    for line in text.splitlines():
-        name = line.split("{", 1)[0]
-        if name in wanted and f'model="{protocol.SEGMENT_MODEL}"' in line:
-            found[wanted[name]] = float(line.rsplit(" ", 1)[1])
-    return found
+    return {short: counters[name] for name, short in names.items() if name in counters}
 
 
 # -------------------------------------------------------------------------------- runs

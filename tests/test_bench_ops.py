@@ -2,22 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_ops.py"
+from tests.scripts import load_script
 
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("bench_ops", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+SCRIPT = "benchmarks/bench_ops.py"
 
 
 def test_bench_ops_on_cpu_writes_the_json(cuda_ext, tmp_path):
-    bench = load_script()
+    bench = load_script(SCRIPT)
     code = bench.main(
         [
             "--device",

@@ -3,27 +3,20 @@ writes its JSON; a diverged variant is kept as a row with its error line."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_training_variants.py"
+from tests.scripts import load_script
+
+SCRIPT = "benchmarks/bench_training_variants.py"
 TINY = (
     "--episodes-per-epoch 16 --batch-size 4 --eval-runs 2 --eval-episodes 8 --eval-batch-size 4 "
     "--pml-start-epoch 0 --visuals 0 --workers 0 --image-size 48"
 )
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("bench_training_variants", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_variants_train_evaluate_and_a_diverged_one_is_a_row(tmp_path, capsys) -> None:
-    bench = load_script()
+    bench = load_script(SCRIPT)
     bench.SETS["tiny"] = {
         "mean": ["--pml-reduction", "mean"],
         "diverges": ["--lr", "1e12"],
@@ -46,4 +39,4 @@ def test_variants_train_evaluate_and_a_diverged_one_is_a_row(tmp_path, capsys) -
 def test_pml_curve_is_the_mean_logged_pml_per_epoch(tmp_path) -> None:
     log = tmp_path / "log.csv"
     log.write_text("step,epoch,loss,seg,pml,lr\n1,1,1,1,,0.1\n2,2,1,1,0.5,0.1\n3,2,1,1,0.25,0.1\n")
-    assert load_script().pml_curve(log) == [None, 0.375]
+    assert load_script(SCRIPT).pml_curve(log) == [None, 0.375]

@@ -3,11 +3,10 @@ them at several n (the 2-way model in groups too) and writes its JSON and table.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_ways.py"
+from tests.scripts import load_script
+
 TINY = (
     "--episodes-per-epoch 16 --batch-size 4 --pml-start-epoch 0 --visuals 0 --workers 0 "
     "--image-size 48"
@@ -15,9 +14,7 @@ TINY = (
 
 
 def test_ways_benchmark_runs_at_a_tiny_size(tmp_path, capsys) -> None:
-    spec = importlib.util.spec_from_file_location("bench_ways", SCRIPT)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("benchmarks/bench_ways.py")
     argv = [
         "--epochs", "1", "--max-way", "3", "--ways", "1", "--grouped", "3",
         "--eval-runs", "1", "--eval-episodes", "6", "--train-args", TINY, "--out", str(tmp_path),

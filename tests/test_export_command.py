@@ -5,7 +5,6 @@ is the runtime's manifest, read back by the runtime's reader into equal typed ob
 from __future__ import annotations
 
 import ast
-import importlib.util
 import pkgutil
 import shlex
 import subprocess
@@ -15,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from mfnet.export import command
+from tests.scripts import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = {"to_onnx": "onnx", "to_trt": "trt", "verify": "verify"}
@@ -33,14 +33,6 @@ OPTIONS = {
     "trt": ("--onnx-dir", "--fp16", "--precision", "--max-batch", "--opt-batch", "--workspace-gb"),
     "verify": ("--dir", "--checkpoint", "--provider"),
 }
-
-
-def load_script(name: str):
-    """``export/NAME.py`` as a module (as the interpreter runs it, with no package around)."""
-    spec = importlib.util.spec_from_file_location(name, ROOT / "export" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.parametrize("sub", sorted(OPTIONS))
@@ -99,7 +91,7 @@ def test_scripts_are_wrappers_without_path_edits(name, monkeypatch) -> None:
         and getattr(node.value, "id", None) == "sys"
     ]
     assert not path_edits and len(source.splitlines()) <= 15
-    script = load_script(name)
+    script = load_script(f"export/{name}.py")
     calls = []
     monkeypatch.setattr(script, "export_main", lambda argv: calls.append(argv) or 7)
     assert script.main(["--x", "1"]) == 7

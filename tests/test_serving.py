@@ -13,7 +13,6 @@ flight finish. Skipped only when PyTriton or tritonclient is not installed (CI i
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import sys
@@ -41,12 +40,12 @@ from mfnet_runtime.errors import RuntimeInputError, ServerError  # noqa: E402
 from mfnet_runtime.serving import RemoteSegmenter, protocol  # noqa: E402
 from mfnet_runtime.support import SupportSet  # noqa: E402
 from tests.runtime_fixtures import assert_labels_vary  # noqa: E402
+from tests.scripts import load_script  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from _server_process import ServerProcess, free_ports  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-BENCH_SERVING = ROOT / "benchmarks" / "bench_serving.py"
 SIZE, WAY, MAX_BATCH = 48, 2, 4
 READY_TIMEOUT = 90.0  # seconds a server may take to start (Triton + 3 models)
 # The server's process, with torch (and the training package) blocked: serving is torch-free.
@@ -88,14 +87,6 @@ def stream_inputs(seed: int, frames: int = 3) -> tuple[dict, list[np.ndarray]]:
     support = {f"c{n}": [(images[n, 0], masks[n, 0])] for n in range(WAY)}
     queries = [to_uint8(episodes[i]["query_image"]) for i in range(frames)]
     return support, queries
-
-
-def metric(text: str, name: str, model: str) -> float:
-    """A Prometheus counter of ``model`` from the metrics text."""
-    for line in text.splitlines():
-        if line.startswith(name + "{") and f'model="{model}"' in line:
-            return float(line.rsplit(" ", 1)[1])
-    raise AssertionError(f"no {name} for {model} in the metrics")
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +155,7 @@ def test_streams_with_their_own_support_sets_share_batches(server, local) -> Non
         assert_labels_vary(labels, frames)
     # two streams decoding the same frames with different support sets differ somewhere
     assert any(not np.array_equal(a, b) for a, b in zip(expected[0], expected[1], strict=True))
-    before = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
+    before = server.model_counters(protocol.SEGMENT_MODEL)
     failures: list[BaseException] = []
     results: dict[int, list[list[np.ndarray]]] = {}
 
@@ -189,14 +180,9 @@ def test_streams_with_their_own_support_sets_share_batches(server, local) -> Non
         for labels in rounds:
             for want, have in zip(expected[index], labels, strict=True):
                 np.testing.assert_array_equal(have, want)
-    after = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
-    model = protocol.SEGMENT_MODEL
-    requests = metric(after, "nv_inference_request_success", model) - metric(
-        before, "nv_inference_request_success", model
-    )
-    executions = metric(after, "nv_inference_exec_count", model) - metric(
-        before, "nv_inference_exec_count", model
-    )
+    after = server.model_counters(protocol.SEGMENT_MODEL)
+    requests = after["nv_inference_request_success"] - before["nv_inference_request_success"]
+    executions = after["nv_inference_exec_count"] - before["nv_inference_exec_count"]
     assert requests == 4 * 4 * 3 and executions < requests, (requests, executions)
 
 
@@ -503,9 +489,7 @@ def test_a_refused_request_names_itself_and_its_batch_mates(local) -> None:
 def test_load_benchmark_runs_at_a_small_scale(engines, tmp_path, capsys) -> None:
     """benchmarks/bench_serving.py end to end (2 streams for 1 s, then the faults): its checks
     pass and its JSON holds the measured rows, batches seen and fault outcomes."""
-    spec = importlib.util.spec_from_file_location("bench_serving", BENCH_SERVING)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("benchmarks/bench_serving.py")
     argv = ["--engines", str(engines), "--streams", "2", "--seconds", "1", "--frames", "3"]
     assert bench.main([*argv, "--out", str(tmp_path), "--name", "tiny"]) == 0
     assert "all checks passed" in capsys.readouterr().out
