@@ -19,7 +19,7 @@ Sets of variants:
 
 Writes ``<out>/training_variants_<set>.json`` (device, versions, commands, per variant the
 metrics, the wall time and the PML curve) and prints a markdown table; docs/decisions.md quotes
-it. Training runs are CPU-sized by ``--epochs`` (the preset's 8 by default); the ratio between
+it. Training runs are CPU-sized by ``--epochs`` (the preset's by default); the ratio between
 variants, not the absolute value, is what one run can compare.
 """
 
@@ -42,6 +42,7 @@ if str(ROOT / "benchmarks") not in sys.path:  # importable from the tests too
     sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from _common import device_info, now_utc, versions, write_json  # noqa: E402
+from mfnet.config import PRESETS  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 METRICS = ("miou_star", "miou", "fbiou")
@@ -80,7 +81,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--set", choices=sorted(SETS), required=True, help="variants to compare")
-    parser.add_argument("--epochs", type=int, default=8, help="training epochs (preset: 8)")
+    epochs = PRESETS["synthetic-cpu"]["epochs"]
+    parser.add_argument(
+        "--epochs", type=int, default=epochs, help=f"training epochs (preset: {epochs})"
+    )
     parser.add_argument(
         "--threads", type=int, default=1, help="intra-op threads of every run (default 1)"
     )

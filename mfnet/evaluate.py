@@ -23,7 +23,7 @@ from mfnet_runtime.console import configure_logging
 
 from .checkpoint import load_checkpoint, model_from_checkpoint
 from .config import Config, add_config_arguments, overrides_from_args
-from .device import resolve_device
+from .device import place_model, resolve_device
 from .errors import mfnet_command
 from .model.baseline import PrototypeBaseline
 from .model.grouping import GroupedMultiWay
@@ -62,7 +62,8 @@ def evaluate_model(
     ``context`` the episodes are sharded over the ranks and the counts summed (every rank
     must call this; all get the same results).
     """
-    model = model.to(device).eval()
+    # the training run's layout, so that a checkpoint scores as it did after its training
+    model = place_model(model, device, config.train.memory_format).eval()
     predictors: dict[str, Predictor]
     if naive:
         predictors = {"MFNet 1-way x N": NaiveMultiWay(model)}

@@ -152,9 +152,10 @@ def test_help_shows_the_defaults_of_the_chosen_preset(capsys) -> None:
     for option, value in (
         ("--backbone", "small"),
         ("--image-size", "96"),
-        ("--epochs", "8"),
+        ("--epochs", "9"),
         ("--out", "runs/synthetic-cpu"),
         ("--eval-batch-size", "20"),
+        ("--memory-format", "channels_last"),
         ("--pml-start-epoch", "2"),
         ("--lr", "0.02"),
     ):

@@ -15,6 +15,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from mfnet import evaluate
 from mfnet.checkpoint import (
     CheckpointError,
     load_checkpoint,
@@ -23,6 +24,7 @@ from mfnet.checkpoint import (
 )
 from mfnet.config import Config
 from mfnet.data.datasets import build_episodes
+from mfnet.device import place_model
 from mfnet.model.build import build_mfnet
 from mfnet.training import loop
 from mfnet.training.logs import read_log
@@ -135,6 +137,8 @@ def test_train_writes_a_checkpoint_that_rebuilds_the_model(tiny_config) -> None:
     episode = build_episodes(config, "test", 1, 2, seed=5)
     batch = next(iter(DataLoader(episode, batch_size=2)))
     args = (batch["support_images"], batch["support_masks"], batch["query_image"])
+    # rebuilt in the plain layout: the trained model's channels_last only rounds differently
+    model = place_model(model, torch.device("cpu"), "contiguous")
     with torch.no_grad():
         assert torch.equal(model.eval()(*args), rebuilt(*args))
     assert not list(path.parent.glob("*.tmp")), "atomic save must not leave temporary files"
@@ -362,3 +366,66 @@ def test_bf16_autocast_trains_on_cpu_and_fp16_needs_cuda(tiny_config) -> None:
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="fp16 needs a CUDA device"):
             train(tiny_config.replace(amp="fp16", device="cpu"), progress=False)
+
+
+def _is_channels_last(tensor: torch.Tensor) -> bool:
+    """A 4-D tensor laid out NHWC (and not also NCHW, as a 1x1-spatial one would be)."""
+    return tensor.is_contiguous(memory_format=torch.channels_last) and not tensor.is_contiguous()
+
+
+def test_channels_last_trains_and_scores_as_contiguous_up_to_rounding(tiny_config) -> None:
+    config = tiny_config.replace(dropout=0.0, batch_size=4)
+    torch.manual_seed(0)
+    built = build_mfnet(config.model).train()
+    batch = next(iter(DataLoader(build_episodes(config, "train", 1, 4, seed=0), batch_size=4)))
+    optimizer = torch.optim.SGD(built.parameters(), lr=0.05, momentum=0.9)
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(30):  # until it predicts more than background and PML finds triplets
+        optimizer.zero_grad()
+        compute_losses(built, batch, config, True, generator).total.backward()
+        optimizer.step()
+    steps = {}
+    for name in ("channels_last", "contiguous"):
+        model = place_model(copy.deepcopy(built), torch.device("cpu"), name)
+        convs = [m.weight for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+        spatial = [w for w in convs if w.shape[-1] > 1]  # a 1x1 kernel is both layouts at once
+        assert spatial and all(_is_channels_last(w) == (name == "channels_last") for w in spatial)
+        losses = compute_losses(model, batch, config, True, torch.Generator().manual_seed(0))
+        losses.total.backward()
+        output = model.decode_query(
+            batch["query_image"],
+            model.encode_support(batch["support_images"], batch["support_masks"]),
+            return_aux=True,
+        )
+        assert _is_channels_last(output.embedding) == (name == "channels_last")  # the layout took
+        grads = {key: p.grad.clone() for key, p in model.named_parameters() if p.grad is not None}
+        steps[name] = (losses, output.logits.detach(), grads)
+    fast, plain = steps["channels_last"], steps["contiguous"]
+    assert plain[0].metric is not None and plain[0].metric > 0  # PML on and its hinge active
+    assert plain[1].argmax(dim=1).unique().numel() > 1  # logits that vary: more than one label
+    torch.testing.assert_close(fast[0].total, plain[0].total, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fast[1], plain[1], rtol=1e-4, atol=1e-5)
+    assert fast[2].keys() == plain[2].keys() and len(fast[2]) > 10
+    for key, grad in fast[2].items():
+        # BatchNorm's small bias gradients cancel the most: up to 0.4 % apart measured
+        error = (grad - plain[2][key]).norm() / plain[2][key].norm()
+        assert error < 1e-2, (key, float(error))
+    every = torch.cat([g.flatten() for g in fast[2].values()])
+    reference = torch.cat([plain[2][key].flatten() for key in fast[2]])
+    assert (every - reference).norm() / reference.norm() < 1e-3
+
+
+def test_training_and_evaluation_use_the_configured_memory_format(tiny_config, monkeypatch) -> None:
+    model, _ = train(tiny_config, progress=False)  # the synthetic-cpu default: channels_last
+    convs = [m.weight for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(_is_channels_last(w) for w in convs if w.shape[-1] > 1)
+    placed = []
+    monkeypatch.setattr(
+        evaluate, "place_model", lambda m, d, f: placed.append(f) or place_model(m, d, f)
+    )
+    plain = tiny_config.replace(memory_format="contiguous")
+    results = evaluate.evaluate_model(model, plain, torch.device("cpu"), progress=False)
+    assert placed == ["contiguous"] and results["MFNet"].mean("miou_star") >= 0
+    assert all(m.weight.is_contiguous() for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    with pytest.raises(ValueError, match="unknown memory format 'nhwc'"):
+        place_model(model, torch.device("cpu"), "nhwc")

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from ..checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from ..config import Config
 from ..data.datasets import build_episodes
-from ..device import resolve_device
+from ..device import place_model, resolve_device
 from ..model.build import build_mfnet
 from ..model.mfnet import MFNet
 from ..progress import ProgressLines, progress_bar
@@ -188,7 +188,9 @@ def _set_up(config: Config, context: DistContext, resume: str | Path | None) -> 
     device = context.local_device(resolve_device(config.train.device))
     autocast_context(config.train.amp, device)  # a clear error for fp16 on the CPU, before any work
     torch.manual_seed(config.train.seed)
-    model = build_mfnet(config.model, pool_impl=config.train.ops).to(device)
+    model = place_model(
+        build_mfnet(config.model, pool_impl=config.train.ops), device, config.train.memory_format
+    )
     optimizer = torch.optim.SGD(
         [p for p in model.parameters() if p.requires_grad],
         lr=config.train.lr,

@@ -18,7 +18,7 @@ from ..config import Config, EvalConfig
 CHECKPOINT_NAME = "last.pt"
 # Options a resumed run may change: the run length, the device, I/O, the evaluation protocol.
 CHANGEABLE_ON_RESUME = frozenset(
-    {"epochs", "device", "workers", "save_every_steps", "visuals"}
+    {"epochs", "device", "memory_format", "workers", "save_every_steps", "visuals"}
     | {f.name for f in dataclasses.fields(EvalConfig)}
 )
 # What ``train(resume=...)`` accepts as different from the checkpoint: the above, and ``out``
