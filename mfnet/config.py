@@ -426,10 +426,11 @@ class TrainConfig:
         OPS_IMPLS,
     )
     memory_format: str = _opt(
-        "channels_last",
+        "contiguous",
         "the layout of the model's 4-D weights and activations in training and evaluation: "
-        "channels_last (NHWC; 1.2x to 1.3x faster training steps on the 2-core CPU, see "
-        "docs/decisions.md) or contiguous (NCHW). Only float rounding differs between the two",
+        "contiguous (NCHW) or channels_last (NHWC: 0.84x the training step time on the 2-core "
+        "CPU, the synthetic-cpu preset's; not measured on a GPU, see docs/decisions.md). Only "
+        "float rounding differs between the two",
         MEMORY_FORMATS,
     )
 
@@ -565,6 +566,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         shot=1,
         epochs=9,
         episodes_per_epoch=2000,
+        memory_format="channels_last",
         workers=1,
         batch_size=8,
         lr=0.02,
